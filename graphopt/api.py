@@ -1,0 +1,167 @@
+"""graphopt's Python API. Every CLI command is one call here plus printing."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from graphopt import io
+from graphopt.errors import UsageError
+from graphopt.pipeline import (
+    DEFAULT_PIPELINE,
+    PassContext,
+    PassRecord,
+    PassRegistry,
+    run_pipeline,
+    steps_from_names,
+)
+
+ModelLike = "ir.Model | str | os.PathLike"
+
+
+def load(path: str | os.PathLike, *, input_shapes: dict | Sequence[str] | None = None) -> ir.Model:
+    """Load an ONNX file (checked; external data stays lazy), optionally fixing input shapes."""
+    model = io.load(path)
+    if input_shapes:
+        from graphopt.shapes import specialize
+
+        specialize(model, input_shapes)
+    return model
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: str | None = None) -> Path:
+    """Save atomically; weights go to external data when needed (over 2 GB, or already external)."""
+    return io.save(model, path, external_data=external_data)
+
+
+def _as_model(model: ir.Model | str | os.PathLike, input_shapes=None) -> ir.Model:
+    if isinstance(model, ir.Model):
+        if input_shapes:
+            from graphopt.shapes import specialize
+
+            specialize(model, input_shapes)
+        return model
+    return load(model, input_shapes=input_shapes)
+
+
+def inspect(model: ir.Model | str | os.PathLike, *, input_shapes=None) -> dict[str, Any]:
+    """Opset, inputs/outputs with shapes, op histogram, parameter count and bytes, estimated FLOPs."""
+    from graphopt.summary import summarize
+
+    return summarize(_as_model(model, input_shapes))
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    model: ir.Model
+    modified: bool
+    records: list[PassRecord]
+    initial_nodes: int
+    initial_parameter_bytes: int
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "initial": {"nodes": self.initial_nodes, "parameter_bytes": self.initial_parameter_bytes},
+            "passes": [dataclasses.asdict(r) for r in self.records],
+            "modified": self.modified,
+        }
+
+
+def optimize(
+    model: ir.Model | str | os.PathLike,
+    *,
+    opt_level: int = 2,
+    passes: Iterable[str] | None = None,
+    disable: Iterable[str] = (),
+    force: Iterable[str] = (),
+    input_shapes: dict | Sequence[str] | None = None,
+    registry: PassRegistry | None = None,
+    instruments: Sequence = (),
+    options: dict | None = None,
+    check: bool = False,
+    check_dir: str | os.PathLike | None = None,
+) -> OptimizeResult:
+    """Run the ordered pipeline at ``opt_level`` (or exactly ``passes``) on the model.
+
+    ``check=True`` runs the differential check: after every pass the graph runs in ONNX Runtime and
+    is compared with the previous step; a mismatch stops with an error naming the pass and the
+    first output that diverged (before/after graphs are written to ``check_dir``).
+    """
+    m = _as_model(model, input_shapes)
+    registry = registry or PassRegistry.default()
+    disable = frozenset(disable)
+    for name in (*disable, *force, *(passes or ())):
+        registry.info(name)  # unknown names are a usage error, before any work
+    steps = steps_from_names(list(passes)) if passes is not None else DEFAULT_PIPELINE
+    instruments = list(instruments)
+    if check:
+        from graphopt.diffcheck import DifferentialCheckInstrument
+
+        instruments.insert(0, DifferentialCheckInstrument(m, output_dir=check_dir))
+    ctx = PassContext(
+        opt_level=opt_level,
+        disabled=disable,
+        forced=frozenset(force),
+        instruments=tuple(instruments),
+        options=dict(options or {}),
+    )
+    result = run_pipeline(m, steps, ctx, registry)
+    return OptimizeResult(
+        result.model, result.modified, result.records, result.initial_nodes, result.initial_parameter_bytes
+    )
+
+
+def list_passes(registry: PassRegistry | None = None) -> list[dict[str, str]]:
+    registry = registry or PassRegistry.default()
+    return [{"name": p.name, "source": p.source, "description": p.description} for p in registry]
+
+
+# --- compiling, running, serving: the backends own the work ------------------------------------
+
+
+def compile(  # noqa: A001 - mirrors `graphopt compile`
+    model: ir.Model | str | os.PathLike,
+    *,
+    target: str = "x86",
+    output: str | os.PathLike | None = None,
+    opt_level: int = 2,
+    input_shapes: dict | Sequence[str] | None = None,
+    tuning_db: str | os.PathLike | None = None,
+    schedules: bool = True,
+):
+    """Optimize, lower to Relax, compile for ``target``; returns a callable module.
+
+    With ``output``, the bundle directory is written there (atomically) as well.
+    """
+    from graphopt.backends.compile import compile_model
+
+    source = None if isinstance(model, ir.Model) else Path(model)
+    m = _as_model(model, input_shapes)
+    return compile_model(
+        m,
+        target=target,
+        output=output,
+        opt_level=opt_level,
+        tuning_db=tuning_db,
+        schedules=schedules,
+        source_path=source,
+    )
+
+
+def load_bundle(path: str | os.PathLike):
+    """Load a compiled bundle directory; the result is callable with numpy arrays."""
+    from graphopt.backends.bundle import load_bundle as _load
+
+    return _load(path)
+
+
+def parse_opt_level(text: str) -> int:
+    t = text[2:] if text.startswith("-O") else text.lstrip("O")
+    if t not in ("0", "1", "2", "3"):
+        raise UsageError(f"opt level must be -O0..-O3, got {text!r}")
+    return int(t)

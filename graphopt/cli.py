@@ -1,0 +1,84 @@
+"""The ``graphopt`` command: argument parsing and exit codes; each command is one API call.
+
+Exit codes: 0 success; 2 bad input or usage (one line naming the file, node, op or option);
+1 an internal error (a bug; ``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+from graphopt.errors import GraphoptError
+
+# name -> module under graphopt.commands; each has `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS = {
+    "inspect": ("inspect_cmd", "show opset, inputs/outputs, op histogram, parameters and FLOPs"),
+    "optimize": ("optimize_cmd", "run the ordered pass pipeline and write ONNX"),
+    "passes": ("passes_cmd", "list the registered passes"),
+    "compile": ("compile_cmd", "compile a model through TVM into a bundle directory"),
+    "run": ("run_cmd", "run a compiled bundle on inputs from an .npz file"),
+    "bench": ("bench_cmd", "benchmark models or bundles against ONNX Runtime"),
+    "tune": ("tune_cmd", "tune a model's kernels with MetaSchedule"),
+    "serve": ("serve_cmd", "serve a bundle over the KServe v2 inference protocol"),
+    "conformance": ("conformance_cmd", "run the ONNX node conformance cases through the compiler"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors: one line, exit 2
+        self.exit(2, f"graphopt: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphopt", description="Ahead-of-time graph optimizer and compiler for ONNX models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"graphopt {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(f"graphopt.commands.{module}")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def _version() -> str:
+    from graphopt import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except GraphoptError as e:
+        if args.debug:
+            traceback.print_exc()
+        msg = " ".join(str(e).split("\n")[0:1]) or type(e).__name__
+        print(f"graphopt {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(
+                f"graphopt {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                file=sys.stderr,
+            )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

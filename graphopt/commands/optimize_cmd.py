@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from graphopt import api, io
+from graphopt.commands.common import add_input_shape, add_opt_level, split_names, table
+from graphopt.errors import UsageError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
+    add_opt_level(p)
+    add_input_shape(p)
+    p.add_argument("--passes", help="run exactly these passes, in this order (comma-separated)")
+    p.add_argument("--disable", action="append", default=[], help="passes to skip (comma-separated, repeatable)")
+    p.add_argument("--force", action="append", default=[], help="passes to run even below their opt level")
+    p.add_argument("--check", action="store_true",
+                   help="differential check: run ONNX Runtime after every pass and stop at the first mismatch")
+    p.add_argument("--check-dir", help="where --check writes the before/after graphs (default: beside -o)")
+    p.add_argument("--report", help="write the per-pass report as JSON")
+    p.add_argument("--plot", help="draw node count and parameter bytes after each pass (PNG)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print no table")
+
+
+def run(args: argparse.Namespace) -> int:
+    src, out = Path(args.model), Path(args.output)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise UsageError(f"-o {out}: refusing to overwrite the input model")
+    disable = [n for d in args.disable for n in split_names(d)]
+    force = [n for d in args.force for n in split_names(d)]
+    passes = split_names(args.passes) if args.passes else None
+    check_dir = args.check_dir or (str(out.parent / (out.stem + ".check")) if args.check else None)
+    res = api.optimize(
+        src, opt_level=args.opt_level, passes=passes, disable=disable, force=force,
+        input_shapes=args.input_shape, check=args.check, check_dir=check_dir,
+    )
+    api.save(res.model, out)
+    report = res.report()
+    report.update({"model": str(src), "output": str(out), "opt_level": args.opt_level})
+    if args.report:
+        io.atomic_write_text(args.report, json.dumps(report, indent=2))
+    if args.plot:
+        from graphopt.report import plot_pass_report
+
+        plot_pass_report(report, args.plot)
+    if not args.quiet:
+        rows = [[r.name, f"{r.seconds * 1000:.1f}", "yes" if r.modified else "no", r.nodes, r.parameter_bytes]
+                for r in res.records]
+        if rows:
+            print(table(rows, ["pass", "ms", "modified", "nodes", "param bytes"]))
+        last_nodes = res.records[-1].nodes if res.records else res.initial_nodes
+        print(f"{src} -> {out}: nodes {res.initial_nodes} -> {last_nodes}")
+    return 0

@@ -1,0 +1,145 @@
+"""Reading and writing ONNX models through onnx_ir.
+
+* Loading never materializes external weights: onnx_ir memory-maps them lazily, so a model
+  with several GB of external data costs one copy of the weights at most.
+* Saving is atomic: everything is written into a temporary directory beside the target and
+  moved into place with ``os.replace`` (external data first, the model file last), so an
+  interrupted save never leaves a half-written ``-o`` file, and the input file is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from graphopt.errors import ModelLoadError
+
+# protobuf cannot serialize a message of 2 GiB or more: above this, weights go to external data.
+_PROTO_LIMIT = 2**31 - 2**26
+
+
+def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
+    """Load an ONNX file into an ``onnx_ir.Model``; external data stays on disk until used.
+
+    Raises :class:`ModelLoadError` naming the file for a missing, truncated or invalid model.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a directory, expected an .onnx file")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ModelLoadError(f"{p}: not a valid ONNX file (truncated or not a protobuf model): {_first_line(e)}") from None
+    if not proto.HasField("graph") or (not proto.opset_import and not proto.graph.node):
+        raise ModelLoadError(f"{p}: not a valid ONNX file (no graph or opset_import)")
+    if check:
+        _check(proto, p)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:
+        raise ModelLoadError(f"{p}: cannot be read into the IR: {_first_line(e)}") from None
+    ir.external_data.set_base_dir(model.graph, str(p.parent))
+    return model
+
+
+def _check(proto: onnx.ModelProto, p: Path) -> None:
+    max_opset = onnx.defs.onnx_opset_version()
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version > max_opset:
+            raise ModelLoadError(
+                f"{p}: unknown opset ai.onnx {imp.version} (this onnx knows up to {max_opset})"
+            )
+        if imp.domain in ("", "ai.onnx") and imp.version < 1:
+            raise ModelLoadError(f"{p}: invalid opset version {imp.version}")
+    try:
+        # Checking the path (not the proto) copes with models over 2 GB and external data.
+        onnx.checker.check_model(str(p))
+    except onnx.checker.ValidationError as e:
+        raise ModelLoadError(f"{p}: fails onnx.checker: {_first_line(e)}") from None
+    except Exception as e:
+        raise ModelLoadError(f"{p}: fails onnx.checker: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Total bytes of the initializers of the main graph and its subgraphs."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for v in graph.initializers.values():
+            if v.const_value is not None:
+                total += v.const_value.nbytes
+    return total
+
+
+def has_external_data(model: ir.Model) -> bool:
+    return any(
+        isinstance(v.const_value, ir.ExternalTensor)
+        for g in (model.graph, *model.graph.subgraphs())
+        for v in g.initializers.values()
+    )
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: str | None = None,
+    size_threshold_bytes: int = 1024,
+) -> Path:
+    """Write ``model`` to ``path`` atomically.
+
+    ``external_data`` is the file name (beside ``path``) for weights; it is chosen automatically
+    (``<name>.data``) when the model already has external tensors or its weights pass 2 GB.
+    Returns the path written.
+    """
+    out = Path(path)
+    if out.exists() and out.is_dir():
+        raise ModelLoadError(f"{out}: is a directory, expected a file path for the model")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise ModelLoadError(f"{out}: directory {parent} does not exist")
+    if external_data is None and (has_external_data(model) or weight_bytes(model) > _PROTO_LIMIT):
+        external_data = out.name + ".data"
+    tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=parent))
+    try:
+        tmp_model = tmpdir / out.name
+        if external_data is not None:
+            ir.save(model, tmp_model, external_data=external_data, size_threshold_bytes=size_threshold_bytes)
+            data_tmp = tmpdir / external_data
+            if data_tmp.exists():
+                os.replace(data_tmp, parent / external_data)
+        else:
+            ir.save(model, tmp_model)
+        os.replace(tmp_model, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file via temp file + rename in the same directory."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".graphopt-", dir=out.parent if str(out.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())

@@ -1,0 +1,29 @@
+"""graphopt's built-in passes, one file each.
+
+``BUILTIN_PASSES`` is the one table of them: name -> (module, class, one-line description).
+Modules are imported only when a pass is created, so importing graphopt stays cheap and nothing
+is registered by import side effect.
+"""
+
+_P = "graphopt.passes."
+
+BUILTIN_PASSES: dict[str, tuple[str, str, str]] = {
+    # cleanup
+    "remove_noops": (_P + "remove_noops", "RemoveNoopsPass", "remove Identity, inference Dropout, same-type Cast, same-shape Reshape, identity Transpose, zero Pad, x*1, x+0, full Slice"),
+    "dead_code": (_P + "dead_code", "DeadCodeEliminationPass", "remove nodes, initializers and functions no output depends on"),
+    "cse": (_P + "cse", "CommonSubexpressionEliminationPass", "merge identical constants and identical subgraphs of pure ops"),
+    "parameter_sharing": (_P + "parameter_sharing", "ParameterSharingPass", "deduplicate bit-identical initializers and constants"),
+    # weight normalization
+    "fold_batchnorm": (_P + "fold_batchnorm", "FoldBatchNormPass", "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul"),
+    "fold_weight_reparam": (_P + "fold_weight_reparam", "FoldWeightReparamPass", "fold weight-norm g*v/||v|| and Mul/Div/Add chains on constant weights"),
+    "canonical_dtypes": (_P + "canonical_dtypes", "CanonicalDtypesPass", "store fp64/fp16 weights in the compute dtype where exact"),
+    "weight_statistics": (_P + "weight_statistics", "WeightStatisticsPass", "annotate weights with per-tensor and per-channel min/max"),
+    # folding and simplification
+    "constant_folding": (_P + "constant_folding", "ConstantFoldingPass", "fold constant subgraphs, shape subgraphs included, bounded by output size"),
+    "merge_chains": (_P + "merge_chains", "MergeChainsPass", "merge Transpose/Reshape chains, cancel Squeeze/Unsqueeze pairs"),
+    "fuse_bias": (_P + "fuse_bias", "FuseBiasPass", "fuse Conv+Add(bias) and MatMul+Add into Gemm where exact"),
+    # aggressive fusion
+    "fuse_activations": (_P + "fuse_activations", "FuseActivationsPass", "recognise Gelu, HardSwish and Mish as single ops"),
+    "fuse_layernorm": (_P + "fuse_layernorm", "FuseLayerNormPass", "recognise LayerNormalization"),
+    "fuse_attention": (_P + "fuse_attention", "FuseAttentionPass", "recognise scaled dot-product attention"),
+}
