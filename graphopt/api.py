@@ -24,9 +24,22 @@ from graphopt.pipeline import (
 ModelLike = "ir.Model | str | os.PathLike"
 
 
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A file path, or a bundled model's name such as ``light:resnet50`` or ``rapidocr:det``."""
+    p = Path(path)
+    if not p.exists() and ":" in str(path) and not str(path).startswith(("/", ".")):
+        from graphopt.models import resolve
+
+        return resolve(str(path))
+    return p
+
+
 def load(path: str | os.PathLike, *, input_shapes: dict | Sequence[str] | None = None) -> ir.Model:
-    """Load an ONNX file (checked; external data stays lazy), optionally fixing input shapes."""
-    model = io.load(path)
+    """Load an ONNX file (checked; external data stays lazy), optionally fixing input shapes.
+
+    ``path`` may name a bundled model (``light:resnet50``, ``rapidocr:det``; see ``graphopt.models``).
+    """
+    model = io.load(resolve_model_path(path))
     if input_shapes:
         from graphopt.shapes import specialize
 
