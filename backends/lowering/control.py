@@ -1,0 +1,5 @@
+"""Lowering rules: control."""
+
+from __future__ import annotations
+
+RULES: tuple = ()

@@ -1,0 +1,5 @@
+"""Lowering rules: elementwise."""
+
+from __future__ import annotations
+
+RULES: tuple = ()

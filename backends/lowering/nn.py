@@ -1,0 +1,5 @@
+"""Lowering rules: nn."""
+
+from __future__ import annotations
+
+RULES: tuple = ()

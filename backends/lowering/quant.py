@@ -1,0 +1,5 @@
+"""Lowering rules: quant."""
+
+from __future__ import annotations
+
+RULES: tuple = ()

@@ -1,0 +1,5 @@
+"""Lowering rules: reduce."""
+
+from __future__ import annotations
+
+RULES: tuple = ()

@@ -1,0 +1,5 @@
+"""Lowering rules: rnn."""
+
+from __future__ import annotations
+
+RULES: tuple = ()

@@ -1,0 +1,38 @@
+"""The op table: every (domain, op, opset range) graphopt lowers to Relax, gathered from one module per op family.
+
+The modules are listed here explicitly (no registration by import side effect).
+"""
+
+from __future__ import annotations
+
+from graphopt.backends.lowering import (
+    control,
+    elementwise,
+    graphopt_ops,
+    nn,
+    quant,
+    reduce,
+    rnn,
+    tensor,
+)
+from graphopt.backends.lowering.rules import OpRule
+
+RULES: tuple[OpRule, ...] = (
+    *elementwise.RULES,
+    *tensor.RULES,
+    *reduce.RULES,
+    *nn.RULES,
+    *rnn.RULES,
+    *control.RULES,
+    *quant.RULES,
+    *graphopt_ops.RULES,
+)
+
+
+def find_rule(domain: str, op: str, opset: int) -> OpRule | None:
+    """The rule implementing ``op`` at ``opset`` in ``domain`` ("" and "ai.onnx" are the same), or None."""
+    domain = "" if domain == "ai.onnx" else domain
+    for rule in RULES:
+        if rule.covers(domain, op, opset):
+            return rule
+    return None

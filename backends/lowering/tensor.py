@@ -1,0 +1,5 @@
+"""Lowering rules: tensor."""
+
+from __future__ import annotations
+
+RULES: tuple = ()
