@@ -1,0 +1,115 @@
+"""The differential check catches a wrong pass, names it, and lets a correct pipeline through."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt import api
+from graphopt.diffcheck import (
+    DifferentialCheckInstrument,
+    first_mismatch,
+    random_inputs,
+    run_onnxruntime,
+)
+from graphopt.errors import PassError
+from graphopt.pipeline import PassRegistry
+
+
+@pytest.fixture(autouse=True)
+def _verifier_if_present(monkeypatch):
+    # graphopt.verify belongs to another stage; the check under test here is the differential one.
+    if importlib.util.find_spec("graphopt.verify") is None:
+        monkeypatch.setenv("GRAPHOPT_VERIFY_EACH_PASS", "0")
+
+
+def _model() -> ir.Model:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    b = helper.make_tensor("b", TensorProto.FLOAT, [4], [0.5, -1.0, 2.0, 3.0])
+    nodes = [
+        helper.make_node("Identity", ["x"], ["t"]),
+        helper.make_node("Add", ["t", "b"], ["u"], name="add0"),
+        helper.make_node("Relu", ["u"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "g", [x], [y], [b])
+    return ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+class FlipAddToSubPass(ir.passes.InPlacePass):
+    """A deliberately wrong pass: Add becomes Sub."""
+
+    def call(self, model):
+        modified = False
+        for node in model.graph:
+            if node.op_type == "Add":
+                node.op_type = "Sub"
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _registry() -> PassRegistry:
+    reg = PassRegistry()
+    reg.register("identity", common.IdentityEliminationPass)
+    reg.register("flip", FlipAddToSubPass)
+    return reg
+
+
+def test_random_inputs_follow_dtypes_and_dynamic_dims():
+    feeds = random_inputs(_model(), seed=3)
+    assert feeds["x"].shape == (1, 4) and feeds["x"].dtype == np.float32
+    np.testing.assert_array_equal(feeds["x"], random_inputs(_model(), seed=3)["x"])
+
+
+def test_wrong_pass_is_caught_and_named(tmp_path):
+    with pytest.raises(PassError) as info:
+        api.optimize(_model(), passes=["identity", "flip"], registry=_registry(), check=True,
+                     check_dir=tmp_path / "chk")
+    assert info.value.pass_name == "flip"
+    assert "'flip'" in str(info.value) and "output 'y'" in str(info.value)
+    before = onnx.load(tmp_path / "chk" / "before.onnx")
+    after = onnx.load(tmp_path / "chk" / "after.onnx")
+    assert [n.op_type for n in before.graph.node] == ["Add", "Relu"]  # after 'identity', before 'flip'
+    assert [n.op_type for n in after.graph.node] == ["Sub", "Relu"]
+
+
+def test_correct_pipeline_passes_and_is_checked():
+    model = _model()
+    inst = DifferentialCheckInstrument(model, inputs={"x": np.linspace(-3, 3, 8, dtype=np.float32).reshape(2, 4)})
+    res = api.optimize(model, passes=["identity"], registry=_registry(), instruments=[inst])
+    assert res.modified
+    assert inst.checked == ["identity"]
+    assert [n.op_type for n in res.model.graph] == ["Add", "Relu"]
+    np.testing.assert_allclose(inst.reference["y"], np.maximum(inst.feeds["x"] + [0.5, -1, 2, 3], 0), rtol=1e-6)
+
+
+def test_unmodified_pass_is_not_rerun():
+    model = _model()
+    inst = DifferentialCheckInstrument(model)
+    api.optimize(model, passes=["identity", "identity"], registry=_registry(), instruments=[inst])
+    assert inst.checked == ["identity"]  # the second run changed nothing
+
+
+def test_first_mismatch_reports_shape_dtype_and_error():
+    a = {"o": np.zeros((2, 2), np.float32)}
+    assert first_mismatch(a, {"o": np.zeros((2, 2), np.float32)}, rtol=1e-3, atol=1e-4) is None
+    assert "shape" in first_mismatch(a, {"o": np.zeros((4,), np.float32)}, rtol=1e-3, atol=1e-4)[1]
+    assert "dtype" in first_mismatch(a, {"o": np.zeros((2, 2), np.float64)}, rtol=1e-3, atol=1e-4)[1]
+    name, why = first_mismatch(a, {"o": np.full((2, 2), 0.5, np.float32)}, rtol=1e-3, atol=1e-4)
+    assert name == "o" and "0.5" in why
+
+
+def test_run_onnxruntime_matches_reference_evaluator():
+    from onnx.reference import ReferenceEvaluator
+
+    model = _model()
+    feeds = random_inputs(model, seed=1)
+    proto = ir.serde.serialize_model(model)
+    (expected,) = ReferenceEvaluator(proto).run(None, feeds)
+    np.testing.assert_allclose(run_onnxruntime(model, feeds)["y"], expected, rtol=1e-6)
