@@ -58,13 +58,69 @@ def _check(proto: onnx.ModelProto, p: Path) -> None:
             )
         if imp.domain in ("", "ai.onnx") and imp.version < 1:
             raise ModelLoadError(f"{p}: invalid opset version {imp.version}")
+    problem = _order_problem(proto.graph)
+    if problem:
+        raise ModelLoadError(f"{p}: {problem}")
     try:
         # Checking the path (not the proto) copes with models over 2 GB and external data.
         onnx.checker.check_model(str(p))
-    except onnx.checker.ValidationError as e:
-        raise ModelLoadError(f"{p}: fails onnx.checker: {_first_line(e)}") from None
-    except Exception as e:
-        raise ModelLoadError(f"{p}: fails onnx.checker: {_first_line(e)}") from None
+    except Exception as e:  # ValidationError, and C++ errors surfacing as others
+        raise ModelLoadError(f"{p}: fails onnx.checker: {_one_line(e)}") from None
+
+
+def _node_label(node: onnx.NodeProto, index: int) -> str:
+    return f"node '{node.name or f'#{index}'}' ({node.op_type})"
+
+
+def _order_problem(graph: onnx.GraphProto) -> str | None:
+    """Name the node behind a use-before-definition in the main graph: a value nothing defines
+    (dangling value, missing initializer), a cycle, or merely an unsorted graph; None when sorted."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            if not name or name in defined:
+                continue
+            if name not in producer:
+                return (f"{_node_label(node, i)}: input '{name}' is never defined "
+                        "(no graph input, initializer or node output has that name)")
+            cycle = _cycle_nodes(graph, defined_outside=defined - set(producer))
+            if cycle:
+                names = " -> ".join(_node_label(graph.node[j], j) for j in cycle[:6])
+                return f"graph has a cycle through {names}" + (" ..." if len(cycle) > 6 else "")
+            j = producer[name]
+            return (f"{_node_label(node, i)} uses '{name}' before {_node_label(graph.node[j], j)} "
+                    "produces it (nodes are not topologically sorted)")
+        defined.update(o for o in node.output if o)
+    for out in graph.output:
+        if out.name not in defined:
+            return f"graph output '{out.name}' is never defined (no graph input, initializer or node output)"
+    return None
+
+
+def _cycle_nodes(graph: onnx.GraphProto, defined_outside: set[str]) -> list[int]:
+    """Indices of the nodes Kahn's algorithm cannot schedule (those on or behind a cycle)."""
+    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    deps = [{producer[x] for x in n.input if x in producer and x not in defined_outside} for n in graph.node]
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    remaining = [len(d) for d in deps]
+    ready = [i for i, r in enumerate(remaining) if r == 0]
+    while ready:
+        j = ready.pop()
+        for i in users.get(j, ()):
+            remaining[i] -= 1
+            if remaining[i] == 0:
+                ready.append(i)
+    return [i for i, r in enumerate(remaining) if r > 0]
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(ln.strip() for ln in str(e).strip().splitlines() if ln.strip())
+    return text or type(e).__name__
 
 
 def _first_line(e: BaseException) -> str:
