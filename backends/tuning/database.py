@@ -1,0 +1,78 @@
+"""The tuning database: one JSON MetaSchedule database shared by every model.
+
+Records are keyed by the workload's structural hash and the target, so a task tuned for one model
+is found again for any other model that has the same fused function on the same target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from graphopt.errors import UsageError
+
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+
+
+def default_db_dir() -> Path:
+    base = os.environ.get("GRAPHOPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "graphopt"
+    )
+    return Path(base) / "tuning"
+
+
+def open_database(db_dir: str | os.PathLike | None, *, create: bool = True):
+    """Open (or create) the JSON database in ``db_dir``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    d = Path(db_dir) if db_dir else default_db_dir()
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"--tuning-db {d}: not a directory")
+    if not create and not (d / RECORDS).exists():
+        raise UsageError(f"--tuning-db {d}: no tuning database there ({RECORDS} missing)")
+    d.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(
+        path_workload=str(d / WORKLOADS),
+        path_tuning_record=str(d / RECORDS),
+        module_equality="structural",
+    )
+
+
+def database_hash(db_dir: str | os.PathLike) -> str:
+    """sha256 over the database files, recorded in a bundle's manifest."""
+    h = hashlib.sha256()
+    for name in (WORKLOADS, RECORDS):
+        p = Path(db_dir) / name
+        if p.exists():
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def apply_database(mod, target, db_dir):
+    """Replace every fused PrimFunc that has a record for ``target`` by its best schedule.
+
+    ``mod`` is the fused Relax module (after LegalizeOps/FuseOps/FuseTIR). Functions without a record
+    are left as they are, for graphopt's default schedules to handle.
+    """
+    import tvm
+    from tvm import relax
+
+    db = open_database(db_dir, create=False)
+    with tvm.target.Target(target), db:
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+
+def best_seconds(db, mod) -> tuple[float | None, int]:
+    """(best mean run time in seconds, number of measured records) for a task's module."""
+    if not db.has_workload(mod):
+        return None, 0
+    workload = db.commit_workload(mod)
+    records = db.get_top_k(workload, 1 << 30)
+    if not records:
+        return None, 0
+    secs = [float(x) for x in records[0].run_secs]
+    return sum(secs) / len(secs), len(records)
