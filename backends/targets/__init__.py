@@ -1,0 +1,206 @@
+"""Target presets (x86, aarch64, cuda) and what graphopt needs to know about each one.
+
+``get_target("x86")`` returns a :class:`TargetSpec`: the TVM target, the features the schedules
+look at (vector width, cores, cache sizes), how to export a shared library for it (the cross
+compiler for aarch64) and whether code built for it can run on this machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from graphopt.errors import UnsupportedError, UsageError
+
+AARCH64_GCC = "aarch64-linux-gnu-gcc"
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """A compilation target: the TVM target plus the facts the compiler and schedules need."""
+
+    name: str
+    config: dict[str, Any]  # the TVM target as a dict (what ``tvm.target.Target`` takes)
+    host: dict[str, Any] | None = None  # host target for device targets (cuda)
+    features: dict[str, Any] = dataclasses.field(default_factory=dict)
+    cross_compiler: str | None = None  # gcc driver to link the exported library with
+
+    @property
+    def kind(self) -> str:
+        return self.config["kind"]
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind in ("cuda", "rocm", "vulkan", "metal", "opencl")
+
+    @property
+    def target(self):
+        """The ``tvm.target.Target`` (built on each access; TVM targets are cheap)."""
+        import tvm
+
+        return tvm.target.Target(self.config, host=self.host) if self.host else tvm.target.Target(self.config)
+
+    def device(self):
+        import tvm
+
+        return tvm.cuda(0) if self.kind == "cuda" else tvm.cpu(0)
+
+    def can_run_here(self) -> bool:
+        """Whether a library built for this target can be loaded and run on this machine."""
+        if self.kind == "cuda":
+            import tvm
+
+            return bool(tvm.cuda(0).exist)
+        triple = str(self.config.get("mtriple", ""))
+        return not triple or triple.split("-")[0] == platform.machine()
+
+    def why_not_runnable(self) -> str:
+        if self.kind == "cuda":
+            return "no CUDA GPU is visible on this machine"
+        return f"code for {self.config.get('mtriple')} cannot run on this {platform.machine()} host"
+
+    def export_function(self) -> Callable | None:
+        """``fcompile`` for ``export_library``: the cross compiler, or None for the host's compiler.
+
+        Raises UnsupportedError naming the missing tool and how to install it.
+        """
+        if self.cross_compiler is None:
+            return None
+        if shutil.which(self.cross_compiler) is None:
+            raise UnsupportedError(
+                f"target {self.name}: cross compiler '{self.cross_compiler}' not found "
+                f"(install it: apt-get install gcc-aarch64-linux-gnu)"
+            )
+        from tvm.support import cc
+
+        return cc.cross_compiler(self.cross_compiler)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "target": self.config,
+            "host": self.host,
+            "features": self.features,
+            "cross_compiler": self.cross_compiler,
+        }
+
+
+def _host_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cache_sizes() -> dict[str, int]:
+    """L1d/L2/L3 sizes in bytes from sysfs (absent entries are left out)."""
+    sizes: dict[str, int] = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(base.glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        mult = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+        number = text.rstrip("KMG")
+        if number.isdigit():
+            sizes[f"l{level}" + ("d" if level == "1" else "")] = int(number) * mult
+    return sizes
+
+
+def _host_cpu() -> str:
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def _vector_bits(config: dict[str, Any]) -> int:
+    import tvm
+    from tvm.target import codegen
+
+    try:
+        return int(codegen.llvm_get_vector_width(tvm.target.Target(config)))
+    except Exception:  # an LLVM without this target: fall back on the ISA's baseline
+        return 128
+
+
+def _x86() -> TargetSpec:
+    cores = _host_cores()
+    config = {"kind": "llvm", "mcpu": _host_cpu(), "num-cores": cores}
+    features = {"arch": "x86_64", "cores": cores, "vector_bits": _vector_bits(config), **_cache_sizes()}
+    return TargetSpec("x86", config, features=features)
+
+
+def _aarch64() -> TargetSpec:
+    config = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    # A generic Cortex-A class core: NEON is 128 bits; 64 KB L1d / 1 MB L2 are typical, not measured.
+    features = {"arch": "aarch64", "cores": 4, "vector_bits": 128, "l1d": 64 * 1024, "l2": 1024**2}
+    return TargetSpec("aarch64", config, features=features, cross_compiler=AARCH64_GCC)
+
+
+def _cuda() -> TargetSpec:
+    config = {"kind": "cuda", "arch": "sm_80", "max_num_threads": 1024, "thread_warp_size": 32}
+    host = {"kind": "llvm", "mcpu": _host_cpu()}
+    features = {"arch": "sm_80", "warp_size": 32, "max_threads_per_block": 1024, "shared_memory": 48 * 1024}
+    return TargetSpec("cuda", config, host=host, features=features)
+
+
+PRESETS: dict[str, Callable[[], TargetSpec]] = {"x86": _x86, "aarch64": _aarch64, "cuda": _cuda}
+
+
+def get_target(name_or_json: str | dict | TargetSpec) -> TargetSpec:
+    """A preset name (``x86``, ``aarch64``, ``cuda``), a TVM target dict, or its JSON text.
+
+    A dict/JSON may carry ``"preset"`` to start from a preset and override fields, e.g.
+    ``{"preset": "x86", "mcpu": "skylake-avx512"}``. Unknown names raise UsageError listing presets.
+    """
+    if isinstance(name_or_json, TargetSpec):
+        return name_or_json
+    if isinstance(name_or_json, str):
+        text = name_or_json.strip()
+        if not text.startswith("{"):
+            if text not in PRESETS:
+                raise UsageError(f"unknown target '{text}' (presets: {', '.join(PRESETS)}; or a JSON target dict)")
+            return PRESETS[text]()
+        try:
+            name_or_json = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"target JSON is not valid: {e}") from None
+    if not isinstance(name_or_json, dict):
+        raise UsageError(f"target must be a preset name or a dict, got {type(name_or_json).__name__}")
+    return _from_dict(dict(name_or_json))
+
+
+def _from_dict(d: dict[str, Any]) -> TargetSpec:
+    preset = d.pop("preset", None)
+    if preset is not None:
+        base = get_target(str(preset))
+        config = {**base.config, **d}
+        spec = dataclasses.replace(base, name=f"{base.name}-custom" if d else base.name, config=config)
+    else:
+        if "kind" not in d:
+            raise UsageError(f"target dict needs 'kind' or 'preset' (presets: {', '.join(PRESETS)})")
+        host = {"kind": "llvm"} if d["kind"] == "cuda" else None
+        cross = AARCH64_GCC if str(d.get("mtriple", "")).startswith("aarch64") and platform.machine() != "aarch64" else None
+        spec = TargetSpec(f"custom-{d['kind']}", d, host=host, cross_compiler=cross)
+    try:
+        spec.target  # noqa: B018 - validate now, with a clear message
+    except Exception as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UsageError(f"invalid target {json.dumps(spec.config)}: {first}") from None
+    if spec.kind == "llvm" and "vector_bits" not in spec.features:
+        spec = dataclasses.replace(spec, features={**spec.features, "vector_bits": _vector_bits(spec.config)})
+    return spec
+
+
+__all__ = ["PRESETS", "TargetSpec", "get_target"]

@@ -1,0 +1,353 @@
+"""The compile pipeline: ONNX (onnx_ir) → graphopt passes → Relax → schedules → ``tvm.compile``.
+
+Stages, each timed (``CompiledModule.timings``) and named in errors:
+
+1. ``check_shapes``: every graph input must have a static shape (else a ShapeError naming the dims).
+2. ``optimize``: graphopt's ordered pipeline at ``opt_level`` (folds shape subgraphs to constants).
+3. ``check_supported`` then ``lower``: the op table, failing early with every unsupported op listed.
+4. ``bind_params``: weights become constants of the module when they are small (embedded in the
+   library); above ``EMBED_LIMIT_BYTES`` they stay arguments and the bundle carries ``params.npz``.
+5. ``relax``: library dispatch, LegalizeOps → AnnotateTIROpPattern → FoldConstant → FuseOps → FuseTIR.
+6. ``tuning_db`` (optional): tuned schedules from a MetaSchedule database.
+7. ``schedules``: graphopt's default schedules for everything left (``backends.schedules``); on GPU
+   targets TVM's generic GPU rules then bind whatever is still unscheduled to threads.
+8. ``build``: ``tvm.compile`` (dataflow lowering and memory planning, then code generation).
+
+A user's mistake raises a :class:`~graphopt.errors.GraphoptError`; a failure inside TVM on a model
+graphopt accepted is a bug and raises :class:`CompileStageError` naming the stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.backends.targets import TargetSpec, get_target
+from graphopt.errors import GraphoptError, ShapeError, UnsupportedError, UsageError
+
+EMBED_LIMIT_BYTES = 100 * 1024 * 1024  # weights above this go to params.npz beside the library
+FRONTENDS = ("graphopt", "tvm")
+
+
+class CompileStageError(RuntimeError):
+    """TVM failed on a model graphopt accepted: a bug (exit code 1); the message names the stage."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"stage '{stage}' failed: {message}")
+        self.stage = stage
+
+
+def first_error_line(e: BaseException, limit: int = 400) -> str:
+    """The informative line of a (TVM) exception: its last non-empty, non-traceback line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("File ", "File\"", "^", "[bt]"))] or lines
+    text = lines[-1] if lines else type(e).__name__
+    return text[:limit]
+
+
+class _Stages:
+    """Times stages and turns unexpected exceptions into CompileStageError naming the stage."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        except (GraphoptError, CompileStageError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise CompileStageError(name, f"{type(e).__name__}: {first_error_line(e)}") from e
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclasses.dataclass
+class CompiledModule:
+    """A compiled model, callable with numpy arrays (positional in input order, or by name).
+
+    ``inputs``/``outputs``: ``[(name, shape, dtype)]``; ``params``: weights passed after the data
+    inputs when they are not embedded (name → array, in order); ``timings``: seconds per stage.
+    """
+
+    executable: Any
+    target: TargetSpec
+    inputs: list[tuple[str, tuple[int, ...], str]]
+    outputs: list[tuple[str, tuple[int, ...], str]]
+    params: dict[str, np.ndarray]
+    passes: list[str]
+    timings: dict[str, float]
+    opt_level: int = 2
+    source_path: str | None = None
+    source_sha256: str | None = None
+    schedules: bool = True
+    frontend: str = "graphopt"
+    _runner: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def input_info(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {n: (s, d) for n, s, d in self.inputs}
+
+    @property
+    def output_names(self) -> list[str]:
+        return [n for n, _, _ in self.outputs]
+
+    @property
+    def embedded_params(self) -> bool:
+        return not self.params
+
+    def runner(self):
+        if self._runner is None:
+            if not self.target.can_run_here():
+                raise UnsupportedError(
+                    f"target {self.target.name}: {self.target.why_not_runnable()}; "
+                    "save the bundle (-o) and run it on the device"
+                )
+            from graphopt.backends.bundle.loader import Runner
+
+            self._runner = Runner(
+                self.executable, self.inputs, self.outputs, list(self.params.values()), self.target.device()
+            )
+        return self._runner
+
+    def __call__(self, *args: np.ndarray, **kwargs: np.ndarray) -> dict[str, np.ndarray]:
+        from graphopt.backends.bundle import call_checked
+
+        return call_checked(self.runner(), args, kwargs)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the bundle directory (atomically); returns its path."""
+        from graphopt.backends.bundle import export
+
+        return export(self, directory)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _data_inputs(model: ir.Model) -> list[ir.Value]:
+    inits = set(model.graph.initializers)
+    return [v for v in model.graph.inputs if v.name not in inits]
+
+
+def check_static_shapes(model: ir.Model) -> None:
+    """Every data input needs a fully static shape; the error names each dynamic dim."""
+    problems = []
+    for v in _data_inputs(model):
+        if v.shape is None:
+            problems.append(f"'{v.name}' has no shape")
+            continue
+        dyn = [f"dim {i} ({getattr(d, 'value', None) or '?'})" for i, d in enumerate(v.shape) if not isinstance(d, int)]
+        if dyn:
+            problems.append(f"'{v.name}' {', '.join(dyn)}")
+    if problems:
+        example = _data_inputs(model)[0].name if _data_inputs(model) else "x"
+        raise ShapeError(
+            "compiling needs static input shapes; dynamic: " + "; ".join(problems)
+            + f" (fix them with --input-shape, e.g. {example}:1,3,224,224)"
+        )
+
+
+def _optimize(model: ir.Model, opt_level: int) -> tuple[ir.Model, list[str]]:
+    from graphopt.pipeline import DEFAULT_PIPELINE, PassContext, run_pipeline
+
+    result = run_pipeline(model, DEFAULT_PIPELINE, PassContext(opt_level=opt_level))
+    return result.model, [r.name for r in result.records]
+
+
+def _lower_with_tvm_frontend(model: ir.Model):
+    """TVM's own ONNX importer, in the shape of ``lowering.Lowered`` (for comparison only)."""
+    from types import SimpleNamespace
+
+    import onnx
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    proto = ir.serde.serialize_model(model)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    mod = from_onnx(proto, keep_params_in_input=True, opset=opset, sanitize_input_names=False)
+    mod, params = relax.frontend.detach_params(mod)
+    main = mod["main"]
+    num_input = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else len(main.params)
+    names = [p.name for p in main.params[num_input:]]
+    values = [t.numpy() for t in params.get("main", [])]
+    inputs = [(v.name, tuple(int(d) for d in v.shape), _np_dtype(v)) for v in _data_inputs(model)]
+    outputs = [(v.name, tuple(v.shape) if v.shape is not None else (), _np_dtype(v)) for v in model.graph.outputs]
+    del onnx
+    return SimpleNamespace(mod=mod, params=dict(zip(names, values)), inputs=inputs, outputs=outputs)
+
+
+def _np_dtype(v: ir.Value) -> str:
+    return np.dtype(v.dtype.numpy()).name if v.dtype is not None else "float32"
+
+
+def _bind_params(lowered, embed: bool):
+    """Bind weights as constants when ``embed``; returns (mod, params left as arguments)."""
+    from tvm import relax
+
+    mod, params = lowered.mod, dict(lowered.params)
+    if not embed or not params:
+        return mod, params
+    main = mod["main"]
+    num_input = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else len(main.params) - len(params)
+    weight_vars = list(main.params[num_input:])
+    if len(weight_vars) != len(params):
+        raise CompileStageError("bind_params", f"main takes {len(weight_vars)} weights but lowering gave {len(params)}")
+    import tvm
+
+    binding = {var: tvm.runtime.tensor(arr) for var, arr in zip(weight_vars, params.values())}
+    mod = relax.transform.BindParams("main", binding)(mod)
+    return mod, {}
+
+
+def _relax_passes(mod, spec: TargetSpec):
+    import tvm
+    from tvm import relax
+
+    seq = [
+        *relax.pipeline.library_dispatch_passes(spec.target),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    with spec.target:
+        return tvm.transform.Sequential(seq)(mod)
+
+
+def _apply_tuning_db(mod, spec: TargetSpec, tuning_db: str | os.PathLike):
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    path = Path(tuning_db)
+    if not (path / "database_workload.json").exists() or not (path / "database_tuning_record.json").exists():
+        raise UsageError(f"--tuning-db {path}: not a MetaSchedule database (database_workload.json / "
+                         "database_tuning_record.json missing)")
+    db = ms.database.JSONDatabase(work_dir=str(path), allow_missing=False)
+    with spec.target, db:
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+
+def _apply_schedules(mod, spec: TargetSpec, schedules: bool):
+    if schedules:
+        from graphopt.backends.schedules import apply_default_schedules
+
+        mod = apply_default_schedules(mod, spec)
+    if spec.is_gpu:  # GPU code must be bound to threads: TVM's generic rules take what is left
+        from tvm.s_tir import dlight as dl
+
+        with spec.target:
+            mod = dl.ApplyDefaultSchedule(
+                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+            )(mod)
+    return mod
+
+
+def _build(mod, spec: TargetSpec):
+    import tvm
+    from tvm import relax
+
+    # TVM's default pipeline minus the legalization already done (written out: in TVM 0.27
+    # relax.pipeline.dataflow_lower_passes does not resolve for llvm targets).
+    t = spec.target
+    rt = relax.transform
+    lower = tvm.transform.Sequential([
+        rt.RewriteDataflowReshape(), rt.ToNonDataflow(), rt.RemovePurityChecking(), rt.CallTIRRewrite(),
+        rt.StaticPlanBlockMemory(),
+        *([rt.RewriteCUDAGraph()] if spec.kind == "cuda" else []),
+        rt.LowerAllocTensor(), rt.KillAfterLastUse(), rt.LowerRuntimeBuiltin(), rt.ComputePrimValue(),
+        rt.VMShapeLower(), rt.AttachGlobalSymbol(),
+    ])
+    with t:
+        return tvm.compile(mod, target=t, relax_pipeline=lower)
+
+
+def compile_model(
+    model: ir.Model,
+    *,
+    target: str | dict | TargetSpec = "x86",
+    output: str | os.PathLike | None = None,
+    opt_level: int = 2,
+    tuning_db: str | os.PathLike | None = None,
+    schedules: bool = True,
+    source_path: str | os.PathLike | None = None,
+    embed_params: bool | None = None,
+    frontend: str = "graphopt",
+) -> CompiledModule:
+    """Optimize, lower and compile ``model`` for ``target``; with ``output``, also write the bundle.
+
+    ``embed_params``: None = embed weights in the library when they total at most 100 MB.
+    ``frontend="tvm"`` lowers with TVM's own ONNX importer instead of graphopt's op table
+    (to compare the two; graphopt's passes still run first).
+    """
+    if frontend not in FRONTENDS:
+        raise UsageError(f"frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
+    spec = get_target(target)
+    if output is not None:
+        spec.export_function()  # a missing cross compiler is reported before any work
+    if tuning_db is not None and not Path(tuning_db).is_dir():
+        raise UsageError(f"--tuning-db {tuning_db}: no such directory")
+    stage = _Stages()
+    with stage("check_shapes"):
+        check_static_shapes(model)
+    with stage("optimize"):
+        model, passes = _optimize(model, opt_level)
+    if frontend == "graphopt":
+        from graphopt.backends import lowering
+
+        with stage("check_supported"):
+            lowering.check_supported(model)
+        with stage("lower"):
+            lowered = lowering.lower(model)
+    else:
+        with stage("lower"):
+            lowered = _lower_with_tvm_frontend(model)
+    with stage("bind_params"):
+        total = sum(int(np.asarray(a).nbytes) for a in lowered.params.values())
+        embed = total <= EMBED_LIMIT_BYTES if embed_params is None else embed_params
+        mod, params = _bind_params(lowered, embed)
+    with stage("relax"):
+        mod = _relax_passes(mod, spec)
+    if tuning_db is not None:
+        with stage("tuning_db"):
+            mod = _apply_tuning_db(mod, spec, tuning_db)
+    with stage("schedules"):
+        mod = _apply_schedules(mod, spec, schedules)
+    with stage("build"):
+        executable = _build(mod, spec)
+    compiled = CompiledModule(
+        executable=executable,
+        target=spec,
+        inputs=[(n, tuple(int(d) for d in s), str(d)) for n, s, d in lowered.inputs],
+        outputs=[(n, tuple(s) if s is not None else None, str(d)) for n, s, d in lowered.outputs],
+        params={k: np.asarray(v) for k, v in params.items()},
+        passes=passes,
+        timings=stage.timings,
+        opt_level=opt_level,
+        source_path=str(source_path) if source_path else None,
+        source_sha256=sha256_file(source_path) if source_path and Path(source_path).is_file() else None,
+        schedules=schedules,
+        frontend=frontend,
+    )
+    if output is not None:
+        with stage("export"):
+            compiled.save(output)
+    return compiled
