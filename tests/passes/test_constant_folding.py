@@ -1,0 +1,202 @@
+"""ConstantFoldingPass: shape subgraphs fold, the size bound holds, QDQ and random ops stay."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.diffcheck import random_inputs, run_onnxruntime
+from graphopt.errors import GraphoptError
+from graphopt.passes.constant_folding import ConstantFoldingPass
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def _ir(nodes, inputs, outputs, inits=()) -> ir.Model:
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return ir.serde.deserialize_model(helper.make_model(g, opset_imports=OPSET))
+
+
+def _ops(model: ir.Model) -> collections.Counter:
+    return collections.Counter(n.op_type for n in model.graph)
+
+
+def _fold_and_compare(model: ir.Model, **options) -> tuple[ir.passes.PassResult, ConstantFoldingPass]:
+    feeds = random_inputs(model, seed=0)
+    before = run_onnxruntime(model, feeds)
+    p = ConstantFoldingPass(**options)
+    result = p(model)
+    after = run_onnxruntime(result.model, feeds)
+    for name in before:
+        scale = max(1.0, float(np.abs(before[name]).max())) if before[name].size else 1.0
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-4, atol=1e-5 * scale)
+    return result, p
+
+
+def _vi(name, shape, dtype=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _i64(name, values):
+    return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+
+def test_shape_subgraph_folds_and_reshape_gets_constant_shape():
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "zero1"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    inits = [_i64("zero", 0), _i64("zero1", [0]), _i64("minus1", [-1])]
+    model = _ir(nodes, [_vi("x", [2, 3, 4])], [_vi("y", None)], inits)
+    result, _ = _fold_and_compare(model)
+    assert result.modified
+    assert _ops(result.model) == {"Reshape": 1}
+    (reshape,) = result.model.graph
+    np.testing.assert_array_equal(ir.convenience.get_const_tensor(reshape.inputs[1]).numpy(), [2, -1])
+    assert not ConstantFoldingPass()(result.model).modified
+
+
+def test_constant_of_shape_range_expand_fold():
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["c"],
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [2.0])),
+        helper.make_node("Range", ["start", "limit", "delta"], ["r"]),
+        helper.make_node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
+        helper.make_node("Expand", ["rf", "shape"], ["e"]),
+        helper.make_node("Mul", ["c", "e"], ["k"]),
+        helper.make_node("Add", ["x", "k"], ["y"]),
+    ]
+    inits = [_i64("shape", [3, 4]), _i64("start", 0), _i64("limit", 4), _i64("delta", 1)]
+    model = _ir(nodes, [_vi("x", [3, 4])], [_vi("y", [3, 4])], inits)
+    result, _ = _fold_and_compare(model)
+    assert result.modified
+    assert _ops(result.model) == {"Add": 1}
+    (add,) = result.model.graph
+    np.testing.assert_array_equal(add.inputs[1].const_value.numpy(), 2.0 * np.tile(np.arange(4.0), (3, 1)))
+
+
+def _big_constant_of_shape(dim: int) -> ir.Model:
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["c"],
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+        helper.make_node("Add", ["x", "c"], ["y"]),
+    ]
+    return _ir(nodes, [_vi("x", [dim, dim])], [_vi("y", [dim, dim])], [_i64("shape", [dim, dim])])
+
+
+def test_size_bound_blocks_growth_and_option_lifts_it():
+    # 1024 x 1024 float32 = 4 MiB, made from a 16-byte shape: over the default 1 MiB bound.
+    model = _big_constant_of_shape(1024)
+    result, p = _fold_and_compare(model)
+    assert not result.modified
+    assert _ops(result.model) == {"ConstantOfShape": 1, "Add": 1}
+    assert p.skipped and "bytes over the bound" in p.skipped[0]
+    result, _ = _fold_and_compare(_big_constant_of_shape(1024), max_output_bytes=4 << 20)
+    assert result.modified and _ops(result.model) == {"Add": 1}
+
+
+def test_large_fold_allowed_when_it_frees_as_much():
+    # Transpose of a 2 MiB weight used only there: the folded tensor replaces it, no growth.
+    w = np.random.default_rng(0).standard_normal((512, 1024)).astype(np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt"], ["y"]),
+    ]
+    model = _ir(nodes, [_vi("x", [1, 1024])], [_vi("y", [1, 512])], [numpy_helper.from_array(w, "w")])
+    result, _ = _fold_and_compare(model)
+    assert result.modified and _ops(result.model) == {"MatMul": 1}
+    assert len(result.model.graph.initializers) == 1  # the original weight is gone
+
+    # The same weight also used elsewhere: folding would add 2 MiB, over the bound.
+    nodes.append(helper.make_node("ReduceSum", ["w"], ["s"], keepdims=0))
+    model = _ir(nodes, [_vi("x", [1, 1024])], [_vi("y", [1, 512]), _vi("s", None)],
+                [numpy_helper.from_array(w, "w")])
+    result, _ = _fold_and_compare(model)
+    assert "Transpose" in _ops(result.model)
+
+
+def test_quantization_and_random_ops_are_never_folded():
+    w = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["w", "scale", "zp"], ["wq"]),
+        helper.make_node("DequantizeLinear", ["wq", "scale", "zp"], ["wd"]),
+        helper.make_node("MatMul", ["x", "wd"], ["y"]),
+        helper.make_node("RandomNormal", [], ["noise"], shape=[2, 4], seed=1.0),
+        helper.make_node("Mul", ["noise", "zero_f"], ["z"]),
+    ]
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zp"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero_f"),
+    ]
+    model = _ir(nodes, [_vi("x", [2, 3])], [_vi("y", [2, 4]), _vi("z", [2, 4])], inits)
+    result, _ = _fold_and_compare(model)
+    assert not result.modified
+    assert _ops(result.model) == {"QuantizeLinear": 1, "DequantizeLinear": 1, "MatMul": 1,
+                                  "RandomNormal": 1, "Mul": 1}
+
+
+def test_if_with_constant_condition_is_inlined():
+    then_g = helper.make_graph([helper.make_node("Add", ["x", "one"], ["t"])], "then", [], [_vi("t", [2])])
+    else_g = helper.make_graph([helper.make_node("Sub", ["x", "one"], ["e"])], "else", [], [_vi("e", [2])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    inits = [numpy_helper.from_array(np.array(False), "cond"),
+             numpy_helper.from_array(np.array([1.0, 1.0], np.float32), "one")]
+    model = _ir(nodes, [_vi("x", [2])], [_vi("y", [2])], inits)
+    result, _ = _fold_and_compare(model)
+    assert result.modified and _ops(result.model) == {"Sub": 1}
+
+
+def test_dynamic_shape_subgraph_is_left_alone():
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "zero1"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    inits = [_i64("zero", 0), _i64("zero1", [0]), _i64("minus1", [-1])]
+    model = _ir(nodes, [_vi("x", ["N", 3, 4])], [_vi("y", None)], inits)
+    result, _ = _fold_and_compare(model)
+    assert not result.modified
+    assert _ops(result.model) == {"Shape": 1, "Gather": 1, "Unsqueeze": 1, "Concat": 1, "Reshape": 1}
+
+
+def test_pp_ocrv4_rec_shape_subgraphs_fold():
+    from graphopt.models import resolve
+
+    try:
+        path = resolve("rapidocr:rec")
+    except GraphoptError as e:  # no PyPI access on this machine
+        pytest.skip(f"rapidocr:rec unavailable: {e}")
+    model = ir.load(path)
+    try:
+        from graphopt.shapes import specialize
+    except ImportError:
+        specialize = None
+    if specialize is not None:
+        specialize(model, ["x:1,3,48,320"])
+    else:
+        model.graph.inputs[0].shape = ir.Shape([1, 3, 48, 320])
+    assert _ops(model)["Shape"] == 4
+    result, p = _fold_and_compare(model)
+    ops = _ops(result.model)
+    assert result.modified
+    assert ops["Shape"] == 0 and ops["Cast"] == 0
+    reshapes = [n for n in result.model.graph if n.op_type == "Reshape"]
+    assert len(reshapes) == 6
+    assert all(ir.convenience.get_const_tensor(n.inputs[1]) is not None for n in reshapes)
+
+    def all_const(node):
+        return all(v is None or ir.convenience.get_const_tensor(v) is not None for v in node.inputs)
+
+    assert [n.name for n in result.model.graph if n.op_type != "Constant" and all_const(n)] == []
+    assert not ConstantFoldingPass()(result.model).modified
