@@ -1,0 +1,160 @@
+"""Small helpers shared by the cleanup, simplification and fusion passes.
+
+Nothing here rewrites a graph on its own: these read constants, walk every graph of a model and
+swap one value for another while keeping graph-output names stable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+GRAPHOPT_DOMAIN = "graphopt"
+
+
+def graphs_of(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
+    """The main graph, every subgraph (If/Loop/Scan bodies, nested) and every model function."""
+    yield model.graph
+    yield from model.graph.subgraphs()
+    for function in model.functions.values():
+        yield function
+        for node in ir.traversal.RecursiveGraphIterator(function):
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    yield attr.as_graph()
+                    yield from attr.as_graph().subgraphs()
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for g in attr.as_graphs():
+                        yield g
+                        yield from g.subgraphs()
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant contents, or None (graph inputs are never constant, even with a default)."""
+    if value is None or value.is_graph_input():
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        producer = value.producer()
+        if producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):
+            return None
+        try:
+            tensor = ir.convenience.get_const_tensor(value)
+        except Exception:  # a Constant with an attribute reference or an unsupported form
+            return None
+        if tensor is None:
+            return None
+    try:
+        return tensor.numpy()
+    except Exception:
+        return None
+
+
+def is_scalar_const(value: ir.Value | None, expected: float) -> bool:
+    """True when the value is a constant whose every element equals ``expected``."""
+    arr = const_array(value)
+    return arr is not None and arr.size > 0 and bool(np.all(arr == expected))
+
+
+def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The value's shape when every dimension is a known int, else None."""
+    if value is None or value.shape is None:
+        return None
+    dims = tuple(value.shape.dims)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return dims
+
+
+def only_consumer(value: ir.Value) -> ir.Node | None:
+    """The single node that uses ``value`` (once), when it is not also a graph output."""
+    if value.is_graph_output():
+        return None
+    uses = value.uses()
+    if len(uses) != 1:
+        return None
+    return uses[0].node
+
+
+def producer_op(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
+    """The value's producer when it is ``op_type`` (in ``domain``) with a single output, else None."""
+    if value is None:
+        return None
+    node = value.producer()
+    if node is None or node.op_type != op_type or node.domain not in (domain, "ai.onnx" if domain == "" else domain):
+        return None
+    return node
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Make every user of ``old`` (graph outputs included) use ``new``; a graph output keeps its name."""
+    was_output = old.is_graph_output()
+    name = old.name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if was_output:
+        old.name = None
+        new.name = name
+    if new.type is None and old.type is not None:
+        new.type = old.type
+    if new.shape is None and old.shape is not None:
+        new.shape = old.shape
+
+
+def can_bypass(old: ir.Value, new: ir.Value) -> bool:
+    """Whether ``old`` may be replaced by ``new``: not when both are a graph's interface (output
+    from an input or initializer, or ``new`` is already an output: one value cannot carry two names)."""
+    if not old.is_graph_output():
+        return True
+    if new.is_graph_input() or new.is_initializer() or new.is_graph_output():
+        return False
+    # an outer-scope value cannot be renamed to a subgraph's output
+    old_node, new_node = old.producer(), new.producer()
+    return old_node is not None and new_node is not None and old_node.graph is new_node.graph
+
+
+def remove_dead(graph: ir.Graph | ir.Function, nodes: list[ir.Node]) -> int:
+    """Remove those of ``nodes`` (given in topological order) whose outputs nobody uses any more."""
+    removed = 0
+    outputs = set(graph.outputs)
+    for node in reversed(nodes):
+        if node.graph is not graph:
+            continue
+        if any(o.uses() or o in outputs for o in node.outputs):
+            continue
+        graph.remove(node, safe=True)
+        removed += 1
+    return removed
+
+
+def opset_version(model: ir.Model, domain: str = "") -> int | None:
+    return model.opset_imports.get(domain, model.opset_imports.get("ai.onnx") if domain == "" else None)
+
+
+def new_const(graph: ir.Graph | ir.Function, array: np.ndarray, name: str, before: ir.Node) -> ir.Value:
+    """A constant value: an initializer in a graph, a Constant node (before ``before``) in a function."""
+    array = np.ascontiguousarray(array)
+    dtype = ir.DataType.from_numpy(array.dtype)
+    if isinstance(graph, ir.Graph):
+        unique = _unique_name(graph, name)
+        value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique),
+                         shape=ir.Shape(array.shape), type=ir.TensorType(dtype))
+        graph.register_initializer(value)
+        return value
+    tensor = ir.tensor(array, name=name)
+    node = ir.node("Constant", [], {"value": tensor})
+    graph.insert_before(before, node)
+    out = node.outputs[0]
+    out.const_value = tensor
+    out.shape = ir.Shape(array.shape)
+    out.type = ir.TensorType(dtype)
+    return out
+
+
+def _unique_name(graph: ir.Graph, base: str) -> str:
+    name, i = base, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    return name
