@@ -93,6 +93,7 @@ class CompiledModule:
     source_sha256: str | None = None
     schedules: bool = True
     frontend: str = "graphopt"
+    tuning_db_sha256: str | None = None
     _runner: Any = dataclasses.field(default=None, repr=False)
 
     @property
@@ -234,16 +235,9 @@ def _relax_passes(mod, spec: TargetSpec):
 
 
 def _apply_tuning_db(mod, spec: TargetSpec, tuning_db: str | os.PathLike):
-    from tvm import relax
-    from tvm.s_tir import meta_schedule as ms
+    from graphopt.backends.tuning import apply_database
 
-    path = Path(tuning_db)
-    if not (path / "database_workload.json").exists() or not (path / "database_tuning_record.json").exists():
-        raise UsageError(f"--tuning-db {path}: not a MetaSchedule database (database_workload.json / "
-                         "database_tuning_record.json missing)")
-    db = ms.database.JSONDatabase(work_dir=str(path), allow_missing=False)
-    with spec.target, db:
-        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    return apply_database(mod, spec.target, tuning_db)
 
 
 def _apply_schedules(mod, spec: TargetSpec, schedules: bool):
@@ -303,8 +297,11 @@ def compile_model(
     spec = get_target(target)
     if output is not None:
         spec.export_function()  # a missing cross compiler is reported before any work
-    if tuning_db is not None and not Path(tuning_db).is_dir():
-        raise UsageError(f"--tuning-db {tuning_db}: no such directory")
+    if tuning_db is not None:
+        from graphopt.backends.tuning import database_hash, open_database
+
+        open_database(tuning_db, create=False)  # a missing database is reported before any work
+        tuning_db_sha256 = database_hash(tuning_db)
     stage = _Stages()
     with stage("check_shapes"):
         check_static_shapes(model)
@@ -346,6 +343,7 @@ def compile_model(
         source_sha256=sha256_file(source_path) if source_path and Path(source_path).is_file() else None,
         schedules=schedules,
         frontend=frontend,
+        tuning_db_sha256=tuning_db_sha256 if tuning_db is not None else None,
     )
     if output is not None:
         with stage("export"):

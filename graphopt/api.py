@@ -166,11 +166,15 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
     )
 
 
-def load_bundle(path: str | os.PathLike):
-    """Load a compiled bundle directory; the result is callable with numpy arrays."""
+def load_bundle(path: str | os.PathLike, *, verify: bool = True):
+    """Load a compiled bundle directory (sha256 of every file checked unless ``verify=False``).
+
+    The result is callable with numpy arrays (positional in input order, or by name) and returns
+    a dict output name -> array; wrong names, dtypes or shapes raise a GraphoptError naming the input.
+    """
     from graphopt.backends.bundle import load_bundle as _load
 
-    return _load(path)
+    return _load(path, verify=verify)
 
 
 def parse_opt_level(text: str) -> int:
@@ -178,3 +182,34 @@ def parse_opt_level(text: str) -> int:
     if t not in ("0", "1", "2", "3"):
         raise UsageError(f"opt level must be -O0..-O3, got {text!r}")
     return int(t)
+
+
+def tune(
+    model: ir.Model | str | os.PathLike,
+    *,
+    target: str = "x86",
+    trials: int = 256,
+    tuning_db: str | os.PathLike | None = None,
+    time_budget_s: float | None = None,
+    max_trials_per_task: int | None = None,
+    rpc: str | None = None,
+    opt_level: int = 2,
+    input_shapes: dict | Sequence[str] | None = None,
+    progress=print,
+):
+    """Tune the model's fused kernels with MetaSchedule into a shared, resumable database.
+
+    Tasks already tuned for any model on the same target are reused, not tuned again.
+    ``rpc="host:port:key"`` measures on the devices an RPC tracker hands out.
+    """
+    from graphopt.backends.compile import fused_module
+    from graphopt.backends.targets import get_target
+    from graphopt.backends.tuning import tune_module
+
+    spec = get_target(target)
+    mod = fused_module(_as_model(model, input_shapes), spec, opt_level=opt_level)
+    return tune_module(
+        mod, spec.target, trials=trials, db_dir=tuning_db, time_budget_s=time_budget_s,
+        max_trials_per_task=max_trials_per_task, rpc=rpc, fcompile=spec.export_function(),
+        progress=progress,
+    )

@@ -76,6 +76,7 @@ def _write_files(compiled, tmp: Path) -> dict:
         "schedules": compiled.schedules,
         "frontend": compiled.frontend,
         "passes": compiled.passes,
+        "tuning_db_sha256": compiled.tuning_db_sha256,
         "source": {"path": compiled.source_path, "sha256": compiled.source_sha256},
         "inputs": _rows(compiled.inputs),
         "outputs": _rows(compiled.outputs),
