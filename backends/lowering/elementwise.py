@@ -1,5 +1,366 @@
-"""Lowering rules: elementwise."""
+"""Lowering rules: elementwise ops (unary math, activations, broadcasting binary ops, casts, constants)."""
 
 from __future__ import annotations
 
-RULES: tuple = ()
+import math
+
+import numpy as np
+from tvm import relax
+
+from graphopt.backends.lowering import helpers as H
+from graphopt.backends.lowering.rules import OpRule
+
+R = relax.op
+
+
+def _s(x, value):
+    """A scalar constant of x's dtype."""
+    return H.scalar(value, H.dtype_of(x))
+
+
+# ------------------------------------------------------------------ unary ops
+
+
+def _round_half_even(x):
+    f = R.floor(x)
+    d = R.subtract(x, f)
+    half = _s(x, 0.5)
+    f_even = R.equal(R.floor_mod(f, _s(x, 2.0)), _s(x, 0.0))
+    tie = R.where(f_even, f, R.add(f, _s(x, 1.0)))
+    return R.where(R.greater(d, half), R.add(f, _s(x, 1.0)), R.where(R.less(d, half), f, tie))
+
+
+def _sign(x):
+    if H.is_unsigned(H.dtype_of(x)):
+        return R.astype(R.greater(x, _s(x, 0)), H.dtype_of(x))
+    return R.sign(x)
+
+
+def _abs(x):
+    return x if H.is_unsigned(H.dtype_of(x)) else R.abs(x)
+
+
+def _softplus(x):
+    return R.log(R.add(R.exp(x), _s(x, 1.0)))
+
+
+_UNARY = {
+    "Abs": _abs,
+    "Neg": R.negative,
+    "Exp": R.exp,
+    "Log": R.log,
+    "Sqrt": R.sqrt,
+    "Reciprocal": lambda x: R.divide(_s(x, 1.0), x),
+    "Sin": R.sin, "Cos": R.cos, "Tan": R.tan,
+    "Asin": R.asin, "Acos": R.acos, "Atan": R.atan,
+    "Sinh": R.sinh, "Cosh": R.cosh, "Tanh": R.tanh,
+    "Asinh": R.asinh, "Acosh": R.acosh, "Atanh": R.atanh,
+    "Erf": R.erf,
+    "Sign": _sign,
+    "Floor": R.floor,
+    "Ceil": R.ceil,
+    "Round": _round_half_even,
+    "IsNaN": R.isnan,
+    "Not": R.logical_not,
+    "BitwiseNot": R.bitwise_not,
+    "Relu": lambda x: R.maximum(x, _s(x, 0)),
+    "Sigmoid": R.sigmoid,
+    "Softplus": _softplus,
+    "Softsign": lambda x: R.divide(x, R.add(R.abs(x), _s(x, 1.0))),
+    "Mish": lambda x: R.multiply(x, R.tanh(_softplus(x))),
+    "Identity": lambda x: x,
+}
+
+
+def _unary(fn):
+    return lambda ctx, ins: fn(ins[0])
+
+
+def lower_leaky_relu(ctx, ins):
+    x = ins[0]
+    return R.where(R.less(x, _s(x, 0)), R.multiply(x, _s(x, ctx.attr("alpha", 0.01))), x)
+
+
+def lower_elu(ctx, ins):
+    x = ins[0]
+    alpha = ctx.attr("alpha", 1.0)
+    neg = R.multiply(_s(x, alpha), R.subtract(R.exp(x), _s(x, 1.0)))
+    return R.where(R.less(x, _s(x, 0)), neg, x)
+
+
+def lower_selu(ctx, ins):
+    x = ins[0]
+    alpha = ctx.attr("alpha", 1.67326319217681884765625)
+    gamma = ctx.attr("gamma", 1.05070102214813232421875)
+    neg = R.multiply(_s(x, alpha), R.subtract(R.exp(x), _s(x, 1.0)))
+    return R.multiply(_s(x, gamma), R.where(R.greater(x, _s(x, 0)), x, neg))
+
+
+def lower_celu(ctx, ins):
+    x = ins[0]
+    alpha = ctx.attr("alpha", 1.0)
+    neg = R.multiply(_s(x, alpha), R.subtract(R.exp(R.divide(x, _s(x, alpha))), _s(x, 1.0)))
+    return R.add(R.maximum(x, _s(x, 0)), R.minimum(_s(x, 0), neg))
+
+
+def _hard_sigmoid(x, alpha, beta):
+    y = R.add(R.multiply(x, _s(x, alpha)), _s(x, beta))
+    return R.minimum(R.maximum(y, _s(x, 0.0)), _s(x, 1.0))
+
+
+def lower_hard_sigmoid(ctx, ins):
+    return _hard_sigmoid(ins[0], ctx.attr("alpha", 0.2), ctx.attr("beta", 0.5))
+
+
+def lower_hard_swish(ctx, ins):
+    return R.multiply(ins[0], _hard_sigmoid(ins[0], 1.0 / 6.0, 0.5))
+
+
+def lower_thresholded_relu(ctx, ins):
+    x = ins[0]
+    return R.where(R.greater(x, _s(x, ctx.attr("alpha", 1.0))), x, _s(x, 0))
+
+
+def lower_prelu(ctx, ins):
+    x, slope = ins
+    return R.where(R.less(x, _s(x, 0)), R.multiply(x, slope), x)
+
+
+def lower_gelu(ctx, ins):
+    x = ins[0]
+    if ctx.attr("approximate", "none") == "tanh":
+        inner = R.multiply(
+            _s(x, math.sqrt(2.0 / math.pi)), R.add(x, R.multiply(_s(x, 0.044715), R.multiply(x, R.multiply(x, x))))
+        )
+        return R.multiply(R.multiply(_s(x, 0.5), x), R.add(_s(x, 1.0), R.tanh(inner)))
+    return R.multiply(R.multiply(_s(x, 0.5), x), R.add(_s(x, 1.0), R.erf(R.multiply(x, _s(x, 1 / math.sqrt(2))))))
+
+
+def lower_shrink(ctx, ins):
+    x = ins[0]
+    lambd, bias = ctx.attr("lambd", 0.5), ctx.attr("bias", 0.0)
+    return R.where(
+        R.less(x, _s(x, -lambd)),
+        R.add(x, _s(x, bias)),
+        R.where(R.greater(x, _s(x, lambd)), R.subtract(x, _s(x, bias)), _s(x, 0)),
+    )
+
+
+def lower_isinf(ctx, ins):
+    x = ins[0]
+    pos, neg = ctx.attr("detect_positive", 1), ctx.attr("detect_negative", 1)
+    if pos and neg:
+        return R.isinf(x)
+    if pos:
+        return R.equal(x, _s(x, np.inf))
+    if neg:
+        return R.equal(x, _s(x, -np.inf))
+    return R.zeros(H.dims_of(x), "bool")
+
+
+def lower_clip_6(ctx, ins):
+    x = ins[0]
+    lo = ctx.attr("min", float(np.finfo(np.float32).min))
+    hi = ctx.attr("max", float(np.finfo(np.float32).max))
+    return R.minimum(R.maximum(x, _s(x, lo)), _s(x, hi))
+
+
+def lower_clip_11(ctx, ins):
+    x = ins[0]
+    out = x
+    if len(ins) > 1 and ins[1] is not None:
+        out = R.maximum(out, ins[1])
+    if len(ins) > 2 and ins[2] is not None:
+        out = R.minimum(out, ins[2])
+    return out
+
+
+# ------------------------------------------------------------------ binary ops
+
+
+def _div(a, b):
+    dtype = H.dtype_of(a)
+    if H.is_int(dtype):  # ONNX integer division truncates toward zero; Relax divide floors
+        q = R.floor_divide(a, b)
+        if H.is_unsigned(dtype):
+            return q
+        r = R.subtract(a, R.multiply(q, b))
+        fix = R.logical_and(R.not_equal(r, _s(a, 0)), R.not_equal(R.less(a, _s(a, 0)), R.less(b, _s(b, 0))))
+        return R.add(q, R.astype(fix, dtype))
+    return R.divide(a, b)
+
+
+def lower_pow(ctx, ins):
+    base, exp = ins
+    bt, et = H.dtype_of(base), H.dtype_of(exp)
+    if H.is_float(bt):
+        return R.power(base, exp if et == bt else R.astype(exp, bt))
+    # integer base: compute in float64, round back
+    res = R.power(R.astype(base, "float64"), R.astype(exp, "float64"))
+    return R.astype(R.round(res), bt)
+
+
+def lower_mod(ctx, ins):
+    a, b = ins
+    dtype = H.dtype_of(a)
+    if ctx.attr("fmod", 0) == 1:  # C fmod: sign of the dividend
+        if H.is_float(dtype):
+            return R.subtract(a, R.multiply(R.trunc(R.divide(a, b)), b))
+        return R.subtract(a, R.multiply(_div(a, b), b))
+    if H.is_float(dtype):
+        return R.floor_mod(a, b)
+    return R.floor_mod(a, b)
+
+
+def lower_bitshift(ctx, ins):
+    a, b = ins
+    return R.left_shift(a, b) if ctx.attr("direction") == "LEFT" else R.right_shift(a, b)
+
+
+_BINARY = {
+    "Add": R.add,
+    "Sub": R.subtract,
+    "Mul": R.multiply,
+    "Div": _div,
+    "Equal": R.equal,
+    "Less": R.less,
+    "Greater": R.greater,
+    "LessOrEqual": R.less_equal,
+    "GreaterOrEqual": R.greater_equal,
+    "And": R.logical_and,
+    "Or": R.logical_or,
+    "Xor": R.logical_xor,
+    "BitwiseAnd": R.bitwise_and,
+    "BitwiseOr": R.bitwise_or,
+    "BitwiseXor": R.bitwise_xor,
+}
+
+
+def _binary(fn):
+    return lambda ctx, ins: fn(ins[0], ins[1])
+
+
+def _variadic(fn):
+    def lower(ctx, ins):
+        out = ins[0]
+        for x in ins[1:]:
+            out = fn(out, x)
+        return out
+
+    return lower
+
+
+def lower_mean(ctx, ins):
+    total = _variadic(R.add)(ctx, ins)
+    return R.divide(total, _s(ins[0], len(ins)))
+
+
+def lower_where(ctx, ins):
+    return R.where(ins[0], ins[1], ins[2])
+
+
+# ------------------------------------------------------------------ casts and constants
+
+
+def _cast(ctx, x, to: str):
+    if to is None:
+        ctx.unsupported("casts to this dtype are not supported by Relax")
+    src = H.dtype_of(x)
+    if to == src:
+        return x
+    if to == "bool":
+        return R.not_equal(x, _s(x, 0))
+    return R.astype(x, to)
+
+
+def lower_cast(ctx, ins):
+    return _cast(ctx, ins[0], H.relax_dtype(ctx.attr("to")))
+
+
+def lower_castlike(ctx, ins):
+    return _cast(ctx, ins[0], H.dtype_of(ins[1]))
+
+
+def lower_dropout(ctx, ins):
+    x = ins[0]
+    out = [x]
+    if ctx.num_outputs > 1:
+        out.append(R.ones(H.dims_of(x), "bool"))
+    return out
+
+
+def constant_value(ctx) -> np.ndarray:
+    """The numpy value of a Constant node's value_* attribute."""
+    for name, conv in (
+        ("value", np.asarray),
+        ("value_float", lambda v: np.array(v, np.float32)),
+        ("value_floats", lambda v: np.array(v, np.float32)),
+        ("value_int", lambda v: np.array(v, np.int64)),
+        ("value_ints", lambda v: np.array(v, np.int64)),
+    ):
+        v = ctx.attr(name)
+        if v is not None:
+            return conv(v)
+    ctx.unsupported("only value, value_float(s) and value_int(s) constants are supported")
+
+
+def lower_constant(ctx, ins):
+    arr = constant_value(ctx)
+    if arr.dtype.kind in "OSU":
+        ctx.unsupported("string constants are not supported by Relax")
+    return H.const(arr, H.numpy_dtype(str(arr.dtype)).name if arr.dtype != np.bool_ else "bool")
+
+
+def lower_constant_of_shape(ctx, ins):
+    shape = ctx.const_ints(0)
+    if shape is None:
+        ctx.unsupported("the shape input is computed at run time (dynamic output shape)")
+    value = ctx.attr("value")
+    arr = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
+    dtype = "bool" if arr.dtype == np.bool_ else str(arr.dtype)
+    return R.full(shape, H.const(arr.reshape(()), dtype), dtype)
+
+
+def lower_range(ctx, ins):
+    start, limit, delta = (ctx.const(i) for i in range(3))
+    if start is None or limit is None or delta is None:
+        ctx.unsupported("start/limit/delta are computed at run time (dynamic output length)")
+    arr = np.arange(start.item(), limit.item(), delta.item()).astype(start.dtype)
+    return H.const(arr, str(start.dtype))
+
+
+def _ops(table, wrap, since=1):
+    return tuple(OpRule(op, wrap(fn), since=since) for op, fn in table.items())
+
+
+RULES = (
+    *_ops(_UNARY, _unary),
+    *_ops(_BINARY, _binary),
+    OpRule("Pow", lower_pow),
+    OpRule("Mod", lower_mod, since=10),
+    OpRule("BitShift", lower_bitshift, since=11),
+    OpRule("Max", _variadic(R.maximum)),
+    OpRule("Min", _variadic(R.minimum)),
+    OpRule("Sum", _variadic(R.add)),
+    OpRule("Mean", lower_mean, kind="decomposed"),
+    OpRule("Where", lower_where, since=9),
+    OpRule("IsInf", lower_isinf, since=10),
+    OpRule("LeakyRelu", lower_leaky_relu),
+    OpRule("Elu", lower_elu, kind="decomposed"),
+    OpRule("Selu", lower_selu, kind="decomposed"),
+    OpRule("Celu", lower_celu, since=12, kind="decomposed"),
+    OpRule("HardSigmoid", lower_hard_sigmoid, kind="decomposed"),
+    OpRule("HardSwish", lower_hard_swish, since=14, kind="decomposed"),
+    OpRule("ThresholdedRelu", lower_thresholded_relu, since=10),
+    OpRule("PRelu", lower_prelu),
+    OpRule("Gelu", lower_gelu, since=20, kind="decomposed"),
+    OpRule("Shrink", lower_shrink, since=9, kind="decomposed"),
+    OpRule("Clip", lower_clip_6, until=10),
+    OpRule("Clip", lower_clip_11, since=11),
+    OpRule("Cast", lower_cast),
+    OpRule("CastLike", lower_castlike, since=15),
+    OpRule("Dropout", lower_dropout),
+    OpRule("Constant", lower_constant),
+    OpRule("ConstantOfShape", lower_constant_of_shape, since=9),
+    OpRule("Range", lower_range, since=11),
+)

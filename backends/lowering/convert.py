@@ -1,0 +1,337 @@
+"""ONNX graph (onnx_ir) -> Relax IRModule, one node at a time through the op table.
+
+``lower(model)`` checks every op first (``check_supported``, which lists all unsupported ops at once),
+then walks the graph: graph inputs become Relax parameters (symbolic dims become shared ``tirx.Var``s),
+large initializers become weight parameters (``params``), small ones and values computable from
+constants (shape arithmetic: ``Shape`` of a static tensor, and every small all-constant node) are
+folded to numpy here, so ``ctx.const`` sees them even when the graph was not folded before lowering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import Counter, ChainMap
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import tvm
+from tvm import relax
+
+from graphopt.backends.lowering import helpers
+from graphopt.backends.lowering.context import LowerContext, attr_value
+from graphopt.backends.lowering.table import RULES, find_rule
+from graphopt.errors import GraphoptError, UnsupportedError
+
+# Initializers with more elements than this become weight parameters; smaller ones are inlined.
+PARAM_MIN_ELEMENTS = 64
+# A node whose inputs are all constant is evaluated here when its inputs hold at most this many elements.
+FOLD_MAX_ELEMENTS = 1 << 16
+_NO_FOLD = frozenset(
+    {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+     "Multinomial", "Bernoulli"}
+)
+
+
+@dataclasses.dataclass
+class Lowered:
+    """A lowered model: ``mod["main"]`` takes the data inputs in order, then the weights in ``params`` order."""
+
+    mod: tvm.IRModule
+    params: dict[str, np.ndarray]
+    inputs: list[tuple[str, tuple, str]]
+    outputs: list[tuple[str, tuple, str]]
+
+    @property
+    def num_input(self) -> int:
+        return len(self.inputs)
+
+
+# ---------------------------------------------------------------------------- op support
+
+
+def _opset_of(node: ir.Node, opsets: dict[str, int]) -> int:
+    if node.version is not None:
+        return int(node.version)
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    return int(opsets.get(domain, opsets.get("ai.onnx", 1) if domain == "" else 1))
+
+
+def _walk(graph: ir.Graph):
+    """Every node of the graph and of its subgraphs."""
+    for node in graph:
+        yield node
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield from _walk(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for g in attr.value:
+                    yield from _walk(g)
+
+
+def _why_unsupported(domain: str, op: str, opset: int) -> str:
+    versions = [r for r in RULES if r.op == op and r.domain == domain]
+    if not versions:
+        return "no lowering rule for this op"
+    ranges = ", ".join(f"{r.since}-{r.until or ''}" for r in versions)
+    return f"no rule for opset {opset} (rules cover opsets {ranges})"
+
+
+def coverage(model: ir.Model, target: str = "x86") -> list[dict[str, Any]]:
+    """One row per (op, domain, opset) in the model: count, status and why it is unsupported."""
+    opsets = dict(model.opset_imports)
+    counts: Counter = Counter()
+    for node in _walk(model.graph):
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        counts[(node.op_type, domain, _opset_of(node, opsets))] += 1
+    rows = []
+    for (op, domain, opset), count in sorted(counts.items()):
+        rule = find_rule(domain, op, opset)
+        status = "unsupported" if rule is None else ("decomposed" if rule.kind == "decomposed" else "supported")
+        reason = _why_unsupported(domain, op, opset) if rule is None else ""
+        rows.append({"op": op, "domain": domain, "opset": opset, "count": count, "status": status, "reason": reason})
+    return rows
+
+
+def check_supported(model: ir.Model) -> None:
+    """Raise UnsupportedError listing every op (op, domain, opset, count) graphopt cannot lower."""
+    bad = [r for r in coverage(model) if r["status"] == "unsupported"]
+    problems = [
+        f"{r['op']} (domain '{r['domain'] or 'ai.onnx'}', opset {r['opset']}, {r['count']} node(s)): {r['reason']}"
+        for r in bad
+    ]
+    for value in model.graph.inputs:
+        if value.dtype is not None and helpers.relax_dtype(value.dtype) is None:
+            problems.append(f"input '{value.name}' has dtype {value.dtype.name}, which Relax cannot hold")
+    if problems:
+        raise UnsupportedError(f"{len(problems)} unsupported op(s)/type(s): " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------- lowering
+
+
+class _Lowerer:
+    def __init__(self, model: ir.Model):
+        self.model = model
+        self.opsets = dict(model.opset_imports)
+        self.bb = relax.BlockBuilder()
+        self.env: ChainMap = ChainMap()  # ir.Value -> relax.Expr
+        self.consts: ChainMap = ChainMap()  # ir.Value -> np.ndarray
+        self.sym_dims: dict[str, tvm.tirx.Var] = {}
+        self.weights: dict[ir.Value, relax.Var] = {}
+        self._ids = itertools.count()
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    # ---------------------------------------------------------------- values
+    def const_of(self, value: ir.Value) -> np.ndarray | None:
+        if value in self.consts:
+            return self.consts[value]
+        if value.const_value is not None:
+            arr = value.const_value.numpy()
+            self.consts[value] = arr
+            return arr
+        return None
+
+    def expr_of(self, value: ir.Value | None) -> relax.Expr | None:
+        if value is None:
+            return None
+        if value in self.env:
+            return self.env[value]
+        arr = self.const_of(value)
+        if arr is None:
+            raise UnsupportedError(f"value '{value.name}' is used before it is produced")
+        if value.is_initializer() and arr.size > PARAM_MIN_ELEMENTS and value.graph is self.model.graph:
+            var = relax.Var(helpers.safe_name(value.name, "w"), relax.TensorType(arr.shape, _dtype_str(arr)))
+            self.weights[value] = var
+            expr = var
+        else:
+            expr = helpers.const(arr, _dtype_str(arr))
+        self.env[value] = expr
+        return expr
+
+    def _dim(self, d, value_name: str, axis: int):
+        if isinstance(d, int):
+            return d
+        name = helpers.safe_name(str(d) if d is not None and getattr(d, "value", None) else "", "")
+        if not name:
+            name = f"{helpers.safe_name(value_name)}_dim{axis}"
+        if name not in self.sym_dims:
+            self.sym_dims[name] = tvm.tirx.Var(name, "int64")
+        return self.sym_dims[name]
+
+    def input_var(self, value: ir.Value) -> relax.Var:
+        dtype = helpers.relax_dtype(value.dtype)
+        if dtype is None:
+            raise UnsupportedError(f"input '{value.name}': dtype {value.dtype} is not supported by Relax")
+        if value.shape is None:
+            raise UnsupportedError(f"input '{value.name}' has no shape (rank unknown); give it one with --input-shape")
+        dims = [self._dim(d, value.name, i) for i, d in enumerate(value.shape)]
+        return relax.Var(helpers.safe_name(value.name, "x"), relax.TensorType(dims, dtype))
+
+    # ---------------------------------------------------------------- nodes
+    def lower_nodes(self, graph: ir.Graph) -> None:
+        for node in graph:
+            self.lower_node(node)
+
+    def lower_node(self, node: ir.Node) -> None:
+        opset = _opset_of(node, self.opsets)
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if self._try_fold(node, domain, opset):
+            return
+        rule = find_rule(domain, node.op_type, opset)
+        name = node.name or node.op_type
+        if rule is None:
+            raise UnsupportedError(f"node '{name}' ({node.op_type}): {_why_unsupported(domain, node.op_type, opset)}")
+        inputs = [self.expr_of(v) for v in node.inputs]
+        ctx = LowerContext(self, node, opset, inputs)
+        try:
+            result = rule.fn(ctx, inputs)
+        except GraphoptError:
+            raise
+        except Exception as exc:  # a TVM/numpy error from bad shapes or attributes: one line for the user
+            msg = str(exc).strip().splitlines()
+            msg = msg[-1] if msg else type(exc).__name__
+            raise UnsupportedError(f"node '{ctx.name}' ({node.op_type}): cannot lower: {msg[:300]}") from exc
+        results = list(result) if isinstance(result, (list, tuple)) else [result]
+        for j, out in enumerate(node.outputs):
+            if j >= len(results) or results[j] is None:
+                continue
+            expr = results[j]
+            if not isinstance(expr, (relax.Var, helpers.Constant)):
+                expr = self.bb.emit(expr, name_hint=helpers.safe_name(out.name, "t"))
+            self.env[out] = expr
+            if isinstance(expr, helpers.Constant):
+                self.consts[out] = helpers.const_value(expr)
+
+    def _try_fold(self, node: ir.Node, domain: str, opset: int) -> bool:
+        """Evaluate a small all-constant node (and Shape/Size of a static tensor) in numpy."""
+        if domain != "" or node.op_type in _NO_FOLD:
+            return False
+        if node.op_type in ("Shape", "Size") and node.inputs and node.inputs[0] in self.env:
+            shape = helpers.static_shape(self.env[node.inputs[0]])
+            if shape is None:
+                return False
+            if node.op_type == "Size":
+                value = np.array(helpers.numel(shape), dtype=np.int64)
+            else:
+                start = node.attributes.get("start")
+                end = node.attributes.get("end")
+                rank = len(shape)
+                s = 0 if start is None else int(start.value)
+                e = rank if end is None else int(end.value)
+                s, e = (min(max(x + rank if x < 0 else x, 0), rank) for x in (s, e))
+                value = np.array(shape[s:e], dtype=np.int64)
+            self._set_const(node.outputs[0], value)
+            return True
+        arrays = []
+        for v in node.inputs:
+            if v is None:
+                arrays.append(None)
+                continue
+            arr = self.const_of(v)
+            if arr is None:
+                return False
+            arrays.append(arr)
+        if sum(a.size for a in arrays if a is not None) > FOLD_MAX_ELEMENTS:
+            return False
+        if any(a is not None and a.dtype.kind in "OSU" for a in arrays):
+            return False
+        if any(a.type == ir.AttributeType.GRAPH or a.is_ref() for a in node.attributes.values()):
+            return False
+        try:
+            outs = _reference_eval(node, opset, arrays)
+        except Exception:  # the reference cannot evaluate it: lower it instead
+            return False
+        produced = [(v, o) for v, o in zip(node.outputs, outs) if v.name]
+        if any(o is None or o.size > FOLD_MAX_ELEMENTS or o.dtype.kind in "OSUc" for _, o in produced):
+            return False
+        for value, arr in produced:
+            self._set_const(value, arr)
+        return True
+
+    def _set_const(self, value: ir.Value, arr: np.ndarray) -> None:
+        self.consts[value] = arr
+        self.env[value] = helpers.const(arr, _dtype_str(arr))
+
+    # ---------------------------------------------------------------- subgraphs
+    def lower_subgraph(self, graph: ir.Graph, inputs: list[relax.Expr]) -> list[relax.Expr]:
+        self.env = self.env.new_child()
+        self.consts = self.consts.new_child()
+        try:
+            for value, expr in zip(graph.inputs, inputs):
+                self.env[value] = expr
+            for init in graph.initializers.values():
+                if init.const_value is not None:
+                    self.consts[init] = init.const_value.numpy()
+            self.lower_nodes(graph)
+            return [self.expr_of(v) for v in graph.outputs]
+        finally:
+            self.env = self.env.parents
+            self.consts = self.consts.parents
+
+
+def _dtype_str(arr: np.ndarray) -> str:
+    if arr.dtype == np.bool_:
+        return "bool"
+    return "bfloat16" if arr.dtype.name == "bfloat16" else str(arr.dtype)
+
+
+def _reference_eval(node: ir.Node, opset: int, arrays: list[np.ndarray | None]) -> list[np.ndarray]:
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    proto = ir.serde.serialize_node(node)
+    names = [f"i{k}" if a is not None else "" for k, a in enumerate(arrays)]
+    outs = [f"o{k}" if v is not None and v.name else "" for k, v in enumerate(node.outputs)]
+    del proto.input[:]
+    proto.input.extend(names)
+    del proto.output[:]
+    proto.output.extend(outs)
+    graph = onnx.helper.make_graph(
+        [proto], "fold", [], [onnx.helper.make_empty_tensor_value_info(o) for o in outs if o],
+        initializer=[onnx.numpy_helper.from_array(a, n) for a, n in zip(arrays, names) if a is not None],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    results = ReferenceEvaluator(model).run(None, {})
+    it = iter(results)
+    return [np.asarray(next(it)) if o else None for o in outs]
+
+
+def lower(model: ir.Model) -> Lowered:
+    """Lower a whole model to a Relax IRModule (see :class:`Lowered`)."""
+    check_supported(model)
+    low = _Lowerer(model)
+    graph = model.graph
+    init_names = set(graph.initializers)
+    data_inputs = [v for v in graph.inputs if v.name not in init_names]
+    in_vars = [low.input_var(v) for v in data_inputs]
+    for v, var in zip(data_inputs, in_vars):
+        low.env[v] = var
+    for v in graph.inputs:  # an input with an initializer (IR < 4): its default is a weight
+        if v.name in init_names and v not in low.env and v.const_value is None:
+            low.consts[v] = graph.initializers[v.name].const_value.numpy()
+    with low.bb.function("main"):
+        low.lower_nodes(graph)
+        outs = [low.expr_of(v) for v in graph.outputs]
+        out_exprs = [low.bb.emit(o) if isinstance(o, helpers.Constant) else o for o in outs]
+        result = out_exprs[0] if len(out_exprs) == 1 else low.bb.emit(relax.Tuple(out_exprs))
+        weights = list(low.weights.items())
+        params = in_vars + [var for _, var in weights]
+        low.bb.emit_func_output(result, params=params)
+    mod = low.bb.get()
+    mod = relax.transform.ConvertToDataflow(min_size=1)(mod)
+    mod["main"] = mod["main"].with_attr("num_input", len(in_vars))
+    mod = relax.transform.Normalize()(mod)
+    outputs = [
+        (v.name, helpers.shape_of(e) or (), helpers.dtype_of(e)) for v, e in zip(graph.outputs, out_exprs)
+    ]
+    inputs = [(v.name, helpers.shape_of(var), helpers.dtype_of(var)) for v, var in zip(data_inputs, in_vars)]
+    return Lowered(
+        mod=mod,
+        params={value.name: low.consts[value] if value in low.consts else value.const_value.numpy() for value, _ in weights},
+        inputs=inputs,
+        outputs=outputs,
+    )

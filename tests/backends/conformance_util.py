@@ -1,0 +1,223 @@
+"""Run ONNX's node conformance cases through graphopt's lowering and report pass/fail per op.
+
+In tests:  ``from conformance_util import select_cases, run_case``.
+From the shell (each case in a worker process; a crash costs one case, not the run)::
+
+    python3 tests/backends/conformance_util.py --ops Add,Sub,Relu [--json out.json] [--jobs 2]
+    python3 tests/backends/conformance_util.py --family elementwise,tensor,reduce
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+RTOL, ATOL = 1e-3, 1e-4
+
+
+@functools.lru_cache(maxsize=1)
+def all_cases() -> tuple:
+    import warnings
+
+    from onnx.backend.test.case.node import collect_testcases
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        return tuple(collect_testcases())
+
+
+def _graph_ops(graph) -> set[str]:
+    ops = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for attr in node.attribute:
+            if attr.g.node:
+                ops |= _graph_ops(attr.g)
+            for g in attr.graphs:
+                ops |= _graph_ops(g)
+    return ops
+
+
+def case_ops(case) -> set[str]:
+    """Every op type in the case's graph (subgraphs included)."""
+    return _graph_ops(case.model.graph)
+
+
+def _snake(op: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", op).lower()
+
+
+def primary_op(case) -> str:
+    """The op a case tests: the only op, else the op its name starts with, else the last node's."""
+    nodes = [n.op_type for n in case.model.graph.node]
+    ops = set(nodes) - {"Constant"} or set(nodes)
+    if len(ops) == 1:
+        return next(iter(ops))
+    key = case.name[len("test_"):].replace("_", "")
+    matches = [op for op in case_ops(case) if key.startswith(op.lower())]
+    if matches:
+        return max(matches, key=len)
+    return nodes[-1] if nodes else "?"
+
+
+def select_cases(ops) -> list:
+    """The cases whose primary op is in ``ops`` (their other ops may belong to any family)."""
+    ops = set(ops)
+    return [case for case in all_cases() if primary_op(case) in ops]
+
+
+def _compare(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float) -> str | None:
+    expected = np.asarray(expected)
+    if expected.dtype.kind in "OSU":
+        return "string outputs"
+    if got.shape != expected.shape:
+        return f"shape {got.shape} != expected {expected.shape}"
+    if got.dtype != expected.dtype:
+        return f"dtype {got.dtype} != expected {expected.dtype}"
+    if expected.dtype.kind in "biu":
+        return None if np.array_equal(got, expected) else "values differ"
+    e = expected.astype(np.float64)
+    g = got.astype(np.float64)
+    ok = np.isclose(g, e, rtol=rtol, atol=atol, equal_nan=True)
+    if not ok.all():
+        err = np.max(np.abs(np.where(ok, 0, g - e)))
+        return f"values differ ({(~ok).sum()}/{ok.size} elements, max abs err {err:.3g})"
+    return None
+
+
+def run_case(case) -> tuple[bool, str]:
+    """(passed, reason) for one conformance case, compiled once and run on each of its data sets."""
+    import onnx_ir as ir
+
+    from graphopt.backends.lowering.convert import lower
+    from graphopt.backends.lowering.testing import _to_numpy, _to_tensor, compile_lowered
+
+    try:
+        model = ir.serde.deserialize_model(case.model)
+        lowered = lower(model)
+        vm = compile_lowered(lowered)
+    except Exception as exc:  # noqa: BLE001 - a report, not a handler
+        return False, f"{type(exc).__name__}: {_first_line(exc)}"
+    init = {i.name for i in case.model.graph.initializer}
+    names = [i.name for i in case.model.graph.input if i.name not in init]
+    rtol, atol = max(RTOL, case.rtol), max(ATOL, case.atol)
+    for inputs, outputs in case.data_sets:
+        try:
+            feed = dict(zip(names, inputs))
+            args = [_to_tensor(np.asarray(feed[n]), d) for n, _s, d in lowered.inputs]
+            args += [_to_tensor(a, a.dtype.name) for a in lowered.params.values()]
+            got = _to_numpy(vm["main"](*args))
+        except Exception as exc:  # noqa: BLE001
+            return False, f"run: {type(exc).__name__}: {_first_line(exc)}"
+        if len(got) != len(outputs):
+            return False, f"{len(got)} outputs, expected {len(outputs)}"
+        for k, (exp, g) in enumerate(zip(outputs, got)):
+            why = _compare(exp, g, rtol, atol)
+            if why:
+                return False, f"output {k}: {why}"
+    return True, ""
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "")[:200]
+
+
+# ------------------------------------------------------------------------- command line
+
+
+def _worker(names: list[str]) -> None:
+    by_name = {c.name: c for c in all_cases()}
+    for name in names:
+        t0 = time.time()
+        ok, why = run_case(by_name[name])
+        print(json.dumps({"name": name, "ok": ok, "why": why, "s": round(time.time() - t0, 2)}), flush=True)
+
+
+def sweep(cases: list, timeout: float = 120.0) -> dict[str, dict]:
+    """Run cases in a worker process (restarted after a crash or a hang); {name: result}."""
+    results: dict[str, dict] = {}
+    todo = [c.name for c in cases]
+    while todo:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", ",".join(todo)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        try:
+            for line in proc.stdout:
+                if line.startswith("{"):
+                    r = json.loads(line)
+                    results[r["name"]] = r
+        finally:
+            proc.wait()
+        todo = [n for n in todo if n not in results]
+        if todo:  # the worker died on todo[0]
+            results[todo[0]] = {"name": todo[0], "ok": False, "why": f"worker crashed (rc {proc.returncode})"}
+            todo = todo[1:]
+    return results
+
+
+def report(cases: list, results: dict[str, dict]) -> dict:
+    by_op: dict[str, Counter] = defaultdict(Counter)
+    for c in cases:
+        by_op[primary_op(c)]["pass" if results[c.name]["ok"] else "fail"] += 1
+    passed = sum(1 for c in cases if results[c.name]["ok"])
+    return {
+        "total": len(cases),
+        "passed": passed,
+        "failed": len(cases) - passed,
+        "by_op": {op: dict(v) for op, v in sorted(by_op.items())},
+        "failures": {n: r["why"] for n, r in sorted(results.items()) if not r["ok"]},
+    }
+
+
+def family_ops(families: list[str]) -> set[str]:
+    import importlib
+
+    ops = set()
+    for fam in families:
+        mod = importlib.import_module(f"graphopt.backends.lowering.{fam}")
+        ops |= {r.op for r in mod.RULES}
+    return ops
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ops", default="", help="comma-separated op types")
+    ap.add_argument("--family", default="", help="comma-separated lowering modules (elementwise,tensor,...)")
+    ap.add_argument("--match", default="", help="only cases whose name contains this")
+    ap.add_argument("--json", default="", help="write the full report here")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        _worker(args.worker.split(","))
+        return 0
+    ops = {o for o in args.ops.split(",") if o}
+    if args.family:
+        ops |= family_ops(args.family.split(","))
+    cases = [c for c in select_cases(ops) if args.match in c.name]
+    t0 = time.time()
+    results = sweep(cases)
+    rep = report(cases, results)
+    rep["seconds"] = round(time.time() - t0, 1)
+    for name, why in rep["failures"].items():
+        print(f"FAIL {name}: {why}")
+    for op, v in rep["by_op"].items():
+        print(f"{op:24s} pass {v.get('pass', 0):3d} fail {v.get('fail', 0):3d}")
+    print(f"total {rep['total']} passed {rep['passed']} failed {rep['failed']} in {rep['seconds']} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
