@@ -1,0 +1,531 @@
+"""Input-shape specialization and shape inference.
+
+* :func:`parse_input_shapes` reads ``--input-shape NAME:D0,D1,...`` specs.
+* :func:`specialize` fixes graph-input dims, then runs :func:`infer_shapes`.
+* :func:`infer_shapes` records dtypes/shapes on every value: ONNX shape inference (with data
+  propagation) over the whole model, then a walk that fills what ONNX leaves unknown on real models:
+  shape tensors computed by Shape/Gather/Concat/Slice/Unsqueeze/Cast/arithmetic chains are evaluated
+  statically (small tensors only) and handed, as known data, to ONNX's per-node inference of their
+  consumers (Reshape, Expand, Resize, ConstantOfShape, Range, Tile, Slice...). The graph's structure is
+  never changed: folding those chains is the constant-folding pass's job.
+* :func:`infer_types` does the same without touching the model and returns ``{value: (type, shape)}``.
+
+ONNX inference runs on a copy of the graph without large initializer data (they become typed inputs),
+so models with external data or multi-GB weights never build a proto over 2 GB.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphopt.analysis import captured_values, subgraphs_of
+from graphopt.errors import ShapeError
+
+logger = logging.getLogger(__name__)
+
+TypeAndShape = tuple["ir.TypeProtocol | None", "ir.Shape | None"]
+# Initializers up to this size keep their data in the inference proto (data propagation uses them).
+_KEEP_INITIALIZER_BYTES = 4096
+_GENERATED_DIM = re.compile(r"^unk__\d+$")
+
+# --- --input-shape ---------------------------------------------------------------------------
+
+
+def parse_input_shapes(specs: Sequence[str] | Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
+    """``["x:1,3,224,224", "mask:1,128"]`` (or ``{"x": [1, 3, 224, 224]}``) -> ``{"x": [1, 3, 224, 224]}``.
+
+    The name is everything before the last ``:`` (so ``input:0:1,3`` names ``input:0``); an empty dim
+    list (``sr:``) is a scalar.
+    """
+    if not specs:
+        return {}
+    if isinstance(specs, str):
+        specs = [specs]
+    out: dict[str, list[int]] = {}
+    items = specs.items() if isinstance(specs, Mapping) else (_parse_one(s) for s in specs)
+    for name, dims in items:
+        if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
+            raise ShapeError(f"input shape for '{name}': expected a list of ints, got {dims!r}")
+        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
+            raise ShapeError(f"input shape for '{name}': dims must be non-negative integers, got {list(dims)}")
+        if name in out:
+            raise ShapeError(f"input shape for '{name}' is given twice")
+        out[name] = [int(d) for d in dims]
+    return out
+
+
+def _parse_one(spec: str) -> tuple[str, list[int]]:
+    if not isinstance(spec, str):
+        raise ShapeError(f"input shape {spec!r}: expected a string NAME:D0,D1,...")
+    name, sep, dims_text = spec.strip().rpartition(":")
+    if not sep or not name:
+        raise ShapeError(f"input shape '{spec}': expected NAME:D0,D1,... (e.g. x:1,3,224,224)")
+    dims_text = dims_text.strip()
+    if not dims_text:
+        return name, []
+    dims = []
+    for part in dims_text.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            raise ShapeError(f"input shape '{spec}': dim '{part}' is not a non-negative integer")
+        dims.append(int(part))
+    return name, dims
+
+
+def specialize(model: ir.Model, specs) -> ir.Model:
+    """Fix the named graph inputs' shapes (in place), bind their symbolic dims elsewhere, infer shapes."""
+    shapes = parse_input_shapes(specs)
+    inputs = {v.name: v for v in model.graph.inputs}
+    bindings: dict[str, int] = {}
+    for name, dims in shapes.items():
+        v = inputs.get(name)
+        if v is None:
+            raise ShapeError(f"input shape for '{name}': the model has no input '{name}' (inputs: {', '.join(inputs)})")
+        declared = v.shape
+        if declared is not None:
+            if len(declared) != len(dims):
+                raise ShapeError(
+                    f"input '{name}': declared with rank {len(declared)} {_fmt(declared)}, got {len(dims)} dims {dims}"
+                )
+            for i, (d, n) in enumerate(zip(declared, dims)):
+                if _known(d) and d != n:
+                    raise ShapeError(f"input '{name}': dim {i} is declared {d}, got {n} ({_fmt(declared)} vs {dims})")
+                if _named(d):
+                    if bindings.setdefault(d.value, n) != n:
+                        raise ShapeError(
+                            f"input '{name}': dim {i} is '{d.value}', already fixed to {bindings[d.value]} by another input, got {n}"
+                        )
+        v.shape = ir.Shape(dims)
+    for v in model.graph.inputs:  # other inputs sharing a symbolic dim with a fixed one
+        if v.name not in shapes and v.shape is not None:
+            v.shape = ir.Shape([bindings.get(d.value, d) if _named(d) else d for d in v.shape])
+    return infer_shapes(model)
+
+
+def _named(d) -> bool:
+    """A symbolic dim with a real name (shared by the inputs that use it); not '?' or onnx's unk__N."""
+    return isinstance(d, ir.SymbolicDim) and bool(d.value) and d.value.isidentifier() and not _GENERATED_DIM.match(d.value)
+
+
+def _fmt(shape) -> str:
+    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+# --- ONNX inference on a proto without large weights ------------------------------------------
+
+
+def _inference_proto(model: ir.Model, *, keep_value_info: bool) -> onnx.ModelProto:
+    graph = model.graph
+    inputs = list(graph.inputs)
+    kept = []
+    for v in graph.initializers.values():
+        t = v.const_value
+        if t is not None and t.nbytes <= _KEEP_INITIALIZER_BYTES and not isinstance(t, ir.ExternalTensor):
+            kept.append(v)
+        elif not v.is_graph_input():
+            if t is None and v.type is None:
+                continue
+            typ = v.type if t is None else ir.TensorType(t.dtype)
+            shape = v.shape if t is None else ir.Shape(t.shape)
+            inputs.append(ir.Value(name=v.name, type=typ, shape=shape))
+    view = ir.GraphView(inputs, graph.outputs, nodes=graph, initializers=kept, name=graph.name)
+    proto = onnx.ModelProto(ir_version=model.ir_version)
+    for domain, version in model.opset_imports.items():
+        proto.opset_import.add(domain=domain, version=version)
+    ir.serde.serialize_graph_into(proto.graph, view, model_ir_version=model.ir_version)
+    for f in model.functions.values():
+        proto.functions.append(ir.serde.serialize_function(f))
+    if not keep_value_info:
+        _strip_value_info(proto.graph)
+    return proto
+
+
+def _strip_value_info(g: onnx.GraphProto) -> None:
+    g.ClearField("value_info")
+    for out in g.output:
+        out.ClearField("type")
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _strip_value_info(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    _strip_value_info(sub)
+
+
+def _from_type_proto(tp: onnx.TypeProto) -> TypeAndShape:
+    try:
+        typ = ir.serde.deserialize_type_proto_for_type(tp)
+        shape = ir.serde.deserialize_type_proto_for_shape(tp)
+    except Exception:  # map types and other exotic values
+        return None, None
+    if shape is not None:  # onnx's generated names (unk__3) carry no meaning: unknown
+        shape = ir.Shape([None if isinstance(d, ir.SymbolicDim) and d.value and _GENERATED_DIM.match(d.value) else d for d in shape])
+    return typ, shape
+
+
+def _collect(graph: ir.Graph, gp: onnx.GraphProto, out: dict, *, main: bool) -> None:
+    types = {vi.name: vi.type for part in (gp.input, gp.value_info, gp.output) for vi in part}
+    if not main:
+        for v in graph.inputs:
+            if v.name in types:
+                out[v] = _from_type_proto(types[v.name])
+    for node, np_ in zip(graph, gp.node):
+        for v in node.outputs:
+            tp = types.get(v.name)
+            if tp is not None and tp.WhichOneof("value") is not None:
+                out[v] = _from_type_proto(tp)
+        attrs = {a.name: a for a in np_.attribute}
+        for name, attr in node.attributes.items():
+            pa = attrs.get(name)
+            if pa is None:
+                continue
+            if attr.type == ir.AttributeType.GRAPH:
+                _collect(attr.value, pa.g, out, main=False)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub, sp in zip(attr.value, pa.graphs):
+                    _collect(sub, sp, out, main=False)
+
+
+def onnx_inferred_types(
+    model: ir.Model, *, keep_value_info: bool = True, strict: bool = False, data_prop: bool = True
+) -> dict[ir.Value, TypeAndShape] | None:
+    """ONNX shape inference's view of every value (main graph and subgraphs); ``None`` if it fails.
+
+    With ``keep_value_info=False`` the shapes the IR records are not given to ONNX, so the answer is
+    independent of them (what the verifier compares against). The model is not modified.
+    """
+    proto = _inference_proto(model, keep_value_info=keep_value_info)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=strict, data_prop=data_prop)
+    except Exception as e:
+        logger.debug("onnx shape inference failed: %s", e)
+        return None
+    out: dict[ir.Value, TypeAndShape] = {}
+    _collect(model.graph, inferred.graph, out, main=True)
+    return out
+
+
+# --- a small evaluator for shape computations ---------------------------------------------------
+# Values of at most MAX_ELEMENTS elements are computed with numpy when all their inputs are known.
+# Only what shape subgraphs use is here; anything else stays unknown (never wrong).
+
+MAX_ELEMENTS = 1024
+
+
+def known_constant(v: ir.Value) -> np.ndarray | None:
+    t = v.const_value
+    if t is None or t.size > MAX_ELEMENTS or t.dtype == ir.DataType.STRING:
+        return None
+    try:
+        return np.asarray(t.numpy())
+    except Exception:
+        return None
+
+
+def _attr(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _axes(node: ir.Node, inputs: list, index: int):
+    """Axes from the attribute (older opsets) or from input ``index`` (newer ones)."""
+    if len(inputs) > index and inputs[index] is not None:
+        return [int(a) for a in np.asarray(inputs[index]).reshape(-1)]
+    a = _attr(node, "axes")
+    return None if a is None else [int(x) for x in a]
+
+
+def _int_div(a, b):
+    if np.issubdtype(a.dtype, np.integer):
+        q = np.abs(a) // np.abs(b)
+        return (q * np.sign(a) * np.sign(b)).astype(a.dtype)
+    return (a / b).astype(a.dtype)
+
+
+_BINARY = {
+    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": _int_div,
+    "Pow": np.power, "Min": np.minimum, "Max": np.maximum,
+    "Equal": np.equal, "Less": np.less, "Greater": np.greater, "LessOrEqual": np.less_equal,
+    "GreaterOrEqual": np.greater_equal, "And": np.logical_and, "Or": np.logical_or,
+}
+_UNARY = {"Neg": np.negative, "Abs": np.abs, "Floor": np.floor, "Ceil": np.ceil, "Sqrt": np.sqrt,
+          "Not": np.logical_not, "Identity": lambda x: x, "Sign": np.sign}
+_ARITH_KEEPS_DTYPE = {"Add", "Sub", "Mul", "Pow", "Min", "Max"}
+
+
+def _size_ok(shape) -> bool:
+    return int(np.prod([int(d) for d in shape], dtype=np.int64)) <= MAX_ELEMENTS
+
+
+def _slice(node, x, inputs):
+    if len(inputs) > 1:
+        starts, ends = inputs[1].reshape(-1), inputs[2].reshape(-1)
+        axes = inputs[3].reshape(-1) if len(inputs) > 3 and inputs[3] is not None else range(len(starts))
+        steps = inputs[4].reshape(-1) if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
+    else:
+        starts, ends = _attr(node, "starts"), _attr(node, "ends")
+        axes = _attr(node, "axes") or range(len(starts))
+        steps = [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        index[int(a) % x.ndim] = slice(int(s), int(e), int(st))
+    return x[tuple(index)]
+
+
+def _reshape(node, x, shape):
+    target = [int(d) for d in shape]
+    if not _attr(node, "allowzero", 0):
+        target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
+    return x.reshape(target)
+
+
+def _reduce(node, inputs, fn):
+    axes = _axes(node, inputs, 1)
+    if axes is None and _attr(node, "noop_with_empty_axes", 0):
+        return inputs[0]
+    keep = bool(_attr(node, "keepdims", 1))
+    return fn(inputs[0], axis=None if axes is None else tuple(axes), keepdims=keep).astype(inputs[0].dtype)
+
+
+def _shape_of(node, shape):
+    if shape is None:
+        return None
+    dims = list(shape)[slice(_attr(node, "start", 0), _attr(node, "end", None))]
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return np.array(dims, dtype=np.int64)
+
+
+def _constant(node):
+    for name in ("value", "value_int", "value_ints", "value_float", "value_floats"):
+        a = node.attributes.get(name)
+        if a is None:
+            continue
+        if name == "value":
+            return None if a.value.size > MAX_ELEMENTS else np.asarray(a.value.numpy())
+        return np.array(a.value, dtype=np.int64 if "int" in name else np.float32)
+    return None
+
+
+def _constant_of_shape(node, shape):
+    if not _size_ok(shape):
+        return None
+    value = _attr(node, "value")
+    fill = np.zeros(1, np.float32) if value is None else np.asarray(value.numpy()).reshape(-1)
+    return np.full([int(d) for d in shape], fill[0], dtype=fill.dtype)
+
+
+def evaluate(node: ir.Node, inputs: list, shapes: list) -> list | None:
+    """Output arrays of ``node`` when they can be computed from ``inputs`` (known arrays or None)."""
+    op = node.op_type if node.domain in ("", "ai.onnx") else None
+    if op == "Shape":
+        return [_shape_of(node, shapes[0])]
+    if op == "Size":
+        s = shapes[0]
+        return [np.array(np.prod(list(s)), dtype=np.int64)] if _is_static(s) else None
+    if op == "Constant":
+        return [_constant(node)]
+    if op is None or any(v is not None and a is None for v, a in zip(node.inputs, inputs)):
+        return None
+    x = inputs[0] if inputs else None
+    if op in _BINARY:
+        r = _BINARY[op](x, inputs[1])
+        return [r.astype(x.dtype) if op in _ARITH_KEEPS_DTYPE else r]
+    if op in _UNARY:
+        return [np.asarray(_UNARY[op](x))]
+    if op == "Mod":
+        return [(np.fmod if _attr(node, "fmod", 0) else np.mod)(x, inputs[1])]
+    if op == "Cast":
+        return [x.astype(ir.DataType(_attr(node, "to")).numpy())]
+    if op == "Gather":
+        return [np.take(x, inputs[1].astype(np.int64), axis=_attr(node, "axis", 0))]
+    if op == "Concat":
+        return [np.concatenate([np.asarray(a) for a in inputs if a is not None], axis=_attr(node, "axis"))]
+    if op == "Unsqueeze":
+        axes = _axes(node, inputs, 1)
+        for a in sorted(a % (x.ndim + len(axes)) for a in axes):
+            x = np.expand_dims(x, a)
+        return [x]
+    if op == "Squeeze":
+        axes = _axes(node, inputs, 1)
+        return [np.squeeze(x, axis=None if axes is None else tuple(axes))]
+    if op == "Slice":
+        return [_slice(node, x, inputs)]
+    if op == "Where":
+        return [np.where(x, inputs[1], inputs[2])]
+    if op == "Range":
+        n = max(int(np.ceil((inputs[1] - x) / inputs[2])), 0)
+        return [np.arange(x, inputs[1], inputs[2]).astype(x.dtype)] if n <= MAX_ELEMENTS else None
+    if op == "ConstantOfShape":
+        return [_constant_of_shape(node, x)]
+    if op == "Reshape":
+        return [_reshape(node, x, inputs[1])]
+    if op == "Expand":
+        shape = np.broadcast_shapes(x.shape, tuple(int(d) for d in inputs[1]))
+        return [np.broadcast_to(x, shape).copy()] if _size_ok(shape) else None
+    if op == "Tile":
+        shape = [a * int(r) for a, r in zip(x.shape, inputs[1])]
+        return [np.tile(x, [int(r) for r in inputs[1]])] if _size_ok(shape) else None
+    if op == "Transpose":
+        return [np.transpose(x, _attr(node, "perm"))]
+    if op in ("ReduceProd", "ReduceSum", "ReduceMin", "ReduceMax"):
+        fn = {"ReduceProd": np.prod, "ReduceSum": np.sum, "ReduceMin": np.min, "ReduceMax": np.max}[op]
+        return [_reduce(node, inputs, fn)]
+    return None
+
+
+# --- merging and the gap-filling walk ---------------------------------------------------------
+
+
+class _Types:
+    """An overlay of inferred types/shapes over what the IR records (the IR itself is not touched)."""
+
+    def __init__(self) -> None:
+        self.values: dict[ir.Value, TypeAndShape] = {}
+
+    def get(self, v: ir.Value) -> TypeAndShape:
+        return self.values.get(v, (v.type, v.shape))
+
+    def merge(self, v: ir.Value, typ, shape) -> None:
+        old_type, old_shape = self.get(v)
+        new_shape = _merge_shape(old_shape, shape)
+        new_type = old_type if old_type is not None else typ
+        if new_type is not old_type or new_shape is not old_shape:
+            self.values[v] = (new_type, new_shape)
+
+
+def _merge_shape(old: ir.Shape | None, new: ir.Shape | None) -> ir.Shape | None:
+    """``new`` where it says more than ``old`` (never over a conflicting rank or static dim)."""
+    if new is None:
+        return old
+    if old is None:
+        return new
+    if len(old) != len(new):
+        return old
+    dims, changed = [], False
+    for a, b in zip(old, new):
+        if not _known(a) and (_known(b) or (not isinstance(a, int) and a.value is None and isinstance(b, ir.SymbolicDim) and b.value is not None)):
+            dims.append(b)
+            changed = True
+        else:
+            dims.append(a)
+    return ir.Shape(dims) if changed else old
+
+
+def _known(d) -> bool:
+    """A static dim (some exporters write -1 for a dynamic one)."""
+    return isinstance(d, int) and d >= 0
+
+
+def _is_static(shape: ir.Shape | None) -> bool:
+    return shape is not None and all(_known(d) for d in shape)
+
+
+@functools.lru_cache(maxsize=2048)
+def _schema(op_type: str, domain: str, version: int):
+    try:
+        return onnx.defs.get_schema(op_type, version, domain)
+    except Exception:
+        return None
+
+
+class _GapFiller:
+    def __init__(self, model: ir.Model, types: _Types) -> None:
+        self.model = model
+        self.types = types
+        self.opsets = {("" if d == "ai.onnx" else d): v for d, v in model.opset_imports.items()}
+        self.opset_protos = [onnx.helper.make_opsetid(d, v) for d, v in self.opsets.items()]
+        self.known: dict[ir.Value, np.ndarray] = {}
+
+    def walk(self, graph: ir.Graph) -> None:
+        for v in graph.initializers.values():
+            arr = known_constant(v)
+            if arr is not None:
+                self.known[v] = arr
+        for node in graph:
+            for sub in subgraphs_of(node):
+                self.walk(sub)
+            self.visit(node)
+
+    def visit(self, node: ir.Node) -> None:
+        inputs = [None if v is None else self.known.get(v) for v in node.inputs]
+        shapes = [None if v is None else self.types.get(v)[1] for v in node.inputs]
+        try:
+            results = evaluate(node, inputs, shapes)
+        except Exception as e:  # a bad graph: inference just stays unknown here
+            logger.debug("evaluating %s failed: %s", node.name, e)
+            results = None
+        if results is not None:
+            for v, arr in zip(node.outputs, results):
+                if arr is not None and arr.size <= MAX_ELEMENTS:
+                    self.known[v] = arr
+                if arr is not None:
+                    self.types.merge(v, ir.TensorType(ir.DataType.from_numpy(arr.dtype)), ir.Shape(arr.shape))
+        if all(_is_static(self.types.get(v)[1]) for v in node.outputs):
+            return
+        for v, (typ, shape) in self.infer_node(node).items():
+            self.types.merge(v, typ, shape)
+
+    def infer_node(self, node: ir.Node) -> dict[ir.Value, TypeAndShape]:
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        version = self.opsets.get(domain)
+        schema = _schema(node.op_type, domain, version) if version is not None else None
+        if schema is None:
+            return {}
+        input_types, input_data = {}, {}
+        for v in (*node.inputs, *captured_values(node)):
+            if v is None:
+                continue
+            typ, shape = self.types.get(v)
+            if typ is None:
+                return {}
+            tp = onnx.TypeProto()
+            ir.serde.serialize_type_into(tp, typ)
+            if shape is not None:
+                ir.serde.serialize_shape_into(tp, shape)
+            input_types[v.name] = tp
+            if v in self.known:
+                input_data[v.name] = onnx.numpy_helper.from_array(self.known[v], v.name)
+        try:
+            out = onnx.shape_inference.infer_node_outputs(
+                schema, ir.serde.serialize_node(node), input_types, input_data,
+                opset_imports=self.opset_protos, ir_version=self.model.ir_version,
+            )
+        except Exception as e:
+            logger.debug("per-node inference of %s failed: %s", node.name, e)
+            return {}
+        return {v: _from_type_proto(out[v.name]) for v in node.outputs if v.name in out}
+
+
+def infer_types(model: ir.Model) -> dict[ir.Value, TypeAndShape]:
+    """Types and shapes inference finds for the model's values, without modifying the model.
+
+    Returns only values where it knows more than the IR records.
+    """
+    types = _Types()
+    for v, (typ, shape) in (onnx_inferred_types(model) or {}).items():
+        if not v.is_graph_input() or v.graph is not model.graph:
+            types.merge(v, typ, shape)
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for v in graph.initializers.values():
+            if v.const_value is not None:
+                types.merge(v, ir.TensorType(v.const_value.dtype), ir.Shape(v.const_value.shape))
+    _GapFiller(model, types).walk(model.graph)
+    return types.values
+
+
+def infer_shapes(model: ir.Model) -> ir.Model:
+    """Record inferred dtypes and shapes on the model's values (in place); returns the model."""
+    for v, (typ, shape) in infer_types(model).items():
+        if typ is not None:
+            v.type = typ
+        v.shape = shape
+    return model
