@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from graphopt.errors import ModelLoadError
+from graphopt.errors import GraphoptError, ModelLoadError
 
 # protobuf cannot serialize a message of 2 GiB or more: above this, weights go to external data.
 _PROTO_LIMIT = 2**31 - 2**26
@@ -167,7 +167,17 @@ def save(
         raise ModelLoadError(f"{out}: directory {parent} does not exist")
     if external_data is None and (has_external_data(model) or weight_bytes(model) > _PROTO_LIMIT):
         external_data = out.name + ".data"
-    tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=parent))
+    if external_data is not None:
+        target = (parent / external_data).resolve()
+        if target in _external_data_files(model):
+            raise ModelLoadError(
+                f"{out}: external data {external_data} is the file the model's weights are read from; "
+                "choose another output name"
+            )
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=parent))
+    except OSError as e:
+        raise GraphoptError(f"{out}: cannot write in {parent}: {e.strerror or e}") from None
     try:
         tmp_model = tmpdir / out.name
         if external_data is not None:
@@ -178,9 +188,20 @@ def save(
         else:
             ir.save(model, tmp_model)
         os.replace(tmp_model, out)
+    except OSError as e:  # disk full, permissions: the user's to fix; nothing half-written is left
+        raise GraphoptError(f"{out}: cannot write the model: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return out
+
+
+def _external_data_files(model: ir.Model) -> set[Path]:
+    files = set()
+    for g in (model.graph, *model.graph.subgraphs()):
+        for v in g.initializers.values():
+            if isinstance(v.const_value, ir.ExternalTensor):
+                files.add(Path(v.const_value.path).resolve())
+    return files
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
