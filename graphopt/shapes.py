@@ -111,7 +111,12 @@ def specialize(model: ir.Model, specs) -> ir.Model:
 
 def _named(d) -> bool:
     """A symbolic dim with a real name (shared by the inputs that use it); not '?' or onnx's unk__N."""
-    return isinstance(d, ir.SymbolicDim) and bool(d.value) and d.value.isidentifier() and not _GENERATED_DIM.match(d.value)
+    return (
+        isinstance(d, ir.SymbolicDim)
+        and bool(d.value)
+        and any(c.isalpha() for c in d.value)
+        and not _GENERATED_DIM.match(d.value)
+    )
 
 
 def _fmt(shape) -> str:
@@ -161,14 +166,21 @@ def _strip_value_info(g: onnx.GraphProto) -> None:
 
 
 def _from_type_proto(tp: onnx.TypeProto) -> TypeAndShape:
+    if tp.HasField("tensor_type"):  # the common case, read directly (fast)
+        tt = tp.tensor_type
+        typ = ir.TensorType(ir.DataType(tt.elem_type)) if tt.elem_type else None
+        if not tt.HasField("shape"):
+            return typ, None
+        # onnx's generated names (unk__3) carry no meaning: unknown
+        return typ, ir.Shape([
+            d.dim_value if d.HasField("dim_value")
+            else (d.dim_param if d.dim_param and not _GENERATED_DIM.match(d.dim_param) else None)
+            for d in tt.shape.dim
+        ])
     try:
-        typ = ir.serde.deserialize_type_proto_for_type(tp)
-        shape = ir.serde.deserialize_type_proto_for_shape(tp)
+        return ir.serde.deserialize_type_proto_for_type(tp), ir.serde.deserialize_type_proto_for_shape(tp)
     except Exception:  # map types and other exotic values
         return None, None
-    if shape is not None:  # onnx's generated names (unk__3) carry no meaning: unknown
-        shape = ir.Shape([None if isinstance(d, ir.SymbolicDim) and d.value and _GENERATED_DIM.match(d.value) else d for d in shape])
-    return typ, shape
 
 
 def _collect(graph: ir.Graph, gp: onnx.GraphProto, out: dict, *, main: bool) -> None:
