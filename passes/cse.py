@@ -6,6 +6,10 @@ subgraphs by their serialized form, so control flow merges only when the bodies 
 the same number of outputs. Random ops never merge. Walking each graph in topological order, the later
 node's outputs are replaced by the earlier's, so whole duplicated chains collapse in one run.
 Runs on the main graph, every subgraph and every function (onnx_ir's own CSE does the main graph only).
+
+Constants: ``Constant`` nodes of the main graph become initializers (``lift_constants``, on by
+default), and constants with identical dtype, shape and bytes become one, so that the nodes reading
+them are then recognised as identical too. Graph inputs (even with an initializer) are never merged.
 """
 
 from __future__ import annotations
@@ -74,11 +78,58 @@ def _merge(graph, node: ir.Node, earlier: ir.Node) -> bool:
     return True
 
 
+def _lift_and_merge_constants(graph: ir.Graph) -> int:
+    """Constant nodes -> initializers; identical constants (initializers included) -> one."""
+    changed = 0
+    seen: dict[tuple, ir.Value] = {}
+    outputs = set(graph.outputs)
+    for value in list(graph.initializers.values()):
+        if value.is_graph_input() or value.const_value is None or value in outputs:
+            continue
+        key = _tensor_key(value.const_value)
+        if key not in seen:
+            seen[key] = value
+        elif value.name is not None:
+            ir.convenience.replace_all_uses_with(value, seen[key])
+            del graph.initializers[value.name]
+            changed += 1
+    for node in list(graph):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or node.outputs[0] in outputs:
+            continue
+        try:
+            tensor = ir.convenience.get_const_tensor(node.outputs[0])
+        except Exception:
+            tensor = None
+        if tensor is None:
+            continue
+        out = node.outputs[0]
+        key = _tensor_key(tensor)
+        if key in seen:
+            ir.convenience.replace_all_uses_with(out, seen[key])
+        else:
+            name = out.name
+            value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                             const_value=tensor)
+            ir.convenience.replace_all_uses_with(out, value)
+            graph.remove(node, safe=True)
+            graph.register_initializer(value)
+            seen[key] = value
+            changed += 1
+            continue
+        graph.remove(node, safe=True)
+        changed += 1
+    return changed
+
+
 class CommonSubexpressionEliminationPass(ir.passes.InPlacePass):
     """Merge identical constants and identical subgraphs of pure ops, in every graph and function."""
 
+    def __init__(self, *, lift_constants: bool = True):
+        super().__init__()
+        self.lift_constants = lift_constants
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        merged = 0
+        merged = _lift_and_merge_constants(model.graph) if self.lift_constants else 0
         for graph in list(graphs_of(model)):
             seen: dict[tuple, ir.Node] = {}
             for node in list(graph):

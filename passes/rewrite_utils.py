@@ -115,17 +115,56 @@ def can_bypass(old: ir.Value, new: ir.Value) -> bool:
 
 
 def remove_dead(graph: ir.Graph | ir.Function, nodes: list[ir.Node]) -> int:
-    """Remove those of ``nodes`` (given in topological order) whose outputs nobody uses any more."""
+    """Remove those of ``nodes`` whose outputs nobody uses any more (repeatedly, in any order)."""
     removed = 0
     outputs = set(graph.outputs)
-    for node in reversed(nodes):
-        if node.graph is not graph:
-            continue
-        if any(o.uses() or o in outputs for o in node.outputs):
-            continue
-        graph.remove(node, safe=True)
-        removed += 1
+    pending = [n for n in nodes if n is not None]
+    progress = True
+    while progress:
+        progress = False
+        for node in list(pending):
+            if node.graph is not graph:
+                pending.remove(node)
+                continue
+            if any(o.uses() or o in outputs for o in node.outputs):
+                continue
+            graph.remove(node, safe=True)
+            pending.remove(node)
+            removed += 1
+            progress = True
     return removed
+
+
+def binary_with_const(node: ir.Node | None, op_types: tuple[str, ...]) -> tuple[ir.Value, np.ndarray] | None:
+    """For ``x op c`` (either order for Add/Mul; ``c`` second for Sub/Div/Pow): ``(x, c)``."""
+    if node is None or node.op_type not in op_types or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    cb = const_array(b)
+    if cb is not None and const_array(a) is None:
+        return a, cb
+    if node.op_type in ("Add", "Mul"):
+        ca = const_array(a)
+        if ca is not None and cb is None:
+            return b, ca
+    return None
+
+
+def close_to(arr: np.ndarray | None, value: float, rtol: float = 1e-5) -> bool:
+    """A constant whose every element is ``value`` (up to float32 rounding)."""
+    return arr is not None and arr.size >= 1 and bool(np.allclose(arr.astype(np.float64), value, rtol=rtol, atol=0))
+
+
+def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """The other operand of a binary node, given one of them."""
+    if len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if a is value:
+        return b
+    if b is value:
+        return a
+    return None
 
 
 def opset_version(model: ir.Model, domain: str = "") -> int | None:
