@@ -187,6 +187,8 @@ def _from_dict(d: dict[str, Any]) -> TargetSpec:
         base = get_target(str(preset))
         config = {**base.config, **d}
         spec = dataclasses.replace(base, name=f"{base.name}-custom" if d else base.name, config=config)
+        if d and spec.kind == "llvm":
+            spec = dataclasses.replace(spec, features={**spec.features, "vector_bits": _vector_bits(config)})
     else:
         if "kind" not in d:
             raise UsageError(f"target dict needs 'kind' or 'preset' (presets: {', '.join(PRESETS)})")

@@ -1,0 +1,123 @@
+"""compile_model: optimize -> lower -> Relax -> schedules -> tvm.compile, and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from compile_nets import conv_net, ort_run, two_input_net, unsupported_net
+
+from graphopt import api
+from graphopt.backends import compile as compile_mod
+from graphopt.backends.compile import CompileStageError, compile_model
+from graphopt.cli import main
+from graphopt.errors import GraphoptError, ShapeError, UnsupportedError
+
+RTOL, ATOL = 1e-3, 1e-4
+
+
+@pytest.fixture(scope="module")
+def conv_path(tmp_path_factory):
+    return conv_net(tmp_path_factory.mktemp("m") / "conv.onnx")
+
+
+@pytest.fixture(scope="module")
+def compiled_conv(conv_path):
+    return api.compile(conv_path, target="x86", opt_level=2)
+
+
+def test_conv_net_matches_onnxruntime(conv_path, compiled_conv):
+    x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    (expected,) = ort_run(conv_path, {"x": x})
+    out = compiled_conv(x)
+    assert list(out) == ["y"]
+    np.testing.assert_allclose(out["y"], expected, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(compiled_conv(x=x)["y"], out["y"], rtol=0, atol=0)
+    assert compiled_conv.input_info == {"x": ((1, 3, 16, 16), "float32")}
+    assert compiled_conv.output_names == ["y"]
+    for stage in ("check_shapes", "optimize", "check_supported", "lower", "relax", "schedules", "build"):
+        assert compiled_conv.timings[stage] >= 0.0
+    assert compiled_conv.embedded_params
+
+
+def test_two_inputs_two_outputs_positional_and_named(tmp_path):
+    path = two_input_net(tmp_path / "two.onnx")
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((2, 64)).astype(np.float32), rng.standard_normal(40).astype(np.float32)
+    ey, ez = ort_run(path, {"a": a, "b": b})
+    c = compile_model(api.load(path), opt_level=1, embed_params=False)
+    assert c.params and not c.embedded_params
+    out = c(a, b=b)
+    assert list(out) == ["y", "z"]
+    np.testing.assert_allclose(out["y"], ey, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(out["z"], ez, rtol=RTOL, atol=ATOL)
+    with pytest.raises(GraphoptError, match="input 'a': dtype float64, expected float32"):
+        c(a.astype(np.float64), b)
+    with pytest.raises(GraphoptError, match="missing input 'b'"):
+        c(a)
+
+
+def test_dynamic_dims_need_input_shape(tmp_path, capsys):
+    path = conv_net(tmp_path / "dyn.onnx", batch="N")
+    with pytest.raises(ShapeError, match=r"'x' dim 0 \(N\).*--input-shape"):
+        compile_model(api.load(path))
+    assert main(["compile", path, "-o", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "'x' dim 0" in err and "--input-shape" in err
+    assert not (tmp_path / "b").exists()
+    assert main(["compile", path, "-o", str(tmp_path / "b"), "--input-shape", "x:2,3,16,16", "-O1"]) == 0
+    m = api.load_bundle(tmp_path / "b")
+    x = np.random.default_rng(4).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(m(x)["y"], ort_run(path, {"x": x})[0], rtol=RTOL, atol=ATOL)
+
+
+def test_unsupported_op_is_listed_before_compiling(tmp_path, capsys):
+    path = unsupported_net(tmp_path / "frob.onnx")
+    with pytest.raises(UnsupportedError, match="Frobnicate"):
+        compile_model(api.load(path))
+    assert main(["compile", path, "-o", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "Frobnicate" in err and "com.example" in err
+    assert "Traceback" not in err
+
+
+def test_tvm_failure_names_the_stage(conv_path, tmp_path, monkeypatch, capsys):
+    def broken(mod, spec):
+        raise RuntimeError("InternalError: Check failed: something deep in TVM\n  File x.cc line 3")
+
+    monkeypatch.setattr(compile_mod, "_build", broken)
+    with pytest.raises(CompileStageError, match="stage 'build' failed") as e:
+        compile_model(api.load(conv_path), opt_level=0)
+    assert e.value.stage == "build"
+    assert main(["compile", conv_path, "-o", str(tmp_path / "b"), "-O0"]) == 1
+    err = capsys.readouterr().err
+    assert "stage 'build'" in err and "internal error" in err
+
+
+def test_bad_target_and_tuning_db_are_usage_errors(conv_path, tmp_path, capsys):
+    assert main(["compile", conv_path, "-o", str(tmp_path / "b"), "--target", "riscv"]) == 2
+    assert "presets: x86, aarch64, cuda" in capsys.readouterr().err
+    assert main(["compile", conv_path, "-o", str(tmp_path / "b"), "--tuning-db", str(tmp_path / "nodb")]) == 2
+    assert "--tuning-db" in capsys.readouterr().err
+
+
+def test_cuda_code_generation_without_a_gpu(conv_path):
+    c = compile_model(api.load(conv_path), target="cuda", opt_level=0)
+    assert c.target.kind == "cuda"
+    if not c.target.can_run_here():
+        with pytest.raises(UnsupportedError, match="no CUDA GPU"):
+            c(np.zeros((1, 3, 16, 16), np.float32))
+
+
+def test_aarch64_compiles_but_does_not_run_here(conv_path, tmp_path, monkeypatch):
+    import platform
+
+    c = compile_model(api.load(conv_path), target="aarch64", opt_level=0)
+    if platform.machine() != "aarch64":
+        with pytest.raises(UnsupportedError, match="cannot run on this"):
+            c(np.zeros((1, 3, 16, 16), np.float32))
+    import graphopt.backends.targets as targets
+
+    monkeypatch.setattr(targets.shutil, "which", lambda name: None)
+    with pytest.raises(UnsupportedError, match="aarch64-linux-gnu-gcc"):
+        compile_model(api.load(conv_path), target="aarch64", output=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
