@@ -481,10 +481,22 @@ class _GapFiller:
                     self.known[v] = arr
                 if arr is not None:
                     self.types.merge(v, ir.TensorType(ir.DataType.from_numpy(arr.dtype)), ir.Shape(arr.shape))
+        if node.op_type == "If" and node.domain in ("", "ai.onnx") and inputs[0] is not None:
+            self.take_branch(node, bool(np.asarray(inputs[0]).reshape(-1)[0]))
         if all(_is_static(self.types.get(v)[1]) for v in node.outputs):
             return
         for v, (typ, shape) in self.infer_node(node).items():
             self.types.merge(v, typ, shape)
+
+    def take_branch(self, node: ir.Node, cond: bool) -> None:
+        """An If whose condition is known statically has the types (and data) of that branch's outputs."""
+        branch = node.attributes.get("then_branch" if cond else "else_branch")
+        if branch is None:
+            return
+        for v, out in zip(node.outputs, branch.value.outputs):
+            self.types.merge(v, *self.types.get(out))
+            if out in self.known:
+                self.known[v] = self.known[out]
 
     def infer_node(self, node: ir.Node) -> dict[ir.Value, TypeAndShape]:
         domain = "" if node.domain in ("", "ai.onnx") else node.domain

@@ -200,8 +200,16 @@ def check_types_against_inference(model: ir.Model) -> None:
                     )
 
 
+def dtype_name(dtype: ir.DataType) -> str:
+    """numpy's name where there is one (float32, int64), else ONNX's in lower case (bfloat16)."""
+    try:
+        return dtype.numpy().name
+    except Exception:
+        return dtype.name.lower()
+
+
 def _fmt(dtype, shape) -> str:
-    d = "?" if dtype is None else dtype.name.lower()
+    d = "?" if dtype is None else dtype_name(dtype)
     s = "" if shape is None else "[" + ",".join(str(x) for x in shape) + "]"
     return d + s
 
