@@ -52,20 +52,23 @@ def _add_bias(y: relax.Expr, bias, rank: int) -> relax.Expr:
 # ---------------------------------------------------------------- convolutions
 
 
-def _conv(ctx, inputs):
-    x, w = inputs[0], inputs[1]
-    bias = inputs[2] if len(inputs) > 2 else None
+def conv(ctx, x, w, out_dtype: str | None = None) -> relax.Expr:
+    """The node's convolution of x by w (its attributes: pads, strides, dilations, group); no bias."""
     rank = len(_static_shape(ctx, 0))
     n = rank - 2
     ctx.check(n in _CONV, lambda: f"{n}-D convolution is not supported (1-D, 2-D and 3-D are)")
-    kernel = list(ctx.attr("kernel_shape") or _static_shape(ctx, 1)[2:])
+    kernel = list(ctx.attr("kernel_shape") or helpers.static_shape(w)[2:])
     strides, dilations, pads = _window(ctx, kernel)
     data_layout, kernel_layout, _ = _LAYOUT[n]
-    y = _CONV[n](
+    return _CONV[n](
         x, w, strides=strides, padding=pads, dilation=dilations, groups=int(ctx.attr("group", 1)),
-        data_layout=data_layout, kernel_layout=kernel_layout,
+        data_layout=data_layout, kernel_layout=kernel_layout, out_dtype=out_dtype,
     )
-    return _add_bias(y, bias, rank)
+
+
+def _conv(ctx, inputs):
+    bias = inputs[2] if len(inputs) > 2 else None
+    return _add_bias(conv(ctx, inputs[0], inputs[1]), bias, len(_static_shape(ctx, 0)))
 
 
 def _conv_transpose(ctx, inputs):

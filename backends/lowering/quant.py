@@ -1,5 +1,195 @@
-"""Lowering rules: quant."""
+"""Lowering rules: quantized ops (QuantizeLinear, DequantizeLinear, integer conv/matmul, QLinear*).
+
+Integer products accumulate in int32 exactly as the specification says; requantization rounds half to
+even (Relax ``round``) and saturates to the output type's range.
+"""
 
 from __future__ import annotations
 
-RULES: tuple = ()
+import numpy as np
+from tvm import relax
+
+from graphopt.backends.lowering import helpers, nn
+from graphopt.backends.lowering.helpers import scalar
+from graphopt.backends.lowering.rules import OpRule
+
+op = relax.op
+
+_QUANT_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32")
+# ONNX TensorProto codes of the integer types QuantizeLinear can produce here (``output_dtype``).
+_ONNX_CODES = {2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 12: "uint32"}
+
+
+def _saturate(x: relax.Expr, dtype: str) -> relax.Expr:
+    """Round half to even, clip to ``dtype``'s range, cast."""
+    info = np.iinfo(np.dtype(dtype))
+    return op.astype(op.clip(op.round(x), float(info.min), float(info.max)), dtype)
+
+
+def _along(ctx, param: relax.Expr, x_rank: int, x_shape, axis: int, block: int) -> relax.Expr:
+    """A scale or zero point shaped to broadcast against x: scalar, per-axis (1-D) or blocked (same rank)."""
+    prank = helpers.rank_of(param)
+    if prank == 0 or prank is None:
+        return param
+    if prank == 1 and x_rank != 1 or prank == 1 and block == 0:
+        return op.reshape(param, [-1 if i == axis else 1 for i in range(x_rank)]) if x_rank > 1 else param
+    ctx.check(block > 0, "a scale of the input's rank needs block_size")
+    pshape = helpers.static_shape(param)
+    rep = op.repeat(param, block, axis=axis)
+    if pshape[axis] * block != x_shape[axis]:
+        rep = op.strided_slice(rep, axes=[axis], begin=[0], end=[x_shape[axis]])
+    return rep
+
+
+def _axis(ctx, rank: int) -> int:
+    """The quantization axis (attribute ``axis``, default 1), non-negative; only used when a scale is 1-D."""
+    axis = int(ctx.attr("axis", 1))
+    return axis + rank if axis < 0 else axis
+
+
+def _quantize_dtype(ctx, zero_point) -> str:
+    if zero_point is not None:
+        dtype = helpers.dtype_of(zero_point)
+    else:
+        code = int(ctx.attr("output_dtype", 0))
+        dtype = _ONNX_CODES.get(code, "uint8") if code else "uint8"
+        if code and code not in _ONNX_CODES:
+            ctx.unsupported(f"output_dtype {code} (integer types int8..uint32 are supported)")
+    ctx.check(dtype in _QUANT_DTYPES, lambda: f"quantized type {dtype} is not supported")
+    return dtype
+
+
+def _quantize_linear(ctx, inputs):
+    x, scale = inputs[0], inputs[1]
+    zp = inputs[2] if len(inputs) > 2 else None
+    dtype = _quantize_dtype(ctx, zp)
+    shape = helpers.static_shape(x)
+    rank = len(shape)
+    axis = _axis(ctx, rank)
+    block = int(ctx.attr("block_size", 0))
+    xf = x if helpers.dtype_of(x) == "float32" else op.astype(x, "float32")
+    s = _along(ctx, scale, rank, shape, axis, block)
+    if helpers.dtype_of(scale) != "float32":
+        s = op.astype(s, "float32")
+    y = op.round(op.divide(xf, s))
+    if zp is not None:
+        y = op.add(y, op.astype(_along(ctx, zp, rank, shape, axis, block), "float32"))
+    return _saturate(y, dtype)
+
+
+def _dequantize_linear(ctx, inputs):
+    x, scale = inputs[0], inputs[1]
+    zp = inputs[2] if len(inputs) > 2 else None
+    shape = helpers.static_shape(x)
+    rank = len(shape)
+    axis = _axis(ctx, rank)
+    block = int(ctx.attr("block_size", 0))
+    ctx.check(helpers.dtype_of(x) in _QUANT_DTYPES, lambda: f"quantized type {helpers.dtype_of(x)} is not supported")
+    out_dtype = ctx.out_dtype(0) or helpers.dtype_of(scale)
+    xi = op.astype(x, "int32") if helpers.dtype_of(x) != "int32" else x
+    if zp is not None:
+        xi = op.subtract(xi, op.astype(_along(ctx, zp, rank, shape, axis, block), "int32"))
+    s = _along(ctx, scale, rank, shape, axis, block)
+    y = op.multiply(op.astype(xi, "float32"), op.astype(s, "float32"))
+    return y if out_dtype == "float32" else op.astype(y, out_dtype)
+
+
+def _dynamic_quantize_linear(ctx, inputs):
+    x = inputs[0]
+    zero = scalar(0.0, "float32")
+    hi = op.maximum(op.max(x), zero)
+    lo = op.minimum(op.min(x), zero)
+    scale = ctx.emit(op.divide(op.subtract(hi, lo), scalar(255.0, "float32")))
+    zp = ctx.emit(_saturate(op.subtract(zero, op.divide(lo, scale)), "uint8"))
+    y = _saturate(op.add(op.round(op.divide(x, scale)), op.astype(zp, "float32")), "uint8")
+    return [y, scale, zp]
+
+
+def _minus_zero_point(x: relax.Expr, zp, per_row_axis: int | None = None, rank: int | None = None) -> relax.Expr:
+    """x - zp in int32; a 1-D zp of more than one value applies along ``per_row_axis``."""
+    xi = op.astype(x, "int32")
+    if zp is None:
+        return xi
+    z = op.astype(zp, "int32")
+    zshape = helpers.static_shape(zp)
+    if per_row_axis is not None and zshape and helpers.numel(zshape) > 1:
+        z = op.reshape(z, [helpers.numel(zshape) if i == per_row_axis else 1 for i in range(rank)])
+    return op.subtract(xi, z)
+
+
+def _int_conv(ctx, x, x_zp, w, w_zp) -> relax.Expr:
+    w_rank = helpers.rank_of(w)
+    xi = ctx.emit(_minus_zero_point(x, x_zp))
+    wi = ctx.emit(_minus_zero_point(w, w_zp, per_row_axis=0, rank=w_rank))
+    return nn.conv(ctx, xi, wi, out_dtype="int32")
+
+
+def _int_matmul(ctx, a, a_zp, b, b_zp) -> relax.Expr:
+    a_rank, b_rank = helpers.rank_of(a), helpers.rank_of(b)
+    ai = _minus_zero_point(a, a_zp, per_row_axis=a_rank - 2 if a_rank >= 2 else None, rank=a_rank)
+    bi = _minus_zero_point(b, b_zp, per_row_axis=b_rank - 1, rank=b_rank)
+    return op.matmul(ctx.emit(ai), ctx.emit(bi), out_dtype="int32")
+
+
+def _optional(inputs, i):
+    return inputs[i] if len(inputs) > i else None
+
+
+def _conv_integer(ctx, inputs):
+    return _int_conv(ctx, inputs[0], _optional(inputs, 2), inputs[1], _optional(inputs, 3))
+
+
+def _matmul_integer(ctx, inputs):
+    return _int_matmul(ctx, inputs[0], _optional(inputs, 2), inputs[1], _optional(inputs, 3))
+
+
+def _requantize(ctx, acc, multiplier, y_zp, out_dtype):
+    y = op.multiply(op.astype(acc, "float32"), multiplier)
+    if y_zp is not None:
+        y = op.add(y, op.astype(y_zp, "float32"))
+    return _saturate(y, out_dtype)
+
+
+def _f32(e):
+    return e if helpers.dtype_of(e) == "float32" else op.astype(e, "float32")
+
+
+def _qlinear_matmul(ctx, inputs):
+    a, a_s, a_zp, b, b_s, b_zp, y_s = inputs[:7]
+    y_zp = _optional(inputs, 7)
+    acc = ctx.emit(_int_matmul(ctx, a, a_zp, b, b_zp))
+    b_rank = helpers.rank_of(b)
+    bs = _f32(b_s)
+    if helpers.rank_of(b_s) == 1 and helpers.numel(helpers.static_shape(b_s)) > 1:
+        bs = op.reshape(bs, [1] * (b_rank - 1) + [helpers.numel(helpers.static_shape(b_s))])
+    mult = op.divide(op.multiply(_f32(a_s), bs), _f32(y_s))
+    out_dtype = helpers.dtype_of(y_zp) if y_zp is not None else helpers.dtype_of(a)
+    return _requantize(ctx, acc, mult, y_zp, out_dtype)
+
+
+def _qlinear_conv(ctx, inputs):
+    x, x_s, x_zp, w, w_s, w_zp, y_s = inputs[:7]
+    y_zp = _optional(inputs, 7)
+    bias = _optional(inputs, 8)
+    acc = _int_conv(ctx, x, x_zp, w, w_zp)
+    rank = helpers.rank_of(x)
+    if bias is not None:
+        acc = op.add(acc, op.expand_dims(op.astype(bias, "int32"), [0] + list(range(2, rank))))
+    acc = ctx.emit(acc)
+    ws = _f32(w_s)
+    if helpers.rank_of(w_s) == 1 and helpers.numel(helpers.static_shape(w_s)) > 1:
+        ws = op.expand_dims(ws, [0] + list(range(2, rank)))
+    mult = op.divide(op.multiply(_f32(x_s), ws), _f32(y_s))
+    out_dtype = helpers.dtype_of(y_zp) if y_zp is not None else helpers.dtype_of(x)
+    return _requantize(ctx, acc, mult, y_zp, out_dtype)
+
+
+RULES = (
+    OpRule("QuantizeLinear", _quantize_linear, since=10, kind="decomposed"),
+    OpRule("DequantizeLinear", _dequantize_linear, since=10, kind="decomposed"),
+    OpRule("DynamicQuantizeLinear", _dynamic_quantize_linear, since=11, kind="decomposed"),
+    OpRule("ConvInteger", _conv_integer, since=10, kind="decomposed"),
+    OpRule("MatMulInteger", _matmul_integer, since=10, kind="decomposed"),
+    OpRule("QLinearMatMul", _qlinear_matmul, since=10, kind="decomposed"),
+    OpRule("QLinearConv", _qlinear_conv, since=10, kind="decomposed"),
+)
