@@ -1,11 +1,115 @@
-"""graphopt's default CPU schedules, applied to every fused PrimFunc without a tuning record."""
+"""graphopt's default CPU schedules, applied to every fused PrimFunc without a tuning record.
+
+TVM's llvm pipeline applies no schedule to a PrimFunc that has no tuning record, so without these
+every conv and matmul runs as serial scalar loops. Each fused function goes to the first rule that
+recognises its main block (``RULES``, one module per op family); every block the rule left at the
+root (pads, transposes, reductions it did not fuse) then gets the injective / row-reduction schedule.
+Functions that already carry a schedule (``tirx.is_scheduled``, e.g. from a tuning database) are
+left alone. Rules take the target's vector width and core count (``features.CPUFeatures``), so the
+same rules serve x86 (AVX-512: 16 fp32 lanes) and aarch64 (NEON: 4 lanes).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 
-def apply_default_schedules(mod, target_spec):
+from tvm import s_tir, tirx
+
+from .analysis import int_extent, is_reduction_block, root_blocks
+from .conv2d import schedule_conv2d
+from .features import CPUFeatures, features_of
+from .injective import schedule_injective
+from .matmul import schedule_matmul
+from .pooling import schedule_pool
+from .reduction import schedule_normalization, schedule_row_reduction
+
+__all__ = ["RULES", "apply_default_schedules", "features_of", "last_report", "schedule_primfunc"]
+
+log = logging.getLogger(__name__)
+
+Rule = Callable[[tirx.PrimFunc, CPUFeatures], "s_tir.Schedule | None"]
+
+# Tried in order; the first that returns a schedule wins.
+RULES: tuple[tuple[str, Rule], ...] = (
+    ("normalization", schedule_normalization),
+    ("conv2d", schedule_conv2d),
+    ("matmul", schedule_matmul),
+    ("pool", schedule_pool),
+)
+
+
+def is_scheduled(func) -> bool:
+    return bool(func.attrs and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1)
+
+
+def _schedule_rest(sch: s_tir.Schedule, feats: CPUFeatures) -> None:
+    """Injective / row-reduction schedules for every root block whose loops are still untouched."""
+    for block in root_blocks(sch):
+        loops = sch.get_loops(block)
+        if not loops or any(sch.get(lp).kind != tirx.ForKind.SERIAL for lp in loops):
+            continue
+        if any(int_extent(sch, lp) is None for lp in loops):
+            continue
+        try:
+            if is_reduction_block(sch, block):
+                schedule_row_reduction(sch, block, feats)
+            else:
+                schedule_injective(sch, block, feats)
+        except Exception as e:  # noqa: BLE001 - a block we cannot schedule stays as it was
+            log.debug("block %s left unscheduled: %s", sch.get(block).name_hint, e)
+
+
+def schedule_primfunc(func: tirx.PrimFunc, feats: CPUFeatures) -> tuple[tirx.PrimFunc, str]:
+    """The scheduled function and the name of the rule that scheduled its main block ("generic")."""
+    for name, rule in RULES:
+        try:
+            sch = rule(func, feats)
+        except Exception as e:  # noqa: BLE001 - a rule that fails mid-way means "not applicable"
+            log.debug("rule %s failed: %s", name, e)
+            sch = None
+        if sch is not None:
+            break
+    else:
+        name, sch = "generic", s_tir.Schedule(func)
+    try:
+        _schedule_rest(sch, feats)
+    except Exception as e:  # noqa: BLE001
+        log.debug("rest of %s left unscheduled: %s", name, e)
+    return sch.mod["main"], name
+
+
+_LAST: dict[str, str] = {}
+
+
+def last_report() -> dict[str, str]:
+    """``{function: rule}`` of the most recent ``apply_default_schedules`` call in this process."""
+    return dict(_LAST)
+
+
+def apply_default_schedules(mod, target_spec, *, report: dict | None = None):
     """Schedule every PrimFunc of ``mod`` that has no schedule yet; returns the new IRModule.
 
-    (Being written: returns the module unchanged for now, so compiled code is correct but unscheduled.)
+    ``target_spec``: a graphopt ``TargetSpec`` or a ``tvm.target.Target``; GPU targets are returned
+    unchanged (TVM's GPU rules bind them). ``report``, if given, receives ``{function: rule}``
+    (``last_report()`` returns the same for the latest call).
     """
+    report = {} if report is None else report
+    _LAST.clear()
+    feats = features_of(target_spec)
+    if feats.target is not None and feats.target.kind.name != "llvm":
+        return mod
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
+            continue
+        new, rule = schedule_primfunc(func, feats)
+        updates[gv] = new.with_attr("tirx.is_scheduled", True)
+        report[gv.name_hint] = rule
+    _LAST.update(report)
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod.update_func(gv, func)
     return mod

@@ -1,13 +1,60 @@
+"""``graphopt bench MODEL_OR_BUNDLE...``: latency against ONNX Runtime, GFLOP/s, slowest kernels."""
+
 from __future__ import annotations
 
 import argparse
+import json
 
-from graphopt.errors import UnsupportedError
+from graphopt.commands.common import add_input_shape, add_opt_level, table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("args", nargs="*")
+    p.add_argument("models", nargs="+", metavar="MODEL_OR_BUNDLE",
+                   help="ONNX file, bundle directory, or a model name such as light:resnet50, rapidocr:det")
+    p.add_argument("--target", default="x86", help="target preset (default x86)")
+    p.add_argument("--threads", type=int, default=None, help="threads for graphopt and ORT (default: all cores)")
+    p.add_argument("--against", default="ort", choices=["ort", "none"], help="compare with ONNX Runtime (default)")
+    add_input_shape(p)
+    add_opt_level(p)
+    p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="bar chart of median latency per model")
+    p.add_argument("--untuned", action="store_true", help="compile without graphopt's default schedules")
+    p.add_argument("--profile", action="store_true", help="time per fused function (slowest first)")
+    p.add_argument("--frontend", default="graphopt", choices=["graphopt", "tvm"], help="lowering front end")
+    p.add_argument("--top", type=int, default=8, help="kernels listed per model with --profile (default 8)")
+
+
+def _fmt(v, nd=2):
+    return "-" if v is None else f"{v:.{nd}f}"
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UnsupportedError("'graphopt bench' is not implemented yet")
+    from graphopt.bench import bench, plot
+
+    results = bench(
+        args.models, threads=args.threads, target=args.target,
+        against=None if args.against == "none" else "ort", input_shapes=list(args.input_shape),
+        repeat=args.repeat, warmup=args.warmup, untuned=args.untuned, profile=args.profile, frontend=args.frontend,
+        opt_level=args.opt_level,
+    )
+    rows = []
+    for r in results:
+        g, o = r["graphopt"], r["ort"] or {}
+        rows.append([r["model"], r["target"], r["threads"], _fmt(g["min_ms"]), _fmt(g["median_ms"]), _fmt(g["max_ms"]),
+                     _fmt(o.get("median_ms")), _fmt(r["ratio"]), _fmt(r["gflops"], 1), _fmt(r["ort_gflops"], 1),
+                     _fmt(r["compile_s"], 1)])
+    print(table(rows, ["model", "target", "threads", "min ms", "median ms", "max ms", "ORT ms", "ratio",
+                       "GFLOP/s", "ORT GFLOP/s", "compile s"]))
+    for r in results:
+        if r["profile"]:
+            print(f"\n{r['model']}: time per function (share of the run)")
+            print(table([[p["function"], _fmt(p["ms"], 3), f"{100 * p['share']:.1f}%", p["calls"]]
+                         for p in r["profile"][: args.top]], ["function", "ms", "share", "calls"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if args.plot:
+        plot(results, args.plot)
+    return 0

@@ -1,0 +1,114 @@
+"""Small facts about a TIR block that the rules decide on: loops, iterators, access strides."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvm import s_tir, tirx
+
+
+@dataclasses.dataclass
+class Axis:
+    """One block iterator bound one-to-one to one loop."""
+
+    var: tirx.Var
+    loop: s_tir.schedule.LoopRV
+    extent: int
+    reduce: bool
+
+
+def int_extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def block_axes(sch: s_tir.Schedule, block) -> list[Axis] | None:
+    """The block's iterators with their loops, if every loop binds exactly one iterator in order.
+
+    Returns None for anything else (fused or split bindings, symbolic extents): rules then skip.
+    """
+    from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
+
+    realize = get_sblockrealize(sch, block)
+    loops = sch.get_loops(block)
+    stmt = sch.get(block)
+    if len(loops) != len(stmt.iter_vars):
+        return None
+    axes = []
+    for loop, iv, value in zip(loops, stmt.iter_vars, realize.iter_values):
+        lp = sch.get(loop)
+        if not isinstance(value, tirx.Var) or not value.same_as(lp.loop_var):
+            return None
+        ext = int_extent(sch, loop)
+        if ext is None:
+            return None
+        if iv.iter_type not in (tirx.IterVar.DataPar, tirx.IterVar.CommReduce):
+            return None
+        axes.append(Axis(iv.var, loop, ext, iv.iter_type == tirx.IterVar.CommReduce))
+    return axes
+
+
+def uses(expr, var) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr, []))
+
+
+def coefficient(expr, var) -> int | None:
+    """The constant coefficient of ``var`` in ``expr`` (0 if absent), or None if not linear in it."""
+    if not uses(expr, var):
+        return 0
+    from tvm.sym.pattern import detect_linear_equation
+
+    res = detect_linear_equation(expr, [var])
+    if len(res) != 2 or not isinstance(res[0], tirx.IntImm):
+        return None
+    return int(res[0])
+
+
+def last_index_stride(region, var) -> int | None:
+    """How the innermost index of an access region moves with ``var``: 0, a constant, or None."""
+    if not region.region:
+        return 0
+    return coefficient(region.region[-1].min, var)
+
+
+def buffer_uses(region, var) -> bool:
+    return any(uses(r.min, var) for r in region.region)
+
+
+def consumers(sch, block):
+    return list(sch.get_consumers(block))
+
+
+def is_spatial_block(sch, block) -> bool:
+    return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
+
+
+def dtype_bits(sch, block) -> int:
+    stmt = sch.get(block)
+    return stmt.writes[0].source.dtype.bits if stmt.writes else 32
+
+
+def is_reduction_block(sch, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def root_blocks(sch: s_tir.Schedule) -> list:
+    """The blocks directly under the function's root block."""
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def work(sch: s_tir.Schedule, block) -> int:
+    """The iteration count of a block (product of its iterator extents; 0 if symbolic)."""
+    n = 1
+    for iv in sch.get(block).iter_vars:
+        ext = iv.dom.extent
+        if not isinstance(ext, tirx.IntImm):
+            return 0
+        n *= int(ext)
+    return n
+
+
+def main_reduction(sch: s_tir.Schedule):
+    """The reduction block doing the most work, or None when the function has no reduction."""
+    reds = [b for b in root_blocks(sch) if is_reduction_block(sch, b)]
+    return max(reds, key=lambda b: work(sch, b)) if reds else None

@@ -1,0 +1,60 @@
+"""What a schedule rule needs to know about the target: vector width and core count."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class CPUFeatures:
+    """Target facts the rules are parameterized by (x86 AVX-512: 512 bits; aarch64 NEON: 128 bits)."""
+
+    vector_bits: int = 256
+    cores: int = 1
+    target: object = None  # the tvm Target, for rules that need more
+
+    def lanes(self, dtype_bits: int = 32) -> int:
+        """Vector lanes for an element type of ``dtype_bits`` bits (at least 1)."""
+        return max(1, self.vector_bits // max(1, dtype_bits))
+
+    @property
+    def max_accumulators(self) -> int:
+        """Vector registers a register tile may use for accumulators (32 on AVX-512, 16 elsewhere)."""
+        return 24 if self.vector_bits >= 512 else 12
+
+
+def as_target(target_spec):
+    """A tvm Target from a graphopt TargetSpec, a tvm Target, a dict or a string name of a kind."""
+    import tvm
+
+    for attr in ("tvm_target", "target"):
+        t = getattr(target_spec, attr, None)
+        if t is not None and not isinstance(target_spec, tvm.target.Target):
+            return t if isinstance(t, tvm.target.Target) else tvm.target.Target(t)
+    if isinstance(target_spec, tvm.target.Target):
+        return target_spec
+    if target_spec is None:
+        return tvm.target.Target({"kind": "llvm"})
+    return tvm.target.Target(target_spec)
+
+
+def features_of(target_spec) -> CPUFeatures:
+    """Read vector width and cores from a TargetSpec (its fields win) or from the tvm Target."""
+    from tvm.target.codegen import llvm_get_vector_width
+
+    target = as_target(target_spec)
+    given = dict(getattr(target_spec, "features", None) or {})
+    bits = given.get("vector_bits") or getattr(target_spec, "vector_bits", None)
+    if not bits:
+        try:
+            bits = int(llvm_get_vector_width(target))
+        except Exception:  # noqa: BLE001 - a target LLVM cannot describe: assume 128-bit SIMD
+            bits = 128
+        if bits <= 0:
+            bits = 128
+    cores = given.get("cores") or getattr(target_spec, "cores", None)
+    if not cores:
+        nc = target.attrs.get("num-cores") if hasattr(target, "attrs") else None
+        cores = int(nc) if nc else int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+    return CPUFeatures(vector_bits=int(bits), cores=max(1, int(cores)), target=target)

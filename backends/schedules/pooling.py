@@ -1,0 +1,30 @@
+"""Max / average pooling windows (one input read, a reduction over the window).
+
+Stride-1 windows take the contraction tiling (vector over output width, register tile over
+channels); strided windows keep the generic schedule (parallel over rows, window loops inside),
+which is memory-bound either way.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+from .analysis import main_reduction
+from .features import CPUFeatures
+from .tiling import apply_contraction
+
+
+def is_pool(sch: s_tir.Schedule, block) -> bool:
+    stmt = sch.get(block)
+    nred = sum(1 for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce)
+    return nred >= 1 and len(stmt.reads) == 1 and len(stmt.writes) == 1 and len(stmt.writes[0].region) >= 3
+
+
+def schedule_pool(func: tirx.PrimFunc, feats: CPUFeatures) -> s_tir.Schedule | None:
+    sch = s_tir.Schedule(func)
+    block = main_reduction(sch)
+    if block is None or not is_pool(sch, block):
+        return None
+    if apply_contraction(sch, block, feats) is None:
+        return None
+    return sch

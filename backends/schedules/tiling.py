@@ -1,0 +1,164 @@
+"""Register tiling for a contraction block (conv, matmul, pooling): the engine the op rules share.
+
+The output's innermost axis ``v`` becomes the vector axis (contiguous stores, contiguous or broadcast
+loads); a second spatial axis ``u`` that the vector-loaded inputs do not depend on is the register
+axis, so each vector load feeds ``u_i`` fused multiply-adds into ``u_i x v_i/lanes`` accumulators that
+stay in registers. Loop order: spatial outer tiles (fused and parallel), reduction loops, ``u_i``
+(unrolled), ``v_i`` (vectorized). The accumulator is a ``local`` cache written back once per tile; the
+elementwise epilogue (bias, relu, residual add) is inlined into that write-back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from tvm import s_tir, tirx
+
+from .analysis import Axis, block_axes, buffer_uses, coefficient, consumers
+from .features import CPUFeatures
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """The decisions for one contraction block (kept for tests and ``--profile`` reports)."""
+
+    vec_axis: int  # index into the block's axes
+    vec_tile: int
+    reg_axis: int | None
+    reg_tile: int
+    parallel_extent: int
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def vector_tile(extent: int, lanes: int) -> int:
+    """The divisor of ``extent`` that fills vector lanes best.
+
+    At most one vector, or exactly two (LLVM splits a power-of-two vector cleanly; a 28-lane vector
+    it legalizes into slow masked pieces).
+    """
+    cands = [d for d in divisors(extent) if d <= lanes or d == 2 * lanes]
+    return max(cands, key=lambda d: (d / (math.ceil(d / lanes) * lanes), d))
+
+
+def register_tile(extent: int, limit: int) -> int:
+    """The largest divisor of ``extent`` not above ``limit``."""
+    return max(d for d in divisors(extent) if d <= max(1, limit))
+
+
+def plan_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, axes: list[Axis] | None = None) -> TilePlan | None:
+    """Choose vector and register axes for a reduction block; None when it is not a contraction."""
+    axes = axes or block_axes(sch, block)
+    if axes is None:
+        return None
+    stmt = sch.get(block)
+    if len(stmt.writes) != 1 or not stmt.writes[0].region:
+        return None
+    spatial = [i for i, a in enumerate(axes) if not a.reduce]
+    if not spatial or len(spatial) == len(axes):
+        return None
+    last = stmt.writes[0].region[-1].min
+    vec = next((i for i in spatial if coefficient(last, axes[i].var) == 1), None)
+    if vec is None:
+        return None
+    vvar = axes[vec].var
+    vec_reads = [r for r in stmt.reads if buffer_uses(r, vvar)]
+    # Every input that moves with v must move contiguously in its innermost index.
+    for r in vec_reads:
+        if coefficient(r.region[-1].min, vvar) not in (1,):
+            return None
+    lanes = feats.lanes(stmt.writes[0].source.dtype.bits)
+    vt = vector_tile(axes[vec].extent, lanes)
+    nvec = math.ceil(vt / lanes)
+    cands = [i for i in spatial if i != vec and axes[i].extent > 1]
+    reg = None
+    if cands:
+        reg = max(cands, key=lambda i: (not any(buffer_uses(r, axes[i].var) for r in vec_reads), axes[i].extent, i))
+    rt = register_tile(axes[reg].extent, feats.max_accumulators // nvec) if reg is not None else 1
+    outer = 1
+    for i in spatial:
+        outer *= axes[i].extent // (vt if i == vec else rt if i == reg else 1)
+    return TilePlan(vec, vt, reg, rt, outer)
+
+
+def apply_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, plan: TilePlan | None = None) -> TilePlan | None:
+    """Tile ``block`` per ``plan`` (or a fresh plan); returns the plan, or None if it did not apply."""
+    axes = block_axes(sch, block)
+    plan = plan or plan_contraction(sch, block, feats, axes)
+    if axes is None or plan is None:
+        return None
+    outer_s, reds, inner = [], [], []
+    for i, a in enumerate(axes):
+        if a.reduce:
+            reds.append(a.loop)
+        elif i == plan.vec_axis:
+            o, v_i = sch.split(a.loop, [None, plan.vec_tile])
+            outer_s.append(o)
+        elif i == plan.reg_axis:
+            o, u_i = sch.split(a.loop, [None, plan.reg_tile])
+            outer_s.append(o)
+        else:
+            outer_s.append(a.loop)
+    inner = ([u_i] if plan.reg_axis is not None else []) + [v_i]
+    sch.reorder(*outer_s, *reds, *inner)
+    tile_loop = outer_s[-1]
+
+    wb = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
+    _inline_epilogue(sch, wb)
+    parallelize_outer(sch, outer_s, plan.parallel_extent, feats, work_per_iter=plan.vec_tile * plan.reg_tile)
+
+    # Vectorize/unroll while the block still has its init (a reduction block), then split the init off.
+    sch.vectorize(v_i)
+    if plan.reg_axis is not None:
+        sch.unroll(u_i)
+    init = sch.decompose_reduction(block, reds[0])
+    for b in (init, wb):
+        loops = sch.get_loops(b)
+        if sch.get(loops[-1]).kind != tirx.ForKind.VECTORIZED:
+            _try(sch.vectorize, loops[-1])
+    return plan
+
+
+def _try(prim, *args) -> bool:
+    try:
+        prim(*args)
+        return True
+    except Exception:  # noqa: BLE001 - a primitive that does not apply here is skipped
+        return False
+
+
+def _inline_epilogue(sch: s_tir.Schedule, wb) -> None:
+    """Fold elementwise consumers (bias, activation, residual add) into the write-back block."""
+    while True:
+        cons = consumers(sch, wb)
+        if len(cons) != 1:
+            return
+        try:
+            sch.reverse_compute_inline(cons[0])
+        except Exception:  # noqa: BLE001 - not inlinable (broadcast, reduction): leave it to its own rule
+            return
+
+
+def parallelize_outer(sch: s_tir.Schedule, loops: list, total: int, feats: CPUFeatures, work_per_iter: int = 1) -> None:
+    """Fuse the leading loops into one parallel loop with enough iterations for every core.
+
+    Tiny nests (under ~16k elements of work) stay serial: a parallel launch costs more than they do.
+    """
+    if feats.cores <= 1 or total * work_per_iter < 16384 or not loops:
+        return
+    from .analysis import int_extent
+
+    prefix, n = [], 1
+    for lp in loops:
+        prefix.append(lp)
+        n *= int_extent(sch, lp) or 1
+        if n >= 4 * feats.cores:
+            break
+    if n < 2:
+        return
+    fused = sch.fuse(*prefix) if len(prefix) > 1 else prefix[0]
+    sch.parallel(fused)

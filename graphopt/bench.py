@@ -1,0 +1,275 @@
+"""``graphopt bench``: latency of compiled models against ONNX Runtime, same inputs, same threads.
+
+Each model is measured in a child process (``python -m graphopt.bench``) so that ``TVM_NUM_THREADS``
+is set before TVM's thread pool starts and ORT gets the same ``intra_op_num_threads``. A result is
+a plain dict (the JSON written by ``--json``)::
+
+    {"model", "target", "threads", "repeat", "warmup", "untuned", "input_shapes",
+     "graphopt": {"min_ms", "median_ms", "max_ms", "mean_ms"}, "ort": {...} or None,
+     "ratio": graphopt median / ORT median, "flops", "gflops": FLOPs / graphopt median,
+     "ort_gflops", "compile_s", "schedules": {rule: functions}, "profile": [{"function", "ms", "share", "calls"}]}
+
+FLOPs are ``graphopt.summary.summarize`` (2 per multiply-add). ``profile`` times every call the
+Relax VM makes (fused kernels and builtins) with an instrument, so the slowest kernels are visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphopt.errors import GraphoptError, UsageError
+
+RESULT_FIELDS = (
+    "model", "target", "threads", "repeat", "warmup", "untuned", "input_shapes", "graphopt", "ort",
+    "ratio", "flops", "gflops", "ort_gflops", "compile_s", "schedules", "profile",
+)
+
+
+def stats_ms(seconds: list[float]) -> dict[str, float]:
+    ms = [s * 1e3 for s in seconds]
+    return {
+        "min_ms": round(min(ms), 4),
+        "median_ms": round(statistics.median(ms), 4),
+        "max_ms": round(max(ms), 4),
+        "mean_ms": round(statistics.fmean(ms), 4),
+    }
+
+
+def _is_bundle(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json"))
+
+
+def _model_source(model: str, input_shapes: list[str]) -> tuple[str | None, list[str]]:
+    """The ONNX path behind ``model`` (a file, a bundled name, or a bundle's recorded source) and its shapes."""
+    if _is_bundle(model):
+        with open(os.path.join(model, "manifest.json")) as f:
+            manifest = json.load(f)
+        src = (manifest.get("source") or {}).get("path") if isinstance(manifest.get("source"), dict) else manifest.get("source_path")
+        return (src if src and os.path.isfile(src) else None), input_shapes
+    from graphopt.api import resolve_model_path
+
+    shapes = list(input_shapes)
+    if not shapes and not os.path.exists(model) and ":" in model:
+        from graphopt import models
+
+        shapes = models.default_input_shapes(model)
+    return str(resolve_model_path(model)), shapes
+
+
+def _inputs_for(runner, onnx_path: str | None, shapes: list[str]) -> dict[str, np.ndarray]:
+    from graphopt.models import random_inputs
+
+    if onnx_path is not None:
+        feeds = random_inputs(onnx_path, input_shapes=shapes or None)
+        return {n: feeds[n] for n, _, _ in runner.inputs if n in feeds} or feeds
+    rng = np.random.default_rng(0)
+    return {n: rng.standard_normal(s).astype(d) if d.startswith("float") else np.zeros(s, d) for n, s, d in runner.inputs}
+
+
+def profile_vm(vm, args: list, runs: int = 3) -> list[dict[str, Any]]:
+    """Mean time per run spent in each function the VM calls, slowest first, with its share."""
+    totals: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    started: list[float] = []
+
+    def instrument(func, symbol, before, ret, *rest):
+        if before:
+            started.append(time.perf_counter())
+        else:
+            totals[symbol] += time.perf_counter() - started.pop()
+            calls[symbol] += 1
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(runs):
+            vm["main"](*args)
+    finally:
+        vm.set_instrument(lambda *a: 0)
+    total = sum(totals.values()) or 1.0
+    rows = [
+        {"function": k, "ms": round(v * 1e3 / runs, 4), "share": round(v / total, 4), "calls": calls[k] // runs}
+        for k, v in totals.items()
+    ]
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
+def _time_ort(onnx_path: str, feeds: dict, threads: int, repeat: int, warmup: int) -> list[float]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def measure(
+    model: str,
+    *,
+    target: str = "x86",
+    threads: int,
+    against: str | None = "ort",
+    input_shapes: list[str] = (),
+    repeat: int = 20,
+    warmup: int = 3,
+    untuned: bool = False,
+    profile: bool = False,
+    opt_level: int = 2,
+    frontend: str = "graphopt",
+) -> dict[str, Any]:
+    """Compile (or load) ``model`` and time it in this process (``TVM_NUM_THREADS`` already set)."""
+    import tvm
+
+    onnx_path, shapes = _model_source(model, list(input_shapes))
+    schedules: dict[str, int] = {}
+    t0 = time.perf_counter()
+    if _is_bundle(model):
+        from graphopt.api import load_bundle
+
+        compiled = load_bundle(model)
+        runner = getattr(compiled, "_runner", None) or getattr(compiled, "runner", compiled)
+        runner = runner() if callable(runner) and not hasattr(runner, "vm") else runner
+        target_name = "bundle"
+    else:
+        from graphopt import api
+        from graphopt.backends.compile import compile_model
+
+        m = api.load(onnx_path, input_shapes=shapes or None)
+        from graphopt.backends import schedules as sched
+
+        compiled = compile_model(m, target=target, opt_level=opt_level, schedules=not untuned, frontend=frontend)
+        for rule in ({} if untuned else sched.last_report()).values():
+            schedules[rule] = schedules.get(rule, 0) + 1
+        runner = compiled.runner()
+        target_name = compiled.target.name
+    compile_s = time.perf_counter() - t0
+    feeds = _inputs_for(runner, onnx_path, shapes)
+    arrays = runner.check_inputs((), feeds)
+    dev = runner.device
+    args = [tvm.runtime.tensor(a, dev) for a in arrays] + list(getattr(runner, "_params", []))
+    vm = runner.vm
+    for _ in range(warmup):
+        vm["main"](*args)
+    te = vm.time_evaluator("main", dev, number=1, repeat=repeat)
+    go = list(te(*args).results)
+    result: dict[str, Any] = {
+        "model": model, "target": target_name, "threads": threads, "repeat": repeat, "warmup": warmup,
+        "untuned": untuned, "input_shapes": shapes, "graphopt": stats_ms(go), "ort": None, "ratio": None,
+        "flops": None, "gflops": None, "ort_gflops": None, "compile_s": round(compile_s, 2),
+        "schedules": schedules, "profile": None,
+    }
+    if onnx_path is not None:
+        try:
+            from graphopt import api
+            from graphopt.summary import summarize
+
+            result["flops"] = summarize(api.load(onnx_path, input_shapes=shapes or None)).get("flops")
+        except GraphoptError:
+            result["flops"] = None
+    if against == "ort" and onnx_path is not None:
+        ort_s = _time_ort(onnx_path, feeds, threads, repeat, warmup)
+        result["ort"] = stats_ms(ort_s)
+        result["ratio"] = round(result["graphopt"]["median_ms"] / result["ort"]["median_ms"], 3)
+    if result["flops"]:
+        result["gflops"] = round(result["flops"] / (result["graphopt"]["median_ms"] * 1e6), 2)
+        if result["ort"]:
+            result["ort_gflops"] = round(result["flops"] / (result["ort"]["median_ms"] * 1e6), 2)
+    if profile:
+        result["profile"] = profile_vm(vm, args, runs=max(1, min(repeat, 5)))
+    return result
+
+
+def bench(models: list[str], *, threads: int | None = None, **options) -> list[dict[str, Any]]:
+    """Measure each model in a child process with ``TVM_NUM_THREADS=threads`` (default: all cores)."""
+    if not models:
+        raise UsageError("bench needs at least one model, bundle or name (e.g. light:squeezenet)")
+    if options.get("against") not in (None, "ort", "none"):
+        raise UsageError(f"--against must be 'ort' or 'none', got {options.get('against')!r}")
+    if options.get("repeat", 20) < 1 or options.get("warmup", 3) < 0:
+        raise UsageError("--repeat must be at least 1 and --warmup at least 0")
+    threads = threads or os.cpu_count() or 1
+    if threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    for m in models:
+        if not (os.path.exists(m) or ":" in m):
+            raise UsageError(f"{m}: no such file, bundle directory or model name")
+    return [_measure_in_child(m, threads=threads, **options) for m in models]
+
+
+def _measure_in_child(model: str, *, threads: int, **options) -> dict[str, Any]:
+    env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    payload = json.dumps({"model": model, "threads": threads, **options})
+    proc = subprocess.run(
+        [sys.executable, "-m", "graphopt.bench", payload], env=env, capture_output=True, text=True
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise GraphoptError(f"{model}: benchmark failed: {_last_line(proc.stderr)}")
+    reply = json.loads(lines[-1])
+    if "error" in reply:
+        raise GraphoptError(f"{model}: {reply['error']}")
+    return reply
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _child_main(payload: str) -> int:
+    opts = json.loads(payload)
+    model = opts.pop("model")
+    try:
+        result = measure(model, **opts)
+    except GraphoptError as e:
+        print(json.dumps({"error": str(e).splitlines()[0]}))
+        return 0
+    print(json.dumps(result))
+    return 0
+
+
+def plot(results: list[dict[str, Any]], path: str | Path) -> Path:
+    """A bar chart of median latency per model, graphopt beside ORT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [Path(r["model"]).name for r in results]
+    x = np.arange(len(results))
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(results)), 3.5))
+    ax.bar(x - 0.2, [r["graphopt"]["median_ms"] for r in results], 0.4, label="graphopt")
+    if any(r["ort"] for r in results):
+        ax.bar(x + 0.2, [r["ort"]["median_ms"] if r["ort"] else 0 for r in results], 0.4, label="ONNX Runtime")
+    ax.set_xticks(x, names, rotation=20)
+    ax.set_ylabel("median latency (ms)")
+    ax.set_title(f"{results[0]['target']}, {results[0]['threads']} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1]))
