@@ -86,7 +86,7 @@ def match_layernorm(mean1: ir.Node):
     if sub is None or sub.op_type != "Sub" or list(sub.inputs) != [x, mean1.outputs[0]]:
         return None
     d = sub.outputs[0]
-    uses = [u.node for u in d.uses()]
+    uses = list({id(u.node): u.node for u in d.uses()}.values())
     sq = next((n for n in uses if _square_of(n, d)), None)
     div = next((n for n in uses if n.op_type == "Div" and n.inputs[0] is d), None)
     if sq is None or div is None or len(uses) != 2 or d.is_graph_output():

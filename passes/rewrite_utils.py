@@ -115,7 +115,8 @@ def can_bypass(old: ir.Value, new: ir.Value) -> bool:
 
 
 def remove_dead(graph: ir.Graph | ir.Function, nodes: list[ir.Node]) -> int:
-    """Remove those of ``nodes`` whose outputs nobody uses any more (repeatedly, in any order)."""
+    """Remove those of ``nodes`` whose outputs nobody uses any more (repeatedly, in any order),
+    and the Constant nodes that fed only them."""
     removed = 0
     outputs = set(graph.outputs)
     pending = [n for n in nodes if n is not None]
@@ -128,8 +129,10 @@ def remove_dead(graph: ir.Graph | ir.Function, nodes: list[ir.Node]) -> int:
                 continue
             if any(o.uses() or o in outputs for o in node.outputs):
                 continue
+            feeders = [v.producer() for v in node.inputs if v is not None]
             graph.remove(node, safe=True)
             pending.remove(node)
+            pending.extend(f for f in feeders if f is not None and f.op_type == "Constant" and f not in pending)
             removed += 1
             progress = True
     return removed

@@ -1,0 +1,76 @@
+"""FuseAttentionPass: Softmax(Q·Kᵀ·scale [+ mask])·V becomes one Attention node."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import pytest
+
+from graph_testing import apply_and_compare, model_from_text, ops
+from graphopt.passes.fuse_attention import FuseAttentionPass
+
+SHAPES = "float[1,2,6,4] q, float[1,2,6,4] k, float[1,2,6,4] v, float[1,1,6,6] mask"
+
+
+def _model(opset: int, *, scale_on="scores", mask=True, perm="[0, 1, 3, 2]", k_shape=None):
+    k_decl = k_shape or "float[1,2,6,4] k"
+    qk = "qs = Mul(q, c) \n s0 = MatMul(qs, kt)" if scale_on == "q" else "s = MatMul(q, kt) \n s0 = Div(s, c)"
+    add = "s1 = Add(s0, mask)" if mask else ""
+    body = f"""kt = Transpose<perm = {perm}>(k) \n c = Constant<value = float {{2.0}}>() \n {qk} \n {add}
+               p = Softmax<axis = -1>({"s1" if mask else "s0"}) \n o = MatMul(p, v) \n y = Relu(o)"""
+    inputs = SHAPES.replace("float[1,2,6,4] k", k_decl)
+    return model_from_text(f'<ir_version: 10, opset_import: ["" : {opset}]>\n'
+                           f"g ({inputs}) => (float[1,2,6,4] y) {{ {body} }}")
+
+
+@pytest.mark.parametrize("scale_on", ["q", "scores"])
+@pytest.mark.parametrize("mask", [True, False])
+def test_graphopt_attention(scale_on, mask):
+    model = _model(17, scale_on=scale_on, mask=mask)
+    result = apply_and_compare(FuseAttentionPass(target_runtime="graphopt"), model, rtol=1e-5, atol=1e-5)
+    assert result.modified
+    counts = ops(result.model)
+    assert counts["Attention"] == 1 and counts["Softmax"] == 0 and counts["MatMul"] == 0
+    node = next(n for n in result.model.graph if n.op_type == "Attention")
+    assert node.domain == "graphopt"
+    assert abs(node.attributes.get_float("scale") - (2.0 if scale_on == "q" else 0.5)) < 1e-7
+    assert len(node.inputs) == (4 if mask else 3)
+    assert counts["Add"] == 0 and counts["Mul"] + counts["Div"] == 0
+
+
+def test_other_key_layout_keeps_one_transpose():
+    # K stored as [1, 6, 2, 4] (seq before heads): Kᵀ = Transpose(k, [0, 2, 3, 1])
+    model = _model(17, perm="[0, 2, 3, 1]", k_shape="float[1,6,2,4] k")
+    result = apply_and_compare(FuseAttentionPass(target_runtime="graphopt"), model, rtol=1e-5, atol=1e-5)
+    assert result.modified and ops(result.model)["Transpose"] == 1 and ops(result.model)["Attention"] == 1
+
+
+def test_standard_attention_at_opset_23():
+    model = _model(23)
+    result = apply_and_compare(FuseAttentionPass(), model, rtol=1e-4, atol=1e-5)
+    assert result.modified
+    assert next(n for n in result.model.graph if n.op_type == "Attention").domain == ""
+
+
+def test_onnx_target_below_23_does_not_fire():
+    model = _model(17)
+    result = FuseAttentionPass()(model)
+    assert not result.modified and ops(result.model)["Softmax"] == 1
+
+
+def test_softmax_over_another_axis_does_not_fire():
+    model = _model(17)
+    softmax = next(n for n in model.graph if n.op_type == "Softmax")
+    softmax.attributes["axis"] = ir.AttrInt64("axis", 2)
+    result = apply_and_compare(FuseAttentionPass(target_runtime="graphopt"), model)
+    assert not result.modified and ops(result.model)["Softmax"] == 1
+
+
+def test_probabilities_used_twice_do_not_fire():
+    model = model_from_text(
+        '<ir_version: 10, opset_import: ["" : 17]>\n'
+        f"""g ({SHAPES}) => (float[1,2,6,4] y, float[1,2,6,1] extra) {{
+            kt = Transpose<perm = [0, 1, 3, 2]>(k) \n s = MatMul(q, kt) \n p = Softmax<axis = -1>(s)
+            y = MatMul(p, v) \n r = Constant<value = int64[1] {{3}}>() \n extra = ReduceSum(p, r)
+        }}""")
+    result = apply_and_compare(FuseAttentionPass(target_runtime="graphopt"), model)
+    assert not result.modified and ops(result.model)["MatMul"] == 2
