@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import onnx
@@ -20,13 +19,6 @@ from graphopt.diffcheck import (
 )
 from graphopt.errors import PassError
 from graphopt.pipeline import PassRegistry
-
-
-@pytest.fixture(autouse=True)
-def _verifier_if_present(monkeypatch):
-    # graphopt.verify belongs to another stage; the check under test here is the differential one.
-    if importlib.util.find_spec("graphopt.verify") is None:
-        monkeypatch.setenv("GRAPHOPT_VERIFY_EACH_PASS", "0")
 
 
 def _model() -> ir.Model:
