@@ -1,0 +1,250 @@
+"""graphopt.shapes: --input-shape parsing, specialization, and inference checked against ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from graphopt import io, models
+from graphopt.errors import ShapeError
+from graphopt.shapes import (
+    _inference_proto,
+    infer_shapes,
+    infer_types,
+    onnx_inferred_types,
+    parse_input_shapes,
+    specialize,
+)
+
+# --- parsing -------------------------------------------------------------------------------------
+
+
+def test_parse_specs():
+    assert parse_input_shapes(["x:1,3,224,224", "mask: 1, 128"]) == {"x": [1, 3, 224, 224], "mask": [1, 128]}
+    assert parse_input_shapes(["input:0:2,5"]) == {"input:0": [2, 5]}  # the last ':' separates
+    assert parse_input_shapes(["sr:"]) == {"sr": []}  # a scalar
+    assert parse_input_shapes({"x": (1, 2)}) == {"x": [1, 2]}
+    assert parse_input_shapes(None) == {} and parse_input_shapes([]) == {}
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        (["x"], "input shape 'x': expected NAME:D0,D1"),
+        ([":1,2"], "input shape ':1,2'"),
+        (["x:1,a,3"], "input shape 'x:1,a,3': dim 'a'"),
+        (["x:1,-3"], "dim '-3'"),
+        (["x:1,,3"], "dim ''"),
+        (["x:1", "x:2"], "'x' is given twice"),
+        ({"x": [1, -1]}, "input shape for 'x': dims must be non-negative"),
+        ({"x": "1,2"}, "expected a list of ints"),
+    ],
+)
+def test_parse_errors_name_the_spec(spec, fragment):
+    with pytest.raises(ShapeError) as info:
+        parse_input_shapes(spec)
+    assert fragment in str(info.value)
+
+
+# --- specialization ------------------------------------------------------------------------------
+
+TWO_INPUTS = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,H] x, float[N,3] y) => (float[N,3,H] z) {
+  s = Unsqueeze(y, axes)
+  z = Add(x, s)
+}
+"""
+
+
+def _two_inputs() -> ir.Model:
+    m = ir.from_onnx_text(TWO_INPUTS.replace("(float[N,3,H] z) {", "(float[N,3,H] z) <int64[1] axes = {2}> {"))
+    return m
+
+
+def test_specialize_fixes_dims_binds_symbols_and_infers():
+    m = specialize(_two_inputs(), ["x:2,3,5"])
+    assert list(m.graph.inputs[0].shape) == [2, 3, 5]
+    assert list(m.graph.inputs[1].shape) == [2, 3]  # N is bound by x
+    s = m.graph[0].outputs[0]
+    assert list(s.shape) == [2, 3, 1] and s.dtype == ir.DataType.FLOAT
+    assert list(m.graph.outputs[0].shape) == [2, 3, 5]
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        (["w:1,2"], "the model has no input 'w' (inputs: x, y)"),
+        (["x:2,3"], "input 'x': declared with rank 3 [N,3,H], got 2 dims [2, 3]"),
+        (["x:2,4,5"], "input 'x': dim 1 is declared 3, got 4"),
+        (["x:2,3,5", "y:3,3"], "input 'y': dim 0 is 'N', already fixed to 2"),
+    ],
+)
+def test_specialize_errors(spec, fragment):
+    with pytest.raises(ShapeError) as info:
+        specialize(_two_inputs(), spec)
+    assert fragment in str(info.value)
+
+
+# --- inference fills what ONNX leaves unknown, and agrees with ONNX Runtime -----------------------
+
+
+def _ort_shapes(model: ir.Model, feeds: dict) -> dict[str, list[int]]:
+    """The shape of every node output, as ONNX Runtime computes it."""
+    proto = ir.to_proto(model)
+    names = [o.name for n in model.graph for o in n.outputs]
+    del proto.graph.output[:]
+    for name in names:
+        proto.graph.output.add(name=name)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return {n: list(np.shape(a)) for n, a in zip(names, sess.run(None, feeds))}
+
+
+def _assert_static_and_matches_ort(model: ir.Model, feeds: dict) -> None:
+    actual = _ort_shapes(model, feeds)
+    for n in model.graph:
+        for o in n.outputs:
+            assert o.shape is not None and o.shape.is_static(), f"{n.op_type} {o.name}: {o.shape}"
+            assert list(o.shape) == actual[o.name], f"{n.op_type} {o.name}: {o.shape} vs ORT {actual[o.name]}"
+
+
+SHAPE_CHAINS = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N,C,L] x) => (float[A,B] r, float[P,Q,R] c, int64[S] rg, float[T,U,V] e, float[W,X,Y] sl, float[D1,D2,D3] t) {
+  sh = Shape(x)
+  shf = Cast<to = 1>(sh)
+  half = Div(shf, two)
+  hi = Cast<to = 7>(half)
+  last = Gather<axis = 0>(hi, i2v)
+  first = Slice(sh, s0, s1)
+  target = Concat<axis = 0>(first, minus1, last)
+  r0 = Reshape(x, target)
+  r = ReduceSum<keepdims = 0>(r0, ax1)
+  c = ConstantOfShape<value = float[1] {0.5}>(sh)
+  n = ReduceProd<keepdims = 0>(sh)
+  rg = Range(zero, n, one)
+  e = Expand(x, target3)
+  ends = Mul(last, two_iv)
+  sl = Slice(x, zero1, ends, ax2)
+  reps = Where(cond, sh, ones3)
+  t = Tile(x, reps)
+}
+"""
+
+
+def test_gap_filling_on_computed_shapes_matches_ort():
+    inits = (
+        "<float two = {2.0}, int64[1] i2v = {2}, int64[1] s0 = {0}, int64[1] s1 = {1}, int64[1] minus1 = {-1},"
+        " int64[1] ax1 = {1}, int64 zero = {0}, int64 one = {1}, int64[3] target3 = {2, 1, 1},"
+        " int64[1] two_iv = {2}, int64[1] zero1 = {0}, int64[1] ax2 = {2}, bool[3] cond = {0, 0, 1},"
+        " int64[3] ones3 = {1, 1, 1}>"
+    )
+    head, body = SHAPE_CHAINS.split(") {", 1)
+    model = ir.from_onnx_text(head + ") " + inits + " {" + body)
+
+    onnx_only = onnx_inferred_types(model)
+    specialize(model, ["x:1,3,8"])
+    unknown_to_onnx = [
+        o.name for n in model.graph for o in n.outputs
+        if not (onnx_only.get(o, (None, None))[1] is not None and onnx_only[o][1].is_static())
+    ]
+    assert unknown_to_onnx, "the model must exercise shapes that ONNX leaves unknown"
+    feeds = {"x": np.random.default_rng(0).random((1, 3, 8), dtype=np.float32)}
+    _assert_static_and_matches_ort(model, feeds)
+
+
+@pytest.mark.parametrize("name", ["rapidocr:rec", "rapidocr:cls"])
+def test_rapidocr_fully_static_after_specialization(name):
+    model = io.load(models.resolve(name))
+    spec = models.default_input_shapes(name)
+    dims = [int(d) for d in spec[0].split(":")[1].split(",")]
+    specialize(model, spec)
+    feeds = {"x": np.random.default_rng(0).random(dims, dtype=np.float32)}
+    _assert_static_and_matches_ort(model, feeds)
+    assert all(v.shape.is_static() for v in model.graph.outputs)
+
+
+def test_rec_needs_the_gap_filler():
+    """ONNX's own data propagation leaves PP-OCRv4 rec partly unknown; graphopt's walk completes it."""
+    model = io.load(models.resolve("rapidocr:rec"))
+    model.graph.inputs[0].shape = ir.Shape([1, 3, 48, 320])
+    onnx_only = onnx_inferred_types(model)
+    values = [o for n in model.graph for o in n.outputs]
+    onnx_static = sum(1 for v in values if v in onnx_only and onnx_only[v][1] is not None and onnx_only[v][1].is_static())
+    assert onnx_static < len(values)
+    infer_shapes(model)
+    assert all(v.shape is not None and v.shape.is_static() for v in values)
+
+
+def test_if_with_static_condition_takes_its_branch():
+    model = io.load(models.resolve("silero:16k_op15"))
+    specialize(model, models.default_input_shapes("silero:16k_op15"))
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for o in node.outputs:
+            assert o.shape is not None and o.shape.is_static(), f"{node.op_type} {o.name}: {o.shape}"
+
+
+def test_inference_never_changes_the_graph():
+    model = io.load(models.resolve("rapidocr:cls"))
+    ops_before = [(n.op_type, n.name, [v.name for v in n.inputs if v]) for n in model.graph]
+    inits_before = list(model.graph.initializers)
+    recorded = {o.name: (o.dtype, o.shape) for n in model.graph for o in n.outputs}
+    types = infer_types(model)
+    assert len(types) >= len(recorded) // 2  # it found shapes for most values ...
+    assert {o.name: (o.dtype, o.shape) for n in model.graph for o in n.outputs} == recorded  # ... and wrote none
+    specialize(model, ["x:1,3,48,192"])
+    assert [(n.op_type, n.name, [v.name for v in n.inputs if v]) for n in model.graph] == ops_before
+    assert list(model.graph.initializers) == inits_before
+
+
+def test_large_weights_stay_out_of_the_inference_proto(tmp_path):
+    big = np.random.default_rng(0).random((256, 1024), dtype=np.float32)  # 1 MiB
+    m = ir.from_onnx_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[B,256] x) => (float[B,1024] y) { y = MatMul(x, w) }
+        """
+    )
+    w = ir.Value(name="w", const_value=ir.tensor(big))
+    m.graph.register_initializer(w)
+    m.graph[0].replace_input_with(1, w)
+    io.save(m, tmp_path / "m.onnx", external_data="m.onnx.data", size_threshold_bytes=1024)
+    loaded = io.load(tmp_path / "m.onnx")
+    assert io.has_external_data(loaded)
+    proto = _inference_proto(loaded, keep_value_info=True)
+    assert proto.ByteSize() < 10_000
+    assert [i.name for i in proto.graph.input] == ["x", "w"]
+    specialize(loaded, ["x:3,256"])
+    assert list(loaded.graph.outputs[0].shape) == [3, 1024]
+    # the weights are still there, untouched
+    assert np.array_equal(loaded.graph.initializers["w"].const_value.numpy(), big)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = np.ones((3, 256), np.float32)
+    assert list(sess.run(None, {"x": x})[0].shape) == list(loaded.graph.outputs[0].shape)
+
+
+def test_exporters_minus_one_and_question_mark_dims_are_dynamic():
+    m = io.load(models.resolve("rapidocr:cls"))  # declared [-1,3,?,?]
+    declared = m.graph.inputs[0].shape
+    assert declared[0] == -1
+    specialize(m, ["x:2,3,48,192"])
+    assert list(m.graph.outputs[0].shape) == [2, 2]
+
+
+def test_onnx_inferred_types_none_on_failure():
+    m = ir.from_onnx_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3] x, float[2] z) => (float[4,3] y) { y = Concat<axis = 0>(x, z) }
+        """
+    )
+    assert onnx_inferred_types(m, strict=True) is None  # ranks differ: strict inference refuses
+    assert onnx_inferred_types(m, strict=False) is not None
+
+
+def test_dump_of_proto_is_valid_onnx_for_checker():
+    m = io.load(models.resolve("rapidocr:cls"))
+    onnx.checker.check_model(_inference_proto(m, keep_value_info=True))
