@@ -37,6 +37,14 @@ def attr_value(attr: ir.Attr) -> Any:
     return v
 
 
+class ConstantInputRequired(UnsupportedError):
+    """An input that sets a shape/axis/count (Reshape's shape, Slice's starts...) is computed at run time."""
+
+    def __init__(self, message: str, value_name: str):
+        super().__init__(message)
+        self.value_name = value_name
+
+
 class LowerContext:
     """The node being lowered, its attributes, constant inputs, shapes, and the BlockBuilder."""
 
@@ -83,7 +91,9 @@ class LowerContext:
         v = self.const(i)
         if v is None:
             name = self.node.inputs[i].name if self.has_input(i) else f"#{i}"
-            self.unsupported(f"input '{name}' ({what}) must be a constant (it is computed at run time)")
+            raise ConstantInputRequired(
+                f"node '{self.name}' ({self.op}): input '{name}' ({what}) must be a constant "
+                "(it is computed at run time)", name)
         return v
 
     # ------------------------------------------------------------ shapes and dtypes

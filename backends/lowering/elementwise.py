@@ -185,7 +185,7 @@ def _div(a, b):
         if H.is_unsigned(dtype):
             return q
         r = R.subtract(a, R.multiply(q, b))
-        fix = R.logical_and(R.not_equal(r, _s(a, 0)), R.not_equal(R.less(a, _s(a, 0)), R.less(b, _s(b, 0))))
+        fix = R.logical_and(R.not_equal(r, _s(a, 0)), R.logical_xor(R.less(a, _s(a, 0)), R.less(b, _s(b, 0))))
         return R.add(q, R.astype(fix, dtype))
     return R.divide(a, b)
 
@@ -203,18 +203,31 @@ def lower_pow(ctx, ins):
 def lower_mod(ctx, ins):
     a, b = ins
     dtype = H.dtype_of(a)
-    if ctx.attr("fmod", 0) == 1:  # C fmod: sign of the dividend
-        if H.is_float(dtype):
-            return R.subtract(a, R.multiply(R.trunc(R.divide(a, b)), b))
-        return R.subtract(a, R.multiply(_div(a, b), b))
     if H.is_float(dtype):
-        return R.floor_mod(a, b)
+        r = ctx.emit(R.mod(a, b))  # C fmod: the sign of the dividend
+        if ctx.attr("fmod", 0) == 1:
+            return r
+        # Python mod: the sign of the divisor (also right for infinite divisors)
+        wrong = R.logical_and(R.not_equal(r, _s(r, 0)), R.logical_xor(R.less(r, _s(r, 0)), R.less(b, _s(b, 0))))
+        return R.where(wrong, R.add(r, b), r)
+    if ctx.attr("fmod", 0) == 1:
+        return R.subtract(a, R.multiply(_div(a, b), b))
     return R.floor_mod(a, b)
 
 
 def lower_bitshift(ctx, ins):
     a, b = ins
-    return R.left_shift(a, b) if ctx.attr("direction") == "LEFT" else R.right_shift(a, b)
+    dtype = H.dtype_of(a)
+    width = int("".join(c for c in dtype if c.isdigit()))
+    out = R.left_shift(a, b) if ctx.attr("direction") == "LEFT" else R.right_shift(a, b)
+    # a shift count outside [0, width) shifts every bit out (a negative count reads as a huge unsigned one)
+    big = R.greater_equal(b, _s(b, width))
+    if not H.is_unsigned(dtype):
+        big = R.logical_or(big, R.less(b, _s(b, 0)))
+    fill = _s(a, 0)
+    if ctx.attr("direction") != "LEFT" and not H.is_unsigned(dtype):
+        fill = R.where(R.less(a, _s(a, 0)), _s(a, -1), _s(a, 0))
+    return R.where(big, fill, out)
 
 
 _BINARY = {
@@ -312,9 +325,7 @@ def lower_constant(ctx, ins):
 
 
 def lower_constant_of_shape(ctx, ins):
-    shape = ctx.const_ints(0)
-    if shape is None:
-        ctx.unsupported("the shape input is computed at run time (dynamic output shape)")
+    shape = [int(v) for v in ctx.require_const(0, "shape").reshape(-1)]
     value = ctx.attr("value")
     arr = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
     dtype = "bool" if arr.dtype == np.bool_ else str(arr.dtype)
@@ -322,9 +333,7 @@ def lower_constant_of_shape(ctx, ins):
 
 
 def lower_range(ctx, ins):
-    start, limit, delta = (ctx.const(i) for i in range(3))
-    if start is None or limit is None or delta is None:
-        ctx.unsupported("start/limit/delta are computed at run time (dynamic output length)")
+    start, limit, delta = (ctx.require_const(i, name) for i, name in enumerate(("start", "limit", "delta")))
     arr = np.arange(start.item(), limit.item(), delta.item()).astype(start.dtype)
     return H.const(arr, str(start.dtype))
 

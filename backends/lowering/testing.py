@@ -25,7 +25,9 @@ def as_ir(model) -> ir.Model:
 
 
 def _to_tensor(arr: np.ndarray, dtype: str):
-    arr = np.ascontiguousarray(arr)
+    arr = np.asarray(arr)
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")
     if dtype == "bfloat16":
         arr = arr.astype(helpers.numpy_dtype("bfloat16"))
     return tvm.runtime.tensor(arr)
