@@ -10,7 +10,7 @@ Vertices of the view are strings:
 * a graph input is ``"input:<name>"`` (``kind="input"``), a graph output ``"output:<name>"``
   (``kind="output"``).
 
-Every edge carries ``values``: the names of the values flowing along it. A node whose subgraph
+Every edge carries ``values``: the names of the values flowing along it (each once). A node whose subgraph
 (If/Loop/Scan body) reads a value of the outer graph gets an edge from that value's producer too
 (marked ``captured=True``), so the view orders it after the producer.
 """
@@ -96,8 +96,10 @@ def to_networkx(graph: ir.Graph | ir.Function) -> nx.DiGraph:
 
     def add_edge(src: str, dst: str, value: ir.Value, captured: bool) -> None:
         if g.has_edge(src, dst):
-            g.edges[src, dst]["values"].append(value.name)
-            g.edges[src, dst]["captured"] &= captured
+            edge = g.edges[src, dst]
+            if value.name not in edge["values"]:
+                edge["values"].append(value.name)
+            edge["captured"] &= captured
         else:
             g.add_edge(src, dst, values=[value.name], captured=captured)
 
@@ -188,10 +190,14 @@ def dominators(graph: ir.Graph | ir.Function) -> dict[str, str | None]:
 
 
 def weakly_connected_components(graph: ir.Graph | ir.Function) -> list[set[str]]:
-    """Groups of node keys connected by data flow, largest first (inputs and outputs left out)."""
+    """Groups of node keys connected by data flow, largest first, then in graph order (no inputs/outputs)."""
     g = to_networkx(graph)
     g.remove_nodes_from([v for v, k in g.nodes(data="kind") if k != "node"])
-    return sorted((set(c) for c in nx.weakly_connected_components(g)), key=lambda c: (-len(c), min(c)))
+    first = g.nodes(data="index")
+    return sorted(
+        (set(c) for c in nx.weakly_connected_components(g)),
+        key=lambda c: (-len(c), min(first[v] for v in c)),
+    )
 
 
 def longest_path_length(graph: ir.Graph | ir.Function) -> int:
