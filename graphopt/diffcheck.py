@@ -82,7 +82,7 @@ def run_onnxruntime(
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     with tempfile.TemporaryDirectory(prefix="graphopt-diffcheck-") as tmp:
         if isinstance(model, ir.Model) and _has_external(model):
             path = Path(tmp) / "model.onnx"
@@ -97,7 +97,9 @@ def run_onnxruntime(
         sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
         wanted = {i.name for i in sess.get_inputs()}
-        results = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
+        run_opts = ort.RunOptions()
+        run_opts.log_severity_level = 4  # failures are raised (and reported) by the caller
+        results = sess.run(names, {k: v for k, v in feeds.items() if k in wanted}, run_opts)
     return dict(zip(names, results))
 
 
@@ -159,8 +161,12 @@ class DifferentialCheckInstrument:
         except GraphoptError:
             raise
         except Exception as e:
+            dynamic = [v.name for v in _input_values(model.graph)
+                       if v.shape is not None and not v.shape.is_static()]
+            hint = (f" (dynamic dims of {', '.join(dynamic)} were set to 1: fix them with --input-shape)"
+                    if dynamic else "")
             raise UnsupportedError(
-                f"differential check: ONNX Runtime cannot run the input model: {_first_line(e)}"
+                f"differential check: ONNX Runtime cannot run the input model{hint}: {_first_line(e)}"
             ) from None
         if self.output_dir is not None:
             self._reference_proto = _serialize(model)
