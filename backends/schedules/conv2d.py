@@ -1,22 +1,28 @@
 """conv2d in NCHW (plain, grouped, depthwise, dilated) and conv2d-transpose (a conv over the dilated input).
 
-Vector axis: output width (contiguous in the input for stride 1); register axis: output channels
-(the input row is loaded once and feeds ``reg_tile`` channels). Convolutions whose width moves with a
-stride other than 1 get the generic fallback (parallel outer loops) for now.
+Two plans, both register-tiled with the accumulators in vector registers:
+
+* width-vector (stride 1 along the width): vector over output width, contiguous in the input row;
+  register axis = output channels, so one input vector feeds ``reg_tile`` channels (``tiling.py``).
+* channel-vector (a strided width, e.g. stride 2): vector over output channels. The weight is
+  repacked inside the function to ``[O/L, I, KH, KW, L]`` so the ``L`` channels of one tap are
+  contiguous; each input pixel is broadcast into ``reg_tile`` output positions along the width.
+  Grouped/depthwise convs with a strided width keep the generic schedule.
 """
 
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 
-from .analysis import main_reduction
+from .analysis import block_axes, buffer_uses, coefficient, main_reduction
 from .features import CPUFeatures
-from .tiling import apply_contraction
-
+from .tiling import _inline_epilogue, _try, apply_contraction, divisors, parallelize_outer, plan_contraction, register_tile
 
 
 def is_conv(sch: s_tir.Schedule, block) -> bool:
-    """A reduction block with at least two reduction axes (channels x kernel window) and a 4-D+ output."""
+    """A reduction block with at least two reduction axes (channels x kernel window) and a 3-D+ output."""
     stmt = sch.get(block)
     nred = sum(1 for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce)
     return nred >= 2 and len(stmt.writes) == 1 and len(stmt.writes[0].region) >= 3 and len(stmt.reads) >= 2
@@ -27,6 +33,80 @@ def schedule_conv2d(func: tirx.PrimFunc, feats: CPUFeatures) -> s_tir.Schedule |
     block = main_reduction(sch)
     if block is None or not is_conv(sch, block):
         return None
-    if apply_contraction(sch, block, feats) is None:
-        return None
-    return sch
+    plan = plan_contraction(sch, block, feats)
+    lanes = feats.lanes(sch.get(block).writes[0].source.dtype.bits)
+    if plan is not None and plan.vec_tile >= lanes // 2:
+        return sch if apply_contraction(sch, block, feats, plan) else None
+    # a strided or narrow width (7x7 maps fill 7 of 16 lanes): vector over channels instead
+    if apply_channel_vector(sch, block, feats):
+        return sch
+    sch = s_tir.Schedule(func)
+    if plan is not None and apply_contraction(sch, main_reduction(sch), feats, plan):
+        return sch
+    return None
+
+
+def apply_channel_vector(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
+    """The channel-vector plan; False (before any change to ``sch``) when the block does not fit it."""
+    axes = block_axes(sch, block)
+    stmt = sch.get(block)
+    if axes is None or len(stmt.reads) != 2:
+        return False
+    out_idx = [r.min for r in stmt.writes[0].region]
+    spatial = [i for i, a in enumerate(axes) if not a.reduce]
+    x = next((i for i in spatial if coefficient(out_idx[-1], axes[i].var) == 1), None)
+    if x is None:
+        return False
+    data_i = next((k for k, r in enumerate(stmt.reads) if buffer_uses(r, axes[x].var)), None)
+    if data_i is None:
+        return False
+    w_i = 1 - data_i
+    data, weight = stmt.reads[data_i], stmt.reads[w_i]
+    # the output channel: in the weight's first index only, absent from the data read
+    f = next((i for i in spatial if i != x and coefficient(weight.region[0].min, axes[i].var) == 1
+              and not buffer_uses(data, axes[i].var)
+              and not any(buffer_uses_expr(r.min, axes[i].var) for r in list(weight.region)[1:])), None)
+    if f is None or len(weight.region) != 4:
+        return False
+    lanes = feats.lanes(stmt.writes[0].source.dtype.bits)
+    ft = max(d for d in divisors(axes[f].extent) if d <= lanes)
+    if ft < min(lanes, 4):
+        return False
+    rt = register_tile(axes[x].extent, feats.max_accumulators)
+
+    wc = sch.cache_read(block, w_i, "global")
+    sch.transform_layout(wc, ("write", 0), lambda o, i, h, w: (o // ft, i, h, w, o % ft))
+
+    outer, reds = [], []
+    for i, a in enumerate(axes):
+        if a.reduce:
+            reds.append(a.loop)
+        elif i == f:
+            fo, fi = sch.split(a.loop, [None, ft])
+            outer.append(fo)
+        elif i == x:
+            xo, xi = sch.split(a.loop, [None, rt])
+            outer.append(xo)
+        else:
+            outer.append(a.loop)
+    sch.reorder(*outer, *reds, xi, fi)
+    cl = sch.cache_write(block, 0, "local")
+    nd = len(out_idx)
+    perm = [k for k in range(nd) if k != 1] + [1]  # channels innermost in the accumulator
+    sch.transform_layout(block, ("write", 0), lambda *idx: tuple(idx[k] for k in perm))
+    sch.reverse_compute_at(cl, outer[-1], preserve_unit_loops=True)
+    _inline_epilogue(sch, cl)
+    total = math.prod(a.extent for a in axes if not a.reduce) // (ft * rt)
+    parallelize_outer(sch, outer, total, feats, work_per_iter=ft * rt)
+    sch.vectorize(fi)
+    sch.unroll(xi)
+    init = sch.decompose_reduction(block, reds[0])
+    _try(sch.vectorize, sch.get_loops(init)[-1])
+    _try(sch.vectorize, sch.get_loops(cl)[-1])
+    return True
+
+
+def buffer_uses_expr(expr, var) -> bool:
+    from .analysis import uses
+
+    return uses(expr, var)

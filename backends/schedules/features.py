@@ -44,7 +44,8 @@ def features_of(target_spec) -> CPUFeatures:
     from tvm.target.codegen import llvm_get_vector_width
 
     target = as_target(target_spec)
-    given = dict(getattr(target_spec, "features", None) or {})
+    given = getattr(target_spec, "features", None)
+    given = dict(given) if isinstance(given, dict) else {}
     bits = given.get("vector_bits") or getattr(target_spec, "vector_bits", None)
     if not bits:
         try:
