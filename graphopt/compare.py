@@ -1,0 +1,199 @@
+"""graphopt -O3 against onnxslim on the same models: node counts, ONNX Runtime latency, accuracy.
+
+For each model, the original, ``onnxslim.slim(model, model_check=False, input_shapes=...)`` and
+``graphopt.optimize(model, opt_level=3, input_shapes=...)`` are each run in ONNX Runtime on the same
+inputs (seeded random inputs of the given shapes): median latency of ``runs`` runs after warm-up, with
+``threads`` intra-op threads, and the largest absolute difference of any output from the original's.
+Node counts include the nodes of subgraphs. A tool that fails on a model leaves its columns empty and
+its error in the row; the other columns are still measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io as _io
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphopt.errors import GraphoptError, UsageError
+from graphopt.pipeline.instruments import count_nodes
+
+TOOLS = ("original", "onnxslim", "graphopt")
+
+
+@dataclasses.dataclass
+class ToolResult:
+    nodes: int | None = None
+    latency_ms: float | None = None
+    max_abs_diff: float | None = None
+    optimize_seconds: float | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class CompareRow:
+    model: str
+    input_shapes: list[str]
+    results: dict[str, ToolResult]
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "input_shapes": self.input_shapes,
+                **{tool: dataclasses.asdict(r) for tool, r in self.results.items()}}
+
+
+def _resolve(spec: str) -> tuple[Path, list[str]]:
+    from graphopt.api import resolve_model_path
+
+    path = resolve_model_path(spec)
+    if not path.exists():
+        raise UsageError(f"{spec}: no such file or model name")
+    shapes: list[str] = []
+    if not Path(spec).exists():
+        from graphopt import models
+
+        shapes = models.default_input_shapes(spec)
+    return path, shapes
+
+
+def _session(proto: onnx.ModelProto, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def measure(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], *, runs: int, threads: int):
+    """(outputs, median latency in ms) of the model in ONNX Runtime."""
+    sess = _session(proto, threads)
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    outputs = sess.run(None, feeds)
+    for _ in range(min(3, runs)):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1000)
+    return outputs, statistics.median(times)
+
+
+def _max_diff(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    if len(outputs) != len(reference):
+        return float("inf")
+    diffs = [float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+             for a, b in zip(outputs, reference)]
+    return max(diffs, default=0.0)
+
+
+def _nodes(proto: onnx.ModelProto) -> int:
+    return count_nodes(ir.serde.deserialize_model(proto))
+
+
+def _slim(path: Path, shapes: list[str]) -> onnx.ModelProto:
+    import onnxslim
+
+    with contextlib.redirect_stdout(_io.StringIO()):
+        return onnxslim.slim(str(path), model_check=False, input_shapes=shapes or None)
+
+
+def _graphopt(path: Path, shapes: list[str], opt_level: int, options: dict | None) -> onnx.ModelProto:
+    from graphopt import api
+
+    result = api.optimize(path, opt_level=opt_level, input_shapes=shapes or None, options=options)
+    return ir.to_proto(result.model)
+
+
+def compare_model(
+    spec: str,
+    *,
+    input_shapes: Sequence[str] | None = None,
+    runs: int = 20,
+    threads: int = 2,
+    opt_level: int = 3,
+    options: dict | None = None,
+    seed: int = 0,
+) -> CompareRow:
+    """Compare original, onnxslim and graphopt on one model (a path or a name like ``rapidocr:rec``)."""
+    from graphopt.models import random_inputs
+
+    path, default_shapes = _resolve(spec)
+    shapes = list(input_shapes or default_shapes)
+    original = onnx.load(str(path))
+    feeds = random_inputs(original, seed=seed, input_shapes=shapes or None)
+    results = {tool: ToolResult() for tool in TOOLS}
+    builders = {
+        "original": lambda: original,
+        "onnxslim": lambda: _slim(path, shapes),
+        "graphopt": lambda: _graphopt(path, shapes, opt_level, options),
+    }
+    reference = None
+    for tool in TOOLS:
+        r = results[tool]
+        try:
+            start = time.perf_counter()
+            proto = builders[tool]()
+            if tool != "original":
+                r.optimize_seconds = round(time.perf_counter() - start, 3)
+            r.nodes = _nodes(proto)
+            outputs, r.latency_ms = measure(proto, feeds, runs=runs, threads=threads)
+        except GraphoptError as e:
+            if tool == "original":
+                raise
+            r.error = f"{type(e).__name__}: {e}"
+            continue
+        except Exception as e:
+            if tool == "original":
+                raise GraphoptError(f"{spec}: ONNX Runtime cannot run the original model: {e}") from None
+            r.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        if reference is None:
+            reference = outputs
+        r.max_abs_diff = _max_diff(outputs, reference)
+    return CompareRow(spec, shapes, results)
+
+
+def compare(models: Sequence[str], **kwargs) -> list[CompareRow]:
+    if not models:
+        raise UsageError("compare: give at least one model (a path or a name such as rapidocr:rec)")
+    return [compare_model(m, **kwargs) for m in models]
+
+
+HEADER = ["model", "nodes orig", "onnxslim", "graphopt", "ORT ms orig", "onnxslim", "graphopt",
+          "max|diff| onnxslim", "graphopt"]
+
+
+def table_rows(rows: list[CompareRow]) -> list[list[str]]:
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    out = []
+    for row in rows:
+        r = row.results
+        out.append([
+            row.model,
+            *(fmt(r[t].nodes, "d") if not r[t].error else "error" for t in TOOLS),
+            *(fmt(r[t].latency_ms, ".2f") for t in TOOLS),
+            *(fmt(r[t].max_abs_diff, ".2e") for t in ("onnxslim", "graphopt")),
+        ])
+    return out
+
+
+def to_markdown(rows: list[CompareRow]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
+    return "\n".join(lines)
+
+
+def errors(rows: list[CompareRow]) -> list[str]:
+    return [f"{row.model}: {tool}: {res.error}" for row in rows for tool, res in row.results.items() if res.error]
