@@ -177,15 +177,9 @@ def test_pp_ocrv4_rec_shape_subgraphs_fold():
         path = resolve("rapidocr:rec")
     except GraphoptError as e:  # no PyPI access on this machine
         pytest.skip(f"rapidocr:rec unavailable: {e}")
-    model = ir.load(path)
-    try:
-        from graphopt.shapes import specialize
-    except ImportError:
-        specialize = None
-    if specialize is not None:
-        specialize(model, ["x:1,3,48,320"])
-    else:
-        model.graph.inputs[0].shape = ir.Shape([1, 3, 48, 320])
+    from graphopt.shapes import specialize
+
+    model = specialize(ir.load(path), ["x:1,3,48,320"])
     assert _ops(model)["Shape"] == 4
     result, p = _fold_and_compare(model)
     ops = _ops(result.model)
