@@ -105,3 +105,49 @@ def test_run_onnxruntime_matches_reference_evaluator():
     proto = ir.serde.serialize_model(model)
     (expected,) = ReferenceEvaluator(proto).run(None, feeds)
     np.testing.assert_allclose(run_onnxruntime(model, feeds)["y"], expected, rtol=1e-6)
+
+
+def _weight_pipeline_model() -> ir.Model:
+    """Conv with weight-norm weights and BN, an fp64 bias cast to fp32, duplicate constants, a shape subgraph."""
+    rng = np.random.default_rng(0)
+
+    def t(name, shape, dtype=np.float32, positive=False):
+        a = rng.standard_normal(shape).astype(dtype)
+        return onnx.numpy_helper.from_array(np.abs(a) + 0.5 if positive else a, name)
+
+    i64 = lambda name, v: onnx.numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("ReduceL2", ["v", "axes"], ["norm"], keepdims=1),
+        helper.make_node("Div", ["v", "norm"], ["vn"]),
+        helper.make_node("Mul", ["g", "vn"], ["w"]),
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "s", "b", "m", "var"], ["bn"]),
+        helper.make_node("Cast", ["bias64"], ["bias"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["bn", "bias"], ["a"]),
+        helper.make_node("Mul", ["a", "two_a"], ["a2"]),
+        helper.make_node("Mul", ["a2", "two_b"], ["a4"]),
+        helper.make_node("Shape", ["a4"], ["shp"]),
+        helper.make_node("Gather", ["shp", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "zero1"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["a4", "target"], ["y"]),
+    ]
+    inits = [t("v", [4, 3, 3, 3]), i64("axes", [1, 2, 3]), t("g", [4, 1, 1, 1]), t("s", [4]), t("b", [4]),
+             t("m", [4]), t("var", [4], positive=True), t("bias64", [4, 1, 1], np.float64),
+             onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two_a"),
+             onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two_b"),
+             i64("zero", 0), i64("zero1", [0]), i64("minus1", [-1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 144])], inits)
+    return ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_weight_passes_pass_the_check():
+    # fold_weight_reparam first: BN folds only into a constant weight
+    passes = ["parameter_sharing", "fold_weight_reparam", "fold_batchnorm", "canonical_dtypes",
+              "constant_folding", "dead_code", "weight_statistics"]
+    model = _weight_pipeline_model()
+    inst = DifferentialCheckInstrument(model, rtol=1e-4, atol=1e-5)
+    res = api.optimize(model, passes=passes, instruments=[inst])
+    assert inst.checked == passes[:5] + ["weight_statistics"]  # dead_code had nothing left to do
+    assert sorted(n.op_type for n in res.model.graph) == ["Add", "Conv", "Mul", "Mul", "Reshape"]
