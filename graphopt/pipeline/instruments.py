@@ -86,7 +86,7 @@ class VerifyInstrument:
         from graphopt.verify import verify
 
         try:
-            verify(model)
+            verify(model, check_types=self.check_types)
         except VerificationError as e:
             raise PassError(f"pass '{name}' left an invalid graph: {e}", pass_name=name) from None
 
