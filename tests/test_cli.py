@@ -228,3 +228,10 @@ def test_no_command_and_unknown_option(capsys):
     assert run_cli(capsys)[0] == 2
     code, _, err = run_cli(capsys, "passes", "--frobnicate")
     assert code == 2 and "--frobnicate" in err and "Traceback" not in err
+
+
+def test_optimize_o0_reports_the_real_node_count(good, tmp_path, capsys):
+    code, stdout, err = run_cli(capsys, "optimize", good, "-o", tmp_path / "o.onnx", "-O0")
+    assert code == 0, err
+    n = len(onnx.load(str(good)).graph.node)
+    assert stdout.strip().endswith(f"nodes {n} -> {n}")

@@ -8,7 +8,7 @@ import onnx_ir as ir
 
 from graphopt.errors import GraphoptError, PassError
 from graphopt.pipeline.context import PassContext
-from graphopt.pipeline.instruments import PassRecord, StatsInstrument, VerifyInstrument
+from graphopt.pipeline.instruments import PassRecord, StatsInstrument, VerifyInstrument, count_nodes, parameter_stats
 from graphopt.pipeline.registry import PassRegistry
 
 
@@ -84,7 +84,7 @@ def run_pipeline(
                     break
         elif ctx.enabled(step.name, step.level):
             any_modified |= run_one(step)
-    initial = stats.initial or (0, 0)
+    initial = stats.initial or (count_nodes(model), parameter_stats(model)[1])  # no pass ran
     return PipelineResult(model, any_modified, stats.records, initial[0], initial[1])
 
 
