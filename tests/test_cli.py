@@ -130,13 +130,13 @@ def custom_registry(monkeypatch):
     return registry
 
 
-@pytest.mark.parametrize("name", ["break_graph", "crash"])
-def test_custom_pass_failure_names_the_pass(name, custom_registry, good, tmp_path, capsys):
+@pytest.mark.parametrize(("name", "why"), [("break_graph", "left an invalid graph"), ("crash", "boom")])
+def test_custom_pass_failure_names_the_pass(name, why, custom_registry, good, tmp_path, capsys):
     before = sha256(good)
     out = tmp_path / "o.onnx"
     code, _, err = run_cli(capsys, "optimize", good, "-o", out, "--passes", name)
     assert code == 2
-    assert_one_line_error(err, "optimize", f"'{name}'")
+    assert_one_line_error(err, "optimize", f"'{name}'", why)
     assert not out.exists()
     assert sha256(good) == before
 
