@@ -55,6 +55,8 @@ def _blocker(node: ir.Node, old: int, new: int) -> str | None:
     op = node.op_type
     if _since(op, new) is None or _since(op, old) is None:
         return f"{op} does not exist at both opsets"
+    if onnx.defs.get_schema(op, new, "").deprecated:
+        return f"{op} is deprecated at opset {new}"
     if _since(op, old) == _since(op, new):
         return None
     if op not in TYPE_ONLY:
