@@ -30,7 +30,14 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.rewrite_utils import const_array, graphs_of, new_const, only_consumer, replace_value
+from graphopt.passes.rewrite_utils import (
+    const_array,
+    drop_unused_constants,
+    graphs_of,
+    new_const,
+    only_consumer,
+    replace_value,
+)
 
 
 @dataclasses.dataclass
@@ -167,21 +174,8 @@ def _fold(graph: ir.Graph | ir.Function, m: _Match, s: np.ndarray, t: np.ndarray
     bn_out = m.bn.outputs[0]
     replace_value(bn_out, out)
     graph.remove(m.bn, safe=True)
-    _drop_unused(graph, old_inputs)
+    drop_unused_constants(graph, old_inputs)
     return True
-
-
-def _drop_unused(graph: ir.Graph | ir.Function, values: list[ir.Value]) -> None:
-    """Remove initializers and Constant nodes that the fold left without users."""
-    for v in values:
-        if v.uses() or v.is_graph_output() or v.is_graph_input():
-            continue
-        if isinstance(graph, ir.Graph) and v.is_initializer() and v.name in graph.initializers:
-            if graph.initializers[v.name] is v:
-                graph.initializers.pop(v.name)
-        producer = v.producer()
-        if producer is not None and producer.op_type == "Constant" and producer.graph is graph:
-            graph.remove(producer, safe=True)
 
 
 class FoldBatchNormPass(ir.passes.InPlacePass):

@@ -27,7 +27,7 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from graphopt.passes.rewrite_utils import const_array, graphs_of, new_const, remove_dead
+from graphopt.passes.rewrite_utils import const_array, drop_unused_constants, graphs_of, new_const, remove_dead
 
 WEIGHT_CONSUMERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -95,17 +95,6 @@ def _evaluate(chain: list[ir.Node], leaves: list[ir.Value], output: ir.Value, op
     return np.asarray(result)
 
 
-def _drop_unused_leaves(graph, leaves: list[ir.Value]) -> None:
-    for v in leaves:
-        if v.uses() or v.is_graph_output() or v.is_graph_input():
-            continue
-        if isinstance(graph, ir.Graph) and v.is_initializer() and graph.initializers.get(v.name) is v:
-            graph.initializers.pop(v.name)
-        producer = v.producer()
-        if producer is not None and producer.graph is graph:
-            graph.remove(producer, safe=True)
-
-
 class FoldWeightReparamPass(ir.passes.InPlacePass):
     """Fold weight-norm g*v/||v|| and Mul/Div/Add chains on constant weights."""
 
@@ -150,5 +139,5 @@ class FoldWeightReparamPass(ir.passes.InPlacePass):
         new = new_const(graph, folded, f"{value.name or 'weight'}_folded", op)
         op.replace_input_with(index, new)
         remove_dead(graph, chain)
-        _drop_unused_leaves(graph, leaves)
+        drop_unused_constants(graph, leaves)
         return True

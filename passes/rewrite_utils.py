@@ -200,3 +200,15 @@ def _unique_name(graph: ir.Graph, base: str) -> str:
         i += 1
         name = f"{base}_{i}"
     return name
+
+
+def drop_unused_constants(graph: ir.Graph | ir.Function, values: list[ir.Value]) -> None:
+    """Remove those of ``values`` (initializers or Constant outputs) that nothing uses any more."""
+    for v in values:
+        if v.uses() or v.is_graph_output() or v.is_graph_input():
+            continue
+        if isinstance(graph, ir.Graph) and v.is_initializer() and graph.initializers.get(v.name) is v:
+            graph.initializers.pop(v.name)
+        producer = v.producer()
+        if producer is not None and producer.op_type == "Constant" and producer.graph is graph:
+            graph.remove(producer, safe=True)
