@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 
-import onnx
 import pytest
 from onnx import TensorProto, helper
 
