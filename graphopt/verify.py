@@ -99,7 +99,7 @@ class _Checker:
         names: dict[str, str] = {}
 
         def define(v: ir.Value, what: str, node: ir.Node | None = None) -> None:
-            if v.name is not None:
+            if v.name:  # an omitted optional output has the empty name
                 if v.name in names:
                     raise VerificationError(
                         f"{what}{where}: value name '{v.name}' is already used by {names[v.name]}",

@@ -248,3 +248,32 @@ def test_onnx_inferred_types_none_on_failure():
 def test_dump_of_proto_is_valid_onnx_for_checker():
     m = io.load(models.resolve("rapidocr:cls"))
     onnx.checker.check_model(_inference_proto(m, keep_value_info=True))
+
+
+def test_inferred_shapes_match_every_conformance_case():
+    """For each ONNX node conformance case, forget the declared output shapes, infer them, and compare
+    every static result with the shape of the case's expected output; the verifier must agree too."""
+    from onnx.backend.test.case.node import collect_testcases
+
+    from graphopt.verify import verify
+
+    checked = static = 0
+    wrong = {}
+    for case in collect_testcases():
+        if not case.data_sets:
+            continue
+        model = ir.serde.deserialize_model(case.model)
+        for v in model.graph.outputs:
+            v.shape = None
+        infer_shapes(model)
+        verify(model)
+        for v, expected in zip(model.graph.outputs, case.data_sets[0][1]):
+            if not isinstance(expected, np.ndarray):
+                continue
+            checked += 1
+            if v.shape is not None and v.shape.is_static():
+                static += 1
+                if list(v.shape) != list(expected.shape):
+                    wrong[case.name] = (v.name, list(v.shape), list(expected.shape))
+    assert not wrong, wrong
+    assert checked > 1500 and static > 0.75 * checked, (checked, static)
