@@ -151,3 +151,22 @@ def test_weight_passes_pass_the_check():
     res = api.optimize(model, passes=passes, instruments=[inst])
     assert inst.checked == passes[:5] + ["weight_statistics"]  # dead_code had nothing left to do
     assert sorted(n.op_type for n in res.model.graph) == ["Add", "Conv", "Mul", "Mul", "Reshape"]
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("rapidocr:cls", "x:1,3,48,192"),
+    pytest.param("rapidocr:rec", "x:1,3,48,320", marks=pytest.mark.slow),
+    pytest.param("rapidocr:det", "x:1,3,320,320", marks=pytest.mark.slow),
+])
+def test_default_pipeline_on_real_model_passes_the_check(name, shape, tmp_path):
+    from graphopt.errors import GraphoptError
+    from graphopt.models import resolve
+
+    try:
+        resolve(name)
+    except GraphoptError as e:  # no PyPI access on this machine
+        pytest.skip(f"{name} unavailable: {e}")
+    res = api.optimize(name, opt_level=3, input_shapes=[shape], check=True, check_dir=tmp_path)
+    assert res.modified
+    assert res.records[-1].nodes < res.initial_nodes / 2
+    assert not list(tmp_path.iterdir())  # nothing diverged, nothing dumped
