@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from collections import Counter, ChainMap
 from typing import Any
 
@@ -188,16 +189,19 @@ class _Lowerer:
         inputs = [self.expr_of(v) for v in node.inputs]
         ctx = LowerContext(self, node, opset, inputs)
         try:
-            result = rule.fn(ctx, inputs)
+            self._bind_outputs(node, rule.fn(ctx, inputs))
         except GraphoptError:
             raise
         except Exception as exc:  # a TVM/numpy error from bad shapes or attributes: one line for the user
-            msg = str(exc).strip().splitlines()
-            msg = msg[-1] if msg else type(exc).__name__
+            msg = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            msg = re.sub(r"In ir\.Op\(.*?support_level=\d+\),\s*", "", msg[0].strip() if msg else "")
+            msg = msg or type(exc).__name__
             raise UnsupportedError(f"node '{ctx.name}' ({node.op_type}): cannot lower: {msg[:300]}") from exc
+
+    def _bind_outputs(self, node: ir.Node, result) -> None:
         results = list(result) if isinstance(result, (list, tuple)) else [result]
         for j, out in enumerate(node.outputs):
-            if j >= len(results) or results[j] is None:
+            if j >= len(results) or results[j] is None or not out.name:
                 continue
             expr = results[j]
             if not isinstance(expr, (relax.Var, helpers.Constant)):

@@ -155,7 +155,7 @@ def lower_isinf(ctx, ins):
         return R.equal(x, _s(x, np.inf))
     if neg:
         return R.equal(x, _s(x, -np.inf))
-    return R.zeros(H.dims_of(x), "bool")
+    return H.full(H.dims_of(x), False, "bool")
 
 
 def lower_clip_6(ctx, ins):
@@ -298,7 +298,7 @@ def lower_dropout(ctx, ins):
     x = ins[0]
     out = [x]
     if ctx.num_outputs > 1:
-        out.append(R.ones(H.dims_of(x), "bool"))
+        out.append(H.full(H.dims_of(x), True, "bool"))
     return out
 
 
@@ -329,7 +329,7 @@ def lower_constant_of_shape(ctx, ins):
     value = ctx.attr("value")
     arr = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
     dtype = "bool" if arr.dtype == np.bool_ else str(arr.dtype)
-    return R.full(shape, H.const(arr.reshape(()), dtype), dtype)
+    return H.full(shape, arr.reshape(()), dtype)
 
 
 def lower_range(ctx, ins):

@@ -94,6 +94,11 @@ def scalar(value, dtype: str) -> Constant:
     return const(np.array(value).astype(numpy_dtype(dtype)), dtype)
 
 
+def full(shape, value, dtype: str):
+    """A tensor of ``shape`` (ints or PrimExprs) filled with ``value`` (broadcast of a scalar constant)."""
+    return relax.op.broadcast_to(scalar(value, dtype), list(shape))
+
+
 # ---------------------------------------------------------------- shapes of Relax expressions
 
 

@@ -95,7 +95,10 @@ def _reduce(op: str):
         if any(shape[a] == 0 for a in axes) and all(d is not None for d in shape):
             out_shape = [1 if a in axes else d for a, d in enumerate(shape) if keepdims or a not in axes]
             value = _empty_value(x, _REDUCE[op][1])
-            return R.full(out_shape, H.scalar(value, H.dtype_of(x)), H.dtype_of(x))
+            return H.full(out_shape, value, H.dtype_of(x))
+        if H.dtype_of(x) == "bool" and op in ("ReduceMax", "ReduceMin"):  # any / all
+            out = _reduce_body(op, ctx.emit(R.astype(x, "int8")), axes, keepdims, ctx)
+            return R.astype(out, "bool")
         return _reduce_body(op, x, axes, keepdims, ctx)
 
     return lower

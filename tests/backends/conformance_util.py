@@ -272,3 +272,36 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------------------------------- tests against ONNX Runtime
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = 18):
+    """A ModelProto from node protos and (name, elem_type, shape) inputs/outputs (shape None: unknown)."""
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs],
+        initializer=[numpy_helper.from_array(np.asarray(v), n) for n, v in dict(initializers).items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+def check_against_ort(model, feeds: dict, rtol: float = RTOL, atol: float = ATOL) -> dict:
+    """Run ``model`` with ONNX Runtime and through graphopt's lowering; assert equal outputs; return ours."""
+    import onnxruntime as ort
+
+    from graphopt.backends.lowering.testing import run_lowered
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    want = dict(zip(names, sess.run(None, feeds)))
+    got = run_lowered(model, feeds)
+    assert set(got) == set(want), (sorted(got), sorted(want))
+    for name in names:
+        why = _compare(want[name], got[name], rtol, atol)
+        assert why is None, f"output {name}: {why}"
+    return got
