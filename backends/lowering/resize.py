@@ -154,11 +154,10 @@ def _resize_plan(ctx, shape):
         scales = [float(s) for s in np.asarray(scales).reshape(-1)]
         return scales, [int(np.floor(s * d)) for s, d in zip(scales, shape)], None
     axes = helpers.norm_axes(ctx.attr("axes", list(range(rank))), rank)
-    roi_in = ctx.const(1)
-    scales_in = ctx.const(2)
-    sizes_in = ctx.const(3)
-    if ctx.has_input(2) and scales_in is None or ctx.has_input(3) and sizes_in is None:
-        ctx.unsupported("scales and sizes must be constants (they are computed at run time)")
+    ctm = ctx.attr("coordinate_transformation_mode", "half_pixel")
+    roi_in = ctx.require_const(1, "roi") if ctx.has_input(1) and ctm == "tf_crop_and_resize" else None
+    scales_in = ctx.require_const(2, "scales") if ctx.has_input(2) else None
+    sizes_in = ctx.require_const(3, "sizes") if ctx.has_input(3) else None
     roi = None
     if roi_in is not None and roi_in.size:
         roi = [[0.0, 1.0] for _ in range(rank)]
