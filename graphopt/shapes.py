@@ -140,11 +140,23 @@ def _inference_proto(model: ir.Model, *, keep_value_info: bool) -> onnx.ModelPro
             typ = v.type if t is None else ir.TensorType(t.dtype)
             shape = v.shape if t is None else ir.Shape(t.shape)
             inputs.append(ir.Value(name=v.name, type=typ, shape=shape))
-    view = ir.GraphView(inputs, graph.outputs, nodes=graph, initializers=kept, name=graph.name)
     proto = onnx.ModelProto(ir_version=model.ir_version)
     for domain, version in model.opset_imports.items():
         proto.opset_import.add(domain=domain, version=version)
-    ir.serde.serialize_graph_into(proto.graph, view, model_ir_version=model.ir_version)
+    if keep_value_info:
+        view = ir.GraphView(inputs, graph.outputs, nodes=graph, initializers=kept, name=graph.name)
+        ir.serde.serialize_graph_into(proto.graph, view, model_ir_version=model.ir_version)
+    else:  # only what inference needs: typed inputs, small initializers, nodes, output names
+        gp = proto.graph
+        for v in inputs:
+            ir.serde.serialize_value_into(gp.input.add(), v)
+        for v in kept:
+            v.const_value.name = v.name
+            ir.serde.serialize_tensor_into(gp.initializer.add(), v.const_value)
+        for node in graph:
+            ir.serde.serialize_node_into(gp.node.add(), node, model_ir_version=model.ir_version)
+        for v in graph.outputs:
+            gp.output.add(name=v.name)
     for f in model.functions.values():
         proto.functions.append(ir.serde.serialize_function(f))
     if not keep_value_info:
@@ -183,36 +195,43 @@ def _from_type_proto(tp: onnx.TypeProto) -> TypeAndShape:
         return None, None
 
 
-def _collect(graph: ir.Graph, gp: onnx.GraphProto, out: dict, *, main: bool) -> None:
+def _collect(graph: ir.Graph, gp: onnx.GraphProto, out: dict, *, main: bool, convert: bool) -> None:
     types = {vi.name: vi.type for part in (gp.input, gp.value_info, gp.output) for vi in part}
+    conv = _from_type_proto if convert else (lambda tp: tp)
     if not main:
         for v in graph.inputs:
             if v.name in types:
-                out[v] = _from_type_proto(types[v.name])
+                out[v] = conv(types[v.name])
     for node, np_ in zip(graph, gp.node):
         for v in node.outputs:
             tp = types.get(v.name)
             if tp is not None and tp.WhichOneof("value") is not None:
-                out[v] = _from_type_proto(tp)
+                out[v] = conv(tp)
         attrs = {a.name: a for a in np_.attribute}
         for name, attr in node.attributes.items():
             pa = attrs.get(name)
             if pa is None:
                 continue
             if attr.type == ir.AttributeType.GRAPH:
-                _collect(attr.value, pa.g, out, main=False)
+                _collect(attr.value, pa.g, out, main=False, convert=convert)
             elif attr.type == ir.AttributeType.GRAPHS:
                 for sub, sp in zip(attr.value, pa.graphs):
-                    _collect(sub, sp, out, main=False)
+                    _collect(sub, sp, out, main=False, convert=convert)
 
 
 def onnx_inferred_types(
-    model: ir.Model, *, keep_value_info: bool = True, strict: bool = False, data_prop: bool = True
-) -> dict[ir.Value, TypeAndShape] | None:
+    model: ir.Model,
+    *,
+    keep_value_info: bool = True,
+    strict: bool = False,
+    data_prop: bool = True,
+    raw: bool = False,
+) -> dict[ir.Value, TypeAndShape] | dict[ir.Value, onnx.TypeProto] | None:
     """ONNX shape inference's view of every value (main graph and subgraphs); ``None`` if it fails.
 
     With ``keep_value_info=False`` the shapes the IR records are not given to ONNX, so the answer is
-    independent of them (what the verifier compares against). The model is not modified.
+    independent of them (what the verifier compares against). ``raw=True`` gives ONNX's ``TypeProto``
+    per value instead of ``(type, shape)`` (faster to compare). The model is not modified.
     """
     proto = _inference_proto(model, keep_value_info=keep_value_info)
     try:
@@ -221,7 +240,7 @@ def onnx_inferred_types(
         logger.debug("onnx shape inference failed: %s", e)
         return None
     out: dict[ir.Value, TypeAndShape] = {}
-    _collect(model.graph, inferred.graph, out, main=True)
+    _collect(model.graph, inferred.graph, out, main=True, convert=not raw)
     return out
 
 

@@ -180,24 +180,43 @@ def verify(model: ir.Model, *, check_types: bool = True) -> None:
 def check_types_against_inference(model: ir.Model) -> None:
     """Compare the dtypes/shapes the IR records with ONNX shape inference; raise on the first conflict."""
     from graphopt.io import weight_bytes
-    from graphopt.shapes import onnx_inferred_types
+    from graphopt.shapes import _from_type_proto, onnx_inferred_types
 
     if weight_bytes(model) > _TYPE_CHECK_MAX_WEIGHT_BYTES:
         return
-    inferred = onnx_inferred_types(model, keep_value_info=False, strict=False, data_prop=False)
+    inferred = onnx_inferred_types(model, keep_value_info=False, strict=False, data_prop=False, raw=True)
     if inferred is None:
         return  # inference itself failed: the structural checks above are what we can say
     for graph in (model.graph, *model.graph.subgraphs()):
         for i, node in enumerate(graph):
             for v in node.outputs:
-                got = inferred.get(v)
-                if got is None:
-                    continue
-                problem = _conflict(v, *got)
-                if problem:
+                tp = inferred.get(v)
+                if tp is not None and tp.HasField("tensor_type") and _conflicts(v, tp.tensor_type):
+                    typ, shape = _from_type_proto(tp)
                     raise VerificationError(
-                        f"{node_label(node, i)}: output '{v.name}' {problem}", node=node.name, value=v.name
+                        f"{node_label(node, i)}: output '{v.name}' is recorded as {_fmt(v.dtype, v.shape)}"
+                        f" but shape inference gives {_fmt(typ.dtype if typ else None, shape)}",
+                        node=node.name,
+                        value=v.name,
                     )
+
+
+def _conflicts(v: ir.Value, tt) -> bool:
+    """Whether ONNX's inferred tensor type ``tt`` contradicts what the IR records for ``v``."""
+    if not isinstance(v.type, ir.TensorType):
+        return False
+    if tt.elem_type and v.type.dtype.value != tt.elem_type:
+        return True
+    shape = v.shape
+    if shape is None or not tt.HasField("shape"):
+        return False
+    dims = tt.shape.dim
+    if len(dims) != len(shape):
+        return True
+    for d, mine in zip(dims, shape):
+        if isinstance(mine, int) and d.HasField("dim_value") and d.dim_value != mine:
+            return True
+    return False
 
 
 def dtype_name(dtype: ir.DataType) -> str:
@@ -212,18 +231,3 @@ def _fmt(dtype, shape) -> str:
     d = "?" if dtype is None else dtype_name(dtype)
     s = "" if shape is None else "[" + ",".join(str(x) for x in shape) + "]"
     return d + s
-
-
-def _conflict(v: ir.Value, typ, shape: ir.Shape | None) -> str | None:
-    dtype = typ.dtype if isinstance(typ, ir.TensorType) else None
-    mine = v.dtype if isinstance(v.type, ir.TensorType) else None
-    if (dtype is not None and mine is not None and dtype != mine) or (
-        shape is not None
-        and v.shape is not None
-        and (
-            len(shape) != len(v.shape)
-            or any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(shape, v.shape))
-        )
-    ):
-        return f"is recorded as {_fmt(mine, v.shape)} but shape inference gives {_fmt(dtype, shape)}"
-    return None
