@@ -1,6 +1,7 @@
 """-O0 is a lossless round trip: load -> optimize(opt_level=0) -> save -> reload changes no output bit.
 
-Checked in ONNX Runtime on every onnx light model (reference inputs and random inputs) and on every
+Checked in ONNX Runtime on every onnx light model (reference inputs and random inputs), every named
+PyPI model (rapidocr, silero) and every
 ONNX node conformance case ORT can run.
 """
 
@@ -120,3 +121,14 @@ def test_node_conformance_cases_round_trip_bit_identical(tmp_path):
     assert counts["ort_runnable"] > 1000, "the conformance cases did not load: harness problem"
     assert not failures, f"{len(failures)} cases changed:\n" + "\n".join(failures[:40])
     assert counts["identical"] + counts["nondeterministic"] == counts["ort_runnable"]
+
+
+@pytest.mark.parametrize("spec", [s for s in models.available() if not s.startswith("light:")])
+def test_pypi_model_round_trip_is_bit_identical(spec, tmp_path):
+    """PP-OCR (Resize, attention) and Silero VAD (LSTM, If subgraphs, fp16) round-trip exactly too."""
+    src = models.resolve(spec)
+    out = _round_trip(src, tmp_path / "o0.onnx")
+    feeds = models.random_inputs(spec, seed=2)
+    y_before = _session(str(src)).run(None, feeds)
+    y_after = _session(str(out)).run(None, feeds)
+    assert bit_identical(y_before, y_after), f"{spec}: outputs changed after the -O0 round trip"
