@@ -1,8 +1,7 @@
 """-O0 is a lossless round trip: load -> optimize(opt_level=0) -> save -> reload changes no output bit.
 
 Checked in ONNX Runtime on every onnx light model (reference inputs and random inputs), every named
-PyPI model (rapidocr, silero) and every
-ONNX node conformance case ORT can run.
+PyPI model (rapidocr, silero) and every ONNX node conformance case ORT can run.
 """
 
 from __future__ import annotations
