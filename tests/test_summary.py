@@ -123,6 +123,9 @@ def test_inspect_command_prints_the_summary(capsys):
     out = capsys.readouterr().out
     assert "x: float32 [1,3,48,192]" in out
     assert "estimated FLOPs: " in out and "unknown" not in out
+    top = [line.split() for line in out.splitlines() if line.endswith("%")]
+    assert top and top[0][0] == "Conv"  # the op with the most FLOPs comes first, with its share
+    assert sum(float(t[-1].rstrip("%")) for t in top) <= 100.05
     assert cli.main(["inspect", path, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["inputs"][0]["shape"] == [-1, 3, "?", "?"]  # as the exporter declared it

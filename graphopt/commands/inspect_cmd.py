@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"parameters: {info['parameters']:,} ({info['parameter_bytes']:,} bytes)")
     flops = info.get("flops")
     print(f"estimated FLOPs: {flops:,}" if flops is not None else "estimated FLOPs: unknown (dynamic shapes; use --input-shape)")
+    if flops:
+        for op, f in list(info["flops_by_op"].items())[:5]:
+            print(f"  {op:<28} {f:>16,}  {100 * f / flops:5.1f}%")
     print("ops:")
     for op, n in sorted(info["op_histogram"].items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  {op:<28} {n}")
