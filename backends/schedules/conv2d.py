@@ -41,7 +41,9 @@ def schedule_conv2d(func: tirx.PrimFunc, feats: CPUFeatures) -> s_tir.Schedule |
     if apply_channel_vector(sch, block, feats):
         return sch
     sch = s_tir.Schedule(func)
-    if plan is not None and apply_contraction(sch, main_reduction(sch), feats, plan):
+    block = main_reduction(sch)
+    plan = plan or plan_contraction(sch, block, feats)
+    if plan is not None and apply_contraction(sch, block, feats, plan):
         return sch
     return None
 

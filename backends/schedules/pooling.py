@@ -1,8 +1,8 @@
 """Max / average pooling windows (one input read, a reduction over the window).
 
-Stride-1 windows take the contraction tiling (vector over output width, register tile over
-channels); strided windows keep the generic schedule (parallel over rows, window loops inside),
-which is memory-bound either way.
+Windows take the contraction tiling (vector over output width, register tile over channels);
+strided windows keep the generic schedule (parallel rows): strided vector loads measured 17x
+slower than scalar code for a 3x3/2 max pool.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from tvm import s_tir, tirx
 
 from .analysis import main_reduction
 from .features import CPUFeatures
-from .tiling import apply_contraction
+from .tiling import apply_contraction, plan_contraction
 
 
 def is_pool(sch: s_tir.Schedule, block) -> bool:
@@ -25,6 +25,7 @@ def schedule_pool(func: tirx.PrimFunc, feats: CPUFeatures) -> s_tir.Schedule | N
     block = main_reduction(sch)
     if block is None or not is_pool(sch, block):
         return None
-    if apply_contraction(sch, block, feats) is None:
+    plan = plan_contraction(sch, block, feats)
+    if plan is None or apply_contraction(sch, block, feats, plan) is None:
         return None
     return sch

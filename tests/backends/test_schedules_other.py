@@ -1,0 +1,82 @@
+"""Default schedules for pooling, reductions (softmax, layer norm, mean) and injective ops, against ORT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphopt.backends.schedules import apply_default_schedules, features_of
+from graphopt.backends.schedules.testing import build, ort_run, single_node_model
+from graphopt.backends.schedules.tiling import register_tile, vector_tile
+
+CASES = [
+    ("MaxPool", (1, 16, 15, 17), dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]), "pool"),
+    ("MaxPool", (2, 8, 16, 16), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), "generic"),
+    ("AveragePool", (1, 8, 14, 14), dict(kernel_shape=[2, 2], strides=[2, 2]), "generic"),
+    ("AveragePool", (1, 8, 12, 12), dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0), "pool"),
+    ("GlobalAveragePool", (2, 24, 7, 7), {}, None),
+    ("Softmax", (3, 4, 37), dict(axis=-1), "normalization"),
+    ("ReduceMean", (2, 6, 33), dict(axes=[-1], keepdims=1), None),
+    ("ReduceSum", (4, 10, 9), dict(axes=[1], keepdims=0), None),
+    ("Relu", (2, 3, 17, 19), {}, "generic"),
+    ("Transpose", (2, 3, 16, 20), dict(perm=[0, 2, 3, 1]), "generic"),
+    ("HardSigmoid", (1, 32, 8, 48), dict(alpha=0.2, beta=0.5), "generic"),
+]
+
+
+@pytest.mark.parametrize("op,shape,attrs,rule", CASES, ids=[f"{c[0]}{i}" for i, c in enumerate(CASES)])
+def test_matches_ort(op, shape, attrs, rule):
+    rng = np.random.default_rng(0)
+    opset = 13 if op in ("ReduceMean", "ReduceSum") and "axes" in attrs else 17
+    if op == "ReduceSum":
+        model = single_node_model(op, {"x": shape}, {"axes": np.array(attrs["axes"], np.int64)}, opset=13, keepdims=attrs["keepdims"])
+        from onnx import TensorProto
+
+        model.graph.initializer[0].data_type = TensorProto.INT64
+        model.graph.initializer[0].ClearField("float_data")
+        model.graph.initializer[0].raw_data = np.array(attrs["axes"], np.int64).tobytes()
+    else:
+        model = single_node_model(op, {"x": shape}, {}, opset=opset, **attrs)
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+    built = build(model, {"x": shape})
+    if rule is not None:
+        assert rule in built.report.values(), built.report
+    np.testing.assert_allclose(built(feeds)[0], ort_run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_matches_ort():
+    rng = np.random.default_rng(1)
+    shape = (2, 40, 96)
+    model = single_node_model("LayerNormalization", {"x": shape},
+                              {"g": rng.standard_normal(96), "b": rng.standard_normal(96)}, axis=-1, epsilon=1e-5)
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+    built = build(model, {"x": shape})
+    np.testing.assert_allclose(built(feeds)[0], ort_run(model, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_tile_choices_follow_vector_width():
+    # AVX-512 fp32: 16 lanes; NEON: 4 lanes. No 28-lane vectors; one or two whole vectors.
+    assert vector_tile(28, 16) == 14
+    assert vector_tile(64, 16) == 32
+    assert vector_tile(7, 16) == 7
+    assert vector_tile(28, 4) == 4
+    assert register_tile(64, 12) == 8
+    assert register_tile(13, 8) == 1
+
+
+def test_aarch64_features_and_already_scheduled_functions_left_alone():
+    import tvm
+    from tvm import relax
+
+    feats = features_of(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}))
+    assert feats.lanes(32) == 4
+    model = single_node_model("Relu", {"x": (4, 64)}, {})
+    from tvm.relax.frontend.onnx import from_onnx
+
+    mod = relax.transform.LegalizeOps()(from_onnx(model, {"x": (4, 64)}))
+    gv = next(g for g, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    mod.update_func(gv, mod[gv].with_attr("tirx.is_scheduled", True))
+    report = {}
+    out = apply_default_schedules(mod, feats.target, report=report)
+    assert report == {}
+    assert out[gv].same_as(mod[gv])
