@@ -1,8 +1,12 @@
-"""Fuse a constant bias Add into the op before it.
+"""Fuse a constant per-channel bias (and scale) into the op before it.
 
 * ``Add(Conv(x, W[, B]), c)`` (or ConvTranspose) -> ``Conv(x, W, B + c)`` when ``c`` is constant and
   broadcasting it over the output adds one value per output channel (shapes ``[C,1,1]``,
   ``[1,C,1,1]``, a scalar...), never changing the output's shape or dtype.
+* ``Mul(Conv(x, W[, B]), s)`` -> ``Conv(x, W·s, B·s)`` for a per-channel constant ``s`` (Conv only).
+* ``Mul(BatchNormalization(x, γ, β, μ, σ²), s)`` -> ``BatchNormalization(x, γ·s, β·s, μ, σ²)`` and
+  ``Add(BatchNormalization(...), c)`` -> ``β + c`` (inference BN with one output and constant params).
+  A chain Conv/BN -> Mul -> Add folds completely, one step after the other.
 * ``Add(MatMul(x, W), c)`` -> ``Gemm(x, W, c)`` when ``x`` is rank 2, ``W`` a constant rank-2 weight
   and ``c`` a constant broadcastable to the [M, N] result (``[N]``, ``[1, N]``, ``[M, N]``). Higher
   ranks keep their MatMul (a Gemm would need Reshapes around it).
@@ -70,6 +74,52 @@ def _fuse_conv(graph, conv: ir.Node, add: ir.Node) -> str | None:
     return None
 
 
+def _fuse_conv_scale(graph, conv: ir.Node, mul: ir.Node) -> str | None:
+    y = conv.outputs[0]
+    weight = const_array(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    c = _bias_operand(mul, y)
+    rank = len(y.shape) if y.shape is not None else None
+    if weight is None or c is None or rank is None:
+        return "weight or scale is not constant, or the output rank is unknown"
+    vec = _per_channel(c, rank, weight.shape[0])
+    if vec is None or y.dtype is None or ir.DataType.from_numpy(c.dtype) != y.dtype:
+        return f"scale of shape {c.shape} is not one value per output channel of the same dtype"
+    has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
+    old = const_array(conv.inputs[2]) if has_bias else None
+    if has_bias and old is None:
+        return "the existing Conv bias is not constant"
+    scaled = (weight * vec.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
+    conv.replace_input_with(1, new_const(graph, scaled, f"{conv.name or 'conv'}_weight", conv))
+    if has_bias:
+        conv.replace_input_with(2, new_const(graph, (old * vec).astype(old.dtype), f"{conv.name or 'conv'}_bias", conv))
+    replace_value(mul.outputs[0], y)
+    graph.remove(mul, safe=True)
+    return None
+
+
+def _fuse_bn_affine(graph, bn: ir.Node, op: ir.Node) -> str | None:
+    y = bn.outputs[0]
+    if len(bn.outputs) != 1 or len(bn.inputs) != 5:
+        return "BatchNormalization with training outputs"
+    gamma, beta = const_array(bn.inputs[1]), const_array(bn.inputs[2])
+    c = _bias_operand(op, y)
+    rank = len(y.shape) if y.shape is not None else None
+    if gamma is None or beta is None or c is None or rank is None:
+        return "parameters or operand are not constant, or the rank is unknown"
+    vec = _per_channel(c, rank, gamma.shape[0])
+    if vec is None or y.dtype is None or ir.DataType.from_numpy(c.dtype) != y.dtype:
+        return f"operand of shape {c.shape} is not one value per channel of the same dtype"
+    if op.op_type == "Mul":
+        bn.replace_input_with(1, new_const(graph, (gamma * vec).astype(gamma.dtype), f"{bn.name or 'bn'}_scale", bn))
+        beta = beta * vec
+    else:
+        beta = beta + vec
+    bn.replace_input_with(2, new_const(graph, beta.astype(gamma.dtype), f"{bn.name or 'bn'}_bias", bn))
+    replace_value(op.outputs[0], y)
+    graph.remove(op, safe=True)
+    return None
+
+
 def _fuse_matmul(graph, matmul: ir.Node, add: ir.Node) -> str | None:
     x, w = matmul.inputs[0], matmul.inputs[1]
     y = matmul.outputs[0]
@@ -95,35 +145,46 @@ def _fuse_matmul(graph, matmul: ir.Node, add: ir.Node) -> str | None:
     return None
 
 
-RULES = {"Conv": _fuse_conv, "ConvTranspose": _fuse_conv, "MatMul": _fuse_matmul}
+RULES = {
+    ("Conv", "Add"): _fuse_conv,
+    ("ConvTranspose", "Add"): _fuse_conv,
+    ("Conv", "Mul"): _fuse_conv_scale,
+    ("BatchNormalization", "Mul"): _fuse_bn_affine,
+    ("BatchNormalization", "Add"): _fuse_bn_affine,
+    ("MatMul", "Add"): _fuse_matmul,
+}
+PRODUCERS = frozenset(p for p, _ in RULES)
 
 
 class FuseBiasPass(ir.passes.InPlacePass):
-    """Fuse Conv+Add(bias) into Conv's bias, and rank-2 MatMul+Add into Gemm."""
+    """Fuse per-channel Add/Mul constants into Conv and BatchNormalization, rank-2 MatMul+Add into Gemm."""
 
     def __init__(self, *, gemm: bool = True):
         super().__init__()
         self.gemm = gemm
         self.skipped: list[str] = []
 
+    def _fold_all(self, graph, node: ir.Node) -> int:
+        fused = 0
+        while node.graph is graph:
+            nxt = only_consumer(node.outputs[0])
+            rule = RULES.get((node.op_type, nxt.op_type)) if nxt is not None else None
+            if rule is None or nxt.domain not in ("", "ai.onnx") or (node.op_type == "MatMul" and not self.gemm):
+                return fused
+            if nxt.outputs[0].is_graph_output() and node.outputs[0].is_graph_input():
+                return fused
+            why = rule(graph, node, nxt)
+            if why is not None:
+                self.skipped.append(f"{node.op_type} {node.name}: {why}")
+                return fused
+            fused += 1
+        return fused
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         fused = 0
         self.skipped = []
         for graph in list(graphs_of(model)):
             for node in list(graph):
-                rule = RULES.get(node.op_type)
-                if rule is None or node.domain not in ("", "ai.onnx") or node.graph is not graph:
-                    continue
-                if node.op_type == "MatMul" and not self.gemm:
-                    continue
-                add = only_consumer(node.outputs[0])
-                if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
-                    continue
-                if add.outputs[0].is_graph_output() and node.outputs[0].is_graph_input():
-                    continue
-                why = rule(graph, node, add)
-                if why is None:
-                    fused += 1
-                else:
-                    self.skipped.append(f"{node.op_type} {node.name}: {why}")
+                if node.op_type in PRODUCERS and node.domain in ("", "ai.onnx") and node.graph is graph:
+                    fused += self._fold_all(graph, node)
         return ir.passes.PassResult(model, modified=fused > 0)

@@ -78,3 +78,43 @@ def test_conv_output_used_twice_stays():
     )
     result = apply_and_compare(FuseBiasPass(), model)
     assert not result.modified
+
+
+def test_conv_mul_add_chain_folds_into_the_conv():
+    model = model_from_text(
+        HEADER + """g (float[1,3,8,8] x) => (float[1,4,8,8] y) {
+            c = Conv<pads = [1, 1, 1, 1]>(x, w, b)
+            m = Mul(c, s)
+            a = Add(m, k)
+            y = Relu(a)
+        }""",
+        w=_w(4, 3, 3, 3), b=_w(4), s=_w(1, 4, 1, 1), k=_w(4, 1, 1),
+    )
+    result = apply_and_compare(FuseBiasPass(), model, rtol=1e-5, atol=1e-5)
+    assert result.modified and dict(ops(result.model)) == {"Conv": 1, "Relu": 1}
+
+
+def test_batchnorm_mul_add_fold_into_its_parameters():
+    model = model_from_text(
+        HEADER + """g (float[1,4,5,5] x) => (float[1,4,5,5] y) {
+            n = BatchNormalization(x, g, b, m, v)
+            s1 = Mul(n, s)
+            a = Add(s1, k)
+            y = Relu(a)
+        }""",
+        g=_w(4), b=_w(4), m=_w(4), v=np.abs(_w(4)) + 0.5, s=_w(4, 1, 1), k=_w(1, 4, 1, 1),
+    )
+    result = apply_and_compare(FuseBiasPass(), model, rtol=1e-5, atol=1e-5)
+    assert result.modified and dict(ops(result.model)) == {"BatchNormalization": 1, "Relu": 1}
+
+
+def test_mul_that_is_not_per_channel_stays():
+    model = model_from_text(
+        HEADER + """g (float[1,4,5,5] x) => (float[1,4,5,5] y) {
+            n = BatchNormalization(x, g, b, m, v)
+            y = Mul(n, s)
+        }""",
+        g=_w(4), b=_w(4), m=_w(4), v=np.abs(_w(4)) + 0.5, s=_w(5, 1),
+    )
+    result = apply_and_compare(FuseBiasPass(), model)
+    assert not result.modified and ops(result.model)["Mul"] == 1
