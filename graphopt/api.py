@@ -153,7 +153,7 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
     """
     from graphopt.backends.compile import compile_model
 
-    source = None if isinstance(model, ir.Model) else Path(model)
+    source = None if isinstance(model, ir.Model) else resolve_model_path(model)
     m = _as_model(model, input_shapes)
     return compile_model(
         m,
