@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from .analysis import block_axes, is_reduction_block, root_blocks
+from .analysis import block_axes, int_extent, is_reduction_block, root_blocks, work
 from .features import CPUFeatures
 from .tiling import parallelize_outer
 
@@ -21,7 +21,17 @@ def schedule_normalization(func: tirx.PrimFunc, feats: CPUFeatures) -> s_tir.Sch
     sch = s_tir.Schedule(func)
     if sum(1 for b in root_blocks(sch) if is_reduction_block(sch, b)) < 2:
         return None
-    return Reduction().apply(func, feats.target, False)
+    new = Reduction().apply(func, feats.target, False)
+    if new is None:
+        return None
+    # The rule parallelizes the leading rows; one row (a [1, 1000] softmax) or a small tensor makes
+    # the thread-pool launch cost more than the work (measured: 10 ms against 4 us): generic instead.
+    outputs = [b for b in root_blocks(new)] or []
+    par = [lp for b in outputs for lp in new.get_loops(b) if new.get(lp).kind == tirx.ForKind.PARALLEL]
+    rows = int_extent(new, par[0]) if par else 0
+    if not rows or rows < 2 * feats.cores or work(sch, root_blocks(sch)[-1]) < 16384:
+        return None
+    return new
 
 
 def schedule_row_reduction(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
