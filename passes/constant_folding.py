@@ -131,18 +131,26 @@ def _remove_dead_constants(model: ir.Model) -> int:
 class ConstantFoldingPass(ir.passes.InPlacePass):
     """Fold constant subgraphs, shape subgraphs included, bounded by output size."""
 
-    def __init__(self, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> None:
+    def __init__(self, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, max_rounds: int = 4) -> None:
         super().__init__()
         if max_output_bytes < 0:
             raise ValueError(f"max_output_bytes must be >= 0, got {max_output_bytes}")
+        if max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
         self.max_output_bytes = max_output_bytes
-        self.skipped: list[str] = []  # why nodes with constant inputs were left (last run)
+        self.max_rounds = max_rounds
+        self.skipped: list[str] = []  # why nodes with constant inputs were left (last round)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        folder = _BoundedFolder(self.max_output_bytes)
-        result = folder(model)
-        self.skipped = folder.skipped
-        modified = bool(result.modified)
-        if modified:
+        # One sweep can expose more (an If inlined once its condition folds, a Cast become an
+        # Identity), so sweep again, at most ``max_rounds`` times, until a sweep changes nothing.
+        modified = False
+        for _ in range(self.max_rounds):
+            folder = _BoundedFolder(self.max_output_bytes)
+            changed = bool(folder(model).modified)
+            self.skipped = folder.skipped
+            if not changed:
+                break
+            modified = True
             _remove_dead_constants(model)
         return ir.passes.PassResult(model, modified)
