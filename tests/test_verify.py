@@ -76,6 +76,9 @@ def test_missing_initializer():
         """
     )
     verify(m)
+    m.graph.initializers["b"].const_value = None
+    err = rejects(m, "initializer 'b' has no data")
+    assert err.value == "b"
     m.graph.initializers.pop("b")
     rejects(m, "node 'add_0' (Add): input 'b' is used but never defined")
 
