@@ -1,0 +1,69 @@
+"""``graphopt bench`` end to end on a tiny model: the JSON fields, the profile, usage errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.cli import main
+
+N, C, H, W, O, K = 1, 8, 12, 12, 16, 3
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((O, C, K, K)).astype(np.float32) * 0.1, "w")
+    b = numpy_helper.from_array(rng.standard_normal(O).astype(np.float32), "b")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [N, C, H, W])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [N, O, H, W])], [w, b],
+    )
+    path = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_bench_json_fields(tiny_model, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", str(tiny_model), "--threads", "1", "--repeat", "3", "--warmup", "1",
+               "--json", str(out), "--profile", "--plot", str(tmp_path / "bench.png")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "ratio" in printed and "tiny.onnx" in printed and "time per function" in printed
+    (r,) = json.loads(out.read_text())
+    from graphopt.bench import RESULT_FIELDS
+
+    assert set(RESULT_FIELDS) <= set(r)
+    assert r["threads"] == 1 and r["repeat"] == 3 and r["target"] == "x86" and r["untuned"] is False
+    g, o = r["graphopt"], r["ort"]
+    assert 0 < g["min_ms"] <= g["median_ms"] <= g["max_ms"]
+    assert 0 < o["min_ms"] <= o["median_ms"] <= o["max_ms"]
+    assert r["ratio"] == pytest.approx(g["median_ms"] / o["median_ms"], rel=1e-2)
+    macs = N * O * H * W * C * K * K
+    assert r["flops"] >= 2 * macs
+    assert r["gflops"] == pytest.approx(r["flops"] / (g["median_ms"] * 1e6), rel=1e-2)
+    assert r["schedules"].get("conv2d", 0) >= 1, r["schedules"]
+    shares = [p["share"] for p in r["profile"]]
+    assert r["profile"] and sum(shares) == pytest.approx(1.0, abs=0.01) and shares == sorted(shares, reverse=True)
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_untuned_without_ort(tiny_model, tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", str(tiny_model), "--threads", "1", "--repeat", "2", "--warmup", "0",
+                 "--untuned", "--against", "none", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert r["untuned"] is True and r["schedules"] == {} and r["ort"] is None and r["ratio"] is None
+
+
+def test_bench_usage_errors(tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "missing.onnx")]) == 2
+    assert "missing.onnx" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "missing.onnx"), "--repeat", "0"]) == 2
