@@ -170,3 +170,21 @@ def test_default_pipeline_on_real_model_passes_the_check(name, shape, tmp_path):
     assert res.modified
     assert res.records[-1].nodes < res.initial_nodes / 2
     assert not list(tmp_path.iterdir())  # nothing diverged, nothing dumped
+
+
+def test_cli_check_names_the_wrong_pass(tmp_path, capsys, monkeypatch):
+    from graphopt import cli, io
+
+    registry = _registry()
+    monkeypatch.setattr(PassRegistry, "default", classmethod(lambda cls, plugins=True: registry))
+    src = io.save(_model(), tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    code = cli.main(["optimize", str(src), "-o", str(out), "--passes", "identity,flip", "--check",
+                     "--check-dir", str(tmp_path / "chk")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "'flip'" in err and "output 'y'" in err
+    assert not out.exists()
+    assert (tmp_path / "chk" / "before.onnx").exists() and (tmp_path / "chk" / "after.onnx").exists()
+    code = cli.main(["optimize", str(src), "-o", str(out), "--passes", "identity", "--check", "-q"])
+    assert code == 0 and out.exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import onnx_ir as ir
+import onnx_ir.passes.common as common
 import pytest
 from onnx import TensorProto, helper
 
@@ -23,8 +25,6 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 
 def _report() -> dict:
-    import onnx_ir as ir
-    import onnx_ir.passes.common as common
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
@@ -59,3 +59,17 @@ def test_empty_report_and_bad_input(tmp_path):
     with pytest.raises(UsageError):
         plot_pass_report({"initial": {"nodes": 1, "parameter_bytes": 1}, "passes": []}, tmp_path / "no" / "x.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_cli_plot(tmp_path, capsys):
+    from graphopt import cli, io
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["t"]), helper.make_node("Relu", ["t"], ["y"])],
+                          "g", [x], [y])
+    src = io.save(ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])),
+                  tmp_path / "m.onnx")
+    png = tmp_path / "plot.png"
+    assert cli.main(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "-O1", "--plot", str(png), "-q"]) == 0
+    _png_size(png.read_bytes())
