@@ -103,11 +103,13 @@ def to_networkx(graph: ir.Graph | ir.Function) -> nx.DiGraph:
         else:
             g.add_edge(src, dst, values=[value.name], captured=captured)
 
+    inputs = set(graph.inputs)
+
     def source_of(v: ir.Value) -> str | None:
         p = v.producer()
         if p is not None and p in keys:
             return keys[p]
-        if v.is_graph_input() and v.graph is graph:
+        if v in inputs:
             return f"input:{v.name}"
         return None  # an initializer, an outer-scope value, or dangling
 

@@ -126,3 +126,19 @@ def test_critical_path_agrees_with_networkx_on_a_real_model():
     assert longest_path_length(m.graph) == nx.dag_longest_path_length(g) + 1
     order = topological_nodes(m.graph)
     assert order == list(m.graph)  # a stored topological order is kept as is
+
+
+def test_function_bodies_have_a_view_too():
+    m = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+        g (float[2] x) => (float[2] y) { y = local.Twice(x) }
+        <domain: "local", opset_import: ["" : 17]>
+        Twice (a) => (b) { t = Relu(a) b = Add(t, a) }
+        """
+    )
+    f = next(iter(m.functions.values()))
+    g = to_networkx(f)
+    assert g.edges["input:a", "#0"]["values"] == ["a"] and g.has_edge("input:a", "#1")
+    assert g.edges["#1", "output:b"]["values"] == ["b"]
+    assert longest_path_length(f) == 2 and find_cycle(f) is None
