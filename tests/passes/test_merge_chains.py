@@ -62,3 +62,54 @@ def test_reshape_with_zero_after_reshape_and_shared_producer_stay():
     result = MergeChainsPass()(model)
     assert not result.modified
     assert ops(result.model)["Reshape"] == 3
+
+
+def test_channel_shuffle_becomes_one_gather():
+    model = _model("s1 = Constant<value = int64[5] {1, 2, 3, 2, 2}>() \n a = Reshape(x, s1) \n"
+                   "t = Transpose<perm = [0, 2, 1, 3, 4]>(a) \n s2 = Constant<value = int64[4] {1, 6, 2, 2}>() \n"
+                   "b = Reshape(t, s2) \n y = Relu(b)", x="float[1,6,2,2] x", y="float[1,6,2,2] y")
+    result = apply_and_compare(MergeChainsPass(), model)
+    assert result.modified and dict(ops(result.model)) == {"Gather": 1, "Relu": 1}
+
+
+def test_reshape_transpose_that_mixes_axes_stays():
+    model = _model("t = Transpose<perm = [0, 2, 1]>(x) \n s = Constant<value = int64[3] {2, 3, 4}>() \n"
+                   "b = Reshape(t, s) \n y = Relu(b)")
+    result = apply_and_compare(MergeChainsPass(), model)
+    assert not result.modified and ops(result.model)["Transpose"] == 1
+
+
+def test_global_pool_and_flatten_become_reduce_mean():
+    model = _model("p = AveragePool<kernel_shape = [3, 4]>(x) \n f = Flatten(p) \n y = Relu(f)",
+                   x="float[2,5,3,4] x", y="float[2,5] y")
+    result = apply_and_compare(MergeChainsPass(), model)
+    assert result.modified and dict(ops(result.model)) == {"ReduceMean": 1, "Relu": 1}
+    model = _model("p = GlobalMaxPool(x) \n s = Constant<value = int64[2] {2, 5}>() \n f = Reshape(p, s) \n y = Relu(f)",
+                   x="float[2,5,3,4] x", y="float[2,5] y")
+    result = apply_and_compare(MergeChainsPass(), model)
+    assert result.modified and dict(ops(result.model)) == {"ReduceMax": 1, "Relu": 1}
+
+
+def test_padded_or_partial_pool_stays():
+    model = _model("p = AveragePool<kernel_shape = [3, 3]>(x) \n f = Flatten(p) \n y = Relu(f)",
+                   x="float[2,5,3,4] x", y="float[2,10] y")
+    result = apply_and_compare(MergeChainsPass(), model)
+    assert not result.modified and ops(result.model)["AveragePool"] == 1
+
+
+def test_same_unary_op_moves_after_concat():
+    model = _model("a = LeakyRelu<alpha = 0.2>(x) \n b = LeakyRelu<alpha = 0.2>(x2) \n y = Concat<axis = 1>(a, b)",
+                   x="float[2,3,4] x, float[2,5,4] x2", y="float[2,8,4] y")
+    result = apply_and_compare(MergeChainsPass(), model)
+    assert result.modified and dict(ops(result.model)) == {"Concat": 1, "LeakyRelu": 1}
+    assert result.model.graph.outputs[0].name == "y"
+
+
+def test_different_unary_ops_or_attributes_stay_before_concat():
+    for body in ("a = Relu(x) \n b = Sigmoid(x2) \n y = Concat<axis = 1>(a, b)",
+                 "a = LeakyRelu<alpha = 0.2>(x) \n b = LeakyRelu<alpha = 0.1>(x2) \n y = Concat<axis = 1>(a, b)",
+                 "a = Relu(x) \n b = Relu(x2) \n y = Concat<axis = 1>(a, b) \n z = Neg(a)"):
+        outputs = "float[2,8,4] y" + (", float[2,3,4] z" if "z =" in body else "")
+        model = _model(body, x="float[2,3,4] x, float[2,5,4] x2", y=outputs)
+        result = apply_and_compare(MergeChainsPass(), model)
+        assert not result.modified
