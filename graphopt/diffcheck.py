@@ -5,7 +5,10 @@ given, or on seeded random inputs of the right dtypes and shapes, dynamic dims s
 every pass that reports ``modified`` it serializes the model, runs it again on the same inputs and
 compares every output with the previous step. On a mismatch it writes ``before.onnx`` and
 ``after.onnx`` into ``output_dir`` (when given) and raises :class:`~graphopt.errors.PassError`
-naming the pass, the first output that diverged and its maximum absolute error.
+naming the pass, the first output that diverged and its maximum absolute error. Models with
+external or over 1 GiB of weights go to ONNX Runtime as files with external data; for them only
+``after.onnx`` (with ``after.onnx.data``) is written, as keeping a copy of every step would cost
+the weights' size in memory.
 
 ``random_inputs`` and ``run_onnxruntime`` are the helpers it is built on; tests use them too.
 """
@@ -65,12 +68,14 @@ def _serialize(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def _has_external(model: ir.Model) -> bool:
-    return any(
-        isinstance(v.const_value, ir.ExternalTensor)
-        for g in model.graphs()
-        for v in g.initializers.values()
-    )
+# protobuf cannot serialize 2 GiB; above this the model goes to ORT as a file with external data.
+_INLINE_LIMIT = 1 << 30
+
+
+def _needs_file(model: ir.Model) -> bool:
+    from graphopt.io import has_external_data, weight_bytes
+
+    return has_external_data(model) or weight_bytes(model) > _INLINE_LIMIT
 
 
 def run_onnxruntime(
@@ -84,7 +89,7 @@ def run_onnxruntime(
     opts.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     opts.log_severity_level = 4
     with tempfile.TemporaryDirectory(prefix="graphopt-diffcheck-") as tmp:
-        if isinstance(model, ir.Model) and _has_external(model):
+        if isinstance(model, ir.Model) and _needs_file(model):
             path = Path(tmp) / "model.onnx"
             ir.save(model, path, external_data="model.onnx.data")
             source: str | bytes = str(path)
@@ -168,8 +173,7 @@ class DifferentialCheckInstrument:
             raise UnsupportedError(
                 f"differential check: ONNX Runtime cannot run the input model{hint}: {_first_line(e)}"
             ) from None
-        if self.output_dir is not None:
-            self._reference_proto = _serialize(model)
+        self._snapshot(model)
 
     def after_pass(self, name: str, model: ir.Model, modified: bool) -> None:
         if not modified or self.reference is None:
@@ -191,19 +195,29 @@ class DifferentialCheckInstrument:
                 pass_name=name,
             )
         self.reference = outputs
+        self._snapshot(model)
+
+    def _snapshot(self, model: ir.Model) -> None:
+        """Keep the last good model in memory for ``before.onnx`` (not for external/large weights)."""
         if self.output_dir is not None:
-            self._reference_proto = _serialize(model)
+            self._reference_proto = None if _needs_file(model) else _serialize(model)
 
     def _dump(self, model: ir.Model) -> str:
         if self.output_dir is None:
             return ""
-        from graphopt.io import atomic_write_bytes
+        from graphopt.io import atomic_write_bytes, save
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        written = []
         if self._reference_proto is not None:
             atomic_write_bytes(self.output_dir / "before.onnx", self._reference_proto.SerializeToString())
-        atomic_write_bytes(self.output_dir / "after.onnx", _serialize(model).SerializeToString())
-        return f"; before.onnx/after.onnx written to {self.output_dir}"
+            written.append("before.onnx")
+        if _needs_file(model):
+            save(model, self.output_dir / "after.onnx", external_data="after.onnx.data")
+        else:
+            atomic_write_bytes(self.output_dir / "after.onnx", _serialize(model).SerializeToString())
+        written.append("after.onnx")
+        return f"; {'/'.join(written)} written to {self.output_dir}"
 
 
 def _first_line(e: BaseException) -> str:

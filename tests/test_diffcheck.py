@@ -188,3 +188,23 @@ def test_cli_check_names_the_wrong_pass(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "chk" / "before.onnx").exists() and (tmp_path / "chk" / "after.onnx").exists()
     code = cli.main(["optimize", str(src), "-o", str(out), "--passes", "identity", "--check", "-q"])
     assert code == 0 and out.exists()
+
+
+def test_external_data_model_is_checked_and_dumped(tmp_path):
+    from graphopt import io
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 512])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 512])
+    b = onnx.numpy_helper.from_array(np.linspace(-1, 1, 512, dtype=np.float32), "b")  # 2 KiB: external
+    g = helper.make_graph([helper.make_node("Add", ["x", "b"], ["y"])], "g", [x], [y], [b])
+    model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    io.save(model, tmp_path / "m.onnx", external_data="m.data")
+    loaded = io.load(tmp_path / "m.onnx")
+    assert io.has_external_data(loaded)
+    with pytest.raises(PassError) as info:
+        api.optimize(loaded, passes=["flip"], registry=_registry(), check=True, check_dir=tmp_path / "chk")
+    assert "'flip'" in str(info.value)
+    after = onnx.load(tmp_path / "chk" / "after.onnx")  # loads its external data beside it
+    assert after.graph.node[0].op_type == "Sub"
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(after.graph.initializer[0]),
+                                  np.linspace(-1, 1, 512, dtype=np.float32))
