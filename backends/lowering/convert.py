@@ -267,6 +267,8 @@ class _Lowerer:
         try:
             for value, expr in zip(graph.inputs, inputs):
                 self.env[value] = expr
+                if isinstance(expr, helpers.Constant):  # e.g. an unrolled Loop's iteration number
+                    self.consts[value] = helpers.const_value(expr)
             for init in graph.initializers.values():
                 if init.const_value is not None:
                     self.consts[init] = init.const_value.numpy()
