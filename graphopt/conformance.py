@@ -121,6 +121,28 @@ def _op_names() -> set[str]:
     return {s.name for s in onnx.defs.get_all_schemas()}
 
 
+# Inputs that decide output shapes (op -> input positions). A static-shape compiler needs their
+# values at compile time, as it needs the input dims: with ``freeze=True`` a case's values for them
+# are made initializers, the way ``--input-shape`` fixes dims. Data inputs are never frozen.
+SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Unsqueeze": (1,), "Squeeze": (1,),
+    "TopK": (1,), "Pad": (1, 3), "Resize": (1, 2, 3), "Upsample": (1,), "Split": (1,), "Trilu": (1,),
+    "ConstantOfShape": (0,), "Range": (0, 1, 2), "OneHot": (1,), "CenterCropPad": (1, 2), "Col2Im": (1, 2, 3),
+    "CumSum": (1,), "CumProd": (1,), "MaxUnpool": (2,), "AffineGrid": (1,), "DFT": (1, 2), "STFT": (1, 3),
+    "BlackmanWindow": (0,), "HannWindow": (0,), "HammingWindow": (0,), "MelWeightMatrix": (0, 1, 2, 3, 4),
+    "EyeLike": (), "Compress": (1,), "NonMaxSuppression": (2, 3, 4),
+}
+
+
+def shape_input_names(model) -> set[str]:
+    """Graph inputs (of the main graph) consumed at a shape-deciding position of some node."""
+    names = set()
+    for node in model.graph.node:
+        positions = SHAPE_INPUTS.get(node.op_type, (1,) if node.op_type.startswith("Reduce") else ())
+        names.update(node.input[i] for i in positions if i < len(node.input) and node.input[i])
+    return names & {i.name for i in model.graph.input}
+
+
 # --- one case, in a worker -----------------------------------------------------------------------
 
 
@@ -166,8 +188,8 @@ def _run_ort(case) -> bool | None:
         return False
 
 
-def run_case(case, *, opt_level: int = 2, frontend: str = "graphopt", target="x86") -> tuple[str, str]:
-    """(status, reason) for one case through the compiler."""
+def run_case(case, *, opt_level: int = 2, frontend: str = "graphopt", target="x86", freeze: bool = True) -> tuple[str, str]:
+    """(status, reason) for one case through the compiler (``freeze``: see ``SHAPE_INPUTS``)."""
     import onnx_ir as ir
 
     from graphopt.backends.compile import CompileStageError, compile_model, first_error_line
@@ -177,16 +199,22 @@ def run_case(case, *, opt_level: int = 2, frontend: str = "graphopt", target="x8
         return "unsupported", "sequence/optional/map inputs or outputs"
     compiled_by_shapes: dict = {}
     for inputs, expected in case.data_sets:
-        shapes = tuple(tuple(a.shape) for a in inputs)
+        graph_inputs = [i.name for i in case.model.graph.input]
+        frozen = shape_input_names(case.model) if freeze else set()
+        key = tuple((tuple(a.shape), a.tobytes() if n in frozen else b"") for n, a in zip(graph_inputs, inputs))
+        feeds = [a for n, a in zip(graph_inputs, inputs) if n not in frozen]
         try:
-            compiled = compiled_by_shapes.get(shapes)
+            compiled = compiled_by_shapes.get(key)
             if compiled is None:
                 model = ir.serde.deserialize_model(case.model)
-                data_inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
-                for v, a in zip(data_inputs, inputs):
+                for v, a in zip(list(model.graph.inputs), inputs):
                     v.shape = ir.Shape(a.shape)
+                    if v.name in frozen:
+                        v.const_value = ir.tensor(a, name=v.name)
+                        model.graph.inputs.remove(v)
+                        model.graph.register_initializer(v)
                 compiled = compile_model(model, target=target, opt_level=opt_level, frontend=frontend)
-                compiled_by_shapes[shapes] = compiled
+                compiled_by_shapes[key] = compiled
         except UnsupportedError as e:
             return "unsupported", first_error_line(e)
         except GraphoptError as e:
@@ -196,7 +224,7 @@ def run_case(case, *, opt_level: int = 2, frontend: str = "graphopt", target="x8
         except Exception as e:
             return "compile_error", f"{type(e).__name__}: {first_error_line(e)}"
         try:
-            outputs = compiled(*inputs)
+            outputs = compiled(*feeds)
         except Exception as e:
             return "run_error", f"{type(e).__name__}: {first_error_line(e)}"
         for (name, value), exp in zip(outputs.items(), expected):
@@ -223,7 +251,8 @@ def _worker(conn, options: dict) -> None:
         start = time.perf_counter()
         ort_ok = _run_ort(case) if options.get("ort", True) else None
         try:
-            status, reason = run_case(case, opt_level=options["opt_level"], frontend=options["frontend"])
+            status, reason = run_case(case, opt_level=options["opt_level"], frontend=options["frontend"],
+                                      freeze=options.get("freeze", True))
         except Exception as e:  # a bug in the harness or the compiler: report, keep going
             status, reason = "compile_error", f"{type(e).__name__}: {str(e)[:300]}"
         conn.send(("done", CaseResult(name, case_op(case), status, reason, time.perf_counter() - start, ort_ok)))
@@ -257,6 +286,7 @@ def run_conformance(
     opt_level: int = 2,
     frontend: str = "graphopt",
     ort: bool = True,
+    freeze: bool = True,
     progress: Callable[[CaseResult, int, int], None] | None = None,
 ) -> ConformanceReport:
     """Run the conformance cases whose names match ``pattern`` in ``jobs`` processes (default: cores)."""
@@ -269,7 +299,7 @@ def run_conformance(
         raise UsageError(f"-k {pattern!r} matches no conformance case")
     ops = {n: case_op(cases[n]) for n in names}
     jobs = max(1, min(jobs or len(os.sched_getaffinity(0)), len(names)))
-    options = {"opt_level": opt_level, "frontend": frontend, "ort": ort}
+    options = {"opt_level": opt_level, "frontend": frontend, "ort": ort, "freeze": freeze}
     ctx = mp.get_context("spawn")
     todo = collections.deque(names)
     results: dict[str, CaseResult] = {}

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frontend", choices=("graphopt", "tvm"), default="graphopt",
                    help="lower with graphopt's op table (default) or TVM's ONNX importer, to compare")
     p.add_argument("--no-ort", dest="ort", action="store_false", help="do not run ONNX Runtime on the cases")
+    p.add_argument("--no-freeze", dest="freeze", action="store_false",
+                   help="leave shape-deciding inputs (Reshape's shape, Reduce's axes, ...) as run-time inputs "
+                        "instead of fixing them from the case like --input-shape fixes dims")
     p.add_argument("-v", "--verbose", action="store_true", help="print every case as it finishes")
     add_opt_level(p)
 
@@ -33,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"\r{done}/{total}", end="", file=sys.stderr, flush=True)
 
     report = run_conformance(args.pattern, jobs=args.jobs, timeout=args.timeout, opt_level=args.opt_level,
-                             frontend=args.frontend, ort=args.ort, progress=progress)
+                             frontend=args.frontend, ort=args.ort, freeze=args.freeze,
+                             progress=progress)
     if sys.stderr.isatty() and not args.verbose:
         print(file=sys.stderr)
     groups = report.failures_by_op()

@@ -168,3 +168,20 @@ def test_export_is_atomic_and_refuses_foreign_directories(built, tmp_path):
     c.save(target)  # replacing a bundle is allowed
     assert json.loads((target / "manifest.json").read_text())["created"] >= first
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+@pytest.mark.skipif(__import__("shutil").which("aarch64-linux-gnu-gcc") is None,
+                    reason="needs the cross compiler: apt-get install gcc-aarch64-linux-gnu")
+def test_aarch64_bundle_is_an_arm_library(built, tmp_path):
+    import platform
+
+    _, model, _, _ = built
+    bundle = tmp_path / "arm"
+    api.compile(model, target="aarch64", opt_level=1, output=bundle)
+    header = (bundle / "lib.so").read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["target"]["target"]["mtriple"] == "aarch64-linux-gnu"
+    if platform.machine() != "aarch64":
+        with pytest.raises(BundleError, match="built for aarch64-linux-gnu"):
+            load_bundle(bundle)
