@@ -8,8 +8,10 @@ and value, e.g. ``node 'conv1' (Conv): input 'x7' is used but never defined``. C
   holds the body; a read of a later value is reported as a cycle when there is one, otherwise as
   nodes out of topological order;
 * value names are unique within a graph; every graph output is produced; initializers have data;
-* every op exists in the opset the model imports for its domain (``onnx.defs``); a custom domain must
-  be imported by the model (or the op be a model-local function); graphopt's own domain is allowed;
+* every op exists in the opset the model imports for its domain (``onnx.defs``), with its required
+  inputs and attributes, no more inputs/outputs than it takes, and only attributes it knows, of the
+  right type; a custom domain must be imported by the model (or the op be a model-local function);
+  graphopt's own domain is allowed;
 * with ``check_types``: dtypes and shapes recorded in the IR agree with ONNX shape inference where
   both are known (skipped for models with more than 1.5 GB of weights).
 
@@ -18,6 +20,7 @@ Model-local functions are checked like graphs. Nothing is mutated.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import onnx
@@ -46,9 +49,19 @@ def node_label(node: ir.Node, index: int | None = None) -> str:
     return f"node '{name}' ({op})"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Signature:
+    """What a node of one op at one opset must look like (from its ONNX schema)."""
+
+    problem: str | None = None  # the op itself is not usable at this opset
+    required_inputs: tuple[tuple[int, str], ...] = ()
+    max_inputs: int = 0
+    max_outputs: int = 0
+    attributes: dict = dataclasses.field(default_factory=dict)  # name -> (AttributeType int, required)
+
+
 @functools.lru_cache(maxsize=4096)
-def _op_problem(op_type: str, domain: str, version: int) -> str | None:
-    """Why ``op_type`` is not usable at ``domain`` opset ``version`` (``None`` when it is)."""
+def _signature(op_type: str, domain: str, version: int) -> _Signature:
     try:
         schema = onnx.defs.get_schema(op_type, version, domain)
     except onnx.defs.SchemaError:
@@ -58,10 +71,44 @@ def _op_problem(op_type: str, domain: str, version: int) -> str | None:
                 for s in onnx.defs.get_all_schemas_with_history()
                 if s.name == op_type and s.domain == domain
             )
-            return f"op needs {_domain_label(domain)} opset >= {first}, the model imports {version}"
-        return f"unknown op in {_domain_label(domain)} opset {version}"
+            return _Signature(f"op needs {_domain_label(domain)} opset >= {first}, the model imports {version}")
+        return _Signature(f"unknown op in {_domain_label(domain)} opset {version}")
     if schema.deprecated:
-        return f"op is deprecated in {_domain_label(domain)} opset {version}"
+        return _Signature(f"op is deprecated in {_domain_label(domain)} opset {version}")
+    single = onnx.defs.OpSchema.FormalParameterOption.Single
+    return _Signature(
+        None,
+        tuple((i, p.name) for i, p in enumerate(schema.inputs) if p.option == single),
+        schema.max_input,
+        schema.max_output,
+        {name: (int(a.type), a.required) for name, a in schema.attributes.items()},
+    )
+
+
+def _signature_problem(node: ir.Node, sig: _Signature) -> str | None:
+    """How ``node`` breaks its op's signature: missing/extra inputs, outputs or attributes."""
+    inputs = node.inputs
+    for i, name in sig.required_inputs:
+        if i >= len(inputs) or inputs[i] is None:
+            return f"required input #{i} ({name}) is missing"
+    n_in = len(inputs)
+    while n_in and inputs[n_in - 1] is None:
+        n_in -= 1
+    if n_in > sig.max_inputs:
+        return f"has {n_in} inputs, the op takes at most {sig.max_inputs}"
+    n_out = sum(1 for v in node.outputs if v.name != "")
+    if n_out > sig.max_outputs:
+        return f"has {n_out} outputs, the op has at most {sig.max_outputs}"
+    attrs = node.attributes
+    for name, attr in attrs.items():
+        spec = sig.attributes.get(name)
+        if spec is None:
+            return f"unknown attribute '{name}'"
+        if not attr.is_ref() and attr.type.value != spec[0]:
+            return f"attribute '{name}' is {attr.type.name}, the op expects {ir.AttributeType(spec[0]).name}"
+    for name, (_, required) in sig.attributes.items():
+        if required and name not in attrs:
+            return f"required attribute '{name}' is missing"
     return None
 
 
@@ -83,7 +130,8 @@ class _Checker:
             )
         if domain not in _ONNX_DOMAINS:
             return  # a custom domain the model declares: its ops cannot be checked here
-        problem = _op_problem(node.op_type, domain, version)
+        sig = _signature(node.op_type, domain, version)
+        problem = sig.problem or _signature_problem(node, sig)
         if problem:
             raise VerificationError(f"{node_label(node, index)}{where}: {problem}", node=node.name)
 

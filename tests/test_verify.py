@@ -109,6 +109,33 @@ def test_op_removed_in_the_imported_opset():
     rejects(m, "node 'neg_1' (Upsample)", "deprecated")
 
 
+def test_signature_checks():
+    m = parse(CHAIN)
+    add = node(m, "add_2")
+    add.resize_inputs(1)
+    rejects(m, "node 'add_2' (Add): required input #1 (B) is missing")
+
+    m = parse(CHAIN)
+    node(m, "neg_1").attributes["alpha"] = ir.AttrFloat32("alpha", 0.5)
+    rejects(m, "node 'neg_1' (Neg): unknown attribute 'alpha'")
+
+    m = parse(CHAIN)
+    node(m, "neg_1").op_type = "Softmax"
+    verify(m)
+    node(m, "neg_1").attributes["axis"] = ir.AttrFloat32("axis", 1.0)
+    rejects(m, "node 'neg_1' (Softmax): attribute 'axis' is FLOAT, the op expects INT")
+
+    m = parse(CHAIN)
+    node(m, "neg_1").op_type = "Cast"
+    rejects(m, "node 'neg_1' (Cast): required attribute 'to' is missing")
+
+    m = parse(CHAIN)
+    relu = node(m, "relu_0")
+    relu.resize_inputs(2)
+    relu.replace_input_with(1, m.graph.inputs[0])
+    rejects(m, "node 'relu_0' (Relu): has 2 inputs, the op takes at most 1")
+
+
 def test_custom_domains():
     m = parse(CHAIN)
     node(m, "neg_1").domain = "com.acme"
