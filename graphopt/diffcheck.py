@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphopt.errors import GraphoptError, PassError, UnsupportedError, UsageError
+from graphopt.errors import GraphoptError, PassError, UnsupportedError, UsageError, VerificationError
 
 # Integer inputs are drawn from [0, _INT_HIGH) so that index-like inputs stay in range.
 _INT_HIGH = 4
@@ -183,8 +183,7 @@ class DifferentialCheckInstrument:
         except Exception as e:
             where = self._dump(model)
             raise PassError(
-                f"pass '{name}' produced a model ONNX Runtime cannot run: {_first_line(e)}{where}",
-                pass_name=name,
+                f"pass '{name}' {_why_unrunnable(model, e)}{where}", pass_name=name
             ) from None
         self.checked.append(name)
         bad = first_mismatch(self.reference, outputs, rtol=self.rtol, atol=self.atol)
@@ -218,6 +217,17 @@ class DifferentialCheckInstrument:
             atomic_write_bytes(self.output_dir / "after.onnx", _serialize(model).SerializeToString())
         written.append("after.onnx")
         return f"; {'/'.join(written)} written to {self.output_dir}"
+
+
+def _why_unrunnable(model: ir.Model, error: Exception) -> str:
+    """The verifier's finding when the graph is broken (it names the node), else ORT's message."""
+    from graphopt.verify import verify
+
+    try:
+        verify(model)
+    except VerificationError as e:
+        return f"left an invalid graph: {e}"
+    return f"produced a model ONNX Runtime cannot run: {_first_line(error)}"
 
 
 def _first_line(e: BaseException) -> str:

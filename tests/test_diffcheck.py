@@ -208,3 +208,21 @@ def test_external_data_model_is_checked_and_dumped(tmp_path):
     assert after.graph.node[0].op_type == "Sub"
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(after.graph.initializer[0]),
                                   np.linspace(-1, 1, 512, dtype=np.float32))
+
+
+class DropFirstNodePass(ir.passes.InPlacePass):
+    """A deliberately broken pass: removes a node whose output is still used."""
+
+    def call(self, model):
+        model.graph.remove(next(iter(model.graph)), safe=False)
+        return ir.passes.PassResult(model, True)
+
+
+def test_broken_graph_is_reported_by_the_verifier_not_ort(tmp_path):
+    reg = _registry()
+    reg.register("drop", DropFirstNodePass)
+    with pytest.raises(PassError) as info:
+        api.optimize(_model(), passes=["drop"], registry=reg, check=True, check_dir=tmp_path)
+    assert info.value.pass_name == "drop"
+    assert "'drop' left an invalid graph" in str(info.value)
+    assert "ONNX Runtime" not in str(info.value)
