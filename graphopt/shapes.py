@@ -1,7 +1,8 @@
 """Input-shape specialization and shape inference.
 
 * :func:`parse_input_shapes` reads ``--input-shape NAME:D0,D1,...`` specs.
-* :func:`specialize` fixes graph-input dims, then runs :func:`infer_shapes`.
+* :func:`specialize` fixes graph-input dims, forgets recorded shapes the new sizes contradict, then
+  runs :func:`infer_shapes`.
 * :func:`infer_shapes` records dtypes/shapes on every value: ONNX shape inference (with data
   propagation) over the whole model, then a walk that fills what ONNX leaves unknown on real models:
   shape tensors computed by Shape/Gather/Concat/Slice/Unsqueeze/Cast/arithmetic chains are evaluated
@@ -107,7 +108,25 @@ def specialize(model: ir.Model, specs) -> ir.Model:
     for v in model.graph.inputs:  # other inputs sharing a symbolic dim with a fixed one
         if v.name not in shapes and v.shape is not None:
             v.shape = ir.Shape([bindings.get(d.value, d) if _named(d) else d for d in v.shape])
+    _forget_stale_shapes(model)
     return infer_shapes(model)
+
+
+def _forget_stale_shapes(model: ir.Model) -> None:
+    """Drop recorded shapes that contradict inference from the new input shapes.
+
+    Exporters sometimes record intermediate shapes traced with one example input; once the inputs
+    are fixed to other sizes those records are wrong, and they would win over inference.
+    """
+    fresh = onnx_inferred_types(model, keep_value_info=False, raw=True)
+    for v, tp in (fresh or {}).items():
+        if v.shape is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+            continue
+        dims = tp.tensor_type.shape.dim
+        if len(dims) != len(v.shape) or any(
+            d.HasField("dim_value") and _known(mine) and d.dim_value != mine for d, mine in zip(dims, v.shape)
+        ):
+            v.shape = None
 
 
 def _named(d) -> bool:

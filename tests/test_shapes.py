@@ -347,3 +347,23 @@ def test_evaluator_shape_and_size_use_static_dims_only():
     assert evaluate(node, [None], [ir.Shape(["N", 3, 8])])[0].tolist() == [3, 8]
     node.attributes.pop("start")
     assert evaluate(node, [None], [ir.Shape(["N", 3, 8])])[0] is None  # N is unknown
+
+
+def test_specialize_replaces_stale_recorded_shapes():
+    """An exporter recorded intermediate shapes for a traced batch of 2; specializing to 3 must win."""
+    m = ir.from_onnx_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x) => (float[N,4] z) {
+          y = Relu(x)
+          z = Neg(y)
+        }
+        """
+    )
+    y = m.graph[0].outputs[0]
+    y.shape, y.dtype = ir.Shape([2, 4]), ir.DataType.FLOAT  # stale, from the trace
+    specialize(m, ["x:3,4"])
+    assert list(y.shape) == [3, 4] and list(m.graph.outputs[0].shape) == [3, 4]
+    from graphopt.verify import verify
+
+    verify(m)
