@@ -205,6 +205,22 @@ def test_loop_body_and_scan_pass():
     node(m, "add_3").replace_input_with(1, ir.Value(name="lost"))
     rejects(m, "node 'add_3' (Add) in subgraph 'body' of node 'loop_1' (Loop)", "'lost'")
 
+    scan = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2] init, float[5,2] xs, float[2] bias) => (float[2] last, float[5,2] ys) {
+          last, ys = Scan(init, xs) <num_scan_inputs = 1, body = step (float[2] s, float[2] x) => (float[2] s2, float[2] y) {
+              t = Add(s, x)
+              s2 = Add(t, bias)
+              y = Identity(s2)
+          }>
+        }
+        """
+    )
+    verify(scan)
+    node(scan, "add_2").replace_input_with(1, ir.Value(name="bias_gone"))
+    rejects(scan, "node 'add_2' (Add) in subgraph 'step' of node 'scan_0' (Scan)", "'bias_gone' is used but never defined")
+
 
 def test_function_bodies_are_checked():
     m = parse(
