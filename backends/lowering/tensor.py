@@ -48,10 +48,12 @@ def lower_reshape(ctx, ins):
     dims = _dims(ctx, x)
     allowzero = ctx.attr("allowzero", 0)
     out = [dims[i] if (s == 0 and not allowzero) else s for i, s in enumerate(shape)]
-    if -1 in out:
-        k = out.index(-1)
+    if -1 in shape:
+        k = shape.index(-1)
         known = _prod([d for i, d in enumerate(out) if i != k])
         out[k] = tirx.floordiv(_prod(dims), known) if not isinstance(known, int) or known else 0
+    if any(isinstance(d, int) and d == 0 for d in out):  # Relax reads a literal 0 as "copy the dim"
+        return H.full(out, 0, H.dtype_of(x))  # an empty tensor
     return R.reshape(x, out)
 
 
@@ -266,8 +268,22 @@ def lower_gather_elements(ctx, ins):
     return R.gather_elements(x, _norm_indices(ctx, idx, _static_or_sym(dims[axis])), axis=axis)
 
 
+def _norm_nd_indices(ctx, x, idx, batch_dims: int):
+    """Negative entries of GatherND/ScatterND index tuples wrap, per indexed dim (static dims only)."""
+    shape, ishape = H.shape_of(x), H.shape_of(idx)
+    if ishape is None or ishape[-1] is None:
+        return idx
+    dims = shape[batch_dims: batch_dims + ishape[-1]]
+    if any(d is None for d in dims) or H.is_unsigned(H.dtype_of(idx)):
+        return idx
+    dtype = H.dtype_of(idx)
+    wrap = H.const(np.asarray(dims, dtype=dtype))
+    return R.where(R.less(idx, H.scalar(0, dtype)), R.add(idx, wrap), idx)
+
+
 def lower_gather_nd(ctx, ins):
-    return R.gather_nd(ins[0], ins[1], batch_dims=ctx.attr("batch_dims", 0))
+    batch_dims = ctx.attr("batch_dims", 0)
+    return R.gather_nd(ins[0], _norm_nd_indices(ctx, ins[0], ins[1], batch_dims), batch_dims=batch_dims)
 
 
 _REDUCTIONS = {"none": "update", "add": "add", "mul": "mul", "max": "max", "min": "min"}
@@ -282,7 +298,8 @@ def lower_scatter_elements(ctx, ins):
 
 
 def lower_scatter_nd(ctx, ins):
-    return R.scatter_nd(ins[0], ins[1], ins[2], _REDUCTIONS[ctx.attr("reduction", "none")])
+    idx = _norm_nd_indices(ctx, ins[0], ins[1], 0)
+    return R.scatter_nd(ins[0], idx, ins[2], _REDUCTIONS[ctx.attr("reduction", "none")])
 
 
 def lower_depth_to_space(ctx, ins):
