@@ -302,3 +302,19 @@ def _timed(fn) -> float:
 
 # All 1,884 ONNX node conformance models must verify (no false alarms): checked, after shape
 # inference, by tests/test_shapes.py::test_inferred_shapes_match_every_conformance_case.
+
+
+def test_type_check_is_skipped_above_the_weight_limit(monkeypatch):
+    import graphopt.verify as verify_module
+
+    m = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,3] x) => (float[2,3] z) <float[3] b = {1.0, 2.0, 3.0}> { y = Relu(x) z = Add(y, b) }
+        """
+    )
+    y = node(m, "relu_0").outputs[0]
+    y.shape, y.dtype = ir.Shape([9, 9]), ir.DataType.FLOAT
+    rejects(m, "recorded as float32[9,9]")
+    monkeypatch.setattr(verify_module, "_TYPE_CHECK_MAX_WEIGHT_BYTES", 11)  # b has 12 bytes
+    verify(m)  # structure only: a model this "large" is not serialized for ONNX inference
