@@ -226,3 +226,10 @@ def test_broken_graph_is_reported_by_the_verifier_not_ort(tmp_path):
     assert info.value.pass_name == "drop"
     assert "'drop' left an invalid graph" in str(info.value)
     assert "ONNX Runtime" not in str(info.value)
+
+
+def test_default_pipeline_folds_batchnorm_after_weight_norm():
+    res = api.optimize(_weight_pipeline_model(), opt_level=2, check=True)
+    ops = [n.op_type for n in res.model.graph]
+    assert "BatchNormalization" not in ops and "ReduceL2" not in ops and "Shape" not in ops
+    assert ops.count("Conv") == 1

@@ -35,8 +35,8 @@ CLEANUP = Fixpoint(
 
 DEFAULT_PIPELINE = (
     CLEANUP,
+    Step("fold_weight_reparam", 2),  # first: BatchNorm folds only into a constant weight
     Step("fold_batchnorm", 2),
-    Step("fold_weight_reparam", 2),
     Step("canonical_dtypes", 2),
     Fixpoint(
         "simplify",
