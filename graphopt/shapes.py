@@ -140,7 +140,7 @@ def _named(d) -> bool:
 
 
 def _fmt(shape) -> str:
-    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+    return "[" + ",".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"
 
 
 # --- ONNX inference on a proto without large weights ------------------------------------------
@@ -294,7 +294,8 @@ def _merge_shape(old: ir.Shape | None, new: ir.Shape | None) -> ir.Shape | None:
         return old
     dims, changed = [], False
     for a, b in zip(old, new):
-        if not _known(a) and (_known(b) or (not isinstance(a, int) and a.value is None and isinstance(b, ir.SymbolicDim) and b.value is not None)):
+        anonymous = not isinstance(a, int) and a.value is None
+        if not _known(a) and (_known(b) or (anonymous and isinstance(b, ir.SymbolicDim) and b.value is not None)):
             dims.append(b)
             changed = True
         else:
