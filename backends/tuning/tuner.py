@@ -85,7 +85,7 @@ def tune_module(
     max_trials_per_task: int | None = None,
     time_budget_s: float | None = None,
     rpc: str | None = None,
-    builder=None,
+    fcompile=None,
     trials_per_round: int = 32,
     progress: Callable[[str], None] | None = print,
 ) -> TuneReport:
@@ -135,7 +135,7 @@ def tune_module(
             max_trials_global=chunk,
             max_trials_per_task=per_task,
             num_trials_per_iter=min(trials_per_round, 64),
-            builder=builder or ms.builder.LocalBuilder(max_workers=1),
+            builder=_builder(fcompile),
             runner=runner,
             database=db,
         )
@@ -151,6 +151,26 @@ def tune_module(
         if ran == 0:
             break  # the search space is exhausted for every remaining task
     return TuneReport(str(d), str(target), list(reports.values()), trials_run, time.perf_counter() - start)
+
+
+def _builder(fcompile):
+    """Builds candidates one at a time (2 cores: building beside measuring adds noise).
+
+    With a cross compiler, candidates are linked here into shared libraries for the boards.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    if fcompile is None:
+        return ms.builder.LocalBuilder(max_workers=1)
+
+    def export(mod) -> str:
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(prefix="graphopt-ms-"), "candidate.so")
+        mod.export_library(path, fcompile=fcompile)
+        return path
+
+    return ms.builder.LocalBuilder(max_workers=1, f_export=export)
 
 
 def _fuse(mod, target):

@@ -1,13 +1,39 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from graphopt.errors import UnsupportedError
+from graphopt.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("args", nargs="*")
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle directories (graphopt compile -o)")
+    p.add_argument("--name", action="append", default=[],
+                   help="model name for each bundle, in order (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UnsupportedError("'graphopt serve' is not implemented yet")
+    from graphopt import api
+    from graphopt.serve import ModelEndpoint, make_server
+
+    if args.name and len(args.name) != len(args.bundles):
+        raise UsageError(f"--name given {len(args.name)} times for {len(args.bundles)} bundles")
+    names = args.name or [Path(b).resolve().name for b in args.bundles]
+    if len(set(names)) != len(names):
+        raise UsageError(f"model names must be unique, got {names} (use --name)")
+    models = {n: ModelEndpoint(n, api.load_bundle(b)) for n, b in zip(names, args.bundles)}
+    try:
+        server = make_server(models, args.host, args.port)
+    except OSError as e:
+        raise UsageError(f"--host {args.host} --port {args.port}: cannot listen: {e.strerror}") from None
+    host, port = server.server_address[:2]
+    print(f"serving {', '.join(models)} on http://{host}:{port}/v2 (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

@@ -29,7 +29,7 @@ def count_nodes(model: ir.Model) -> int:
 
 
 def parameter_stats(model: ir.Model) -> tuple[int, int]:
-    """(number of parameters, bytes) over all initializers, subgraphs included."""
+    """(number of parameters, bytes) over initializers and Constant nodes, subgraphs included."""
     count = nbytes = 0
     for graph in (model.graph, *model.graph.subgraphs()):
         for v in graph.initializers.values():
@@ -38,6 +38,12 @@ def parameter_stats(model: ir.Model) -> tuple[int, int]:
                 continue
             count += t.size
             nbytes += t.nbytes
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attr = node.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                count += attr.value.size
+                nbytes += attr.value.nbytes
     return count, nbytes
 
 
