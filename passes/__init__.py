@@ -14,6 +14,7 @@ BUILTIN_PASSES: dict[str, tuple[str, str, str]] = {
     "cse": (_P + "cse", "CommonSubexpressionEliminationPass", "merge identical constants and identical subgraphs of pure ops"),
     "parameter_sharing": (_P + "parameter_sharing", "ParameterSharingPass", "deduplicate bit-identical initializers and constants"),
     # weight normalization
+    "freeze_initializers": (_P + "freeze_initializers", "FreezeInitializersPass", "initializers that are also graph inputs become fixed weights"),
     "fold_batchnorm": (_P + "fold_batchnorm", "FoldBatchNormPass", "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul"),
     "fold_weight_reparam": (_P + "fold_weight_reparam", "FoldWeightReparamPass", "fold weight-norm g*v/||v|| and Mul/Div/Add chains on constant weights"),
     "canonical_dtypes": (_P + "canonical_dtypes", "CanonicalDtypesPass", "store fp64/fp16 weights in the compute dtype where exact"),

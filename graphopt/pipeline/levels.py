@@ -4,7 +4,9 @@ Why this order:
 1. Cleanup first (-O1): removing no-ops, dead nodes and duplicate subexpressions/parameters is cheap,
    always exact, and shrinks what every later pass has to look at. It iterates to a bounded fixpoint
    because each removal exposes more (an Identity removed makes two Casts adjacent, and so on).
-2. Weight normalization (-O2) before constant folding: folding BatchNorm and weight
+2. Weight normalization (-O2) before constant folding. It starts by freezing weights that old exports
+   also list as graph inputs (overridable defaults that no pass may touch): a deployed model's weights
+   are fixed. Then folding BatchNorm and weight
    reparameterizations into the weights turns whole chains into constants, and canonical dtypes
    make identical weights byte-identical, so parameter sharing and CSE then find them.
 3. Constant folding (bounded) then the simplification fixpoint: folding shape subgraphs turns
@@ -35,6 +37,7 @@ CLEANUP = Fixpoint(
 
 DEFAULT_PIPELINE = (
     CLEANUP,
+    Step("freeze_initializers", 2),  # weights listed as graph inputs are fixed from here on
     Step("fold_weight_reparam", 2),  # first: BatchNorm folds only into a constant weight
     Step("fold_batchnorm", 2),
     Step("canonical_dtypes", 2),
