@@ -46,6 +46,7 @@ def test_bench_json_fields(tiny_model, tmp_path, capsys):
     assert 0 < g["min_ms"] <= g["median_ms"] <= g["max_ms"]
     assert 0 < o["min_ms"] <= o["median_ms"] <= o["max_ms"]
     assert r["ratio"] == pytest.approx(g["median_ms"] / o["median_ms"], rel=1e-2)
+    assert r["ratio_min"] == pytest.approx(g["min_ms"] / o["min_ms"], rel=1e-2)
     macs = N * O * H * W * C * K * K
     assert r["flops"] >= 2 * macs
     assert r["gflops"] == pytest.approx(r["flops"] / (g["median_ms"] * 1e6), rel=1e-2)

@@ -83,7 +83,10 @@ def plan_contraction(
     cands = [i for i in spatial if i != vec and axes[i].extent > 1]
     reg = None
     if cands:
-        reg = max(cands, key=lambda i: (not any(buffer_uses(r, axes[i].var) for r in vec_reads), axes[i].extent, i))
+        # prefer an axis the vector loads do not depend on (reuse: conv channels, matmul rows), by
+        # extent; without one (depthwise) the innermost candidate (neighbouring rows share cache lines)
+        reuse = [i for i in cands if not any(buffer_uses(r, axes[i].var) for r in vec_reads)]
+        reg = max(reuse, key=lambda i: (axes[i].extent, i)) if reuse else max(cands)
     rt = register_tile(axes[reg].extent, feats.max_accumulators // nvec) if reg is not None else 1
     outer = 1
     for i in spatial:

@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of median latency per model")
+    p.add_argument("--markdown", metavar="FILE.md", help="write the results as a Markdown page (docs/benchmarks.md)")
     p.add_argument("--untuned", action="store_true", help="compile without graphopt's default schedules")
     p.add_argument("--profile", action="store_true", help="time per fused function (slowest first)")
     p.add_argument("--frontend", default="graphopt", choices=["graphopt", "tvm"], help="lowering front end")
@@ -43,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         g, o = r["graphopt"], r["ort"] or {}
         rows.append([r["model"], r["target"], r["threads"], _fmt(g["min_ms"]), _fmt(g["median_ms"]), _fmt(g["max_ms"]),
-                     _fmt(o.get("median_ms")), _fmt(r["ratio"]), _fmt(r["gflops"], 1), _fmt(r["ort_gflops"], 1),
+                     _fmt(o.get("median_ms")), _fmt(r["ratio"]), _fmt(r.get("ratio_min")), _fmt(r["gflops"], 1), _fmt(r["ort_gflops"], 1),
                      _fmt(r["compile_s"], 1)])
-    print(table(rows, ["model", "target", "threads", "min ms", "median ms", "max ms", "ORT ms", "ratio",
+    print(table(rows, ["model", "target", "threads", "min ms", "median ms", "max ms", "ORT ms", "ratio", "ratio min",
                        "GFLOP/s", "ORT GFLOP/s", "compile s"]))
     for r in results:
         if r["profile"]:
@@ -57,4 +58,12 @@ def run(args: argparse.Namespace) -> int:
             json.dump(results, f, indent=2)
     if args.plot:
         plot(results, args.plot)
+    if args.markdown:
+        import shlex
+        import sys
+
+        from graphopt.bench import markdown
+
+        with open(args.markdown, "w") as f:
+            f.write(markdown(results, "graphopt " + " ".join(shlex.quote(a) for a in sys.argv[1:]), top=args.top))
     return 0
