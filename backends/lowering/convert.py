@@ -120,7 +120,7 @@ class _Lowerer:
         self.env: ChainMap = ChainMap()  # ir.Value -> relax.Expr
         self.consts: ChainMap = ChainMap()  # ir.Value -> np.ndarray
         self.sym_dims: dict[str, tvm.tirx.Var] = {}
-        self.weights: dict[ir.Value, relax.Var] = {}
+        self.weights: dict[ir.Value, tuple[relax.Var, np.ndarray]] = {}
         self._ids = itertools.count()
 
     def next_id(self) -> int:
@@ -137,16 +137,20 @@ class _Lowerer:
         return None
 
     def expr_of(self, value: ir.Value | None) -> relax.Expr | None:
+        """The Relax expression of a value; a constant becomes a weight parameter when large, else inline."""
         if value is None:
             return None
         if value in self.env:
             return self.env[value]
+        if value in self.weights:  # first used inside a subgraph
+            return self.weights[value][0]
         arr = self.const_of(value)
         if arr is None:
             raise UnsupportedError(f"value '{value.name}' is used before it is produced")
-        if value.is_initializer() and arr.size > PARAM_MIN_ELEMENTS and value.graph is self.model.graph:
-            var = relax.Var(helpers.safe_name(value.name, "w"), relax.TensorType(arr.shape, _dtype_str(arr)))
-            self.weights[value] = var
+        if arr.size > PARAM_MIN_ELEMENTS:
+            name = helpers.safe_name(value.name, "w")
+            var = relax.Var(name, relax.TensorType(arr.shape, _dtype_str(arr)))
+            self.weights[value] = (var, arr)
             expr = var
         else:
             expr = helpers.const(arr, _dtype_str(arr))
@@ -154,9 +158,9 @@ class _Lowerer:
         return expr
 
     def _dim(self, d, value_name: str, axis: int):
-        if isinstance(d, int):
+        if isinstance(d, int) and d >= 0:
             return d
-        name = helpers.safe_name(str(d) if d is not None and getattr(d, "value", None) else "", "")
+        name = helpers.safe_name(str(d.value) if getattr(d, "value", None) else "", "")
         if not name:
             name = f"{helpers.safe_name(value_name)}_dim{axis}"
         if name not in self.sym_dims:
@@ -214,6 +218,11 @@ class _Lowerer:
         """Evaluate a small all-constant node (and Shape/Size of a static tensor) in numpy."""
         if domain != "" or node.op_type in _NO_FOLD:
             return False
+        if node.op_type == "Constant" and not any(a.is_ref() for a in node.attributes.values()):
+            arr = _constant_attr(node)
+            if arr is not None:
+                self._set_const(node.outputs[0], arr)
+                return True
         if node.op_type in ("Shape", "Size") and node.inputs and node.inputs[0] in self.env:
             shape = helpers.static_shape(self.env[node.inputs[0]])
             if shape is None:
@@ -257,8 +266,7 @@ class _Lowerer:
         return True
 
     def _set_const(self, value: ir.Value, arr: np.ndarray) -> None:
-        self.consts[value] = arr
-        self.env[value] = helpers.const(arr, _dtype_str(arr))
+        self.consts[value] = arr  # its Relax expression is made on first use (expr_of)
 
     # ---------------------------------------------------------------- subgraphs
     def lower_subgraph(self, graph: ir.Graph, inputs: list[relax.Expr]) -> list[relax.Expr]:
@@ -277,6 +285,17 @@ class _Lowerer:
         finally:
             self.env = self.env.parents
             self.consts = self.consts.parents
+
+
+def _constant_attr(node: ir.Node) -> np.ndarray | None:
+    """A Constant node's value (None for string and sparse values: the rule reports those)."""
+    for name, dtype in (("value", None), ("value_float", np.float32), ("value_floats", np.float32),
+                        ("value_int", np.int64), ("value_ints", np.int64)):
+        attr = node.attributes.get(name)
+        if attr is not None:
+            arr = attr_value(attr) if dtype is None else np.array(attr_value(attr), dtype)
+            return None if arr.dtype.kind in "OSU" else np.asarray(arr)
+    return None
 
 
 def _dtype_str(arr: np.ndarray) -> str:
@@ -324,8 +343,8 @@ def lower(model: ir.Model) -> Lowered:
         outs = [low.expr_of(v) for v in graph.outputs]
         out_exprs = [low.bb.emit(o) if isinstance(o, helpers.Constant) else o for o in outs]
         result = out_exprs[0] if len(out_exprs) == 1 else low.bb.emit(relax.Tuple(out_exprs))
-        weights = list(low.weights.items())
-        params = in_vars + [var for _, var in weights]
+        weights = [(value.name, var, arr) for value, (var, arr) in low.weights.items()]
+        params = in_vars + [var for _, var, _ in weights]
         low.bb.emit_func_output(result, params=params)
     mod = low.bb.get()
     mod = relax.transform.ConvertToDataflow(min_size=1)(mod)
@@ -337,7 +356,7 @@ def lower(model: ir.Model) -> Lowered:
     inputs = [(v.name, helpers.shape_of(var), helpers.dtype_of(var)) for v, var in zip(data_inputs, in_vars)]
     return Lowered(
         mod=mod,
-        params={value.name: low.consts[value] if value in low.consts else value.const_value.numpy() for value, _ in weights},
+        params={name: arr for name, _, arr in weights},
         inputs=inputs,
         outputs=outputs,
     )
