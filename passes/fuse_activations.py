@@ -10,7 +10,11 @@ Patterns (``c`` a constant of one element; Add/Mul operands in either order):
   and ``x·(Clip(x+3, 0, 6)/6)``).
 * Mish: ``x·Tanh(Softplus(x))``.
 
-Emitted node (contracts in :mod:`graphopt.passes.graphopt_ops`): the standard op when the model's
+Node contracts (domain ``graphopt``, version 1; same as the standard ops, see
+:mod:`graphopt.passes.graphopt_ops`): ``Gelu(X) -> Y`` with ``approximate`` ("none" | "tanh");
+``HardSwish(X) -> Y`` = x·max(0, min(1, x/6 + 1/2)); ``Mish(X) -> Y`` = x·tanh(ln(1+eˣ)).
+
+Emitted node: the standard op when the model's
 opset has it (Gelu 20, HardSwish 14, Mish 18), after raising the opset when that is exact
 (:mod:`graphopt.passes.opset_upgrade`); otherwise, with ``target_runtime="graphopt"``, the
 graphopt-domain op (version 1, declared in the model's opset imports). With the default

@@ -10,8 +10,12 @@ Pattern, anchored at the Softmax (over the last axis):
 ``Kt`` must be a Transpose: when it swaps the last two axes, K is its input; otherwise the Transpose is
 kept with its last two output axes swapped, producing K. Every intermediate must have one consumer.
 
-Emitted node (contract in :mod:`graphopt.passes.graphopt_ops`): ``graphopt.Attention(Q, K, V[, mask])``
-with attribute ``scale`` when ``target_runtime="graphopt"``; the standard opset-23 ``Attention`` when
+Node contract (``graphopt.Attention``, version 1): inputs ``Q`` [..., Sq, D], ``K`` [..., Skv, D]
+(not transposed), ``V`` [..., Skv, Dv], optional additive ``Mask`` broadcastable to [..., Sq, Skv];
+attribute ``scale`` (float); output ``Y = softmax(Q·Kᵀ·scale + Mask, last axis)·V`` [..., Sq, Dv],
+leading dims broadcast as in MatMul.
+
+Emitted: ``graphopt.Attention`` when ``target_runtime="graphopt"``; the standard opset-23 ``Attention`` when
 the model is already at opset >= 23 and Q, K, V are rank 4 (its [batch, heads, seq, head_dim] form).
 The opset is never raised for attention, and with ``target_runtime="onnx"`` below opset 23 nothing fires.
 """
@@ -21,7 +25,15 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from graphopt.passes.graphopt_ops import check_target_runtime, choose_domain
-from graphopt.passes.rewrite_utils import binary_with_const, graphs_of, only_consumer, remove_dead, replace_value, static_shape
+from graphopt.passes.rewrite_utils import (
+    GRAPHOPT_DOMAIN,
+    binary_with_const,
+    graphs_of,
+    only_consumer,
+    remove_dead,
+    replace_value,
+    static_shape,
+)
 
 
 def _strip_scale(value: ir.Value) -> tuple[ir.Value, float, ir.Node | None]:
@@ -98,8 +110,13 @@ class FuseAttentionPass(ir.passes.InPlacePass):
                 q, kt, perm, v, mask, scale, out, nodes = found
                 if domain == "unset":
                     domain = choose_domain(model, "Attention", self.target_runtime, may_upgrade=False)
-                if domain is None or (domain == "" and len(perm) != 4):
+                node_domain = domain
+                if domain == "" and len(perm) != 4:  # opset-23 Attention takes rank-4 inputs only
+                    node_domain = GRAPHOPT_DOMAIN if self.target_runtime == "graphopt" else None
+                if node_domain is None:
                     continue
+                if node_domain == GRAPHOPT_DOMAIN:
+                    model.opset_imports[GRAPHOPT_DOMAIN] = 1
                 swap = list(range(len(perm) - 2)) + [len(perm) - 1, len(perm) - 2]
                 if perm == swap:
                     k = kt.inputs[0]
@@ -111,7 +128,7 @@ class FuseAttentionPass(ir.passes.InPlacePass):
                     src = static_shape(kt.inputs[0])
                     k.shape = ir.Shape([src[i] for i in new_perm]) if src is not None else None
                 inputs = [q, k, v] + ([mask] if mask is not None else [])
-                att = ir.node("Attention", inputs, {"scale": float(scale)}, domain=domain)
+                att = ir.node("Attention", inputs, {"scale": float(scale)}, domain=node_domain)
                 graph.insert_before(out.producer(), att)
                 att.outputs[0].shape, att.outputs[0].type = out.shape, out.type
                 replace_value(out, att.outputs[0])

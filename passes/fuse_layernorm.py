@@ -9,7 +9,12 @@ The result is ``LayerNormalization(x, scale, bias, axis, epsilon)``: scale and b
 normalized shape ``x.shape[axis:]`` (a missing scale is ones; a missing bias is omitted); they must not
 broadcast over the leading dims. Emitted as the standard op at opset >= 17 (the opset is raised when
 that is exact, :mod:`graphopt.passes.opset_upgrade`), else as ``graphopt.LayerNormalization`` when
-``target_runtime="graphopt"`` (contract in :mod:`graphopt.passes.graphopt_ops`), else left alone.
+``target_runtime="graphopt"``, else left alone.
+
+Node contract (``graphopt.LayerNormalization``, version 1, as ONNX LayerNormalization-17):
+inputs ``X``, ``Scale`` (shape ``X.shape[axis:]``), optional ``B`` (same shape); attributes ``axis``
+(int, default -1), ``epsilon`` (float, default 1e-5); one output
+``Y = (X - mean) / sqrt(var + epsilon) * Scale + B`` over dims ``axis..rank-1`` (biased variance).
 """
 
 from __future__ import annotations

@@ -74,3 +74,15 @@ def test_probabilities_used_twice_do_not_fire():
         }}""")
     result = apply_and_compare(FuseAttentionPass(target_runtime="graphopt"), model)
     assert not result.modified and ops(result.model)["MatMul"] == 2
+
+
+def test_rank_3_at_opset_23_uses_graphopt_domain_or_nothing():
+    text = ('<ir_version: 10, opset_import: ["" : 23]>\n'
+            """g (float[2,6,4] q, float[2,6,4] k, float[2,6,4] v) => (float[2,6,4] y) {
+                kt = Transpose<perm = [0, 2, 1]>(k) \n s = MatMul(q, kt) \n p = Softmax<axis = -1>(s)
+                y = MatMul(p, v)
+            }""")
+    assert not FuseAttentionPass()(model_from_text(text)).modified
+    result = apply_and_compare(FuseAttentionPass(target_runtime="graphopt"), model_from_text(text))
+    assert result.modified
+    assert next(n for n in result.model.graph if n.op_type == "Attention").domain == "graphopt"
