@@ -195,8 +195,10 @@ def new_const(graph: ir.Graph | ir.Function, array: np.ndarray, name: str, befor
 
 
 def _unique_name(graph: ir.Graph, base: str) -> str:
+    taken = set(graph.initializers) | {v.name for v in graph.inputs}
+    taken |= {o.name for node in graph for o in node.outputs}
     name, i = base, 0
-    while name in graph.initializers:
+    while name in taken:
         i += 1
         name = f"{base}_{i}"
     return name
