@@ -105,7 +105,7 @@ def _merge_reshape(graph, node: ir.Node, prev: ir.Node) -> ir.Value | bool:
     return False
 
 
-MAX_PERMUTE_ELEMENTS = 1 << 24
+MAX_PERMUTE_ELEMENTS = 1 << 21  # the check builds index arrays of this many elements
 UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "HardSigmoid", "HardSwish",
                    "Softplus", "Abs", "Neg", "Exp", "Erf", "Sqrt", "Mish", "Gelu", "Celu", "ThresholdedRelu"})
 
