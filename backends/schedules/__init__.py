@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from tvm import s_tir, tirx
 
-from .analysis import int_extent, is_reduction_block, root_blocks
+from .analysis import int_extent, is_data_movement, is_reduction_block, is_spatial_block, root_blocks
 from .conv2d import schedule_conv2d
 from .features import CPUFeatures, features_of
 from .injective import schedule_injective
@@ -43,8 +43,24 @@ def is_scheduled(func) -> bool:
     return bool(func.attrs and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1)
 
 
+def _inline_data_movement(sch: s_tir.Schedule) -> None:
+    """Fold pad / dilate / transpose blocks into the spatial blocks that read them (one pass, not two).
+
+    Only into spatial consumers: a pad folded into a conv's reduction would put a branch in its
+    vector loop.
+    """
+    for block in root_blocks(sch):
+        try:
+            cons = list(sch.get_consumers(block))
+            if cons and is_data_movement(sch, block) and all(is_spatial_block(sch, c) for c in cons):
+                sch.compute_inline(block)
+        except Exception as e:  # noqa: BLE001 - an output, or a consumer that cannot take it
+            log.debug("block %s not inlined: %s", sch.get(block).name_hint, e)
+
+
 def _schedule_rest(sch: s_tir.Schedule, feats: CPUFeatures) -> None:
     """Injective / row-reduction schedules for every root block whose loops are still untouched."""
+    _inline_data_movement(sch)
     for block in root_blocks(sch):
         loops = sch.get_loops(block)
         if not loops or any(sch.get(lp).kind != tirx.ForKind.SERIAL for lp in loops):

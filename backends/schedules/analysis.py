@@ -112,3 +112,21 @@ def main_reduction(sch: s_tir.Schedule):
     """The reduction block doing the most work, or None when the function has no reduction."""
     reds = [b for b in root_blocks(sch) if is_reduction_block(sch, b)]
     return max(reds, key=lambda b: work(sch, b)) if reds else None
+
+
+def is_data_movement(sch: s_tir.Schedule, block) -> bool:
+    """A spatial block that only moves data: a load, or a padding ``if_then_else(cond, load, const)``."""
+    stmt = sch.get(block)
+    body = stmt.body
+    # (tirx.BufferStore / BufferLoad are factory functions in TVM 0.27: compare class names)
+    if type(body).__name__ not in ("BufferStore", "TensorStore") or not is_spatial_block(sch, block):
+        return False
+
+    def plain(e) -> bool:
+        return type(e).__name__ in ("BufferLoad", "TensorLoad", "FloatImm", "IntImm")
+
+    v = body.value
+    if plain(v):
+        return True
+    op = getattr(v, "op", None)
+    return getattr(op, "name", "") == "prim.if_then_else" and plain(v.args[1]) and plain(v.args[2])

@@ -80,3 +80,20 @@ def test_scheduled_conv_is_much_faster():
     t_fast = fast.time_ms(feeds, number=10)
     t_slow = slow.time_ms(feeds, number=1)
     assert t_slow / t_fast >= 5, (t_slow, t_fast)
+
+
+@pytest.mark.parametrize(
+    "shape,o,k,stride,pad,out_pad",
+    [((1, 8, 10, 10), 8, 2, 2, 0, 0), ((1, 6, 7, 9), 10, 3, 2, 1, 1), ((2, 4, 5, 5), 4, 3, 1, 1, 0)],
+)
+def test_conv_transpose_matches_ort(shape, o, k, stride, pad, out_pad):
+    from graphopt.backends.schedules.testing import single_node_model
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((shape[1], o, k, k)).astype(np.float32)
+    model = single_node_model("ConvTranspose", {"x": shape}, {"w": w}, strides=[stride, stride],
+                              kernel_shape=[k, k], pads=[pad] * 4, output_padding=[out_pad, out_pad])
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+    built = build(model, {"x": shape})
+    assert "conv2d" in built.report.values(), built.report  # a conv over the dilated input
+    np.testing.assert_allclose(built(feeds)[0], ort_run(model, feeds)[0], rtol=1e-4, atol=1e-4)
