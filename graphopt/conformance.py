@@ -167,7 +167,7 @@ def _close(actual, expected) -> str | None:
 
 
 def _plain(arrays) -> bool:
-    return all(isinstance(a, np.ndarray) for a in arrays)
+    return all(isinstance(a, (np.ndarray, np.generic)) for a in arrays)
 
 
 def _run_ort(case) -> bool | None:
@@ -180,7 +180,7 @@ def _run_ort(case) -> bool | None:
         sess = ort.InferenceSession(case.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         names = [i.name for i in sess.get_inputs()]
         for inputs, expected in case.data_sets:
-            outs = sess.run(None, dict(zip(names, inputs)))
+            outs = sess.run(None, {n: np.asarray(a) for n, a in zip(names, inputs)})
             if len(outs) != len(expected) or any(_close(a, e) for a, e in zip(outs, expected)):
                 return False
         return True
@@ -199,6 +199,7 @@ def run_case(case, *, opt_level: int = 2, frontend: str = "graphopt", target="x8
         return "unsupported", "sequence/optional/map inputs or outputs"
     compiled_by_shapes: dict = {}
     for inputs, expected in case.data_sets:
+        inputs = [np.asarray(a) for a in inputs]  # some cases give numpy scalars
         graph_inputs = [i.name for i in case.model.graph.input]
         frozen = shape_input_names(case.model) if freeze else set()
         key = tuple((tuple(a.shape), a.tobytes() if n in frozen else b"") for n, a in zip(graph_inputs, inputs))
@@ -281,6 +282,7 @@ class _Slot:
 def run_conformance(
     pattern: str | None = None,
     *,
+    names: list[str] | None = None,
     jobs: int | None = None,
     timeout: float = 120.0,
     opt_level: int = 2,
@@ -289,12 +291,19 @@ def run_conformance(
     freeze: bool = True,
     progress: Callable[[CaseResult, int, int], None] | None = None,
 ) -> ConformanceReport:
-    """Run the conformance cases whose names match ``pattern`` in ``jobs`` processes (default: cores)."""
+    """Run the cases named ``names``, or whose names match ``pattern`` (see ``select``), in ``jobs``
+    worker processes (default: the CPU cores this process may use)."""
     from graphopt.errors import UsageError
 
     start = time.perf_counter()
     cases = _all_cases()
-    names = select(sorted(cases), pattern)
+    if names is not None:
+        unknown = [n for n in names if n not in cases]
+        if unknown:
+            raise UsageError(f"unknown conformance case(s): {', '.join(unknown)}")
+        names = list(dict.fromkeys(names))
+    else:
+        names = select(sorted(cases), pattern)
     if not names:
         raise UsageError(f"-k {pattern!r} matches no conformance case")
     ops = {n: case_op(cases[n]) for n in names}

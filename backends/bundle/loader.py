@@ -45,6 +45,11 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    # not np.ascontiguousarray: it turns 0-d arrays into 1-d ones
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
 def _shape_text(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
@@ -64,7 +69,7 @@ class Runner:
         self.outputs = [(n, None if s is None else tuple(s), str(d)) for n, s, d in outputs]
         self.device = device
         self.vm = relax.VirtualMachine(module, device)
-        self._params = [tvm.runtime.tensor(np.ascontiguousarray(p), device) for p in params]
+        self._params = [tvm.runtime.tensor(_contiguous(np.asarray(p)), device) for p in params]
 
     @property
     def input_names(self) -> list[str]:
@@ -97,7 +102,7 @@ class Runner:
                 raise InputError(f"input '{name}': dtype {a.dtype.name}, expected {dtype}")
             if tuple(a.shape) != tuple(shape):
                 raise InputError(f"input '{name}': shape {_shape_text(a.shape)}, expected {_shape_text(shape)}")
-            arrays.append(np.ascontiguousarray(a))
+            arrays.append(_contiguous(a))
         return arrays
 
     def __call__(self, *args, **kwargs) -> dict:
