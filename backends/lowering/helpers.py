@@ -27,10 +27,15 @@ _ONNX_TO_RELAX: dict[ir.DataType, str] = {
     ir.DataType.UINT32: "uint32",
     ir.DataType.UINT64: "uint64",
     ir.DataType.BOOL: "bool",
+    ir.DataType.FLOAT8E4M3FN: "float8_e4m3fn",
+    ir.DataType.FLOAT8E5M2: "float8_e5m2",
+    ir.DataType.FLOAT8E4M3FNUZ: "float8_e4m3fnuz",
+    ir.DataType.FLOAT8E5M2FNUZ: "float8_e5m2fnuz",
 }
 _RELAX_TO_ONNX = {v: k for k, v in _ONNX_TO_RELAX.items()}
 
-FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+FLOAT8_DTYPES = frozenset({"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"})
+FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"}) | FLOAT8_DTYPES
 INT_DTYPES = frozenset({"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
 
 
@@ -59,10 +64,10 @@ def is_unsigned(dtype: str) -> bool:
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
-    if dtype == "bfloat16":
+    if dtype == "bfloat16" or dtype in FLOAT8_DTYPES:
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(getattr(ml_dtypes, dtype))
     return np.dtype(dtype)
 
 

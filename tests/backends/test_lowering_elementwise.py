@@ -111,6 +111,7 @@ CONFORMANCE_SAMPLE = {
     "test_bitshift_right_int32_negative_shift", "test_clip_default_int8_inbounds", "test_clip_splitbounds",
     "test_prelu_broadcast", "test_where_long_example", "test_div_int32_trunc", "test_pow_types_int32_float32",
     "test_cast_FLOAT_to_BFLOAT16", "test_castlike_FLOAT16_to_FLOAT", "test_round", "test_gelu_tanh_2",
+    "test_cast_no_saturate_FLOAT_to_FLOAT8E5M2", "test_cast_FLOAT_to_FLOAT8E4M3FNUZ", "test_cast_FLOAT8E4M3FN_to_FLOAT",
 }
 
 
