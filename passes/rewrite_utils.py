@@ -38,7 +38,11 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     tensor = value.const_value
     if tensor is None:
         producer = value.producer()
-        if producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):
+        if producer is None or producer.domain not in ("", "ai.onnx"):
+            return None
+        if producer.op_type == "ConstantOfShape":
+            return _constant_of_shape(producer)
+        if producer.op_type != "Constant":
             return None
         try:
             tensor = ir.convenience.get_const_tensor(value)
@@ -50,6 +54,21 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
         return tensor.numpy()
     except Exception:
         return None
+
+
+MAX_FILL_ELEMENTS = 1 << 26
+
+
+def _constant_of_shape(node: ir.Node) -> np.ndarray | None:
+    """The contents of ``ConstantOfShape(shape)`` when ``shape`` is constant (old exports store weights so)."""
+    shape = const_array(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
+    if shape is None or shape.ndim != 1 or (shape < 0).any() or int(np.prod(shape)) > MAX_FILL_ELEMENTS:
+        return None
+    attr = node.attributes.get("value")
+    fill = attr.value.numpy().reshape(-1) if attr is not None else np.zeros(1, np.float32)
+    if fill.size != 1:
+        return None
+    return np.full(tuple(int(d) for d in shape), fill[0], dtype=fill.dtype)
 
 
 def is_scalar_const(value: ir.Value | None, expected: float) -> bool:

@@ -118,3 +118,18 @@ def test_mul_that_is_not_per_channel_stays():
     )
     result = apply_and_compare(FuseBiasPass(), model)
     assert not result.modified and ops(result.model)["Mul"] == 1
+
+
+def test_weight_made_by_constant_of_shape_counts_as_constant():
+    # old exports (the onnx "light" models) build weights with ConstantOfShape of a constant shape
+    model = model_from_text(
+        HEADER + """g (float[1,3,8,8] x) => (float[1,4,8,8] y) {
+            shape = Constant<value = int64[4] {4, 3, 3, 3}>()
+            w = ConstantOfShape<value = float[1] {0.25}>(shape)
+            c = Conv<pads = [1, 1, 1, 1]>(x, w)
+            y = Mul(c, s)
+        }""",
+        s=_w(1, 4, 1, 1),
+    )
+    result = apply_and_compare(FuseBiasPass(), model)
+    assert result.modified and dict(ops(result.model)) == {"Conv": 1}
