@@ -24,9 +24,21 @@ from graphopt.passes.rewrite_utils import (
     graphs_of,
     new_const,
     only_consumer,
+    remove_dead,
     replace_value,
     static_shape,
 )
+
+
+def _set_const_input(graph, node: ir.Node, index: int, array: np.ndarray, name: str) -> None:
+    """Point input ``index`` at a new constant; the old one's producer goes when nothing else reads it."""
+    old = node.inputs[index] if index < len(node.inputs) else None
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, new_const(graph, array, name, node))
+    producer = old.producer() if old is not None else None
+    if producer is not None:
+        remove_dead(graph, [producer])
 
 
 def _bias_operand(add: ir.Node, value: ir.Value) -> np.ndarray | None:
@@ -65,10 +77,7 @@ def _fuse_conv(graph, conv: ir.Node, add: ir.Node) -> str | None:
     if len(conv.inputs) > 2 and conv.inputs[2] is not None and old is None:
         return "the existing Conv bias is not constant"
     total = (vec if old is None else old + vec).astype(c.dtype)
-    bias = new_const(graph, total, f"{conv.name or 'conv'}_bias", conv)
-    if len(conv.inputs) < 3:
-        conv.resize_inputs(3)
-    conv.replace_input_with(2, bias)
+    _set_const_input(graph, conv, 2, total, f"{conv.name or 'conv'}_bias")
     replace_value(add.outputs[0], y)
     graph.remove(add, safe=True)
     return None
@@ -89,9 +98,9 @@ def _fuse_conv_scale(graph, conv: ir.Node, mul: ir.Node) -> str | None:
     if has_bias and old is None:
         return "the existing Conv bias is not constant"
     scaled = (weight * vec.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
-    conv.replace_input_with(1, new_const(graph, scaled, f"{conv.name or 'conv'}_weight", conv))
+    _set_const_input(graph, conv, 1, scaled, f"{conv.name or 'conv'}_weight")
     if has_bias:
-        conv.replace_input_with(2, new_const(graph, (old * vec).astype(old.dtype), f"{conv.name or 'conv'}_bias", conv))
+        _set_const_input(graph, conv, 2, (old * vec).astype(old.dtype), f"{conv.name or 'conv'}_bias")
     replace_value(mul.outputs[0], y)
     graph.remove(mul, safe=True)
     return None
@@ -110,11 +119,11 @@ def _fuse_bn_affine(graph, bn: ir.Node, op: ir.Node) -> str | None:
     if vec is None or y.dtype is None or ir.DataType.from_numpy(c.dtype) != y.dtype:
         return f"operand of shape {c.shape} is not one value per channel of the same dtype"
     if op.op_type == "Mul":
-        bn.replace_input_with(1, new_const(graph, (gamma * vec).astype(gamma.dtype), f"{bn.name or 'bn'}_scale", bn))
+        _set_const_input(graph, bn, 1, (gamma * vec).astype(gamma.dtype), f"{bn.name or 'bn'}_scale")
         beta = beta * vec
     else:
         beta = beta + vec
-    bn.replace_input_with(2, new_const(graph, beta.astype(gamma.dtype), f"{bn.name or 'bn'}_bias", bn))
+    _set_const_input(graph, bn, 2, beta.astype(gamma.dtype), f"{bn.name or 'bn'}_bias")
     replace_value(op.outputs[0], y)
     graph.remove(op, safe=True)
     return None
