@@ -49,8 +49,10 @@ class CompileStageError(RuntimeError):
 def first_error_line(e: BaseException, limit: int = 400) -> str:
     """The informative line of a (TVM) exception: its last non-empty, non-traceback line."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith(("File ", "File\"", "^", "[bt]"))] or lines
-    text = lines[-1] if lines else type(e).__name__
+    noise = ("File ", "^", "[bt]", "Traceback (most recent call last)", "(... ")
+    lines = [ln for ln in lines if not ln.startswith(noise)] or lines
+    checks = [ln for ln in lines if "Check failed" in ln or "Error:" in ln]
+    text = (checks or lines)[-1] if lines else type(e).__name__
     return text[:limit]
 
 
@@ -176,7 +178,6 @@ def _lower_with_tvm_frontend(model: ir.Model):
     """TVM's own ONNX importer, in the shape of ``lowering.Lowered`` (for comparison only)."""
     from types import SimpleNamespace
 
-    import onnx
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -190,7 +191,6 @@ def _lower_with_tvm_frontend(model: ir.Model):
     values = [t.numpy() for t in params.get("main", [])]
     inputs = [(v.name, tuple(int(d) for d in v.shape), _np_dtype(v)) for v in _data_inputs(model)]
     outputs = [(v.name, tuple(v.shape) if v.shape is not None else (), _np_dtype(v)) for v in model.graph.outputs]
-    del onnx
     return SimpleNamespace(mod=mod, params=dict(zip(names, values)), inputs=inputs, outputs=outputs)
 
 

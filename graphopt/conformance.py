@@ -161,9 +161,11 @@ def _close(actual, expected) -> str | None:
     ok = np.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True)
     if ok.all():
         return None
+    nan_mismatch = int(np.sum(np.isnan(a) != np.isnan(e)))
     with np.errstate(invalid="ignore"):
         diff = np.nanmax(np.abs(np.where(ok, 0, a - e)))
-    return f"{int((~ok).sum())} of {exp.size} elements differ (max abs diff {diff:.3g})"
+    detail = f"max abs diff {diff:.3g}" + (f", {nan_mismatch} NaN where a number was expected or back" if nan_mismatch else "")
+    return f"{int((~ok).sum())} of {exp.size} elements differ ({detail})"
 
 
 def _plain(arrays) -> bool:
