@@ -18,17 +18,18 @@ from tvm import s_tir, tirx
 
 from .analysis import int_extent, is_data_movement, is_reduction_block, is_spatial_block, root_blocks
 from .conv2d import schedule_conv2d
-from .features import CPUFeatures, features_of
+from .features import CPUFeatures, RuleContext, features_of
 from .injective import schedule_injective
 from .matmul import schedule_matmul
 from .pooling import schedule_pool
+from .prepack import constant_params, repack_constants
 from .reduction import schedule_normalization, schedule_row_reduction
 
 __all__ = ["RULES", "apply_default_schedules", "features_of", "last_report", "schedule_primfunc"]
 
 log = logging.getLogger(__name__)
 
-Rule = Callable[[tirx.PrimFunc, CPUFeatures], "s_tir.Schedule | None"]
+Rule = Callable[[tirx.PrimFunc, RuleContext], "s_tir.Schedule | None"]
 
 # Tried in order; the first that returns a schedule wins.
 RULES: tuple[tuple[str, Rule], ...] = (
@@ -76,23 +77,28 @@ def _schedule_rest(sch: s_tir.Schedule, feats: CPUFeatures) -> None:
             log.debug("block %s left unscheduled: %s", sch.get(block).name_hint, e)
 
 
-def schedule_primfunc(func: tirx.PrimFunc, feats: CPUFeatures) -> tuple[tirx.PrimFunc, str]:
-    """The scheduled function and the name of the rule that scheduled its main block ("generic")."""
+def schedule_primfunc(func: tirx.PrimFunc, feats: CPUFeatures, constants: frozenset = frozenset()) -> tuple[tirx.PrimFunc, str]:
+    """The scheduled function and the name of the rule that scheduled its main block ("generic").
+
+    ``constants``: positions of parameters that are compile-time constants at every call site.
+    """
     for name, rule in RULES:
+        ctx = RuleContext(feats, frozenset(constants))
         try:
-            sch = rule(func, feats)
+            sch = rule(func, ctx)
         except Exception as e:  # noqa: BLE001 - a rule that fails mid-way means "not applicable"
             log.debug("rule %s failed: %s", name, e)
             sch = None
         if sch is not None:
             break
     else:
-        name, sch = "generic", s_tir.Schedule(func)
+        name, sch, ctx = "generic", s_tir.Schedule(func), RuleContext(feats)
     try:
         _schedule_rest(sch, feats)
     except Exception as e:  # noqa: BLE001
         log.debug("rest of %s left unscheduled: %s", name, e)
-    return sch.mod["main"], name
+    out = sch.mod["main"]
+    return (out.with_attrs(ctx.attrs) if ctx.attrs else out), name
 
 
 _LAST: dict[str, str] = {}
@@ -115,11 +121,12 @@ def apply_default_schedules(mod, target_spec, *, report: dict | None = None):
     feats = features_of(target_spec)
     if feats.target is not None and feats.target.kind.name != "llvm":
         return mod
+    consts = constant_params(mod)
     updates = {}
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
             continue
-        new, rule = schedule_primfunc(func, feats)
+        new, rule = schedule_primfunc(func, feats, consts.get(gv.name_hint, frozenset()))
         updates[gv] = new.with_attr("tirx.is_scheduled", True)
         report[gv.name_hint] = rule
     _LAST.update(report)
@@ -128,4 +135,4 @@ def apply_default_schedules(mod, target_spec, *, report: dict | None = None):
     mod = mod.clone()
     for gv, func in updates.items():
         mod.update_func(gv, func)
-    return mod
+    return repack_constants(mod)

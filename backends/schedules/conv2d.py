@@ -19,7 +19,8 @@ import math
 from tvm import s_tir, tirx
 
 from .analysis import block_axes, buffer_uses, coefficient, main_reduction
-from .features import CPUFeatures
+from .features import RuleContext
+from .prepack import REPACK_ATTR, layout_name
 from .tiling import _inline_epilogue, _try, apply_contraction, divisors, parallelize_outer, plan_contraction, register_tile
 
 
@@ -30,22 +31,33 @@ def is_conv(sch: s_tir.Schedule, block) -> bool:
     return nred >= 2 and len(stmt.writes) == 1 and len(stmt.writes[0].region) >= 3 and len(stmt.reads) >= 2
 
 
-def schedule_conv2d(func: tirx.PrimFunc, feats: CPUFeatures) -> s_tir.Schedule | None:
+def schedule_conv2d(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
+    feats = ctx.feats
     sch = s_tir.Schedule(func)
     block = main_reduction(sch)
     if block is None or not is_conv(sch, block):
         return None
     plan = plan_contraction(sch, block, feats)
-    if plan is not None:
-        return sch if apply_contraction(sch, block, feats, plan) else None
-    # a strided width: vector over channels instead
-    if apply_channel_vector(sch, block, feats):
+    lanes = feats.lanes(sch.get(block).writes[0].source.dtype.bits)
+    if plan is None or plan.vec_tile % lanes:
+        # a strided width, or one that leaves lanes empty (7, 14, 28): vector over channels,
+        # with the weight repacked at compile time when it is a constant
+        if apply_channel_vector(sch, block, ctx, runtime_repack=plan is None):
+            return sch
+        sch = s_tir.Schedule(func)
+        block = main_reduction(sch)
+    if plan is not None and apply_contraction(sch, block, feats, plan):
         return sch
     return None
 
 
-def apply_channel_vector(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
-    """The channel-vector plan; False (before any change to ``sch``) when the block does not fit it."""
+def apply_channel_vector(sch: s_tir.Schedule, block, ctx: RuleContext, runtime_repack: bool = True) -> bool:
+    """The channel-vector plan; False (before any change to ``sch``) when the block does not fit it.
+
+    A constant weight is repacked at compile time (``ctx.attrs`` records it for ``prepack``); any
+    other weight is repacked inside the function on every call, only if ``runtime_repack``.
+    """
+    feats = ctx.feats
     axes = block_axes(sch, block)
     stmt = sch.get(block)
     if axes is None or len(stmt.reads) != 2:
@@ -71,9 +83,18 @@ def apply_channel_vector(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool
     if ft < min(lanes, 4):
         return False
     rt = register_tile(axes[x].extent, feats.max_accumulators)
-
-    wc = sch.cache_read(block, w_i, "global")
-    sch.transform_layout(wc, ("write", 0), lambda o, i, h, w: (o // ft, i, h, w, o % ft))
+    params = list(sch.mod["main"].params)
+    w_param = next((k for k, p in enumerate(params) if p.same_as(weight.source)), None)
+    prepacked = w_param is not None and w_param in ctx.constants
+    if not prepacked and not runtime_repack:
+        return False
+    blocked = lambda o, i, h, w: (o // ft, i, h, w, o % ft)  # noqa: E731
+    if prepacked:  # the constant is repacked at compile time (prepack.repack_constants)
+        sch.transform_layout(block, ("read", w_i), blocked)
+        ctx.attrs.setdefault(REPACK_ATTR, {})[str(w_param)] = layout_name(ft)
+    else:  # repacked on every call
+        wc = sch.cache_read(block, w_i, "global")
+        sch.transform_layout(wc, ("write", 0), blocked)
 
     outer, reds = [], []
     for i, a in enumerate(axes):

@@ -59,3 +59,13 @@ def features_of(target_spec) -> CPUFeatures:
         nc = target.attrs.get("num-cores") if hasattr(target, "attrs") else None
         cores = int(nc) if nc else int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
     return CPUFeatures(vector_bits=int(bits), cores=max(1, int(cores)), target=target)
+
+
+@dataclasses.dataclass
+class RuleContext:
+    """What a rule gets besides the function: target features, which parameters are compile-time
+    constants (their layout may change, see ``prepack``), and attributes to set on the result."""
+
+    feats: CPUFeatures
+    constants: frozenset = frozenset()
+    attrs: dict = dataclasses.field(default_factory=dict)

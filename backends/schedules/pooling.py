@@ -10,7 +10,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from .analysis import main_reduction
-from .features import CPUFeatures
+from .features import RuleContext
 from .tiling import apply_contraction, plan_contraction
 
 
@@ -20,7 +20,8 @@ def is_pool(sch: s_tir.Schedule, block) -> bool:
     return nred >= 1 and len(stmt.reads) == 1 and len(stmt.writes) == 1 and len(stmt.writes[0].region) >= 3
 
 
-def schedule_pool(func: tirx.PrimFunc, feats: CPUFeatures) -> s_tir.Schedule | None:
+def schedule_pool(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
+    feats = ctx.feats
     sch = s_tir.Schedule(func)
     block = main_reduction(sch)
     if block is None or not is_pool(sch, block):

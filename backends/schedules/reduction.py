@@ -10,12 +10,13 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from .analysis import block_axes, int_extent, is_reduction_block, root_blocks, work
-from .features import CPUFeatures
+from .features import CPUFeatures, RuleContext
 from .tiling import parallelize_outer
 
 
-def schedule_normalization(func: tirx.PrimFunc, feats: CPUFeatures) -> s_tir.Schedule | None:
+def schedule_normalization(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
     """Softmax / layer-norm style functions (several reduction and elementwise blocks over rows)."""
+    feats = ctx.feats
     from tvm.s_tir.dlight.cpu import Reduction
 
     sch = s_tir.Schedule(func)
