@@ -97,3 +97,47 @@ def test_conv_transpose_matches_ort(shape, o, k, stride, pad, out_pad):
     built = build(model, {"x": shape})
     assert "conv2d" in built.report.values(), built.report  # a conv over the dilated input
     np.testing.assert_allclose(built(feeds)[0], ort_run(model, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_constant_weight_is_repacked_at_compile_time():
+    """A 1x1 conv on a 7x7 map takes the channel-vector plan with its constant weight packed once."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from graphopt.backends.schedules import apply_default_schedules, features_of
+    from graphopt.backends.schedules.prepack import REPACK_ATTR
+
+    rng = np.random.default_rng(4)
+    model = conv_model(1, 32, 7, 7, 48, 1, 1, 0, 1, 1, "relu", rng)
+    mod = from_onnx(model, {"x": (1, 32, 7, 7)}, keep_params_in_input=False)
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.FoldConstant(),
+                                    relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+                                    relax.transform.FuseTIR()])(mod)
+    feats = features_of(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+    out = apply_default_schedules(mod, feats.target)
+    (func,) = [f for _, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    lanes = max(d for d in range(1, 17) if 48 % d == 0)
+    assert [int(d) for d in func.params[1].ty.shape] == [48 // lanes, 32, 1, 1, lanes]
+    assert REPACK_ATTR not in (func.attrs or {})
+    ex = tvm.compile(out, target=feats.target)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x = rng.standard_normal((1, 32, 7, 7)).astype(np.float32)
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ort_run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_weight_given_as_input_is_repacked_per_call_when_strided():
+    """A weight that is a graph input cannot be packed at compile time: a strided conv repacks it per call."""
+    rng = np.random.default_rng(5)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])
+    graph = helper.make_graph(
+        [node], "convw",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 9, 9]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [16, 8, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": rng.standard_normal((1, 8, 9, 9)).astype(np.float32), "w": rng.standard_normal((16, 8, 3, 3)).astype(np.float32)}
+    built = build(model, {"x": (1, 8, 9, 9), "w": (16, 8, 3, 3)})  # stride 2: repacked inside the function
+    assert "conv2d" in built.report.values()
+    np.testing.assert_allclose(built(feeds)[0], ort_run(model, feeds)[0], rtol=1e-4, atol=1e-4)
