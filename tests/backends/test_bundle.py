@@ -185,3 +185,19 @@ def test_aarch64_bundle_is_an_arm_library(built, tmp_path):
     if platform.machine() != "aarch64":
         with pytest.raises(BundleError, match="built for aarch64-linux-gnu"):
             load_bundle(bundle)
+
+
+def test_cuda_bundle_exports_without_a_gpu(built, tmp_path):
+    import tvm
+
+    _, model, _, feeds = built
+    bundle = tmp_path / "gpu"
+    api.compile(model, target="cuda", opt_level=1, output=bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["target"]["target"]["kind"] == "cuda" and m["target"]["host"]["kind"] == "llvm"
+    if tvm.cuda(0).exist:
+        out = load_bundle(bundle)(**feeds)
+        np.testing.assert_allclose(out["y"], ort_run(model, feeds)[0], rtol=RTOL, atol=ATOL)
+    else:
+        with pytest.raises(BundleError, match="no CUDA GPU"):
+            load_bundle(bundle)
