@@ -73,8 +73,21 @@ _UNARY = {
 }
 
 
+def _f32_for_bf16(lower):
+    """Compute a bfloat16 op in float32 and round once at the end (as ONNX Runtime does)."""
+
+    def wrapped(ctx, ins):
+        if not ins or ins[0] is None or H.dtype_of(ins[0]) != "bfloat16":
+            return lower(ctx, ins)
+        up = [ctx.emit(R.astype(x, "float32")) if x is not None and H.dtype_of(x) == "bfloat16" else x for x in ins]
+        out = ctx.emit(lower(ctx, up))
+        return R.astype(out, "bfloat16") if H.dtype_of(out) == "float32" else out
+
+    return wrapped
+
+
 def _unary(fn):
-    return lambda ctx, ins: fn(ins[0])
+    return _f32_for_bf16(lambda ctx, ins: fn(ins[0]))
 
 
 def lower_leaky_relu(ctx, ins):
@@ -429,16 +442,16 @@ RULES = (
     OpRule("Mean", lower_mean, kind="decomposed"),
     OpRule("Where", lower_where, since=9),
     OpRule("IsInf", lower_isinf, since=10),
-    OpRule("LeakyRelu", lower_leaky_relu),
-    OpRule("Elu", lower_elu, kind="decomposed"),
-    OpRule("Selu", lower_selu, kind="decomposed"),
-    OpRule("Celu", lower_celu, since=12, kind="decomposed"),
-    OpRule("HardSigmoid", lower_hard_sigmoid, kind="decomposed"),
-    OpRule("HardSwish", lower_hard_swish, since=14, kind="decomposed"),
-    OpRule("ThresholdedRelu", lower_thresholded_relu, since=10),
-    OpRule("PRelu", lower_prelu),
-    OpRule("Gelu", lower_gelu, since=20, kind="decomposed"),
-    OpRule("Shrink", lower_shrink, since=9, kind="decomposed"),
+    OpRule("LeakyRelu", _f32_for_bf16(lower_leaky_relu)),
+    OpRule("Elu", _f32_for_bf16(lower_elu), kind="decomposed"),
+    OpRule("Selu", _f32_for_bf16(lower_selu), kind="decomposed"),
+    OpRule("Celu", _f32_for_bf16(lower_celu), since=12, kind="decomposed"),
+    OpRule("HardSigmoid", _f32_for_bf16(lower_hard_sigmoid), kind="decomposed"),
+    OpRule("HardSwish", _f32_for_bf16(lower_hard_swish), since=14, kind="decomposed"),
+    OpRule("ThresholdedRelu", _f32_for_bf16(lower_thresholded_relu), since=10),
+    OpRule("PRelu", _f32_for_bf16(lower_prelu)),
+    OpRule("Gelu", _f32_for_bf16(lower_gelu), since=20, kind="decomposed"),
+    OpRule("Shrink", _f32_for_bf16(lower_shrink), since=9, kind="decomposed"),
     OpRule("Clip", lower_clip_6, until=10),
     OpRule("Clip", lower_clip_11, since=11),
     OpRule("Cast", lower_cast),

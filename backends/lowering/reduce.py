@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from tvm import relax, tirx
+from tvm import relax, te, tirx
 
 from graphopt.backends.lowering import helpers as H
 from graphopt.backends.lowering.rules import OpRule
@@ -52,7 +52,34 @@ def _empty_value(x, value):
     return value
 
 
+def _te_reduce_inf(x, axes, keepdims: bool, is_max: bool):
+    """Max/min whose identity is -inf/+inf (TVM's own start from the lowest finite value, so the max of
+    an all -inf row came out as -3.4e38 instead of -inf)."""
+    init = tirx.const(-np.inf if is_max else np.inf, x.dtype)
+    combine = (lambda a, b: tirx.Max(a, b)) if is_max else (lambda a, b: tirx.Min(a, b))
+    reducer = te.comm_reducer(combine, lambda t: init, name="max_inf" if is_max else "min_inf")
+    shape = list(x.shape)
+    raxes = {a: te.reduce_axis((0, shape[a]), name=f"k{a}") for a in axes}
+    out_shape = [1 if a in raxes else d for a, d in enumerate(shape) if keepdims or a not in raxes]
+
+    def body(*idx):
+        it = iter(idx)
+        full = []
+        for a in range(len(shape)):
+            if a in raxes:
+                if keepdims:
+                    next(it)
+                full.append(raxes[a])
+            else:
+                full.append(next(it))
+        return reducer(x[tuple(full)], axis=list(raxes.values()))
+
+    return te.compute(out_shape, body, name="reduce_max" if is_max else "reduce_min")
+
+
 def _reduce_body(op: str, x, axes, keepdims: bool, ctx):
+    if op in ("ReduceMax", "ReduceMin") and H.is_float(H.dtype_of(x)):
+        return ctx.bb.emit_te(_te_reduce_inf, x, list(axes), keepdims, op == "ReduceMax")
     if op == "ReduceSum":
         return R.sum(x, axes, keepdims)
     if op == "ReduceMean":

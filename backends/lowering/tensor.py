@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from tvm import relax, tirx
+from tvm import relax, tirx, topi
 
 from graphopt.backends.lowering import helpers as H
 from graphopt.backends.lowering.rules import OpRule
@@ -117,8 +117,10 @@ def lower_split(ctx, ins):
         chunk = -(-size // n) if ctx.opset >= 18 else size // n
         split = [min(chunk, size - k * chunk) for k in range(n)]
     bounds = [0, *np.cumsum(split).tolist()]
-    if 0 in split:  # Relax split wants strictly increasing indices: slice each part
-        return [R.strided_slice(x, [axis], [int(b)], [int(e)]) for b, e in zip(bounds, bounds[1:])]
+    if 0 in split:  # Relax split wants strictly increasing indices: slice each part (empty parts: constants)
+        return [R.strided_slice(x, [axis], [int(b)], [int(e)]) if e > b else
+                H.full([0 if a == axis else d for a, d in enumerate(dims)], 0, H.dtype_of(x))
+                for b, e in zip(bounds, bounds[1:])]
     return list(_tuple_items(ctx, R.split(x, [int(i) for i in bounds[1:-1]], axis), len(split)))
 
 
@@ -373,7 +375,13 @@ def lower_topk(ctx, ins):
     rank = len(_dims(ctx, x))
     k = ctx.attr("k") if ctx.opset < 10 else int(ctx.require_const(1, "K").reshape(-1)[0])
     axis = H.norm_axis(ctx.attr("axis", -1), rank)
-    t = ctx.emit(R.topk(x, k, axis, "both", bool(ctx.attr("largest", 1)), "int64"))
+    largest = bool(ctx.attr("largest", 1))
+    if H.dtype_of(x) == "uint64":  # TVM's topk has no uint64: flip the top bit, order as int64
+        flipped = ctx.emit(R.bitwise_xor(x, H.scalar(1 << 63, "uint64")))
+        keys = ctx.bb.emit_te(topi.reinterpret, flipped, "int64")
+        idx = ctx.emit(R.topk(keys, k, axis, "indices", largest, "int64"))
+        return [R.gather_elements(x, idx, axis), idx]
+    t = ctx.emit(R.topk(x, k, axis, "both", largest, "int64"))
     return [relax.TupleGetItem(t, 0), relax.TupleGetItem(t, 1)]
 
 
