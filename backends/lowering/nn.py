@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from graphopt.backends.lowering import helpers, resize
+from graphopt.backends.lowering import attention, helpers, resize
 from graphopt.backends.lowering.helpers import const, scalar
 from graphopt.backends.lowering.rules import OpRule
 
@@ -435,4 +435,5 @@ RULES = (
     OpRule("MeanVarianceNormalization", _mvn, kind="decomposed"),
     OpRule("LRN", _lrn, kind="decomposed"),
     *resize.RULES,
+    *attention.RULES,
 )
