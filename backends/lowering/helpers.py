@@ -102,11 +102,8 @@ def scalar(value, dtype: str) -> Constant:
 def full(shape, value, dtype: str):
     """A tensor of ``shape`` (ints or PrimExprs) filled with ``value`` (broadcast of a scalar constant).
 
-    A static shape with a zero dim gives an empty constant: no zero-extent loop reaches the compiler.
+    (Not a constant for empty shapes either: TVM cannot serialize zero-size constants.)
     """
-    dims = [int(d) if isinstance(d, (int, tvm.tirx.IntImm)) else None for d in shape]
-    if None not in dims and 0 in dims:
-        return const(np.zeros(dims, numpy_dtype(dtype)), dtype)
     return relax.op.broadcast_to(scalar(value, dtype), list(shape))
 
 
