@@ -7,7 +7,7 @@ Stages, each timed (``CompiledModule.timings``) and named in errors:
 3. ``check_supported`` then ``lower``: the op table, failing early with every unsupported op listed.
 4. ``bind_params``: weights become constants of the module when they are small (embedded in the
    library); above ``EMBED_LIMIT_BYTES`` they stay arguments and the bundle carries ``params.npz``.
-5. ``relax``: library dispatch, LegalizeOps → AnnotateTIROpPattern → FoldConstant → FuseOps → FuseTIR.
+5. ``relax``: layout ops on constants folded in numpy, library dispatch, LegalizeOps → AnnotateTIROpPattern → FoldConstant → FuseOps → FuseTIR.
 6. ``tuning_db`` (optional): tuned schedules from a MetaSchedule database.
 7. ``schedules``: graphopt's default schedules for everything left (``backends.schedules``); on GPU
    targets TVM's generic GPU rules then bind whatever is still unscheduled to threads.
@@ -217,6 +217,52 @@ def _bind_params(lowered, embed: bool):
     return mod, {}
 
 
+_RESHAPE_OPS = ("relax.expand_dims", "relax.reshape", "relax.squeeze", "relax.flatten")
+
+
+def fold_layout_of_constants(mod):
+    """Reshape/expand_dims/squeeze/flatten/permute_dims of a constant, done once in numpy.
+
+    Relax's FoldConstant would build and run one small kernel per such call (seconds per model for
+    the bias broadcasts of every conv); these are pure layout changes, exact in numpy.
+    """
+    import tvm
+    from tvm import relax
+
+    reshapes = [tvm.ir.Op.get(n) for n in _RESHAPE_OPS]
+    permute = tvm.ir.Op.get("relax.permute_dims")
+
+    @relax.expr_functor.mutator
+    class _Fold(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or not call.args:
+                return call
+            arg = call.args[0]
+            if isinstance(arg, relax.Var):  # a binding of a constant (possibly folded just before)
+                arg = self.lookup_binding(arg)
+            if arg is None or not hasattr(arg, "value"):
+                return call
+            is_reshape = any(call.op.same_as(op) for op in reshapes)
+            if not is_reshape and not call.op.same_as(permute):
+                return call
+            shape = getattr(self.builder_.normalize(call).ty, "shape", None)
+            dims = getattr(shape, "values", None)
+            if dims is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+                return call
+            value = arg.value.numpy()
+            if is_reshape:
+                return relax.const(value.reshape([int(d) for d in dims]), value.dtype)
+            axes = None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
+            return relax.const(np.ascontiguousarray(np.transpose(value, axes)), value.dtype)
+
+    folder = _Fold(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            folder.builder_.update_func(gv, folder.visit_expr(func))
+    return folder.builder_.get()
+
+
 def _relax_passes(mod, spec: TargetSpec):
     import tvm
     from tvm import relax
@@ -231,7 +277,7 @@ def _relax_passes(mod, spec: TargetSpec):
         relax.transform.DeadCodeElimination(),
     ]
     with spec.target:
-        return tvm.transform.Sequential(seq)(mod)
+        return tvm.transform.Sequential(seq)(fold_layout_of_constants(mod))
 
 
 def _apply_tuning_db(mod, spec: TargetSpec, tuning_db: str | os.PathLike):

@@ -121,3 +121,29 @@ def test_aarch64_compiles_but_does_not_run_here(conv_path, tmp_path, monkeypatch
     with pytest.raises(UnsupportedError, match="aarch64-linux-gnu-gcc"):
         compile_model(api.load(conv_path), target="aarch64", output=tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_layout_ops_on_constants_fold_without_kernels():
+    import tvm
+    from tvm import relax
+
+    from graphopt.backends.compile import fold_layout_of_constants
+
+    w = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    x = relax.Var("x", relax.TensorType((4, 3, 2), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            t = bb.emit(relax.op.permute_dims(relax.const(w), [2, 1, 0]))
+            e = bb.emit(relax.op.expand_dims(relax.const(w[0, :, 0]), [0, 2]))
+            y = bb.emit(relax.op.add(relax.op.add(x, t), relax.op.reshape(e, (1, 3, 1))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = fold_layout_of_constants(bb.get())
+    text = mod.script()
+    assert "permute_dims" not in text and "expand_dims" not in text and "reshape" not in text
+    ex = tvm.compile(mod, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    xv = np.random.default_rng(0).standard_normal((4, 3, 2)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(xv)).numpy()
+    np.testing.assert_allclose(got, xv + w.transpose(2, 1, 0) + w[0, :, 0].reshape(1, 3, 1), rtol=0, atol=0)
