@@ -88,7 +88,7 @@ class CompiledModule:
     inputs: list[tuple[str, tuple[int, ...], str]]
     outputs: list[tuple[str, tuple[int, ...], str]]
     params: dict[str, np.ndarray]
-    passes: list[str]
+    passes: list[str]  # the graphopt passes that changed the model, in order
     timings: dict[str, float]
     opt_level: int = 2
     source_path: str | None = None
@@ -151,19 +151,20 @@ def _data_inputs(model: ir.Model) -> list[ir.Value]:
 
 def check_static_shapes(model: ir.Model) -> None:
     """Every data input needs a fully static shape; the error names each dynamic dim."""
-    problems = []
+    problems, examples = [], []
     for v in _data_inputs(model):
         if v.shape is None:
             problems.append(f"'{v.name}' has no shape")
+            examples.append(f"{v.name}:1,3,224,224")
             continue
         dyn = [f"dim {i} ({getattr(d, 'value', None) or '?'})" for i, d in enumerate(v.shape) if not isinstance(d, int)]
         if dyn:
             problems.append(f"'{v.name}' {', '.join(dyn)}")
+            examples.append(f"{v.name}:" + ",".join(str(d) if isinstance(d, int) else "1" for d in v.shape))
     if problems:
-        example = _data_inputs(model)[0].name if _data_inputs(model) else "x"
         raise ShapeError(
             "compiling needs static input shapes; dynamic: " + "; ".join(problems)
-            + f" (fix them with --input-shape, e.g. {example}:1,3,224,224)"
+            + " (fix them with --input-shape, e.g. " + " ".join(f"--input-shape {e}" for e in examples) + ")"
         )
 
 
@@ -171,7 +172,8 @@ def _optimize(model: ir.Model, opt_level: int) -> tuple[ir.Model, list[str]]:
     from graphopt.pipeline import DEFAULT_PIPELINE, PassContext, run_pipeline
 
     result = run_pipeline(model, DEFAULT_PIPELINE, PassContext(opt_level=opt_level))
-    return result.model, [r.name for r in result.records]
+    applied = list(dict.fromkeys(r.name for r in result.records if r.modified))  # those that changed the model
+    return result.model, applied
 
 
 def _lower_with_tvm_frontend(model: ir.Model):

@@ -62,7 +62,7 @@ def test_dynamic_dims_need_input_shape(tmp_path, capsys):
         compile_model(api.load(path))
     assert main(["compile", path, "-o", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert "'x' dim 0" in err and "--input-shape" in err
+    assert "'x' dim 0" in err and "--input-shape x:1,3,16,16" in err
     assert not (tmp_path / "b").exists()
     assert main(["compile", path, "-o", str(tmp_path / "b"), "--input-shape", "x:2,3,16,16", "-O1"]) == 0
     m = api.load_bundle(tmp_path / "b")
