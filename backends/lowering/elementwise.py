@@ -150,6 +150,28 @@ def lower_gelu(ctx, ins):
     return R.multiply(R.multiply(_s(x, 0.5), x), R.add(_s(x, 1.0), R.erf(R.multiply(x, _s(x, 1 / math.sqrt(2))))))
 
 
+def _swish(x, alpha):
+    return R.multiply(x, R.sigmoid(R.multiply(x, _s(x, alpha))))
+
+
+def lower_swish(ctx, ins):
+    return _swish(ins[0], ctx.attr("alpha", 1.0))
+
+
+def lower_swiglu(ctx, ins):
+    return R.multiply(_swish(ins[0], ctx.attr("alpha", 1.0)), ins[1])
+
+
+def lower_bitcast(ctx, ins):
+    to = H.relax_dtype(ctx.attr("to"))
+    src = H.dtype_of(ins[0])
+    if to is None or "bool" in (to, src):
+        ctx.unsupported(f"BitCast from {src} to {to or ctx.attr('to')} is not supported")
+    if to == src:
+        return ins[0]
+    return ctx.bb.emit_te(topi.reinterpret, ins[0], to)
+
+
 def lower_shrink(ctx, ins):
     x = ins[0]
     lambd, bias = ctx.attr("lambd", 0.5), ctx.attr("bias", 0.0)
@@ -451,6 +473,9 @@ RULES = (
     OpRule("ThresholdedRelu", _f32_for_bf16(lower_thresholded_relu), since=10),
     OpRule("PRelu", _f32_for_bf16(lower_prelu)),
     OpRule("Gelu", _f32_for_bf16(lower_gelu), since=20, kind="decomposed"),
+    OpRule("Swish", _f32_for_bf16(lower_swish), since=24, kind="decomposed"),
+    OpRule("SwiGLU", _f32_for_bf16(lower_swiglu), since=28, kind="decomposed"),
+    OpRule("BitCast", lower_bitcast, since=26),
     OpRule("Shrink", _f32_for_bf16(lower_shrink), since=9, kind="decomposed"),
     OpRule("Clip", lower_clip_6, until=10),
     OpRule("Clip", lower_clip_11, since=11),

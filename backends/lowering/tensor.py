@@ -347,15 +347,39 @@ def lower_one_hot(ctx, ins):
     return R.one_hot(i64, on, off, depth, axis)
 
 
-def lower_cumsum(ctx, ins):
+def _cumulative(fn):
+    def lower(ctx, ins):
+        x = ins[0]
+        rank = len(_dims(ctx, x))
+        axis = H.norm_axis(int(ctx.require_const(1, "axis").reshape(-1)[0]), rank)
+        rev = ctx.attr("reverse", 0)
+        if rev:
+            x = ctx.emit(R.flip(x, axis))
+        out = fn(x, axis=axis, exclusive=bool(ctx.attr("exclusive", 0)))
+        return R.flip(ctx.emit(out), axis) if rev else out
+
+    return lower
+
+
+def lower_center_crop_pad(ctx, ins):
     x = ins[0]
-    rank = len(_dims(ctx, x))
-    axis = H.norm_axis(int(ctx.require_const(1, "axis").reshape(-1)[0]), rank)
-    rev = ctx.attr("reverse", 0)
-    if rev:
-        x = ctx.emit(R.flip(x, axis))
-    out = R.cumsum(x, axis=axis, exclusive=bool(ctx.attr("exclusive", 0)))
-    return R.flip(ctx.emit(out), axis) if rev else out
+    dims = _dims(ctx, x)
+    rank = len(dims)
+    target = [int(v) for v in ctx.require_const(1, "shape").reshape(-1)]
+    axes = H.norm_axes(ctx.attr("axes") or list(range(rank)), rank)
+    out = x
+    for a, t in zip(axes, target):
+        d = _static_dim(dims[a])
+        if d is None:
+            ctx.unsupported(f"CenterCropPad needs a static size on axis {a}")
+        if t < d:
+            begin = (d - t) // 2
+            out = ctx.emit(R.strided_slice(out, [a], [begin], [begin + t]))
+        elif t > d:
+            width = [0] * (2 * rank)
+            width[2 * a], width[2 * a + 1] = (t - d) // 2, t - d - (t - d) // 2
+            out = ctx.emit(R.nn.pad(out, width, "constant", 0.0))
+    return out
 
 
 def lower_reverse_sequence(ctx, ins):
@@ -448,7 +472,9 @@ RULES = (
     OpRule("SpaceToDepth", lower_space_to_depth, kind="decomposed"),
     OpRule("Trilu", lower_trilu, since=14),
     OpRule("OneHot", lower_one_hot, since=9),
-    OpRule("CumSum", lower_cumsum, since=11),
+    OpRule("CumSum", _cumulative(R.cumsum), since=11),
+    OpRule("CumProd", _cumulative(R.cumprod), since=26),
+    OpRule("CenterCropPad", lower_center_crop_pad, since=18, kind="decomposed"),
     OpRule("ReverseSequence", lower_reverse_sequence, since=10),
     OpRule("EyeLike", lower_eye_like, since=9),
     OpRule("TopK", lower_topk),

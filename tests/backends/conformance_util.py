@@ -123,9 +123,28 @@ def _lower_case(proto, feed: dict[str, np.ndarray], frozen: list[str]):
         try:
             return lower(ir.serde.deserialize_model(model))
         except ConstantInputRequired as exc:
-            if exc.value_name not in feed or exc.value_name in frozen:
+            new = [n for n in _input_ancestors(proto.graph, exc.value_name) if n in feed and n not in frozen]
+            if not new:
                 raise
-            frozen.append(exc.value_name)
+            frozen.extend(new)
+
+
+def _input_ancestors(graph, name: str) -> list[str]:
+    """The integer graph inputs whose values a value is computed from (not through Shape/Size)."""
+    producers = {o: n for n in graph.node for o in n.output}
+    ints = {2, 3, 4, 5, 6, 7, 12, 13}  # UINT8, INT8, UINT16, INT16, INT32, INT64, UINT32, UINT64
+    inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type in ints}
+    seen, todo, found = set(), [name], []
+    while todo:
+        v = todo.pop()
+        if v in seen or not v:
+            continue
+        seen.add(v)
+        if v in inputs:
+            found.append(v)
+        elif v in producers and producers[v].op_type not in ("Shape", "Size"):
+            todo.extend(producers[v].input)
+    return found
 
 
 def run_case(case) -> tuple[bool, str, list[str]]:

@@ -130,6 +130,7 @@ CONFORMANCE_SAMPLE = [
     "test_onehot_negative_indices", "test_compress_negative_axis", "test_reversesequence_batch",
     "test_scatter_elements_with_reduction_max", "test_scatternd_multiply", "test_top_k_same_values_2d",
     "test_eyelike_with_dtype", "test_edge_pad", "test_nonzero_example",
+    "test_cumprod_1d_reverse_exclusive", "test_center_crop_pad_crop_and_pad_expanded", "test_top_k_uint64",
 ]
 
 
