@@ -1,0 +1,83 @@
+"""Quantized-op lowering: conformance cases and ONNX Runtime comparisons (exact integer outputs)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conformance_util import check_against_ort, make_model, run_case, select_cases  # noqa: E402
+
+F, U8, I8, I32 = TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32
+QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+             "ConvInteger", "MatMulInteger"}
+# Relax has no 2/4-bit or float8/float4 tensor types: those cases are not lowerable.
+NARROW = ("int4", "uint4", "int2", "uint2", "e4m3", "e5m2", "float4")
+
+
+@pytest.mark.parametrize("case", [c for c in select_cases(QUANT_OPS) if not any(s in c.name for s in NARROW)],
+                         ids=lambda c: c.name)
+def test_conformance(case):
+    ok, why, _frozen = run_case(case)
+    assert ok, why
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+@pytest.mark.parametrize("dtype,axis", [(U8, None), (I8, 1), (TensorProto.INT16, 0)])
+def test_quantize_dequantize_roundtrip_against_ort(dtype, axis):
+    """Per-tensor and per-axis scales; values at .5 boundaries exercise round-half-to-even and saturation."""
+    np_t = {U8: np.uint8, I8: np.int8, TensorProto.INT16: np.int16}[dtype]
+    shape = [3, 4, 5]
+    n = shape[axis] if axis is not None else 1
+    scale = (_rng(1).uniform(0.01, 0.2, n) if axis is not None else np.array(0.05)).astype(np.float32)
+    zp = (_rng(2).integers(0, 20, n) if axis is not None else np.array(7)).astype(np_t)
+    attrs = {"axis": axis} if axis is not None else {}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs)]
+    opset = 21 if dtype == TensorProto.INT16 else 13
+    model = make_model(nodes, [("x", F, shape)], [("q", dtype, None), ("y", F, None)], {"s": scale, "z": zp}, opset=opset)
+    x = _rng(3).uniform(-30, 30, shape).astype(np.float32)
+    x.reshape(-1)[:6] = [0.025, 0.075, -0.025, 1e6, -1e6, 0.125]  # ties and saturation
+    check_against_ort(model, {"x": x})
+
+
+def test_qlinear_conv_per_channel_with_bias_against_ort():
+    w = _rng(1).integers(-60, 60, (6, 2, 3, 3)).astype(np.int8)
+    inits = {"xs": np.array(0.02, np.float32), "xz": np.array(128, np.uint8), "w": w,
+             "ws": _rng(2).uniform(0.005, 0.02, 6).astype(np.float32), "wz": np.zeros(6, np.int8),
+             "ys": np.array(0.05, np.float32), "yz": np.array(100, np.uint8),
+             "b": _rng(3).integers(-500, 500, 6).astype(np.int32)}
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], ["y"],
+                            group=2, strides=[2, 1], pads=[1, 1, 0, 1])
+    model = make_model([node], [("x", U8, [2, 4, 7, 6])], [("y", U8, None)], inits, opset=13)
+    check_against_ort(model, {"x": _rng(4).integers(0, 255, (2, 4, 7, 6)).astype(np.uint8)})
+
+
+def test_qlinear_matmul_batched_against_ort():
+    inits = {"as": np.array(0.03, np.float32), "az": np.array(3, np.int8), "b": _rng(1).integers(-128, 127, (5, 7)).astype(np.int8),
+             "bs": np.array(0.01, np.float32), "bz": np.array(-2, np.int8),
+             "ys": np.array(0.2, np.float32), "yz": np.array(-5, np.int8)}
+    node = helper.make_node("QLinearMatMul", ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], ["y"])
+    model = make_model([node], [("a", I8, [2, 3, 5])], [("y", I8, None)], inits, opset=13)
+    check_against_ort(model, {"a": _rng(2).integers(-128, 127, (2, 3, 5)).astype(np.int8)})
+
+
+def test_matmul_integer_per_column_zero_point_against_ort():
+    inits = {"b": _rng(1).integers(0, 255, (6, 4)).astype(np.uint8), "az": np.array(12, np.uint8),
+             "bz": _rng(2).integers(0, 255, 4).astype(np.uint8)}
+    node = helper.make_node("MatMulInteger", ["a", "b", "az", "bz"], ["y"])
+    model = make_model([node], [("a", U8, [3, 6])], [("y", I32, None)], inits, opset=13)
+    check_against_ort(model, {"a": _rng(3).integers(0, 255, (3, 6)).astype(np.uint8)})
+
+
+def test_dynamic_quantize_linear_against_ort():
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])
+    model = make_model([node], [("x", F, [4, 9])], [("y", U8, None), ("s", F, None), ("z", U8, None)], opset=13)
+    check_against_ort(model, {"x": _rng(5).uniform(-3, 7, (4, 9)).astype(np.float32)})
