@@ -32,7 +32,9 @@ def schedule_injective(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
     vt = max((d for d in range(1, min(inner_ext, lanes) + 1) if inner_ext % d == 0), default=1)
     if inner_ext % (2 * lanes) == 0:
         vt = 2 * lanes
-    if vt >= max(2, lanes // 2):
+    # odd widths (13, 19, 26 lanes) legalize into slow pieces: LLVM's own loop vectorizer, which
+    # keeps a scalar remainder, does better on those
+    if vt >= max(2, lanes // 2) and vt & (vt - 1) == 0:
         if vt < inner_ext:
             o, v = sch.split(loops[-1], [None, vt])
             outer = [*loops[:-1], o]
