@@ -130,9 +130,12 @@ def _lower_case(proto, feed: dict[str, np.ndarray], frozen: list[str]):
 
 
 def _input_ancestors(graph, name: str) -> list[str]:
-    """The integer graph inputs whose values a value is computed from (not through Shape/Size)."""
+    """The value itself when it is a graph input, else the integer/bool graph inputs whose values it is
+    computed from (not through Shape/Size)."""
+    if any(i.name == name for i in graph.input):
+        return [name]
     producers = {o: n for n in graph.node for o in n.output}
-    ints = {2, 3, 4, 5, 6, 7, 12, 13}  # UINT8, INT8, UINT16, INT16, INT32, INT64, UINT32, UINT64
+    ints = {2, 3, 4, 5, 6, 7, 9, 12, 13}  # (U)INT8/16/32/64 and BOOL
     inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type in ints}
     seen, todo, found = set(), [name], []
     while todo:
