@@ -191,4 +191,47 @@ def _attention(ctx, inputs):
     return outs[: ctx.num_outputs] if ctx.num_outputs > 1 else y
 
 
-RULES = (OpRule("Attention", _attention, since=23, kind="decomposed"),)
+def _rotary_embedding(ctx, inputs):
+    x, cos, sin = inputs[:3]
+    pos = inputs[3] if len(inputs) > 3 else None
+    shape = helpers.static_shape(x)
+    ctx.check(shape is not None and len(shape) in (3, 4), "the input needs a static rank-3 or rank-4 shape")
+    if len(shape) == 4:  # [B, H, S, D] -> [B, S, H, D]
+        x = ctx.emit(op.permute_dims(x, [0, 2, 1, 3]))
+    else:
+        heads = int(ctx.attr("num_heads", 0))
+        ctx.check(heads > 0 and shape[2] % heads == 0, "a rank-3 input needs num_heads dividing its hidden size")
+        x = ctx.emit(op.reshape(x, [shape[0], shape[1], heads, shape[2] // heads]))
+    head = helpers.static_shape(x)[3]
+    rot = int(ctx.attr("rotary_embedding_dim", 0)) or head
+    half = rot // 2
+    if pos is not None:
+        cos, sin = op.take(cos, pos, axis=0), op.take(sin, pos, axis=0)
+    cos, sin = ctx.emit(op.expand_dims(cos, [2])), ctx.emit(op.expand_dims(sin, [2]))  # [B, S, 1, rot/2]
+    interleaved = bool(ctx.attr("interleaved", 0))
+    if interleaved:
+        x1 = op.strided_slice(x, axes=[3], begin=[0], end=[rot], strides=[2])
+        x2 = op.strided_slice(x, axes=[3], begin=[1], end=[rot], strides=[2])
+    else:
+        x1 = op.strided_slice(x, axes=[3], begin=[0], end=[half])
+        x2 = op.strided_slice(x, axes=[3], begin=[half], end=[rot])
+    x1, x2 = ctx.emit(x1), ctx.emit(x2)
+    real = op.subtract(op.multiply(cos, x1), op.multiply(sin, x2))
+    imag = op.add(op.multiply(sin, x1), op.multiply(cos, x2))
+    xs = helpers.static_shape(x)
+    if interleaved:
+        rotated = op.reshape(op.stack([real, imag], axis=4), [xs[0], xs[1], xs[2], rot])
+    else:
+        rotated = op.concat([real, imag], axis=3)
+    if rot < head:
+        rotated = op.concat([rotated, op.strided_slice(x, axes=[3], begin=[rot], end=[head])], axis=3)
+    out = ctx.emit(rotated)
+    if len(shape) == 4:
+        return op.permute_dims(out, [0, 2, 1, 3])
+    return op.reshape(out, list(shape))
+
+
+RULES = (
+    OpRule("Attention", _attention, since=23, kind="decomposed"),
+    OpRule("RotaryEmbedding", _rotary_embedding, since=23, kind="decomposed"),
+)

@@ -359,6 +359,18 @@ def _layer_norm(ctx, inputs):
     return outs[: ctx.num_outputs] if ctx.num_outputs > 1 else outs[0]
 
 
+def _rms_norm(ctx, inputs):
+    x, scale = inputs[0], inputs[1]
+    dtype = ctx.dtype(0)
+    rank = len(_static_shape(ctx, 0))
+    axes = list(range(helpers.norm_axis(int(ctx.attr("axis", -1)), rank), rank))
+    compute = "float32" if int(ctx.attr("stash_type", 1)) == 1 and dtype in ("float16", "bfloat16") else dtype
+    xc = x if compute == dtype else op.astype(x, compute)
+    ms = op.mean(op.multiply(xc, xc), axis=axes, keepdims=True)
+    y = op.multiply(xc, op.rsqrt(op.add(ms, scalar(float(ctx.attr("epsilon", 1e-5)), compute))))
+    return op.multiply(y if compute == dtype else op.astype(y, dtype), scale)
+
+
 def _group_norm(ctx, inputs):
     x, scale, bias = inputs[:3]
     shape = _static_shape(ctx, 0)
@@ -431,6 +443,7 @@ RULES = (
     OpRule("InstanceNormalization", _instance_norm, kind="decomposed"),
     OpRule("LayerNormalization", _layer_norm, since=17, kind="decomposed"),
     OpRule("GroupNormalization", _group_norm, since=18, kind="decomposed"),
+    OpRule("RMSNormalization", _rms_norm, since=23, kind="decomposed"),
     OpRule("LpNormalization", _lp_norm, kind="decomposed"),
     OpRule("MeanVarianceNormalization", _mvn, kind="decomposed"),
     OpRule("LRN", _lrn, kind="decomposed"),
