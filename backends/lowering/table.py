@@ -6,9 +6,11 @@ The modules are listed here explicitly (no registration by import side effect).
 from __future__ import annotations
 
 from graphopt.backends.lowering import (
+    casts,
     control,
     elementwise,
     graphopt_ops,
+    indexing,
     nn,
     quant,
     reduce,
@@ -19,7 +21,9 @@ from graphopt.backends.lowering.rules import OpRule
 
 RULES: tuple[OpRule, ...] = (
     *elementwise.RULES,
+    *casts.RULES,
     *tensor.RULES,
+    *indexing.RULES,
     *reduce.RULES,
     *nn.RULES,
     *rnn.RULES,

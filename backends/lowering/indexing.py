@@ -1,0 +1,131 @@
+"""Lowering rules: indexing ops (Gather*, Scatter*, OneHot, TopK, Compress, NonZero)."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax, tirx, topi
+
+from graphopt.backends.lowering import helpers as H
+from graphopt.backends.lowering.rules import OpRule
+from graphopt.backends.lowering.tensor import _dims, _static_dim
+
+R = relax.op
+
+
+def _norm_indices(ctx, idx, dim):
+    """Negative indices wrap (index + dim); left alone for a symbolic dim or unsigned indices."""
+    dtype = H.dtype_of(idx)
+    if not isinstance(dim, int) or H.is_unsigned(dtype):
+        return idx
+    c = H.const_value(idx)
+    if c is not None:
+        return H.const(np.where(c < 0, c + dim, c).astype(c.dtype), dtype)
+    return R.where(R.less(idx, H.scalar(0, dtype)), R.add(idx, H.scalar(dim, dtype)), idx)
+
+
+def _static_or_sym(dim):
+    return _static_dim(dim) if _static_dim(dim) is not None else dim
+
+
+def lower_gather(ctx, ins):
+    x, idx = ins
+    dims = _dims(ctx, x)
+    axis = H.norm_axis(ctx.attr("axis", 0), len(dims))
+    return R.take(x, _norm_indices(ctx, idx, _static_or_sym(dims[axis])), axis=axis)
+
+
+def lower_gather_elements(ctx, ins):
+    x, idx = ins
+    dims = _dims(ctx, x)
+    axis = H.norm_axis(ctx.attr("axis", 0), len(dims))
+    return R.gather_elements(x, _norm_indices(ctx, idx, _static_or_sym(dims[axis])), axis=axis)
+
+
+def _norm_nd_indices(ctx, x, idx, batch_dims: int):
+    """Negative entries of GatherND/ScatterND index tuples wrap, per indexed dim (static dims only)."""
+    shape, ishape = H.shape_of(x), H.shape_of(idx)
+    if ishape is None or ishape[-1] is None:
+        return idx
+    dims = shape[batch_dims: batch_dims + ishape[-1]]
+    if any(d is None for d in dims) or H.is_unsigned(H.dtype_of(idx)):
+        return idx
+    dtype = H.dtype_of(idx)
+    wrap = H.const(np.asarray(dims, dtype=dtype))
+    return R.where(R.less(idx, H.scalar(0, dtype)), R.add(idx, wrap), idx)
+
+
+def lower_gather_nd(ctx, ins):
+    batch_dims = ctx.attr("batch_dims", 0)
+    return R.gather_nd(ins[0], _norm_nd_indices(ctx, ins[0], ins[1], batch_dims), batch_dims=batch_dims)
+
+
+_REDUCTIONS = {"none": "update", "add": "add", "mul": "mul", "max": "max", "min": "min"}
+
+
+def lower_scatter_elements(ctx, ins):
+    x, idx, upd = ins
+    dims = _dims(ctx, x)
+    axis = H.norm_axis(ctx.attr("axis", 0), len(dims))
+    red = ctx.attr("reduction", "none")
+    return R.scatter_elements(x, _norm_indices(ctx, idx, _static_or_sym(dims[axis])), upd, axis, _REDUCTIONS[red])
+
+
+def lower_scatter_nd(ctx, ins):
+    idx = _norm_nd_indices(ctx, ins[0], ins[1], 0)
+    return R.scatter_nd(ins[0], idx, ins[2], _REDUCTIONS[ctx.attr("reduction", "none")])
+
+
+def lower_one_hot(ctx, ins):
+    idx = ins[0]
+    depth = int(ctx.require_const(1, "depth").reshape(-1)[0])
+    values = ctx.require_const(2, "values").reshape(-1)
+    dtype = H.dtype_of(ins[2])
+    rank = len(_dims(ctx, idx)) + 1
+    axis = H.norm_axis(ctx.attr("axis", -1), rank)
+    i64 = R.astype(idx, "int64") if H.dtype_of(idx) != "int64" else idx
+    i64 = R.where(R.less(i64, H.scalar(0, "int64")), R.add(i64, H.scalar(depth, "int64")), i64)
+    off, on = (relax.prim_value(tirx.const(v.item(), dtype)) for v in values[:2])
+    return R.one_hot(i64, on, off, depth, axis)
+
+
+def lower_topk(ctx, ins):
+    x = ins[0]
+    rank = len(_dims(ctx, x))
+    k = ctx.attr("k") if ctx.opset < 10 else int(ctx.require_const(1, "K").reshape(-1)[0])
+    axis = H.norm_axis(ctx.attr("axis", -1), rank)
+    largest = bool(ctx.attr("largest", 1))
+    if H.dtype_of(x) == "uint64":  # TVM's topk has no uint64: flip the top bit, order as int64
+        flipped = ctx.emit(R.bitwise_xor(x, H.scalar(1 << 63, "uint64")))
+        keys = ctx.bb.emit_te(topi.reinterpret, flipped, "int64")
+        idx = ctx.emit(R.topk(keys, k, axis, "indices", largest, "int64"))
+        return [R.gather_elements(x, idx, axis), idx]
+    t = ctx.emit(R.topk(x, k, axis, "both", largest, "int64"))
+    return [relax.TupleGetItem(t, 0), relax.TupleGetItem(t, 1)]
+
+
+def lower_compress(ctx, ins):
+    x = ins[0]
+    cond = ctx.require_const(1, "condition").reshape(-1).astype(bool)
+    axis = ctx.attr("axis")
+    idx = H.const(np.nonzero(cond)[0].astype(np.int64))
+    if axis is None:
+        return R.take(R.reshape(x, [-1]), idx, axis=0)
+    return R.take(x, idx, axis=H.norm_axis(axis, len(_dims(ctx, x))))
+
+
+def lower_nonzero(ctx, ins):
+    return R.nonzero(ins[0])
+
+
+RULES = (
+    OpRule("Gather", lower_gather),
+    OpRule("GatherElements", lower_gather_elements, since=11),
+    OpRule("GatherND", lower_gather_nd, since=11),
+    OpRule("Scatter", lower_scatter_elements, since=9, until=10),
+    OpRule("ScatterElements", lower_scatter_elements, since=11),
+    OpRule("ScatterND", lower_scatter_nd, since=11),
+    OpRule("OneHot", lower_one_hot, since=9),
+    OpRule("TopK", lower_topk),
+    OpRule("Compress", lower_compress, since=9),
+    OpRule("NonZero", lower_nonzero, since=9),
+)
