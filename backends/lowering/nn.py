@@ -430,6 +430,23 @@ def _lrn(ctx, inputs):
     return op.divide(x, denom)
 
 
+_GRID_METHODS = {"linear": "bilinear", "bilinear": "bilinear", "nearest": "nearest", "cubic": "bicubic", "bicubic": "bicubic"}
+
+
+def _grid_sample(ctx, inputs):
+    x, grid = inputs[0], inputs[1]
+    rank = len(_static_shape(ctx, 0))
+    mode = ctx.attr("mode", "linear" if ctx.opset >= 20 else "bilinear")
+    ctx.check(mode in _GRID_METHODS, lambda: f"mode {mode!r}")
+    layout = {4: "NCHW", 5: "NCDHW"}.get(rank)
+    ctx.check(layout is not None, lambda: f"rank-{rank} input (4-D and 5-D are supported)")
+    grid = op.permute_dims(grid, [0, rank - 1] + list(range(1, rank - 1)))  # Relax wants [N, 2|3, *spatial]
+    return op.image.grid_sample(
+        x, grid, method=_GRID_METHODS[mode], layout=layout,
+        padding_mode=ctx.attr("padding_mode", "zeros"), align_corners=bool(ctx.attr("align_corners", 0)),
+    )
+
+
 RULES = (
     OpRule("Conv", _conv, kind="native"),
     OpRule("ConvTranspose", _conv_transpose, kind="native"),
@@ -447,6 +464,7 @@ RULES = (
     OpRule("LpNormalization", _lp_norm, kind="decomposed"),
     OpRule("MeanVarianceNormalization", _mvn, kind="decomposed"),
     OpRule("LRN", _lrn, kind="decomposed"),
+    OpRule("GridSample", _grid_sample, since=16, kind="native"),
     *resize.RULES,
     *attention.RULES,
 )

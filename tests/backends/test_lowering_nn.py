@@ -19,7 +19,8 @@ F = TensorProto.FLOAT
 NN_OPS = {
     "Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
     "GlobalLpPool", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
-    "LpNormalization", "MeanVarianceNormalization", "LRN", "Resize", "Upsample",
+    "LpNormalization", "MeanVarianceNormalization", "LRN", "Resize", "Upsample", "GridSample", "RMSNormalization",
+    "RotaryEmbedding",
 }
 # Cases made of other families' ops (function expansions) or of types Relax has no dtype for.
 SKIP = ("_expanded", "causal_conv", "_bf16")
@@ -157,6 +158,14 @@ def test_attention_gqa_causal_against_ort():
     model = make_model([node], [("q", F, [2, 4, 5, 8]), ("k", F, [2, 2, 7, 8]), ("v", F, [2, 2, 7, 6])],
                        [("y", F, None)], opset=23)
     check_against_ort(model, {"q": _rand(2, 4, 5, 8), "k": _rand(2, 2, 7, 8, seed=1), "v": _rand(2, 2, 7, 6, seed=2)})
+
+
+@pytest.mark.parametrize("mode,padding", [("linear", "reflection"), ("cubic", "border"), ("nearest", "zeros")])
+def test_grid_sample_against_ort(mode, padding):
+    node = helper.make_node("GridSample", ["x", "g"], ["y"], mode=mode, padding_mode=padding, align_corners=0)
+    model = make_model([node], [("x", F, [2, 3, 5, 7]), ("g", F, [2, 4, 6, 2])], [("y", F, None)], opset=20)
+    grid = np.random.default_rng(4).uniform(-1.3, 1.3, (2, 4, 6, 2)).astype(np.float32)
+    check_against_ort(model, {"x": _rand(2, 3, 5, 7), "g": grid})
 
 
 def test_runtime_scales_ask_for_a_constant():
