@@ -28,7 +28,7 @@ import math
 
 import onnx_ir as ir
 
-from graphopt.passes.graphopt_ops import check_target_runtime, choose_domain
+from graphopt.passes.graphopt_ops import check_target_runtime, choose_domain, usable_in
 from graphopt.passes.rewrite_utils import (
     binary_with_const,
     close_to,
@@ -233,7 +233,7 @@ class FuseActivationsPass(ir.passes.InPlacePass):
         for graph, op, x, out, nodes, attrs in matches:
             if op not in domains:
                 domains[op] = choose_domain(model, op, self.target_runtime)
-            domain = domains[op]
+            domain = usable_in(graph, op, domains[op], self.target_runtime)
             if domain is None:
                 continue
             new = ir.node(op, [x], attrs or None, domain=domain)

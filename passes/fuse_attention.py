@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphopt.passes.graphopt_ops import check_target_runtime, choose_domain
+from graphopt.passes.graphopt_ops import check_target_runtime, choose_domain, usable_in
 from graphopt.passes.rewrite_utils import (
     GRAPHOPT_DOMAIN,
     binary_with_const,
     graphs_of,
+    home,
     only_consumer,
     remove_dead,
     replace_value,
@@ -102,7 +103,7 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         domain: str | None = "unset"
         for graph in list(graphs_of(model)):
             for node in list(graph):
-                if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx") or node.graph is not graph:
+                if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx") or node.graph is not home(graph):
                     continue
                 found = match_attention(node)
                 if found is None:
@@ -113,10 +114,11 @@ class FuseAttentionPass(ir.passes.InPlacePass):
                 node_domain = domain
                 if domain == "" and len(perm) != 4:  # opset-23 Attention takes rank-4 inputs only
                     node_domain = GRAPHOPT_DOMAIN if self.target_runtime == "graphopt" else None
-                if node_domain is None:
-                    continue
                 if node_domain == GRAPHOPT_DOMAIN:
                     model.opset_imports[GRAPHOPT_DOMAIN] = 1
+                node_domain = usable_in(graph, "Attention", node_domain, self.target_runtime)
+                if node_domain is None:
+                    continue
                 swap = list(range(len(perm) - 2)) + [len(perm) - 1, len(perm) - 2]
                 if perm == swap:
                     k = kt.inputs[0]

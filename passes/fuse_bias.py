@@ -22,6 +22,7 @@ import onnx_ir as ir
 from graphopt.passes.rewrite_utils import (
     const_array,
     graphs_of,
+    home,
     new_const,
     only_consumer,
     remove_dead,
@@ -175,7 +176,7 @@ class FuseBiasPass(ir.passes.InPlacePass):
 
     def _fold_all(self, graph, node: ir.Node) -> int:
         fused = 0
-        while node.graph is graph:
+        while node.graph is home(graph):
             nxt = only_consumer(node.outputs[0])
             rule = RULES.get((node.op_type, nxt.op_type)) if nxt is not None else None
             if rule is None or nxt.domain not in ("", "ai.onnx") or (node.op_type == "MatMul" and not self.gemm):
@@ -194,6 +195,6 @@ class FuseBiasPass(ir.passes.InPlacePass):
         self.skipped = []
         for graph in list(graphs_of(model)):
             for node in list(graph):
-                if node.op_type in PRODUCERS and node.domain in ("", "ai.onnx") and node.graph is graph:
+                if node.op_type in PRODUCERS and node.domain in ("", "ai.onnx") and node.graph is home(graph):
                     fused += self._fold_all(graph, node)
         return ir.passes.PassResult(model, modified=fused > 0)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.graphopt_ops import check_target_runtime, choose_domain
+from graphopt.passes.graphopt_ops import check_target_runtime, choose_domain, usable_in
 from graphopt.passes.rewrite_utils import (
     binary_with_const,
     close_to,
@@ -104,7 +104,9 @@ def match_layernorm(mean1: ir.Node):
     if not eps or eps[0] is not mean2.outputs[0] or eps[1].size != 1:
         return None
     sqrt = only_consumer(add.outputs[0])
-    if sqrt is None or sqrt.op_type != "Sqrt" or only_consumer(sqrt.outputs[0]) is not div or div.inputs[1] is not sqrt.outputs[0]:
+    if sqrt is None or sqrt.op_type != "Sqrt" or only_consumer(sqrt.outputs[0]) is not div:
+        return None
+    if div.inputs[1] is not sqrt.outputs[0]:
         return None
     nodes = [mean1, sub, sq, mean2, add, sqrt, div]
     norm_shape = shape[axes[0]:]
@@ -142,7 +144,11 @@ class FuseLayerNormPass(ir.passes.InPlacePass):
         domain = choose_domain(model, "LayerNormalization", self.target_runtime)
         if domain is None:
             return ir.passes.PassResult(model, modified=False)
+        fused = 0
         for graph, x, out, nodes, scale, bias, axis, eps in matches:
+            node_domain = usable_in(graph, "LayerNormalization", domain, self.target_runtime)
+            if node_domain is None:
+                continue
             dtype = x.dtype.numpy()
             anchor = out.producer()
             norm = static_shape(x)[axis:]
@@ -150,9 +156,10 @@ class FuseLayerNormPass(ir.passes.InPlacePass):
             inputs = [x, new_const(graph, scale, f"{anchor.name or 'ln'}_scale", anchor)]
             if bias is not None:
                 inputs.append(new_const(graph, bias.astype(dtype), f"{anchor.name or 'ln'}_bias", anchor))
-            ln = ir.node("LayerNormalization", inputs, {"axis": axis, "epsilon": eps}, domain=domain)
+            ln = ir.node("LayerNormalization", inputs, {"axis": axis, "epsilon": eps}, domain=node_domain)
             graph.insert_before(anchor, ln)
             ln.outputs[0].shape, ln.outputs[0].type = out.shape, out.type
             replace_value(out, ln.outputs[0])
             remove_dead(graph, nodes)
-        return ir.passes.PassResult(model, modified=True)
+            fused += 1
+        return ir.passes.PassResult(model, modified=fused > 0)

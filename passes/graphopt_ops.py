@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 from graphopt.passes.rewrite_utils import GRAPHOPT_DOMAIN, graphs_of, replace_value
 
@@ -48,6 +49,20 @@ def choose_domain(model: ir.Model, op: str, target_runtime: str, *, may_upgrade:
     if may_upgrade and try_upgrade(model, since):
         return ""
     return None
+
+
+def usable_in(graph, op: str, domain: str | None, target_runtime: str) -> str | None:
+    """The domain a fused ``op`` may take in ``graph`` (``domain`` as chosen for the model): a model
+    function has its own opset imports, which must reach the standard op; else graphopt's domain is
+    used (declared in the function) when the target allows it, else nothing."""
+    if domain is None or not isinstance(graph, ir.Function):
+        return domain
+    if domain == "" and graph.opset_imports.get("", 0) >= STANDARD_SINCE[op]:
+        return domain
+    if target_runtime != "graphopt":
+        return None
+    graph.opset_imports[GRAPHOPT_DOMAIN] = 1
+    return GRAPHOPT_DOMAIN
 
 
 def check_target_runtime(value: str, pass_name: str) -> str:
@@ -141,6 +156,9 @@ def expand_graphopt_ops(model: ir.Model) -> ir.Model:
             replace_value(node.outputs[0], y)
             graph.remove(node, safe=True)
     copy.opset_imports.pop(GRAPHOPT_DOMAIN, None)
+    for function in copy.functions.values():
+        function.opset_imports.pop(GRAPHOPT_DOMAIN, None)
+    NameFixPass()(copy)  # values created inside functions have no names yet
     return copy
 
 

@@ -29,10 +29,11 @@ import onnx_ir as ir
 
 from graphopt.passes.rewrite_utils import (
     can_bypass,
-    only_consumer,
     const_array,
     graphs_of,
+    home,
     new_const,
+    only_consumer,
     remove_dead,
     replace_value,
     static_shape,
@@ -183,7 +184,7 @@ def _global_pool_flatten(graph, node: ir.Node, opset: int) -> bool:
     if node.op_type not in RESHAPE_LIKE:
         return False
     pool = node.inputs[0].producer() if node.inputs[0] is not None else None
-    if pool is None or pool.graph is not graph or only_consumer(pool.outputs[0]) is not node:
+    if pool is None or pool.graph is not home(graph) or only_consumer(pool.outputs[0]) is not node:
         return False
     x = pool.inputs[0]
     shape, out = static_shape(x), static_shape(node.outputs[0])
@@ -253,11 +254,11 @@ class MergeChainsPass(ir.passes.InPlacePass):
         opset = model.opset_imports.get("", 1)
         for graph in list(graphs_of(model)):
             for node in list(graph):
-                if node.graph is not graph or node.domain not in ("", "ai.onnx") or not node.inputs:
+                if node.graph is not home(graph) or node.domain not in ("", "ai.onnx") or not node.inputs:
                     continue
                 data = node.inputs[0]
                 prev = data.producer() if data is not None else None
-                if prev is None or prev.domain not in ("", "ai.onnx") or prev.graph is not graph:
+                if prev is None or prev.domain not in ("", "ai.onnx") or prev.graph is not home(graph):
                     continue
                 if any(rule(graph, node, opset) for rule in NODE_RULES):
                     changed += 1

@@ -31,6 +31,11 @@ def graphs_of(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
                         yield from g.subgraphs()
 
 
+def home(graph: ir.Graph | ir.Function) -> ir.Graph:
+    """The graph that a node of ``graph`` reports as its ``node.graph`` (a function's inner graph)."""
+    return graph.graph if isinstance(graph, ir.Function) else graph
+
+
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The value's constant contents, or None (graph inputs are never constant, even with a default)."""
     if value is None or value.is_graph_input():
@@ -143,7 +148,7 @@ def remove_dead(graph: ir.Graph | ir.Function, nodes: list[ir.Node]) -> int:
     while progress:
         progress = False
         for node in list(pending):
-            if node.graph is not graph:
+            if node.graph is not home(graph):
                 pending.remove(node)
                 continue
             if any(o.uses() or o in outputs for o in node.outputs):
@@ -231,5 +236,5 @@ def drop_unused_constants(graph: ir.Graph | ir.Function, values: list[ir.Value])
         if isinstance(graph, ir.Graph) and v.is_initializer() and graph.initializers.get(v.name) is v:
             graph.initializers.pop(v.name)
         producer = v.producer()
-        if producer is not None and producer.op_type == "Constant" and producer.graph is graph:
+        if producer is not None and producer.op_type == "Constant" and producer.graph is home(graph):
             graph.remove(producer, safe=True)

@@ -90,3 +90,16 @@ def test_exact_on_wide_range():
     x = np.linspace(-12, 12, 96, dtype=np.float32).reshape(2, 3, 16)
     result = apply_and_compare(FuseActivationsPass(), model, feeds={"x": x}, rtol=1e-5, atol=1e-6)
     assert result.modified
+
+
+def test_inside_a_model_function_the_function_opset_decides():
+    text = """<ir_version: 10, opset_import: ["" : 18, "local" : 1]>
+    g (float[2,3,16] x) => (float[2,3,16] y) { y = local.MishF(x) }
+    <domain: "local", opset_import: ["" : 17]>
+    MishF (a) => (b) { s = Softplus(a) \n t = Tanh(s) \n b = Mul(a, t) }"""
+    plain = model_from_text(text)
+    assert not FuseActivationsPass()(plain).modified  # Mish needs opset 18 inside the function too
+    model = model_from_text(text)
+    result = apply_and_compare(FuseActivationsPass(target_runtime="graphopt"), model)
+    function = next(iter(result.model.functions.values()))
+    assert [n.op_type for n in function] == ["Mish"] and function.opset_imports["graphopt"] == 1
