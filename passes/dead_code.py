@@ -23,6 +23,10 @@ def _remove_subgraph_initializers(model: ir.Model) -> int:
     return removed
 
 
+def _output_count(model: ir.Model) -> int:
+    return sum(len(n.outputs) for n in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
 class DeadCodeEliminationPass(ir.passes.InPlacePass):
     """Remove nodes, initializers, functions and opset imports that no graph output depends on."""
 
@@ -31,7 +35,8 @@ class DeadCodeEliminationPass(ir.passes.InPlacePass):
         self.opsets = opsets
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified = RemoveUnusedNodesPass()(model).modified
+        outputs = _output_count(model)  # unused optional outputs are trimmed too
+        modified = RemoveUnusedNodesPass()(model).modified or _output_count(model) != outputs
         modified |= _remove_subgraph_initializers(model) > 0
         modified |= RemoveUnusedFunctionsPass()(model).modified
         if self.opsets:

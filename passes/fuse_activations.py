@@ -216,6 +216,7 @@ class FuseActivationsPass(ir.passes.InPlacePass):
         self.ops = frozenset(ops)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opsets = dict(model.opset_imports)  # an exact opset upgrade is a modification too
         matches = []
         for graph in list(graphs_of(model)):
             taken: set[int] = set()
@@ -242,4 +243,4 @@ class FuseActivationsPass(ir.passes.InPlacePass):
             replace_value(out, new.outputs[0])
             remove_dead(graph, nodes)
             fused += 1
-        return ir.passes.PassResult(model, modified=fused > 0)
+        return ir.passes.PassResult(model, modified=fused > 0 or dict(model.opset_imports) != opsets)

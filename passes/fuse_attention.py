@@ -99,6 +99,7 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         self.target_runtime = check_target_runtime(target_runtime, "fuse_attention")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opsets = dict(model.opset_imports)  # an exact opset upgrade is a modification too
         fused = 0
         domain: str | None = "unset"
         for graph in list(graphs_of(model)):
@@ -136,4 +137,4 @@ class FuseAttentionPass(ir.passes.InPlacePass):
                 replace_value(out, att.outputs[0])
                 remove_dead(graph, nodes)
                 fused += 1
-        return ir.passes.PassResult(model, modified=fused > 0)
+        return ir.passes.PassResult(model, modified=fused > 0 or dict(model.opset_imports) != opsets)

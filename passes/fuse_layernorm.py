@@ -132,6 +132,7 @@ class FuseLayerNormPass(ir.passes.InPlacePass):
         self.target_runtime = check_target_runtime(target_runtime, "fuse_layernorm")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opsets = dict(model.opset_imports)  # an exact opset upgrade is a modification too
         matches = []
         for graph in list(graphs_of(model)):
             for node in list(graph):
@@ -162,4 +163,4 @@ class FuseLayerNormPass(ir.passes.InPlacePass):
             replace_value(out, ln.outputs[0])
             remove_dead(graph, nodes)
             fused += 1
-        return ir.passes.PassResult(model, modified=fused > 0)
+        return ir.passes.PassResult(model, modified=fused > 0 or dict(model.opset_imports) != opsets)

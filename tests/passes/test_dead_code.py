@@ -52,3 +52,12 @@ def test_subgraph_capture_is_a_use_and_dead_subgraph_nodes_go():
     assert result.modified
     counts = ops(result.model)
     assert counts["Relu"] == 1 and counts["Neg"] == 1 and counts["Abs"] == 0
+
+
+def test_unused_optional_output_is_trimmed_and_reported():
+    model = model_from_text(HEADER.replace(', "custom" : 1', "") +
+                            "g (float[4] x) => (float[4] y) { a, mask = Dropout(x) \n y = Relu(a) }")
+    result = apply_and_compare(DeadCodeEliminationPass(), model)
+    assert result.modified
+    dropout = next(n for n in result.model.graph if n.op_type == "Dropout")
+    assert len(dropout.outputs) == 1
