@@ -1,15 +1,20 @@
 """conv2d in NCHW (plain, grouped, depthwise, dilated) and conv2d-transpose (a conv over the dilated input).
 
-Two plans, both register-tiled with the accumulators in vector registers:
+Three plans:
 
-* width-vector (stride 1 along the width): vector over output width, contiguous in the input row;
-  register axis = output channels, so one input vector feeds ``reg_tile`` channels (``tiling.py``).
-* channel-vector (a strided width, e.g. stride 2): vector over output channels. The weight is
-  repacked inside the function to ``[O/L, I, KH, KW, L]`` so the ``L`` channels of one tap are
-  contiguous; each input pixel is broadcast into ``reg_tile`` output positions along the width.
-  Grouped/depthwise convs with a strided width keep the generic schedule. (Narrow 7x7 maps stay
-  on the width-vector plan: the per-call weight repacking of a 512x512x3x3 conv cost more than the
-  lanes it fills, measured 4.5-10 ms against 3.2-6.3 ms.)
+* width-vector: vector over output width (contiguous in the input row for stride 1); register
+  axis = output channels, so one input vector feeds ``reg_tile`` channels (``tiling.py``). Used
+  when the width fills whole vectors (16, 32, 112 columns on AVX-512).
+* channel-vector: vector over output channels, each input pixel broadcast into ``reg_tile``
+  output columns. The weight is read as ``[O/L, I, KH, KW, L]`` (the ``L`` channels of one tap
+  contiguous): a constant weight is repacked once at compile time (``prepack.py``), any other is
+  repacked inside the function on every call, which only pays for strided widths. Used for
+  strided widths and for widths that leave lanes empty (7, 14, 28, 56): 1x1 convs on 7x7/14x14
+  maps ran 2.5-5x faster than with 7- or 14-lane width vectors.
+* row accumulation (depthwise: the vector loads move with every other axis, nothing to reuse from
+  registers): loops (rows..., taps, width), each tap adds a vector row into the output row in L1.
+
+Grouped/depthwise convs with a strided width keep the generic schedule (parallel rows).
 """
 
 from __future__ import annotations
