@@ -81,3 +81,33 @@ def test_aarch64_features_and_already_scheduled_functions_left_alone():
     out = apply_default_schedules(mod, feats.target, report=report)
     assert report == {}
     assert out[gv].same_as(mod[gv])
+
+
+def test_rules_build_for_aarch64_neon():
+    """The same rules compile for a 128-bit NEON target (4 fp32 lanes): conv, matmul, pooling."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("MatMul", ["f", "m"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "neon", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.standard_normal((12, 8, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal((12 * 16, 10)).astype(np.float32), "m")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    mod = from_onnx(model, {"x": (1, 8, 8, 8)}, keep_params_in_input=False)
+    with target:
+        mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                        relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                                        relax.transform.FuseTIR()])(mod)
+    report = {}
+    mod = apply_default_schedules(mod, target, report=report)
+    assert {"conv2d", "matmul"} <= set(report.values()), report
+    assert tvm.compile(mod, target=target) is not None
