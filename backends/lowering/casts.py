@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import onnx_ir as ir
 from tvm import relax, topi
 
 from graphopt.backends.lowering import helpers as H
@@ -80,7 +81,23 @@ def _cast_to_float8(ctx, x, to: str):
     return _bits(ctx, out, to)
 
 
-def _cast(ctx, x, to: str):
+def _wrap_narrow(ctx, x, onnx_to):
+    """Cast to a 4/2-bit integer (held in 8 bits): truncate toward zero, keep the low bits, sign-extend."""
+    storage, bits, signed = H.NARROW_INTS[onnx_to]
+    src = H.dtype_of(x)
+    v = ctx.emit(R.astype(R.trunc(x) if H.is_float(src) else x, "int32"))
+    i32 = lambda n: H.scalar(n, "int32")  # noqa: E731
+    if signed:
+        half = 1 << (bits - 1)
+        v = R.subtract(R.bitwise_and(R.add(v, i32(half)), i32((1 << bits) - 1)), i32(half))
+    else:
+        v = R.bitwise_and(v, i32((1 << bits) - 1))
+    return R.astype(ctx.emit(v), storage)
+
+
+def _cast(ctx, x, to: str, onnx_to=None):
+    if onnx_to is not None and ir.DataType(onnx_to) in H.NARROW_INTS:
+        return _wrap_narrow(ctx, x, ir.DataType(onnx_to))
     if to is None:
         ctx.unsupported("casts to this dtype are not supported by Relax")
     src = H.dtype_of(x)
@@ -100,11 +117,11 @@ def _cast(ctx, x, to: str):
 
 
 def lower_cast(ctx, ins):
-    return _cast(ctx, ins[0], H.relax_dtype(ctx.attr("to")))
+    return _cast(ctx, ins[0], H.relax_dtype(ctx.attr("to")), ctx.attr("to"))
 
 
 def lower_castlike(ctx, ins):
-    return _cast(ctx, ins[0], H.dtype_of(ins[1]))
+    return _cast(ctx, ins[0], H.dtype_of(ins[1]), ctx.node.inputs[1].dtype)
 
 
 def lower_bitcast(ctx, ins):

@@ -301,6 +301,12 @@ def lower_where(ctx, ins):
 
 
 def lower_dropout(ctx, ins):
+    """Inference Dropout: the identity (and an all-true mask). Training mode draws random numbers."""
+    if ctx.has_input(2):
+        training = ctx.require_const(2, "training_mode")
+        ratio = ctx.require_const(1, "ratio") if ctx.has_input(1) else np.array(0.5)
+        if bool(np.asarray(training).reshape(-1)[0]) and float(np.asarray(ratio).reshape(-1)[0]) != 0.0:
+            ctx.unsupported("training-mode Dropout (random masks) is not supported; graphopt compiles inference")
     x = ins[0]
     out = [x]
     if ctx.num_outputs > 1:

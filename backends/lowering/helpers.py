@@ -33,6 +33,13 @@ _ONNX_TO_RELAX: dict[ir.DataType, str] = {
     ir.DataType.FLOAT8E5M2FNUZ: "float8_e5m2fnuz",
 }
 _RELAX_TO_ONNX = {v: k for k, v in _ONNX_TO_RELAX.items()}
+# 4- and 2-bit integers are held unpacked, one value per byte, in the 8-bit type of the same signedness.
+NARROW_INTS: dict[ir.DataType, tuple[str, int, bool]] = {
+    ir.DataType.INT4: ("int8", 4, True),
+    ir.DataType.UINT4: ("uint8", 4, False),
+    ir.DataType.INT2: ("int8", 2, True),
+    ir.DataType.UINT2: ("uint8", 2, False),
+}
 
 FLOAT8_DTYPES = frozenset({"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"})
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"}) | FLOAT8_DTYPES
@@ -43,7 +50,10 @@ def relax_dtype(dtype: ir.DataType | int | None) -> str | None:
     """The Relax dtype string of an ONNX element type, or None when Relax has no such dtype."""
     if dtype is None:
         return None
-    return _ONNX_TO_RELAX.get(ir.DataType(dtype))
+    dtype = ir.DataType(dtype)
+    if dtype in NARROW_INTS:
+        return NARROW_INTS[dtype][0]
+    return _ONNX_TO_RELAX.get(dtype)
 
 
 def onnx_dtype(dtype: str) -> ir.DataType:

@@ -83,6 +83,8 @@ def _compare(expected: np.ndarray, got: np.ndarray, rtol: float, atol: float) ->
     expected = np.asarray(expected)
     if expected.dtype.kind in "OSU":
         return "string outputs"
+    if expected.dtype.name in ("int4", "uint4", "int2", "uint2"):  # held unpacked in 8 bits
+        got = got.astype(expected.dtype)
     if got.shape != expected.shape:
         return f"shape {got.shape} != expected {expected.shape}"
     if got.dtype != expected.dtype:
@@ -130,13 +132,17 @@ def _lower_case(proto, feed: dict[str, np.ndarray], frozen: list[str]):
 
 
 def _input_ancestors(graph, name: str) -> list[str]:
-    """The value itself when it is a graph input, else the integer/bool graph inputs whose values it is
-    computed from (not through Shape/Size)."""
+    """The value itself when it is a graph input, else the integer/bool or scalar graph inputs whose
+    values it is computed from (not through Shape/Size)."""
     if any(i.name == name for i in graph.input):
         return [name]
     producers = {o: n for n in graph.node for o in n.output}
     ints = {2, 3, 4, 5, 6, 7, 9, 12, 13}  # (U)INT8/16/32/64 and BOOL
-    inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type in ints}
+    inputs = {
+        i.name for i in graph.input
+        if i.type.tensor_type.elem_type in ints
+        or (i.type.tensor_type.HasField("shape") and len(i.type.tensor_type.shape.dim) == 0)
+    }
     seen, todo, found = set(), [name], []
     while todo:
         v = todo.pop()
