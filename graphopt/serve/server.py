@@ -47,14 +47,14 @@ class ModelEndpoint:
             "name": self.name,
             "versions": [self.version],
             "platform": "graphopt_tvm",
-            "inputs": tensors(self.module.input_specs()),
-            "outputs": tensors(self.module.output_specs()),
+            "inputs": tensors(self.module.inputs),
+            "outputs": tensors(self.module.outputs),
         }
 
     def infer(self, request: dict) -> dict:
         if not isinstance(request.get("inputs"), list):
             raise RequestError("request needs an 'inputs' list")
-        specs = {n: (tuple(s), d) for n, s, d in self.module.input_specs()}
+        specs = {n: (tuple(s), d) for n, s, d in self.module.inputs}
         arrays = {}
         for item in request["inputs"]:
             name = item.get("name")
