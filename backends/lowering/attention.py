@@ -231,7 +231,71 @@ def _rotary_embedding(ctx, inputs):
     return op.reshape(out, list(shape))
 
 
+MAX_STEPS = 1024  # LinearAttention unrolls its recurrence over the sequence
+
+
+def _heads(ctx, x, heads: int):
+    """(B, T, H*D) -> (B, H, T, D), in float32."""
+    b, t, hd = helpers.static_shape(x)
+    y = op.permute_dims(op.reshape(x, [b, t, heads, hd // heads]), [0, 2, 1, 3])
+    return ctx.emit(y if helpers.dtype_of(x) == "float32" else op.astype(y, "float32"))
+
+
+def _step(ctx, x4, i: int):
+    """Time step i of a (B, H, T, D) tensor: (B, H, D)."""
+    return ctx.emit(op.squeeze(op.strided_slice(x4, axes=[2], begin=[i], end=[i + 1]), [2]))
+
+
+def _linear_attention(ctx, inputs):
+    get = lambda i: inputs[i] if len(inputs) > i else None  # noqa: E731
+    q, k, v = inputs[:3]
+    past, decay, beta = get(3), get(4), get(5)
+    rule = ctx.attr("update_rule", "gated_delta")
+    ctx.check(rule in ("linear", "gated", "delta", "gated_delta"), lambda: f"update_rule {rule!r}")
+    gating, delta = rule in ("gated", "gated_delta"), rule in ("delta", "gated_delta")
+    ctx.check(not gating or decay is not None, "a gated update_rule needs decay")
+    ctx.check(not delta or beta is not None, "a delta update_rule needs beta")
+    hq, hkv = int(ctx.attr("q_num_heads", 0)), int(ctx.attr("kv_num_heads", 0))
+    ctx.check(hq > 0 and hkv > 0 and hq % hkv == 0, "q_num_heads must be a positive multiple of kv_num_heads")
+    b, t, _ = helpers.static_shape(q)
+    ctx.check(t <= MAX_STEPS, lambda: f"sequence length {t} is over the unrolling limit {MAX_STEPS}")
+    dtype = helpers.dtype_of(q)
+    q4, k4, v4 = _heads(ctx, q, hq), _heads(ctx, k, hkv), _heads(ctx, v, hkv)
+    dk, dv = helpers.static_shape(q4)[3], helpers.static_shape(v4)[3]
+    if gating:
+        g4 = _heads(ctx, decay, hkv)  # per key dim (B, H, T, d_k) or per head (B, H, T, 1)
+    if delta:
+        last = helpers.static_shape(beta)[-1]
+        beta4 = _heads(ctx, beta, last)  # (B, H_kv or 1, T, 1)
+    scale = ctx.attr("scale")
+    scale = 1.0 / np.sqrt(dk) if not scale else float(scale)
+    state_dtype = helpers.dtype_of(past) if past is not None else dtype
+    if past is not None:
+        state = ctx.emit(past if state_dtype == "float32" else op.astype(past, "float32"))
+    else:
+        state = const(np.zeros((b, hkv, dk, dv)), "float32")
+    group = hq // hkv
+    outs = []
+    for i in range(t):
+        k_t, v_t = _step(ctx, k4, i), _step(ctx, v4, i)
+        if gating:
+            state = op.multiply(state, op.expand_dims(op.exp(_step(ctx, g4, i)), [3]))
+        if delta:
+            retrieved = op.squeeze(op.matmul(op.expand_dims(k_t, [2]), state), [2])  # (B, H, d_v)
+            v_t = op.multiply(_step(ctx, beta4, i), op.subtract(v_t, retrieved))
+        state = ctx.emit(op.add(state, op.multiply(op.expand_dims(k_t, [3]), op.expand_dims(v_t, [2]))))
+        read = ctx.emit(op.repeat(state, group, axis=1)) if group > 1 else state
+        o = op.matmul(op.expand_dims(_step(ctx, q4, i), [2]), read)  # (B, H_q, 1, d_v)
+        outs.append(ctx.emit(op.multiply(o, scalar(scale, "float32"))))
+    y = op.permute_dims(op.concat(outs, axis=2), [0, 2, 1, 3])  # (B, T, H_q, d_v)
+    y = op.reshape(y, [b, t, hq * dv])
+    y = y if dtype == "float32" else op.astype(y, dtype)
+    present = state if state_dtype == "float32" else op.astype(state, state_dtype)
+    return [y, present]
+
+
 RULES = (
     OpRule("Attention", _attention, since=23, kind="decomposed"),
+    OpRule("LinearAttention", _linear_attention, kind="decomposed"),
     OpRule("RotaryEmbedding", _rotary_embedding, since=23, kind="decomposed"),
 )

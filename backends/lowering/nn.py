@@ -60,10 +60,13 @@ def conv(ctx, x, w, out_dtype: str | None = None) -> relax.Expr:
     kernel = list(ctx.attr("kernel_shape") or helpers.static_shape(w)[2:])
     strides, dilations, pads = _window(ctx, kernel)
     data_layout, kernel_layout, _ = _LAYOUT[n]
-    return _CONV[n](
+    dtype = helpers.dtype_of(x)
+    wide = out_dtype is None and dtype in ("float16", "bfloat16")  # accumulate 16-bit floats in float32
+    y = _CONV[n](
         x, w, strides=strides, padding=pads, dilation=dilations, groups=int(ctx.attr("group", 1)),
-        data_layout=data_layout, kernel_layout=kernel_layout, out_dtype=out_dtype,
+        data_layout=data_layout, kernel_layout=kernel_layout, out_dtype="float32" if wide else out_dtype,
     )
+    return op.astype(y, dtype) if wide else y
 
 
 def _conv(ctx, inputs):
@@ -430,6 +433,34 @@ def _lrn(ctx, inputs):
     return op.divide(x, denom)
 
 
+def _causal_conv_with_state(ctx, inputs):
+    """Depthwise causal conv1d over [past_state | input] (zeros without a state), optional SiLU;
+    present_state is the last k-1 positions of that concatenation."""
+    x, w = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    past = inputs[3] if len(inputs) > 3 else None
+    b, c, length = _static_shape(ctx, 0)
+    k = _static_shape(ctx, 1)[2]
+    dtype = ctx.dtype(0)
+    if past is None:
+        past = helpers.const(np.zeros((b, c, k - 1)), dtype)
+    padded = ctx.emit(op.concat([past, x], axis=2)) if k > 1 else x
+    if dtype in ("float16", "bfloat16"):  # accumulate in float32, round once (as the reference does)
+        bias32 = op.astype(bias, "float32") if bias is not None else None
+        y = op.astype(_add_bias(op.nn.conv1d(padded, w, groups=c, out_dtype="float32"), bias32, 3), dtype)
+    else:
+        y = _add_bias(op.nn.conv1d(padded, w, groups=c), bias, 3)
+    act = ctx.attr("activation", "none")
+    ctx.check(act in ("none", "silu", "swish"), lambda: f"activation {act!r}")
+    if act != "none":
+        y = ctx.emit(y)
+        yf = y if dtype == "float32" else op.astype(y, "float32")
+        y = op.multiply(yf, op.sigmoid(yf))
+        y = y if dtype == "float32" else op.astype(y, dtype)
+    present = op.strided_slice(padded, axes=[2], begin=[length], end=[length + k - 1])
+    return [y, present]
+
+
 _GRID_METHODS = {"linear": "bilinear", "bilinear": "bilinear", "nearest": "nearest", "cubic": "bicubic", "bicubic": "bicubic"}
 
 
@@ -465,6 +496,7 @@ RULES = (
     OpRule("MeanVarianceNormalization", _mvn, kind="decomposed"),
     OpRule("LRN", _lrn, kind="decomposed"),
     OpRule("GridSample", _grid_sample, since=16, kind="native"),
+    OpRule("CausalConvWithState", _causal_conv_with_state, kind="decomposed"),
     *resize.RULES,
     *attention.RULES,
 )

@@ -20,10 +20,10 @@ NN_OPS = {
     "Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
     "GlobalLpPool", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
     "LpNormalization", "MeanVarianceNormalization", "LRN", "Resize", "Upsample", "GridSample", "RMSNormalization",
-    "RotaryEmbedding",
+    "RotaryEmbedding", "CausalConvWithState",
 }
 # Cases made of other families' ops (function expansions) or of types Relax has no dtype for.
-SKIP = ("_expanded", "causal_conv", "_bf16")
+SKIP = ("_expanded", "_bf16")
 
 
 def _cases(ops):
@@ -37,7 +37,7 @@ def test_conformance(case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", _cases({"Attention"}), ids=lambda c: c.name)
+@pytest.mark.parametrize("case", _cases({"Attention", "LinearAttention"}), ids=lambda c: c.name)
 def test_conformance_attention(case):
     ok, why, _frozen = run_case(case)
     assert ok, why
