@@ -147,3 +147,12 @@ def test_layout_ops_on_constants_fold_without_kernels():
     xv = np.random.default_rng(0).standard_normal((4, 3, 2)).astype(np.float32)
     got = vm["main"](tvm.runtime.tensor(xv)).numpy()
     np.testing.assert_allclose(got, xv + w.transpose(2, 1, 0) + w[0, :, 0].reshape(1, 3, 1), rtol=0, atol=0)
+
+
+def test_tvm_error_summary_is_the_failed_check():
+    from graphopt.backends.compile import first_error_line
+
+    text = ("Traceback (most recent call last):\n  File \"x.cc\", line 3\n  (... 59 lines skipped ...)\n"
+            "InternalError: Check failed: (a == b) is false: shapes differ\n  File \"y.cc\", line 9\n")
+    assert first_error_line(RuntimeError(text)) == "InternalError: Check failed: (a == b) is false: shapes differ"
+    assert first_error_line(ValueError("plain message")) == "plain message"
