@@ -15,70 +15,121 @@ from graphopt.backends.lowering.rules import OpRule
 R = relax.op
 
 
-# float8 formats (TVM's own float8 casts mishandle zero, NaN and overflow, so graphopt codes the bits).
-# "fnuz" formats have no infinities and no negative zero; their only NaN is 0x80.
-_F8 = collections.namedtuple("_F8", "ebits mbits bias max_code overflow_code nan_code fnuz")
+# Small float formats, coded on the bits (TVM's own float8 casts mishandle zero, NaN and overflow).
+# kind: "fn" (only S.1..1.1..1 is NaN, no inf), "ieee" (exponent all ones: inf/NaN), "fnuz" (no inf,
+# no negative zero, 0x80 is the only NaN), "plain" (no inf, no NaN: float4e2m1).
+_Fmt = collections.namedtuple("_Fmt", "nbits ebits mbits bias max_code overflow_code nan_code kind")
 _FLOAT8 = {
-    "float8_e4m3fn": _F8(4, 3, 7, 0x7E, 0x7F, 0x7F, False),  # no inf: overflow is NaN
-    "float8_e5m2": _F8(5, 2, 15, 0x7B, 0x7C, 0x7E, False),  # overflow is +-inf
-    "float8_e4m3fnuz": _F8(4, 3, 8, 0x7F, 0x80, 0x80, True),
-    "float8_e5m2fnuz": _F8(5, 2, 16, 0x7F, 0x80, 0x80, True),
+    "float8_e4m3fn": _Fmt(8, 4, 3, 7, 0x7E, 0x7F, 0x7F, "fn"),  # no inf: overflow is NaN
+    "float8_e5m2": _Fmt(8, 5, 2, 15, 0x7B, 0x7C, 0x7E, "ieee"),  # overflow is +-inf
+    "float8_e4m3fnuz": _Fmt(8, 4, 3, 8, 0x7F, 0x80, 0x80, "fnuz"),
+    "float8_e5m2fnuz": _Fmt(8, 5, 2, 16, 0x7F, 0x80, 0x80, "fnuz"),
 }
+# float4e2m1 is held in Relax as uint8 codes (one value per byte); NaN becomes -0 as in ml_dtypes.
+_CODED = {ir.DataType.FLOAT4E2M1: _Fmt(4, 2, 1, 1, 0x7, 0x7, 0x8, "plain")}
 
 
 def _bits(ctx, x, dtype: str):
     return ctx.bb.emit_te(topi.reinterpret, x, dtype)
 
 
-def _float8_to_float32(ctx, x):
-    """Decode float8 bits: sign, exponent, mantissa, with subnormals, inf and NaN."""
-    f8 = _FLOAT8[H.dtype_of(x)]
-    b = ctx.emit(R.astype(_bits(ctx, x, "uint8"), "int32"))
+def _decode(ctx, b, f):
+    """float32 values of int32 codes ``b`` in format ``f``: sign, exponent, mantissa, subnormals, specials."""
     i32 = lambda v: H.scalar(v, "int32")  # noqa: E731
     f32 = lambda v: H.scalar(v, "float32")  # noqa: E731
-    sign = R.right_shift(b, i32(7))
-    e = ctx.emit(R.bitwise_and(R.right_shift(b, i32(f8.mbits)), i32((1 << f8.ebits) - 1)))
-    m = ctx.emit(R.astype(R.bitwise_and(b, i32((1 << f8.mbits) - 1)), "float32"))
-    ef = R.astype(e, "float32")
-    scale = R.power(f32(2.0), R.subtract(ef, f32(f8.bias)))
-    normal = R.multiply(R.add(f32(1.0), R.divide(m, f32(1 << f8.mbits))), scale)
-    sub = R.multiply(m, f32(2.0 ** (1 - f8.bias - f8.mbits)))
+    sign = R.right_shift(b, i32(f.nbits - 1))
+    e = ctx.emit(R.bitwise_and(R.right_shift(b, i32(f.mbits)), i32((1 << f.ebits) - 1)))
+    m = ctx.emit(R.astype(R.bitwise_and(b, i32((1 << f.mbits) - 1)), "float32"))
+    scale = R.power(f32(2.0), R.subtract(R.astype(e, "float32"), f32(f.bias)))
+    normal = R.multiply(R.add(f32(1.0), R.divide(m, f32(1 << f.mbits))), scale)
+    sub = R.multiply(m, f32(2.0 ** (1 - f.bias - f.mbits)))
     mag = ctx.emit(R.where(R.equal(e, i32(0)), sub, normal))
-    if f8.fnuz:  # 0x80 is the NaN
-        return R.where(R.equal(b, i32(0x80)), f32(np.nan), R.where(R.equal(sign, i32(1)), R.negative(mag), mag))
-    if f8.ebits == 4:  # e4m3fn: only S.1111.111 is NaN
-        mag = R.where(R.equal(R.bitwise_and(b, i32(0x7F)), i32(0x7F)), f32(np.nan), mag)
-    else:  # e5m2: exponent all ones is inf (mantissa 0) or NaN
+    signed = R.where(R.equal(sign, i32(1)), R.negative(mag), mag)
+    magmask = (1 << (f.nbits - 1)) - 1
+    if f.kind == "fnuz":
+        return R.where(R.equal(b, i32(f.nan_code)), f32(np.nan), signed)
+    if f.kind == "fn":
+        return R.where(R.equal(R.bitwise_and(b, i32(magmask)), i32(magmask)), f32(np.nan), signed)
+    if f.kind == "ieee":
         special = R.where(R.equal(m, f32(0.0)), f32(np.inf), f32(np.nan))
-        mag = R.where(R.equal(e, i32((1 << f8.ebits) - 1)), special, mag)
-    return R.where(R.equal(sign, i32(1)), R.negative(mag), mag)
+        special = R.where(R.equal(sign, i32(1)), R.negative(special), special)
+        return R.where(R.equal(e, i32((1 << f.ebits) - 1)), special, signed)
+    return signed
 
 
-def _cast_to_float8(ctx, x, to: str):
-    """Round-to-nearest-even float32 -> float8 on the bits, with ONNX's ``saturate`` rule."""
-    f8 = _FLOAT8[to]
+def _encode(ctx, x, f, saturate: bool):
+    """uint8 codes of float ``x`` in format ``f``: round to nearest even, ONNX's ``saturate`` rule."""
     xf = x if H.dtype_of(x) == "float32" else ctx.emit(R.astype(x, "float32"))
     u32 = lambda v: H.scalar(v, "uint32")  # noqa: E731
     bits = ctx.emit(_bits(ctx, xf, "uint32"))
     absbits = ctx.emit(R.bitwise_and(bits, u32(0x7FFFFFFF)))
     a = ctx.emit(R.abs(xf))
-    shift = 23 - f8.mbits
+    shift = 23 - f.mbits
     lsb = R.bitwise_and(R.right_shift(absbits, u32(shift)), u32(1))
     rounded = R.right_shift(R.add(R.add(absbits, u32((1 << (shift - 1)) - 1)), lsb), u32(shift))
     # rebias the exponent; values below the smallest normal are coded as subnormals
-    normal = ctx.emit(R.subtract(rounded, u32((127 - f8.bias) << f8.mbits)))
-    scaled = ctx.emit(R.multiply(a, H.scalar(2.0 ** (f8.bias - 1 + f8.mbits), "float32")))
+    normal = ctx.emit(R.subtract(rounded, u32((127 - f.bias) << f.mbits)))
+    scaled = ctx.emit(R.multiply(a, H.scalar(2.0 ** (f.bias - 1 + f.mbits), "float32")))
     sub = R.astype(_round_half_even(scaled), "uint32")
-    code = ctx.emit(R.where(R.less(a, H.scalar(2.0 ** (1 - f8.bias), "float32")), sub, normal))
-    too_big = R.logical_or(R.greater(code, u32(f8.max_code)), R.isinf(xf))
-    code = R.where(too_big, u32(f8.max_code if ctx.attr("saturate", 1) else f8.overflow_code), code)
-    code = ctx.emit(code)
-    sign = R.left_shift(R.right_shift(bits, u32(31)), u32(7))
-    if f8.fnuz:  # no negative zero, and no sign on the NaN code
-        sign = R.where(R.logical_or(R.equal(code, u32(0)), R.equal(code, u32(0x80))), u32(0), sign)
-    code = R.where(R.isnan(xf), u32(f8.nan_code), R.bitwise_or(code, sign))
-    out = ctx.emit(R.astype(code, "uint8"))
-    return _bits(ctx, out, to)
+    code = ctx.emit(R.where(R.less(a, H.scalar(2.0 ** (1 - f.bias), "float32")), sub, normal))
+    too_big = R.logical_or(R.greater(code, u32(f.max_code)), R.isinf(xf))
+    code = ctx.emit(R.where(too_big, u32(f.max_code if saturate else f.overflow_code), code))
+    sign = R.left_shift(R.right_shift(bits, u32(31)), u32(f.nbits - 1))
+    if f.kind == "fnuz":  # no negative zero, and no sign on the NaN code
+        sign = R.where(R.logical_or(R.equal(code, u32(0)), R.equal(code, u32(f.nan_code))), u32(0), sign)
+    code = R.where(R.isnan(xf), u32(f.nan_code), R.bitwise_or(code, sign))
+    return ctx.emit(R.astype(code, "uint8"))
+
+
+def _float8_to_float32(ctx, x):
+    return _decode(ctx, ctx.emit(R.astype(_bits(ctx, x, "uint8"), "int32")), _FLOAT8[H.dtype_of(x)])
+
+
+def _cast_to_float8(ctx, x, to: str):
+    return _bits(ctx, _encode(ctx, x, _FLOAT8[to], bool(ctx.attr("saturate", 1))), to)
+
+
+def _e8m0_to_float32(ctx, codes):
+    """float8e8m0 (held as uint8 codes): 2**(code - 127), 0xFF is NaN."""
+    c = ctx.emit(R.astype(codes, "float32"))
+    value = R.power(H.scalar(2.0, "float32"), R.subtract(c, H.scalar(127.0, "float32")))
+    return R.where(R.equal(codes, H.scalar(0xFF, "uint8")), H.scalar(np.nan, "float32"), value)
+
+
+def _float32_to_e8m0(ctx, x):
+    """The exponent of x, rounded per ``round_mode`` (up/down/nearest) from the float32 bits."""
+    xf = x if H.dtype_of(x) == "float32" else ctx.emit(R.astype(x, "float32"))
+    u32 = lambda v: H.scalar(v, "uint32")  # noqa: E731
+    bits = ctx.emit(_bits(ctx, xf, "uint32"))
+    e = ctx.emit(R.bitwise_and(R.right_shift(bits, u32(23)), u32(0xFF)))
+    m = ctx.emit(R.bitwise_and(bits, u32(0x7FFFFF)))
+    mode = ctx.attr("round_mode", "up")
+    if mode == "up":
+        bump = R.not_equal(m, u32(0))
+    elif mode == "nearest":
+        bump = R.greater_equal(m, u32(0x400000))
+    else:
+        bump = R.less(m, u32(0))  # never
+    up = ctx.emit(R.add(e, R.astype(R.logical_and(bump, R.less(e, u32(0xFF))), "uint32")))
+    limit = u32(0xFE) if ctx.attr("saturate", 1) else u32(0xFF)
+    code = R.where(R.greater(up, u32(0xFE)), limit, up)
+    code = R.where(R.isnan(xf), u32(0xFF), R.where(R.isinf(xf), limit, code))
+    return R.astype(ctx.emit(code), "uint8")
+
+
+_CODED_NAMES = {ir.DataType.FLOAT4E2M1, ir.DataType.FLOAT8E8M0}
+
+
+def _coded_to_float32(ctx, x, src):
+    if src == ir.DataType.FLOAT8E8M0:
+        return ctx.emit(_e8m0_to_float32(ctx, x))
+    return ctx.emit(_decode(ctx, ctx.emit(R.astype(x, "int32")), _CODED[src]))
+
+
+def _float_to_coded(ctx, x, to):
+    if to == ir.DataType.FLOAT8E8M0:
+        return _float32_to_e8m0(ctx, x)
+    return _encode(ctx, x, _CODED[to], True)
 
 
 def _wrap_narrow(ctx, x, onnx_to):
@@ -95,9 +146,16 @@ def _wrap_narrow(ctx, x, onnx_to):
     return R.astype(ctx.emit(v), storage)
 
 
-def _cast(ctx, x, to: str, onnx_to=None):
-    if onnx_to is not None and ir.DataType(onnx_to) in H.NARROW_INTS:
-        return _wrap_narrow(ctx, x, ir.DataType(onnx_to))
+def _cast(ctx, x, to: str, onnx_to=None, onnx_src=None):
+    onnx_to = None if onnx_to is None else ir.DataType(onnx_to)
+    if onnx_src is not None and ir.DataType(onnx_src) in _CODED_NAMES:
+        x = _coded_to_float32(ctx, x, ir.DataType(onnx_src))
+        if to == "float32" and onnx_to not in _CODED_NAMES:
+            return x
+    if onnx_to in _CODED_NAMES:
+        return _float_to_coded(ctx, x if H.is_float(H.dtype_of(x)) else ctx.emit(R.astype(x, "float32")), onnx_to)
+    if onnx_to in H.NARROW_INTS:
+        return _wrap_narrow(ctx, x, onnx_to)
     if to is None:
         ctx.unsupported("casts to this dtype are not supported by Relax")
     src = H.dtype_of(x)
@@ -117,11 +175,11 @@ def _cast(ctx, x, to: str, onnx_to=None):
 
 
 def lower_cast(ctx, ins):
-    return _cast(ctx, ins[0], H.relax_dtype(ctx.attr("to")), ctx.attr("to"))
+    return _cast(ctx, ins[0], H.relax_dtype(ctx.attr("to")), ctx.attr("to"), ctx.node.inputs[0].dtype)
 
 
 def lower_castlike(ctx, ins):
-    return _cast(ctx, ins[0], H.dtype_of(ins[1]), ctx.node.inputs[1].dtype)
+    return _cast(ctx, ins[0], H.dtype_of(ins[1]), ctx.node.inputs[1].dtype, ctx.node.inputs[0].dtype)
 
 
 def lower_bitcast(ctx, ins):

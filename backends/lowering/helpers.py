@@ -33,6 +33,8 @@ _ONNX_TO_RELAX: dict[ir.DataType, str] = {
     ir.DataType.FLOAT8E5M2FNUZ: "float8_e5m2fnuz",
 }
 _RELAX_TO_ONNX = {v: k for k, v in _ONNX_TO_RELAX.items()}
+# float4e2m1 and float8e8m0 are held as uint8 codes (the bit pattern, one value per byte).
+CODED_FLOATS = frozenset({ir.DataType.FLOAT4E2M1, ir.DataType.FLOAT8E8M0})
 # 4- and 2-bit integers are held unpacked, one value per byte, in the 8-bit type of the same signedness.
 NARROW_INTS: dict[ir.DataType, tuple[str, int, bool]] = {
     ir.DataType.INT4: ("int8", 4, True),
@@ -53,6 +55,8 @@ def relax_dtype(dtype: ir.DataType | int | None) -> str | None:
     dtype = ir.DataType(dtype)
     if dtype in NARROW_INTS:
         return NARROW_INTS[dtype][0]
+    if dtype in CODED_FLOATS:
+        return "uint8"
     return _ONNX_TO_RELAX.get(dtype)
 
 

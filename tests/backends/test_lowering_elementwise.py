@@ -113,7 +113,7 @@ CONFORMANCE_SAMPLE = {
     "test_cast_FLOAT_to_BFLOAT16", "test_castlike_FLOAT16_to_FLOAT", "test_round", "test_gelu_tanh_2",
     "test_cast_no_saturate_FLOAT_to_FLOAT8E5M2", "test_cast_FLOAT_to_FLOAT8E4M3FNUZ", "test_cast_FLOAT8E4M3FN_to_FLOAT",
     "test_swish", "test_swiglu_alpha", "test_bitcast_float32_to_int32", "test_cast_FLOAT_to_INT4",
-    "test_castlike_UINT2_to_FLOAT16_expanded",
+    "test_castlike_UINT2_to_FLOAT16_expanded", "test_cast_FLOAT_to_FLOAT4E2M1", "test_cast_e8m0_FLOAT_to_FLOAT8E8M0",
 }
 
 
