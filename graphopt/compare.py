@@ -3,7 +3,8 @@
 For each model, the original, ``onnxslim.slim(model, model_check=False, input_shapes=...)`` and
 ``graphopt.optimize(model, opt_level=3, input_shapes=...)`` are each run in ONNX Runtime on the same
 inputs (seeded random inputs of the given shapes): median latency of ``runs`` runs after warm-up, with
-``threads`` intra-op threads, and the largest absolute difference of any output from the original's.
+``threads`` intra-op threads (the three models' runs interleaved, so background load hits all alike),
+and the largest absolute difference of any output from the original's.
 Node counts include the nodes of subgraphs. A tool that fails on a model leaves its columns empty and
 its error in the row; the other columns are still measured.
 """
@@ -22,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphopt.errors import GraphoptError, UsageError
+from graphopt.errors import GraphoptError, ModelLoadError, UsageError
 from graphopt.pipeline.instruments import count_nodes
 
 TOOLS = ("original", "onnxslim", "graphopt")
@@ -72,20 +73,35 @@ def _session(proto: onnx.ModelProto, threads: int):
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def measure(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], *, runs: int, threads: int):
-    """(outputs, median latency in ms) of the model in ONNX Runtime."""
-    sess = _session(proto, threads)
-    names = {i.name for i in sess.get_inputs()}
-    feeds = {k: v for k, v in feeds.items() if k in names}
-    outputs = sess.run(None, feeds)
-    for _ in range(min(3, runs)):
-        sess.run(None, feeds)
-    times = []
+def measure(protos: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], *, runs: int, threads: int,
+            errors: dict[str, str] | None = None):
+    """Outputs and median latency (ms) of each model in ONNX Runtime: ``{name: (outputs, ms)}``.
+
+    The timed runs are interleaved (one run of each model in turn), so that load from elsewhere on
+    the machine falls on all of them alike; each model gets 3 warm-up runs first. A model ONNX Runtime
+    cannot load or run is left out, with its error in ``errors``.
+    """
+    sessions, inputs, results, times = {}, {}, {}, {}
+    for name, proto in protos.items():
+        try:
+            sess = _session(proto, threads)
+            names = {i.name for i in sess.get_inputs()}
+            inputs[name] = {k: v for k, v in feeds.items() if k in names}
+            results[name] = sess.run(None, inputs[name])
+            for _ in range(min(3, runs)):
+                sess.run(None, inputs[name])
+        except Exception as e:
+            if errors is None:
+                raise
+            errors[name] = f"{type(e).__name__}: {_first_line(e)}"
+            continue
+        sessions[name], times[name] = sess, []
     for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000)
-    return outputs, statistics.median(times)
+        for name, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, inputs[name])
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: (results[name], statistics.median(times[name])) for name in sessions}
 
 
 def _max_diff(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
@@ -129,7 +145,10 @@ def compare_model(
 
     path, default_shapes = _resolve(spec)
     shapes = list(input_shapes or default_shapes)
-    original = onnx.load(str(path))
+    try:
+        original = onnx.load(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a valid ONNX file: {_first_line(e)}") from None
     feeds = random_inputs(original, seed=seed, input_shapes=shapes or None)
     results = {tool: ToolResult() for tool in TOOLS}
     builders = {
@@ -137,30 +156,36 @@ def compare_model(
         "onnxslim": lambda: _slim(path, shapes),
         "graphopt": lambda: _graphopt(path, shapes, opt_level, options),
     }
-    reference = None
+    protos = {}
     for tool in TOOLS:
         r = results[tool]
         try:
             start = time.perf_counter()
-            proto = builders[tool]()
+            protos[tool] = builders[tool]()
             if tool != "original":
                 r.optimize_seconds = round(time.perf_counter() - start, 3)
-            r.nodes = _nodes(proto)
-            outputs, r.latency_ms = measure(proto, feeds, runs=runs, threads=threads)
-        except GraphoptError as e:
+            r.nodes = _nodes(protos[tool])
+        except Exception as e:
+            protos.pop(tool, None)
             if tool == "original":
                 raise
-            r.error = f"{type(e).__name__}: {e}"
-            continue
-        except Exception as e:
-            if tool == "original":
-                raise GraphoptError(f"{spec}: ONNX Runtime cannot run the original model: {e}") from None
-            r.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            continue
-        if reference is None:
-            reference = outputs
-        r.max_abs_diff = _max_diff(outputs, reference)
+            r.error = f"{type(e).__name__}: {_first_line(e)}"
+    errors: dict[str, str] = {}
+    measured = measure(protos, feeds, runs=runs, threads=threads, errors=errors)
+    if "original" in errors:
+        raise GraphoptError(f"{spec}: ONNX Runtime cannot run the original model: {errors['original']}")
+    for tool, message in errors.items():
+        results[tool].error = message
+    reference = measured["original"][0]
+    for tool, (outputs, ms) in measured.items():
+        results[tool].latency_ms = ms
+        results[tool].max_abs_diff = _max_diff(outputs, reference)
     return CompareRow(spec, shapes, results)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def compare(models: Sequence[str], **kwargs) -> list[CompareRow]:

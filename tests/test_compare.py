@@ -75,3 +75,24 @@ def test_missing_model_is_a_usage_error(tmp_path, capsys):
     assert "nope.onnx" in capsys.readouterr().err
     with pytest.raises(UsageError):
         compare_model(str(tmp_path / "nope.onnx"))
+
+
+def test_a_failing_tool_is_reported_in_its_row(tmp_path, monkeypatch):
+    import graphopt.compare as cmp
+
+    def broken(path, shapes):
+        raise RuntimeError("slim exploded")
+
+    monkeypatch.setattr(cmp, "_slim", broken)
+    path = _write_model(tmp_path / "m.onnx")
+    row = compare_model(str(path), input_shapes=["x:1,3,16,16"], runs=2, threads=1)
+    assert row.results["onnxslim"].error == "RuntimeError: slim exploded"
+    assert row.results["onnxslim"].nodes is None
+    assert row.results["graphopt"].nodes is not None and row.results["graphopt"].max_abs_diff < 1e-4
+    assert "error" in to_markdown([row])
+
+
+def test_not_an_onnx_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf at all")
+    assert main(["compare", str(bad)]) == 2
