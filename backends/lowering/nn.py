@@ -1,11 +1,12 @@
-"""Lowering rules: nn (convolutions, pooling, normalizations); Resize and friends live in resize.py."""
+"""Lowering rules: nn (convolutions, pooling, normalizations); Resize, attention and sampling ops live in
+resize.py, attention.py and image.py, whose rules are part of this family."""
 
 from __future__ import annotations
 
 import numpy as np
 from tvm import relax
 
-from graphopt.backends.lowering import attention, helpers, resize
+from graphopt.backends.lowering import attention, helpers, image, resize
 from graphopt.backends.lowering.helpers import const, scalar
 from graphopt.backends.lowering.rules import OpRule
 
@@ -461,23 +462,6 @@ def _causal_conv_with_state(ctx, inputs):
     return [y, present]
 
 
-_GRID_METHODS = {"linear": "bilinear", "bilinear": "bilinear", "nearest": "nearest", "cubic": "bicubic", "bicubic": "bicubic"}
-
-
-def _grid_sample(ctx, inputs):
-    x, grid = inputs[0], inputs[1]
-    rank = len(_static_shape(ctx, 0))
-    mode = ctx.attr("mode", "linear" if ctx.opset >= 20 else "bilinear")
-    ctx.check(mode in _GRID_METHODS, lambda: f"mode {mode!r}")
-    layout = {4: "NCHW", 5: "NCDHW"}.get(rank)
-    ctx.check(layout is not None, lambda: f"rank-{rank} input (4-D and 5-D are supported)")
-    grid = op.permute_dims(grid, [0, rank - 1] + list(range(1, rank - 1)))  # Relax wants [N, 2|3, *spatial]
-    return op.image.grid_sample(
-        x, grid, method=_GRID_METHODS[mode], layout=layout,
-        padding_mode=ctx.attr("padding_mode", "zeros"), align_corners=bool(ctx.attr("align_corners", 0)),
-    )
-
-
 RULES = (
     OpRule("Conv", _conv, kind="native"),
     OpRule("ConvTranspose", _conv_transpose, kind="native"),
@@ -495,8 +479,8 @@ RULES = (
     OpRule("LpNormalization", _lp_norm, kind="decomposed"),
     OpRule("MeanVarianceNormalization", _mvn, kind="decomposed"),
     OpRule("LRN", _lrn, kind="decomposed"),
-    OpRule("GridSample", _grid_sample, since=16, kind="native"),
     OpRule("CausalConvWithState", _causal_conv_with_state, kind="decomposed"),
     *resize.RULES,
     *attention.RULES,
+    *image.RULES,
 )

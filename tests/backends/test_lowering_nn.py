@@ -20,10 +20,10 @@ NN_OPS = {
     "Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
     "GlobalLpPool", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
     "LpNormalization", "MeanVarianceNormalization", "LRN", "Resize", "Upsample", "GridSample", "RMSNormalization",
-    "RotaryEmbedding", "CausalConvWithState",
+    "RotaryEmbedding", "CausalConvWithState", "AffineGrid", "RoiAlign", "MaxUnpool", "Col2Im",
 }
 # Cases made of other families' ops (function expansions) or of types Relax has no dtype for.
-SKIP = ("_expanded", "_bf16")
+SKIP = ("_expanded", "_bf16", "roialign_mode_max")
 
 
 def _cases(ops):
@@ -166,6 +166,24 @@ def test_grid_sample_against_ort(mode, padding):
     model = make_model([node], [("x", F, [2, 3, 5, 7]), ("g", F, [2, 4, 6, 2])], [("y", F, None)], opset=20)
     grid = np.random.default_rng(4).uniform(-1.3, 1.3, (2, 4, 6, 2)).astype(np.float32)
     check_against_ort(model, {"x": _rand(2, 3, 5, 7), "g": grid})
+
+
+def test_roi_align_max_mode_is_refused():
+    node = helper.make_node("RoiAlign", ["x", "r", "i"], ["y"], mode="max", output_height=2, output_width=2)
+    model = make_model([node], [("x", F, [1, 1, 4, 4]), ("r", F, [1, 4]), ("i", TensorProto.INT64, [1])],
+                       [("y", F, None)], opset=16)
+    from graphopt.backends.lowering.testing import run_lowered
+
+    with pytest.raises(UnsupportedError, match="mode 'max'"):
+        run_lowered(model, {"x": _rand(1, 1, 4, 4), "r": np.array([[0, 0, 3, 3]], np.float32), "i": np.zeros(1, np.int64)})
+
+
+def test_col2im_against_ort():
+    inits = {"image_shape": np.array([7, 6], np.int64), "block_shape": np.array([2, 3], np.int64)}
+    node = helper.make_node("Col2Im", ["x", "image_shape", "block_shape"], ["y"], strides=[2, 1], pads=[1, 0, 0, 1],
+                            dilations=[2, 1])
+    model = make_model([node], [("x", F, [2, 12, 15])], [("y", F, None)], inits, opset=18)
+    check_against_ort(model, {"x": _rand(2, 12, 15)})
 
 
 def test_runtime_scales_ask_for_a_constant():

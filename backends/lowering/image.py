@@ -1,0 +1,131 @@
+"""Lowering rules: sampling and scattering ops on images (GridSample, AffineGrid, RoiAlign, MaxUnpool, Col2Im)."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from graphopt.backends.lowering import helpers
+from graphopt.backends.lowering.helpers import const
+from graphopt.backends.lowering.rules import OpRule
+
+op = relax.op
+
+
+_GRID_METHODS = {"linear": "bilinear", "bilinear": "bilinear", "nearest": "nearest", "cubic": "bicubic", "bicubic": "bicubic"}
+
+
+def _grid_sample(ctx, inputs):
+    x, grid = inputs[0], inputs[1]
+    rank = len(helpers.static_shape(inputs[0]))
+    mode = ctx.attr("mode", "linear" if ctx.opset >= 20 else "bilinear")
+    ctx.check(mode in _GRID_METHODS, lambda: f"mode {mode!r}")
+    layout = {4: "NCHW", 5: "NCDHW"}.get(rank)
+    ctx.check(layout is not None, lambda: f"rank-{rank} input (4-D and 5-D are supported)")
+    grid = op.permute_dims(grid, [0, rank - 1] + list(range(1, rank - 1)))  # Relax wants [N, 2|3, *spatial]
+    return op.image.grid_sample(
+        x, grid, method=_GRID_METHODS[mode], layout=layout,
+        padding_mode=ctx.attr("padding_mode", "zeros"), align_corners=bool(ctx.attr("align_corners", 0)),
+    )
+
+
+def _affine_grid(ctx, inputs):
+    """grid[n, *pos, :] = theta[n] · (x, y[, z], 1) over the normalized output positions."""
+    theta = inputs[0]
+    size = [int(v) for v in np.asarray(ctx.require_const(1, "size")).reshape(-1)]
+    ctx.check(len(size) in (4, 5), lambda: f"size {size} must be [N, C, H, W] or [N, C, D, H, W]")
+    align = bool(ctx.attr("align_corners", 0))
+    spatial = size[2:]
+
+    def axis(n):
+        if align:
+            return np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1)
+        return (np.arange(n) * 2.0 + 1.0) / n - 1.0
+
+    mesh = np.meshgrid(*[axis(n) for n in spatial], indexing="ij")  # D, H, W order
+    coords = [m.reshape(-1) for m in mesh[::-1]]  # x (W) first, then y, z
+    base = np.stack(coords + [np.ones_like(coords[0])], axis=1)  # [P, nd + 1]
+    dtype = ctx.dtype(0)
+    grid = op.matmul(const(base, dtype), op.permute_dims(theta, [0, 2, 1]))  # [N, P, nd]
+    return op.reshape(grid, [size[0]] + spatial + [len(spatial)])
+
+
+def _roi_align(ctx, inputs):
+    x, rois, batch_idx = inputs[:3]
+    mode = ctx.attr("mode", "avg")
+    # ONNX's "max" takes the max of the weighted bilinear corners, which Relax's roi_align does not compute.
+    ctx.check(mode == "avg", lambda: f"mode {mode!r} (only 'avg' is supported)")
+    ctm = ctx.attr("coordinate_transformation_mode", "half_pixel" if ctx.opset >= 16 else "output_half_pixel")
+    ctx.check(ctm in ("half_pixel", "output_half_pixel"), lambda: f"coordinate_transformation_mode {ctm!r}")
+    dtype = helpers.dtype_of(rois)
+    scale = float(ctx.attr("spatial_scale", 1.0))
+    if ctm == "half_pixel":  # ONNX shifts the scaled box by -0.5; Relax's `aligned` only skips the 1-pixel minimum
+        rois = op.subtract(rois, helpers.scalar(0.5 / scale, dtype))
+    boxes = op.concat([op.astype(op.expand_dims(batch_idx, [1]), dtype), rois], axis=1)
+    return op.vision.roi_align(
+        x, boxes, pooled_size=(int(ctx.attr("output_height", 1)), int(ctx.attr("output_width", 1))),
+        spatial_scale=scale, sample_ratio=int(ctx.attr("sampling_ratio", 0)),
+        aligned=ctm == "half_pixel", layout="NCHW", mode=mode,
+    )
+
+
+def _max_unpool(ctx, inputs):
+    """Scatter X's values to the flat positions in I (as MaxPool's Indices give them) of a zero tensor."""
+    x, idx = inputs[0], inputs[1]
+    shape = helpers.static_shape(x)
+    n = len(shape) - 2
+    kernel = list(ctx.attr("kernel_shape"))
+    strides = list(ctx.attr("strides") or [1] * n)
+    pads = list(ctx.attr("pads") or [0] * (2 * n))
+    inferred = list(shape[:2]) + [
+        (d - 1) * s + k - pads[i] - pads[n + i] for i, (d, s, k) in enumerate(zip(shape[2:], strides, kernel))
+    ]
+    zeros = const(np.zeros(helpers.numel(inferred)), helpers.dtype_of(x))
+    count = helpers.numel(shape)
+    flat = op.scatter_elements(zeros, op.reshape(op.astype(idx, "int64"), [count]), op.reshape(x, [count]), axis=0)
+    y = op.reshape(flat, inferred)
+    if ctx.has_input(2):  # a larger output_shape: the unpooled values sit at its start, zeros after
+        out_shape = [int(v) for v in np.asarray(ctx.require_const(2, "output_shape")).reshape(-1)]
+        extra = [o - i for o, i in zip(out_shape, inferred)]
+        ctx.check(all(e >= 0 for e in extra), lambda: f"output_shape {out_shape} is smaller than {inferred}")
+        if any(extra):
+            y = op.nn.pad(ctx.emit(y), [v for e in extra for v in (0, e)])
+    return y
+
+
+def _col2im(ctx, inputs):
+    """Sum each column's block back into the image: one scatter-add with constant target positions."""
+    x = inputs[0]
+    image = [int(v) for v in np.asarray(ctx.require_const(1, "image_shape")).reshape(-1)]
+    block = [int(v) for v in np.asarray(ctx.require_const(2, "block_shape")).reshape(-1)]
+    n = len(image)
+    dil = list(ctx.attr("dilations") or [1] * n)
+    pads = list(ctx.attr("pads") or [0] * (2 * n))
+    strides = list(ctx.attr("strides") or [1] * n)
+    batch, ck, length = helpers.static_shape(x)
+    k = helpers.numel(block)
+    channels = ck // k
+    padded = [i + pads[d] + pads[n + d] for d, i in enumerate(image)]
+    counts = [(p - (b - 1) * dd - 1) // s + 1 for p, b, dd, s in zip(padded, block, dil, strides)]
+    ctx.check(helpers.numel(counts) == length, lambda: f"{length} columns, but the geometry gives {counts}")
+    offs = np.stack(np.meshgrid(*[np.arange(b) for b in block], indexing="ij"), -1).reshape(k, 1, n)
+    pos = np.stack(np.meshgrid(*[np.arange(c) for c in counts], indexing="ij"), -1).reshape(1, length, n)
+    coords = pos * np.array(strides) + offs * np.array(dil)  # [k, L, n] in the padded image
+    target = np.ravel_multi_index(tuple(np.moveaxis(coords, -1, 0)), padded).reshape(-1)
+    cols = op.reshape(x, [batch, channels, k * length])
+    idx = const(np.broadcast_to(target, (batch, channels, k * length)).astype("int64"))
+    zeros = const(np.zeros((batch, channels, helpers.numel(padded))), helpers.dtype_of(x))
+    img = op.reshape(op.scatter_elements(zeros, idx, cols, axis=2, reduction="add"), [batch, channels] + padded)
+    if any(pads):
+        img = op.strided_slice(img, axes=list(range(2, 2 + n)), begin=pads[:n],
+                               end=[p + i for p, i in zip(pads[:n], image)])
+    return img
+
+
+RULES = (
+    OpRule("GridSample", _grid_sample, since=16, kind="native"),
+    OpRule("AffineGrid", _affine_grid, since=20, kind="decomposed"),
+    OpRule("RoiAlign", _roi_align, since=10, kind="native"),
+    OpRule("MaxUnpool", _max_unpool, since=9, kind="decomposed"),
+    OpRule("Col2Im", _col2im, since=18, kind="decomposed"),
+)
