@@ -26,7 +26,7 @@ from tvm import s_tir, tirx
 from .analysis import block_axes, buffer_uses, coefficient, main_reduction
 from .features import RuleContext
 from .prepack import REPACK_ATTR, layout_name
-from .tiling import _inline_epilogue, _try, apply_contraction, divisors, parallelize_outer, plan_contraction, register_tile
+from .tiling import PARALLEL_MIN_MACS, _inline_epilogue, _try, apply_contraction, divisors, parallelize_outer, plan_contraction, register_tile
 
 
 def is_conv(sch: s_tir.Schedule, block) -> bool:
@@ -123,7 +123,7 @@ def apply_channel_vector(sch: s_tir.Schedule, block, ctx: RuleContext, runtime_r
     sch.transform_layout(block, ("write", 0), lambda *idx: tuple(idx[k] for k in perm))
     sch.reverse_compute_at(cl, outer[-1], preserve_unit_loops=True)
     _inline_epilogue(sch, cl)
-    parallelize_outer(sch, outer, math.prod(a.extent for a in axes), feats)
+    parallelize_outer(sch, outer, math.prod(a.extent for a in axes), feats, PARALLEL_MIN_MACS)
     sch.vectorize(fi)
     sch.unroll(xi)
     init = sch.decompose_reduction(block, reds[0])
@@ -161,7 +161,7 @@ def apply_row_accumulate(sch: s_tir.Schedule, block, feats, plan) -> bool:
     for c in list(sch.get_consumers(block)):
         _try(sch.reverse_compute_at, c, outer[-1], True)
     _inline_epilogue_chain(sch, block)
-    parallelize_outer(sch, outer, math.prod(a.extent for a in axes), feats)
+    parallelize_outer(sch, outer, math.prod(a.extent for a in axes), feats, PARALLEL_MIN_MACS)
     sch.vectorize(xi)
     sch.decompose_reduction(block, reds[0])
     for b in sch.get_consumers(block):

@@ -115,7 +115,7 @@ def apply_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, plan: Tile
     wb = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
     _inline_epilogue(sch, wb)
-    parallelize_outer(sch, outer_s, math.prod(a.extent for a in axes), feats)
+    parallelize_outer(sch, outer_s, math.prod(a.extent for a in axes), feats, PARALLEL_MIN_MACS)
 
     # Vectorize/unroll while the block still has its init (a reduction block), then split the init off.
     sch.vectorize(v_i)
@@ -149,17 +149,18 @@ def _inline_epilogue(sch: s_tir.Schedule, wb) -> None:
             return
 
 
-PARALLEL_MIN_WORK = 1 << 18  # iterations (MACs for a contraction) below which a nest stays serial
+PARALLEL_MIN_WORK = 1 << 18  # elements of an injective / reduction nest below which it stays serial
+PARALLEL_MIN_MACS = 1 << 22  # multiply-adds of a contraction below which it stays serial
 
 
-def parallelize_outer(sch: s_tir.Schedule, loops: list, total: int, feats: CPUFeatures, work_per_iter: int = 1) -> None:
+def parallelize_outer(sch: s_tir.Schedule, loops: list, total: int, feats: CPUFeatures, min_work: int = PARALLEL_MIN_WORK) -> None:
     """Fuse the leading loops into one parallel loop with enough iterations for every core.
 
-    Small nests stay serial: waking the thread pool costs microseconds (far more on a loaded
-    machine), more than a kernel of under ~256k iterations takes (a 16-channel conv of PP-OCR cls
-    ran 0.046 ms on 2 threads against 0.031 ms on one).
+    Small nests stay serial: waking the thread pool costs microseconds, and on a loaded machine a
+    descheduled worker stalls the barrier for milliseconds (PP-OCR cls, ~30 parallel kernels of
+    1-3M MACs: median 11.9 ms, min 0.96 ms on 2 threads), more than a ~100 us kernel is worth.
     """
-    if feats.cores <= 1 or total * work_per_iter < PARALLEL_MIN_WORK or not loops:
+    if feats.cores <= 1 or total < min_work or not loops:
         return
     from .analysis import int_extent
 
