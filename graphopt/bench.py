@@ -146,10 +146,9 @@ def measure(
     if _is_bundle(model):
         from graphopt.api import load_bundle
 
-        compiled = load_bundle(model)
-        runner = getattr(compiled, "_runner", None) or getattr(compiled, "runner", compiled)
-        runner = runner() if callable(runner) and not hasattr(runner, "vm") else runner
-        target_name = "bundle"
+        bundle = load_bundle(model)
+        runner = bundle.runner
+        target_name = (bundle.manifest.get("target") or {}).get("name", "bundle")
     else:
         from graphopt import api
         from graphopt.backends.compile import compile_model

@@ -68,3 +68,14 @@ def test_bench_usage_errors(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "missing.onnx")]) == 2
     assert "missing.onnx" in capsys.readouterr().err
     assert main(["bench", str(tmp_path / "missing.onnx"), "--repeat", "0"]) == 2
+
+
+def test_bench_a_bundle_against_its_source(tiny_model, tmp_path):
+    from graphopt import api
+
+    bundle = tmp_path / "tiny.bundle"
+    api.compile(str(tiny_model), output=bundle)
+    out = tmp_path / "b.json"
+    assert main(["bench", str(bundle), "--threads", "1", "--repeat", "2", "--warmup", "1", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert r["target"] == "x86" and r["ort"] is not None and r["ratio"] > 0  # ORT runs the recorded source
