@@ -185,10 +185,14 @@ def lower_castlike(ctx, ins):
 def lower_bitcast(ctx, ins):
     to = H.relax_dtype(ctx.attr("to"))
     src = H.dtype_of(ins[0])
-    if to is None or "bool" in (to, src):
-        ctx.unsupported(f"BitCast from {src} to {to or ctx.attr('to')} is not supported")
+    if to is None:
+        ctx.unsupported(f"BitCast to {ctx.attr('to')} is not supported")
     if to == src:
         return ins[0]
+    if "bool" in (to, src):  # a bool is one byte holding 0 or 1
+        if {to, src} - {"bool", "int8", "uint8"}:
+            ctx.unsupported(f"BitCast from {src} to {to}: bool is 8 bits wide")
+        return R.astype(ins[0], to) if src == "bool" else R.not_equal(ins[0], H.scalar(0, src))
     return ctx.bb.emit_te(topi.reinterpret, ins[0], to)
 
 

@@ -102,8 +102,11 @@ def check_supported(model: ir.Model) -> None:
         f"{r['op']} (domain '{r['domain'] or 'ai.onnx'}', opset {r['opset']}, {r['count']} node(s)): {r['reason']}"
         for r in bad
     ]
-    for value in model.graph.inputs:
-        if value.dtype is not None and helpers.relax_dtype(value.dtype) is None:
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        if value.type is not None and not isinstance(value.type, ir.TensorType):
+            kind = type(value.type).__name__.replace("Type", "").lower()
+            problems.append(f"'{value.name}' has {kind} type; graphopt compiles tensors only")
+        elif value.dtype is not None and helpers.relax_dtype(value.dtype) is None:
             problems.append(f"input '{value.name}' has dtype {value.dtype.name}, which Relax cannot hold")
     if problems:
         raise UnsupportedError(f"{len(problems)} unsupported op(s)/type(s): " + "; ".join(problems))
