@@ -122,7 +122,56 @@ def _col2im(ctx, inputs):
     return img
 
 
+def _deform_conv(ctx, inputs):
+    """2-D deformable conv: bilinear samples (zeros outside) at kernel taps moved by ``offset``, weighted by
+    ``mask``, gathered per offset group with Relax grid_sample, then a grouped matmul with W."""
+    get = lambda i: inputs[i] if len(inputs) > i and inputs[i] is not None else None  # noqa: E731
+    x, w, off, bias, mask = inputs[0], inputs[1], inputs[2], get(3), get(4)
+    xs, ws, offs = (helpers.static_shape(t) for t in (x, w, off))
+    ctx.check(xs is not None and len(xs) == 4, "only 2-D DeformConv (rank-4 X) is supported")
+    n, c, ih, iw = xs
+    oc, cpg, kh, kw = ws
+    oh, ow = offs[2:]
+    strides = list(ctx.attr("strides") or [1, 1])
+    dil = list(ctx.attr("dilations") or [1, 1])
+    pads = list(ctx.attr("pads") or [0, 0, 0, 0])
+    group, og = int(ctx.attr("group", 1)), int(ctx.attr("offset_group", 1))
+    k, p = kh * kw, oh * ow
+    dtype = helpers.dtype_of(x)
+    taps_h = np.repeat(np.arange(kh) * dil[0], kw)
+    taps_w = np.tile(np.arange(kw) * dil[1], kh)
+    base_h = (taps_h[:, None, None] - pads[0] + strides[0] * np.arange(oh)[None, :, None]).astype("float64")
+    base_w = (taps_w[:, None, None] - pads[1] + strides[1] * np.arange(ow)[None, None, :]).astype("float64")
+    off6 = ctx.emit(op.reshape(off, [n, og, k, 2, oh, ow]))
+    mask4 = ctx.emit(op.reshape(mask, [n, og, k, p])) if mask is not None else None
+    per = c // og
+    cols = []
+    for g in range(og):
+        def comp(j):
+            return op.squeeze(op.strided_slice(off6, axes=[1, 3], begin=[g, j], end=[g + 1, j + 1]), [1, 3])
+        # align_corners normalization: -1 at pixel 0, +1 at the last pixel
+        ynorm = op.add(op.multiply(op.add(comp(0), const(base_h, dtype)), helpers.scalar(2.0 / max(ih - 1, 1), dtype)),
+                       helpers.scalar(-1.0, dtype))
+        xnorm = op.add(op.multiply(op.add(comp(1), const(base_w, dtype)), helpers.scalar(2.0 / max(iw - 1, 1), dtype)),
+                       helpers.scalar(-1.0, dtype))
+        grid = ctx.emit(op.reshape(op.stack([xnorm, ynorm], axis=1), [n, 2, k * oh, ow]))
+        xg = op.strided_slice(x, axes=[1], begin=[g * per], end=[(g + 1) * per]) if og > 1 else x
+        sampled = op.image.grid_sample(xg, grid, method="bilinear", layout="NCHW", padding_mode="zeros", align_corners=True)
+        sampled = op.reshape(sampled, [n, per, k, p])
+        if mask4 is not None:
+            sampled = op.multiply(sampled, op.strided_slice(mask4, axes=[1], begin=[g], end=[g + 1]))
+        cols.append(ctx.emit(sampled))
+    col = op.concat(cols, axis=1) if og > 1 else cols[0]
+    col = op.reshape(col, [n, group, cpg * k, p])
+    wm = op.reshape(w, [1, group, oc // group, cpg * k])
+    y = op.reshape(op.matmul(wm, col), [n, oc, oh, ow])
+    if bias is not None:
+        y = op.add(y, op.reshape(bias, [1, oc, 1, 1]))
+    return y
+
+
 RULES = (
+    OpRule("DeformConv", _deform_conv, since=19, kind="decomposed"),
     OpRule("GridSample", _grid_sample, since=16, kind="native"),
     OpRule("AffineGrid", _affine_grid, since=20, kind="decomposed"),
     OpRule("RoiAlign", _roi_align, since=10, kind="native"),

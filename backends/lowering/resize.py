@@ -197,6 +197,27 @@ def _coeff_fn(ctx, legacy: bool):
     ctx.unsupported(f"mode {mode!r}")
 
 
+MAX_FLAT_GATHER = 1 << 22  # nearest resizes up to this many output positions gather once, with flat indices
+
+
+def _single_pick(weights: np.ndarray) -> bool:
+    return weights.shape[1] == 2 and bool(np.all((weights == 0) | (weights == 1)))
+
+
+def _nearest_flat(x, shape, plan):
+    """All nearest axes in one gather: flatten from the first resized axis and take flat indices."""
+    first = plan[0][0]
+    per_axis = [np.arange(d) for d in shape[first:]]
+    for axis, idx, w, _ in plan:
+        per_axis[axis - first] = np.where(w[:, 1] == 1, idx[:, 1], idx[:, 0])
+    mesh = np.meshgrid(*per_axis, indexing="ij")
+    flat = np.ravel_multi_index(tuple(mesh), shape[first:]).reshape(-1)
+    out_tail = [len(a) for a in per_axis]
+    src = op.reshape(x, list(shape[:first]) + [helpers.numel(shape[first:])])
+    y = op.take(src, const(flat.astype("int32" if flat.max(initial=0) < 2**31 else "int64")), axis=first)
+    return op.reshape(y, list(shape[:first]) + out_tail)
+
+
 def _resize(ctx, inputs):
     x = inputs[0]
     shape = helpers.static_shape(x)
@@ -206,19 +227,26 @@ def _resize(ctx, inputs):
     ctm = "asymmetric" if legacy else ctx.attr("coordinate_transformation_mode", "half_pixel")
     coeff_fn = _coeff_fn(ctx, legacy)
     scales, sizes, roi = _resize_plan(ctx, shape)
-    compute = dtype if helpers.is_float(dtype) else "float32"
-    y = x if compute == dtype else op.astype(x, compute)
+    plan = []  # (axis, indices, weights, extrapolate mask) of every axis that changes
     for axis, (s, out, d) in enumerate(zip(scales, sizes, shape)):
         axis_roi = roi[axis] if roi is not None else [0.0, 1.0]
-        identity = out == d and np.isclose(s, 1.0) and (ctm != "tf_crop_and_resize" or axis_roi == [0.0, 1.0])
-        if identity:
+        if out == d and np.isclose(s, 1.0) and (ctm != "tf_crop_and_resize" or axis_roi == [0.0, 1.0]):
             continue
         ctx.check(s > 0 and out > 0, lambda: f"axis {axis} resizes {d} to {out} (scale {s})")
         try:
-            idx, w, extrap = axis_taps(coeff_fn, ctm, out, d, s, axis_roi, bool(ctx.attr("exclude_outside", 0)))
+            plan.append((axis, *axis_taps(coeff_fn, ctm, out, d, s, axis_roi, bool(ctx.attr("exclude_outside", 0)))))
         except ValueError as e:
             ctx.unsupported(str(e))
-        y = _resize_axis(ctx, y, axis, len(shape), idx, w, extrap, float(ctx.attr("extrapolation_value", 0.0)), compute)
+    if not plan:
+        return x
+    nearest = all(_single_pick(w) and (e is None or not e.any()) for _, _, w, e in plan)
+    if nearest and helpers.numel(sizes[plan[0][0]:]) <= MAX_FLAT_GATHER:
+        return _nearest_flat(x, shape, plan)
+    compute = dtype if helpers.is_float(dtype) else "float32"
+    y = x if compute == dtype else op.astype(x, compute)
+    extrap_value = float(ctx.attr("extrapolation_value", 0.0))
+    for axis, idx, w, extrap in plan:
+        y = _resize_axis(ctx, y, axis, len(shape), idx, w, extrap, extrap_value, compute)
     if compute != dtype:
         info = np.iinfo(np.dtype(dtype))
         y = op.astype(op.clip(op.round(y), info.min, info.max), dtype)

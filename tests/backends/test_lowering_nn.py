@@ -21,6 +21,7 @@ NN_OPS = {
     "GlobalLpPool", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
     "LpNormalization", "MeanVarianceNormalization", "LRN", "Resize", "Upsample", "GridSample", "RMSNormalization",
     "RotaryEmbedding", "CausalConvWithState", "AffineGrid", "RoiAlign", "MaxUnpool", "Col2Im",
+    "DeformConv",
 }
 # Cases made of other families' ops (function expansions) or of types Relax has no dtype for.
 SKIP = ("_expanded", "_bf16", "roialign_mode_max")
@@ -184,6 +185,24 @@ def test_col2im_against_ort():
                             dilations=[2, 1])
     model = make_model([node], [("x", F, [2, 12, 15])], [("y", F, None)], inits, opset=18)
     check_against_ort(model, {"x": _rand(2, 12, 15)})
+
+
+def test_deform_conv_groups_against_reference():
+    """group=2, offset_group=2, strides, pads, dilations, mask and bias (ONNX's reference evaluator)."""
+    from onnx.reference import ReferenceEvaluator
+
+    from graphopt.backends.lowering.testing import run_lowered
+
+    node = helper.make_node("DeformConv", ["x", "w", "off", "b", "m"], ["y"], group=2, offset_group=2,
+                            strides=[2, 1], pads=[1, 0, 1, 1], dilations=[1, 2], kernel_shape=[2, 2])
+    xs, oh, ow = (1, 4, 5, 6), 3, 5
+    inits = {"w": _rand(6, 2, 2, 2, seed=1), "b": _rand(6, seed=2)}
+    model = make_model([node], [("x", F, list(xs)), ("off", F, [1, 16, oh, ow]), ("m", F, [1, 8, oh, ow])],
+                       [("y", F, None)], inits, opset=22)
+    feeds = {"x": _rand(*xs), "off": _rand(1, 16, oh, ow, seed=3),
+             "m": np.random.default_rng(4).uniform(0, 1, (1, 8, oh, ow)).astype(np.float32)}
+    want = ReferenceEvaluator(model).run(None, feeds)[0]
+    np.testing.assert_allclose(run_lowered(model, feeds)["y"], want, rtol=1e-4, atol=1e-5)
 
 
 def test_runtime_scales_ask_for_a_constant():
