@@ -197,25 +197,8 @@ def _coeff_fn(ctx, legacy: bool):
     ctx.unsupported(f"mode {mode!r}")
 
 
-MAX_FLAT_GATHER = 1 << 22  # nearest resizes up to this many output positions gather once, with flat indices
-
-
 def _single_pick(weights: np.ndarray) -> bool:
     return weights.shape[1] == 2 and bool(np.all((weights == 0) | (weights == 1)))
-
-
-def _nearest_flat(x, shape, plan):
-    """All nearest axes in one gather: flatten from the first resized axis and take flat indices."""
-    first = plan[0][0]
-    per_axis = [np.arange(d) for d in shape[first:]]
-    for axis, idx, w, _ in plan:
-        per_axis[axis - first] = np.where(w[:, 1] == 1, idx[:, 1], idx[:, 0])
-    mesh = np.meshgrid(*per_axis, indexing="ij")
-    flat = np.ravel_multi_index(tuple(mesh), shape[first:]).reshape(-1)
-    out_tail = [len(a) for a in per_axis]
-    src = op.reshape(x, list(shape[:first]) + [helpers.numel(shape[first:])])
-    y = op.take(src, const(flat.astype("int32" if flat.max(initial=0) < 2**31 else "int64")), axis=first)
-    return op.reshape(y, list(shape[:first]) + out_tail)
 
 
 def _resize(ctx, inputs):
@@ -239,10 +222,11 @@ def _resize(ctx, inputs):
             ctx.unsupported(str(e))
     if not plan:
         return x
+    # Pure gathers (nearest) keep the input type; weighted sums compute in float.
+    # (One take per axis measured faster than a single take with flat indices: 2.6-3.7 vs 5.5-6.0 ms
+    # for 1x96x80x80 -> 160x160, untuned llvm.)
     nearest = all(_single_pick(w) and (e is None or not e.any()) for _, _, w, e in plan)
-    if nearest and helpers.numel(sizes[plan[0][0]:]) <= MAX_FLAT_GATHER:
-        return _nearest_flat(x, shape, plan)
-    compute = dtype if helpers.is_float(dtype) else "float32"
+    compute = dtype if helpers.is_float(dtype) or nearest else "float32"
     y = x if compute == dtype else op.astype(x, compute)
     extrap_value = float(ctx.attr("extrapolation_value", 0.0))
     for axis, idx, w, extrap in plan:
