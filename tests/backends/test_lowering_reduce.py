@@ -57,10 +57,28 @@ def test_softmax_family_axis_semantics_change_at_13(opset):
     _check(nodes, [(n.output[0], F) for n in nodes], x, opset=opset)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_losses_with_weights_and_ignore_index(reduction):
+    scores = rng.standard_normal((3, 5, 2)).astype(np.float32)
+    labels = rng.integers(0, 5, (3, 2)).astype(np.int64)
+    labels[0, 1] = -1  # ignored
+    weight = rng.uniform(0.5, 2.0, 5).astype(np.float32)
+    nodes = [
+        helper.make_node("SoftmaxCrossEntropyLoss", ["x", "labels", "w"], ["sce", "logp"],
+                         reduction=reduction, ignore_index=-1),
+        helper.make_node("NegativeLogLikelihoodLoss", ["logp", "labels"], ["nll"], reduction=reduction,
+                         ignore_index=-1),
+    ]
+    model = make_model(nodes, [("x", F, [3, 5, 2]), ("labels", I64, [3, 2])],
+                       [("sce", F, None), ("logp", F, None), ("nll", F, None)], {"w": weight})
+    check_against_ort(model, {"x": scores, "labels": labels})
+
+
 CONFORMANCE_SAMPLE = [
     "test_reduce_max_empty_set", "test_reduce_log_sum_exp_empty_set", "test_reduce_max_bool_inputs",
     "test_reduce_sum_empty_axes_input_noop", "test_argmax_negative_axis_keepdims_random_select_last_index",
     "test_hardmax_one_hot", "test_logsoftmax_large_number", "test_softmax_axis_0",
+    "test_nllloss_NCd1d2d3_none_no_weight_negative_ii", "test_sce_mean_weight_ii_4d_log_prob",
 ]
 
 
