@@ -29,6 +29,9 @@ from .prepack import REPACK_ATTR, layout_name
 from .tiling import PARALLEL_MIN_MACS, _inline_epilogue, _try, apply_contraction, divisors, parallelize_outer, plan_contraction, register_tile
 
 
+CHANNEL_VECTORS = 2  # output-channel vectors per register tile (fewer broadcasts per multiply-add)
+
+
 def is_conv(sch: s_tir.Schedule, block) -> bool:
     """A reduction block with at least two reduction axes (channels x kernel window) and a 3-D+ output."""
     stmt = sch.get(block)
@@ -90,7 +93,9 @@ def apply_channel_vector(sch: s_tir.Schedule, block, ctx: RuleContext, runtime_r
     ft = max(d for d in divisors(axes[f].extent) if d <= lanes)
     if ft < min(lanes, 4):
         return False
-    rt = register_tile(axes[x].extent, feats.max_accumulators)
+    nvec = 2 if axes[f].extent % (2 * lanes) == 0 and CHANNEL_VECTORS == 2 else 1
+    ft = ft * nvec
+    rt = register_tile(axes[x].extent, feats.max_accumulators // nvec)
     params = list(sch.mod["main"].params)
     w_param = next((k for k, p in enumerate(params) if p.same_as(weight.source)), None)
     prepacked = w_param is not None and w_param in ctx.constants
