@@ -18,6 +18,7 @@ from graphopt.backends.lowering import (
     reduce,
     rnn,
     tensor,
+    training,
 )
 from graphopt.backends.lowering.rules import OpRule
 
@@ -29,6 +30,7 @@ RULES: tuple[OpRule, ...] = (
     *reduce.RULES,
     *losses.RULES,
     *generators.RULES,
+    *training.RULES,
     *nn.RULES,
     *rnn.RULES,
     *control.RULES,
