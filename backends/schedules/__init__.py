@@ -6,7 +6,8 @@ recognises its main block (``RULES``, one module per op family); every block the
 root (pads, transposes, reductions it did not fuse) then gets the injective / row-reduction schedule.
 Functions that already carry a schedule (``tirx.is_scheduled``, e.g. from a tuning database) are
 left alone. Rules take the target's vector width and core count (``features.CPUFeatures``), so the
-same rules serve x86 (AVX-512: 16 fp32 lanes) and aarch64 (NEON: 4 lanes).
+same rules serve x86 (AVX-512: 16 fp32 lanes) and aarch64 (NEON: 4 lanes). Constant conv weights
+that a rule reads in a blocked layout are repacked once, at compile time (``prepack.py``).
 """
 
 from __future__ import annotations

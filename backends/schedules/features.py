@@ -20,7 +20,8 @@ class CPUFeatures:
 
     @property
     def max_accumulators(self) -> int:
-        """Vector registers a register tile may use for accumulators (32 on AVX-512, 16 elsewhere)."""
+        """Vector registers a register tile may use for accumulators: 24 of AVX-512's 32, else 12
+        (leaving room for the loaded operands and broadcasts)."""
         return 24 if self.vector_bits >= 512 else 12
 
 
