@@ -17,6 +17,7 @@ from graphopt.backends.lowering import (
     quant,
     reduce,
     rnn,
+    signal,
     tensor,
     training,
 )
@@ -31,6 +32,7 @@ RULES: tuple[OpRule, ...] = (
     *losses.RULES,
     *generators.RULES,
     *training.RULES,
+    *signal.RULES,
     *nn.RULES,
     *rnn.RULES,
     *control.RULES,

@@ -114,6 +114,7 @@ CONFORMANCE_SAMPLE = {
     "test_cast_no_saturate_FLOAT_to_FLOAT8E5M2", "test_cast_FLOAT_to_FLOAT8E4M3FNUZ", "test_cast_FLOAT8E4M3FN_to_FLOAT",
     "test_swish", "test_swiglu_alpha", "test_bitcast_float32_to_int32", "test_cast_FLOAT_to_INT4",
     "test_castlike_UINT2_to_FLOAT16_expanded", "test_cast_FLOAT_to_FLOAT4E2M1", "test_cast_e8m0_FLOAT_to_FLOAT8E8M0",
+    "test_adam_multiple", "test_nesterov_momentum", "test_adagrad",
 }
 
 
