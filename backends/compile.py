@@ -397,3 +397,27 @@ def compile_model(
         with stage("export"):
             compiled.save(output)
     return compiled
+
+
+def fused_module(model: ir.Model, target: str | dict | TargetSpec, *, opt_level: int = 2):
+    """The fused Relax module (weights bound) that ``compile_model`` would schedule: what tuning tunes.
+
+    Same stages as compile up to ``relax``, so a tuned task is found again, by structure, when the
+    model is compiled with ``--tuning-db``.
+    """
+    from graphopt.backends import lowering
+
+    spec = get_target(target)
+    stage = _Stages()
+    with stage("check_shapes"):
+        check_static_shapes(model)
+    with stage("optimize"):
+        model, _ = _optimize(model, opt_level)
+    with stage("check_supported"):
+        lowering.check_supported(model)
+    with stage("lower"):
+        lowered = lowering.lower(model)
+    with stage("bind_params"):
+        mod, _ = _bind_params(lowered, embed=True)
+    with stage("relax"):
+        return _relax_passes(mod, spec)

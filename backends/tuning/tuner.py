@@ -126,7 +126,9 @@ def tune_module(
             log("time budget reached; run again to continue from the database")
             break
         chunk = min(trials_per_round * len(todo), trials - trials_run)
-        contexts, weights = extracted_tasks_to_tune_contexts(todo, str(d / "logs"), num_threads="physical")
+        contexts, weights = extracted_tasks_to_tune_contexts(
+            todo, str(d / "logs"), strategy=_strategy(per_task), num_threads="physical"
+        )
         before = {t.task_name: best_seconds(db, t.dispatched[0])[1] for t in todo}
         ms.tune_tasks(
             tasks=contexts,
@@ -151,6 +153,17 @@ def tune_module(
         if ran == 0:
             break  # the search space is exhausted for every remaining task
     return TuneReport(str(d), str(target), list(reports.values()), trials_run, time.perf_counter() - start)
+
+
+def _strategy(trials_per_task: int):
+    """Evolutionary search sized to the budget: MetaSchedule's default population (512) costs
+    minutes of search per round on 2 cores, wasted when a task gets only a few dozen trials."""
+    from tvm.s_tir import meta_schedule as ms
+
+    population = int(min(512, max(32, 4 * trials_per_task)))
+    return ms.search_strategy.EvolutionarySearch(
+        population_size=population, init_min_unmeasured=min(50, population // 2), genetic_num_iters=2 if population < 512 else 4
+    )
 
 
 def _builder(fcompile):

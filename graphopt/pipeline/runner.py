@@ -18,6 +18,7 @@ class Step:
 
     name: str
     level: int = 1
+    options: tuple[tuple[str, object], ...] = ()  # this step's pass options; the context's override them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ def run_pipeline(
 
     def run_one(step: Step) -> bool:
         nonlocal model
-        p = registry.create(step.name, ctx.pass_options(step.name))
+        p = registry.create(step.name, {**dict(step.options), **ctx.pass_options(step.name)})
         for inst in instruments:
             inst.before_pass(step.name, model)
         try:
