@@ -117,7 +117,27 @@ def lower_nonzero(ctx, ins):
     return R.nonzero(ins[0])
 
 
+def lower_tensor_scatter(ctx, ins):
+    """KV-cache update: update[b, ..., i, ...] goes to position write_indices[b] + i (mod length if circular)."""
+    past, update = ins[0], ins[1]
+    shape, ushape = H.static_shape(past), H.static_shape(update)
+    if shape is None or ushape is None:
+        ctx.unsupported("needs static cache and update shapes")
+    rank = len(shape)
+    axis = H.norm_axis(ctx.attr("axis", -2), rank)
+    steps = np.arange(ushape[axis], dtype=np.int64).reshape([-1 if a == axis else 1 for a in range(rank)])
+    idx = H.const(steps)
+    if ctx.has_input(2):
+        starts = ins[2] if H.dtype_of(ins[2]) == "int64" else ctx.emit(R.astype(ins[2], "int64"))
+        idx = ctx.emit(R.add(R.reshape(starts, [ushape[0]] + [1] * (rank - 1)), idx))
+    if ctx.attr("mode", "linear") == "circular":
+        idx = ctx.emit(R.floor_mod(idx, H.scalar(shape[axis], "int64")))
+    idx = ctx.emit(R.broadcast_to(idx, list(ushape)))
+    return R.scatter_elements(past, idx, update, axis, "update")
+
+
 RULES = (
+    OpRule("TensorScatter", lower_tensor_scatter, since=24, kind="decomposed"),
     OpRule("Gather", lower_gather),
     OpRule("GatherElements", lower_gather_elements, since=11),
     OpRule("GatherND", lower_gather_nd, since=11),

@@ -188,7 +188,32 @@ def _hardmax(ctx):
     return apply
 
 
+def lower_det(ctx, ins):
+    """Leibniz formula over the last two (static, at most 4x4) dims."""
+    import itertools
+
+    x = ins[0]
+    shape = H.shape_of(x)
+    m = shape[-1] if shape else None
+    if m is None or shape[-2] != m or m > 4:
+        ctx.unsupported(f"Det of {shape}: square static matrices up to 4x4 only")
+    rank = len(shape)
+    flat = ctx.emit(R.reshape(x, [*H.dims_of(x)[:-2], m * m]))
+    entries = [ctx.emit(R.take(flat, H.const(np.array(k, np.int64)), axis=rank - 2)) for k in range(m * m)]
+    total = None
+    for perm in itertools.permutations(range(m)):
+        term = entries[perm[0]]
+        for i in range(1, m):
+            term = R.multiply(term, entries[i * m + perm[i]])
+        inversions = sum(1 for a in range(m) for b in range(a + 1, m) if perm[a] > perm[b])
+        term = ctx.emit(term)
+        total = term if total is None else ctx.emit(
+            R.subtract(total, term) if inversions % 2 else R.add(total, term))
+    return total
+
+
 RULES = (
+    OpRule("Det", lower_det, since=11, kind="decomposed"),
     *(OpRule(op, _reduce(op), kind="native" if op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin",
                                                       "ReduceProd") else "decomposed") for op in _REDUCE),
     OpRule("ArgMax", _arg(R.argmax)),

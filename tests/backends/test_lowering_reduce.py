@@ -79,6 +79,7 @@ CONFORMANCE_SAMPLE = [
     "test_reduce_sum_empty_axes_input_noop", "test_argmax_negative_axis_keepdims_random_select_last_index",
     "test_hardmax_one_hot", "test_logsoftmax_large_number", "test_softmax_axis_0",
     "test_nllloss_NCd1d2d3_none_no_weight_negative_ii", "test_sce_mean_weight_ii_4d_log_prob",
+    "test_det_nd",
 ]
 
 
