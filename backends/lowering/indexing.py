@@ -136,7 +136,35 @@ def lower_tensor_scatter(ctx, ins):
     return R.scatter_elements(past, idx, update, axis, "update")
 
 
+def lower_non_max_suppression(ctx, ins):
+    """relax.vision.all_class_non_max_suppression, cut to the selected count (a run-time length)."""
+    boxes, scores = ins[0], ins[1]
+    limits = [ctx.require_const(i, name).reshape(-1)[0].item() if ctx.has_input(i) else default
+              for i, name, default in ((2, "max_output_boxes_per_class", 0), (3, "iou_threshold", 0.0),
+                                       (4, "score_threshold", None))]
+    max_out, iou, score = limits
+    if ctx.attr("center_point_box", 0):
+        parts = ctx.emit(R.split(boxes, 4, axis=2))
+        xc, yc, w, h = (relax.TupleGetItem(parts, k) for k in range(4))
+        half_w = ctx.emit(R.divide(w, H.scalar(2.0, H.dtype_of(boxes))))
+        half_h = ctx.emit(R.divide(h, H.scalar(2.0, H.dtype_of(boxes))))
+        boxes = ctx.emit(R.concat([R.subtract(yc, half_h), R.subtract(xc, half_w),
+                                   R.add(yc, half_h), R.add(xc, half_w)], axis=2))
+    score = float(np.finfo(np.float32).min) if score is None else float(score)
+    # ONNX suppresses when IoU > threshold; TVM when IoU >= threshold: move to the next float32 up
+    iou = float(np.nextafter(np.float32(iou), np.float32(np.inf)))
+    nms = ctx.emit(R.vision.all_class_non_max_suppression(
+        boxes, scores, H.const(np.array(int(max_out), np.int64)), H.const(np.array(float(iou), np.float32)),
+        H.const(np.array(score, np.float32)), output_format="onnx"))
+    selected = ctx.emit(relax.TupleGetItem(nms, 0))
+    count = ctx.emit(relax.TupleGetItem(nms, 1))
+    end = ctx.emit(R.concat([count, H.const(np.array([3], np.int64))], axis=0))
+    return R.dynamic_strided_slice(selected, H.const(np.array([0, 0], np.int64)), end,
+                                   H.const(np.array([1, 1], np.int64)))
+
+
 RULES = (
+    OpRule("NonMaxSuppression", lower_non_max_suppression, since=10, kind="decomposed"),
     OpRule("TensorScatter", lower_tensor_scatter, since=24, kind="decomposed"),
     OpRule("Gather", lower_gather),
     OpRule("GatherElements", lower_gather_elements, since=11),

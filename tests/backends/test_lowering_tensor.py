@@ -132,7 +132,8 @@ CONFORMANCE_SAMPLE = [
     "test_eyelike_with_dtype", "test_edge_pad", "test_nonzero_example",
     "test_cumprod_1d_reverse_exclusive", "test_center_crop_pad_crop_and_pad_expanded", "test_top_k_uint64",
     "test_dft_rfft", "test_dft_inverse_opset19", "test_stft_with_window", "test_hannwindow_symmetric", "test_melweightmatrix",
-    "test_tensorscatter_circular",
+    "test_tensorscatter_circular", "test_nonmaxsuppression_iou_threshold_boundary",
+    "test_nonmaxsuppression_center_point_box_format",
 ]
 
 
