@@ -13,7 +13,7 @@ from graphopt import api, models
 
 LIGHT = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet",
          "squeezenet", "vgg19", "zfnet512"]
-FAST = {"squeezenet"}
+FAST = {"squeezenet", "resnet50"}
 RTOL, ATOL = 1e-3, 1e-4
 
 
