@@ -156,3 +156,18 @@ def test_tvm_error_summary_is_the_failed_check():
             "InternalError: Check failed: (a == b) is false: shapes differ\n  File \"y.cc\", line 9\n")
     assert first_error_line(RuntimeError(text)) == "InternalError: Check failed: (a == b) is false: shapes differ"
     assert first_error_line(ValueError("plain message")) == "plain message"
+
+
+def test_tuning_db_is_applied_and_recorded(conv_path, tmp_path):
+    from graphopt.backends.tuning import database_hash, open_database
+
+    db = tmp_path / "db"
+    open_database(db, create=True)  # an empty database: every function keeps graphopt's schedule
+    c = compile_model(api.load(conv_path), opt_level=1, tuning_db=db, output=tmp_path / "b")
+    assert "tuning_db" in c.timings
+    import json
+
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["tuning_db_sha256"] == database_hash(db)
+    x = np.random.default_rng(7).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(c(x)["y"], ort_run(conv_path, {"x": x})[0], rtol=RTOL, atol=ATOL)
