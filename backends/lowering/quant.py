@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from graphopt.backends.lowering import helpers, nn
+from graphopt.backends.lowering import casts, helpers, nn
 from graphopt.backends.lowering.helpers import scalar
 from graphopt.backends.lowering.rules import OpRule
 
@@ -20,10 +20,38 @@ _QUANT_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32")
 _ONNX_CODES = {2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 12: "uint32"}
 
 
-def _saturate(x: relax.Expr, dtype: str) -> relax.Expr:
-    """Round half to even, clip to ``dtype``'s range, cast."""
+_FLOAT8_MAX = {"float8_e4m3fn": 448.0, "float8_e4m3fnuz": 240.0, "float8_e5m2": 57344.0, "float8_e5m2fnuz": 57344.0}
+
+
+def _small_float(ctx, i: int):
+    """The small float format of input/output i ('in'/'out' prefixed index) held as codes, or None."""
+    value = ctx.node.inputs[i[1]] if i[0] == "in" else ctx.node.outputs[i[1]]
+    return casts._CODED.get(value.dtype) if value is not None else None
+
+
+def _to_float32(ctx, x, coded) -> relax.Expr:
+    """float32 values of a float8 tensor, or of small-float codes held as uint8 (TVM's float8 casts
+    mishandle zero, so both go through the bit-level decoder of casts.py)."""
+    if coded is not None:
+        return ctx.emit(casts._decode(ctx, ctx.emit(op.astype(x, "int32")), coded))
+    if helpers.dtype_of(x) in _FLOAT8_MAX:
+        return ctx.emit(casts._float8_to_float32(ctx, x))
+    return op.astype(x, "float32")
+
+
+def _int_range(dtype: str, onnx_type=None) -> tuple[int, int]:
+    """The value range of a quantized integer type (4- and 2-bit types are held in 8-bit storage)."""
+    if onnx_type is not None and onnx_type in helpers.NARROW_INTS:
+        _, bits, signed = helpers.NARROW_INTS[onnx_type]
+        return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     info = np.iinfo(np.dtype(dtype))
-    return op.astype(op.clip(op.round(x), float(info.min), float(info.max)), dtype)
+    return int(info.min), int(info.max)
+
+
+def _saturate(x: relax.Expr, dtype: str, onnx_type=None) -> relax.Expr:
+    """Round half to even, clip to the type's range, cast."""
+    lo, hi = _int_range(dtype, onnx_type)
+    return op.astype(op.clip(op.round(x), float(lo), float(hi)), dtype)
 
 
 def _along(ctx, param: relax.Expr, x_rank: int, x_shape, axis: int, block: int) -> relax.Expr:
@@ -55,7 +83,7 @@ def _quantize_dtype(ctx, zero_point) -> str:
         dtype = _ONNX_CODES.get(code, "uint8") if code else "uint8"
         if code and code not in _ONNX_CODES:
             ctx.unsupported(f"output_dtype {code} (integer types int8..uint32 are supported)")
-    ctx.check(dtype in _QUANT_DTYPES, lambda: f"quantized type {dtype} is not supported")
+    ctx.check(dtype in _QUANT_DTYPES or dtype in _FLOAT8_MAX, lambda: f"quantized type {dtype} is not supported")
     return dtype
 
 
@@ -71,10 +99,20 @@ def _quantize_linear(ctx, inputs):
     s = _along(ctx, scale, rank, shape, axis, block)
     if helpers.dtype_of(scale) != "float32":
         s = op.astype(s, "float32")
+    coded = _small_float(ctx, ("out", 0))
+    if dtype in _FLOAT8_MAX or coded is not None:  # float targets: encode with round-half-even on the bits
+        y = op.divide(xf, s)
+        if zp is not None:
+            zf = _to_float32(ctx, zp, _small_float(ctx, ("in", 2)))
+            y = op.add(y, _along(ctx, zf, rank, shape, axis, block))
+        y = ctx.emit(y)
+        if coded is not None:
+            return casts._encode(ctx, y, coded, bool(ctx.attr("saturate", 1)))
+        return casts._cast_to_float8(ctx, y, dtype)
     y = op.round(op.divide(xf, s))
     if zp is not None:
         y = op.add(y, op.astype(_along(ctx, zp, rank, shape, axis, block), "float32"))
-    return _saturate(y, dtype)
+    return _saturate(y, dtype, ctx.node.outputs[0].dtype)
 
 
 def _dequantize_linear(ctx, inputs):
@@ -84,9 +122,18 @@ def _dequantize_linear(ctx, inputs):
     rank = len(shape)
     axis = _axis(ctx, rank)
     block = int(ctx.attr("block_size", 0))
-    ctx.check(helpers.dtype_of(x) in _QUANT_DTYPES, lambda: f"quantized type {helpers.dtype_of(x)} is not supported")
+    in_dtype = helpers.dtype_of(x)
+    ctx.check(in_dtype in _QUANT_DTYPES or in_dtype in _FLOAT8_MAX, lambda: f"quantized type {in_dtype} is not supported")
     out_dtype = ctx.out_dtype(0) or helpers.dtype_of(scale)
-    xi = op.astype(x, "int32") if helpers.dtype_of(x) != "int32" else x
+    coded = _small_float(ctx, ("in", 0))
+    if in_dtype in _FLOAT8_MAX or coded is not None:
+        xf = _to_float32(ctx, x, coded)
+        if zp is not None:
+            zf = _to_float32(ctx, zp, _small_float(ctx, ("in", 2)))
+            xf = op.subtract(xf, _along(ctx, zf, rank, shape, axis, block))
+        y = op.multiply(xf, op.astype(_along(ctx, scale, rank, shape, axis, block), "float32"))
+        return y if out_dtype == "float32" else op.astype(y, out_dtype)
+    xi = op.astype(x, "int32") if in_dtype != "int32" else x
     if zp is not None:
         xi = op.subtract(xi, op.astype(_along(ctx, zp, rank, shape, axis, block), "int32"))
     s = _along(ctx, scale, rank, shape, axis, block)

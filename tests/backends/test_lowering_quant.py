@@ -15,12 +15,7 @@ from conformance_util import check_against_ort, make_model, run_case, select_cas
 F, U8, I8, I32 = TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
              "ConvInteger", "MatMulInteger"}
-# Relax has no 2/4-bit or float8/float4 tensor types: those cases are not lowerable.
-NARROW = ("int4", "uint4", "int2", "uint2", "e4m3", "e5m2", "float4")
-
-
-@pytest.mark.parametrize("case", [c for c in select_cases(QUANT_OPS) if not any(s in c.name for s in NARROW)],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize("case", select_cases(QUANT_OPS), ids=lambda c: c.name)
 def test_conformance(case):
     ok, why, _frozen = run_case(case)
     assert ok, why
