@@ -163,7 +163,16 @@ def lower_non_max_suppression(ctx, ins):
                                    H.const(np.array([1, 1], np.int64)))
 
 
+def lower_unique(ctx, ins):
+    """relax.op.unique: values, first indices, inverse indices and counts (run-time lengths)."""
+    axis = ctx.attr("axis")
+    out = ctx.emit(R.unique(ins[0], bool(ctx.attr("sorted", 1)), True, True, True, axis))
+    items = [ctx.emit(relax.TupleGetItem(out, k)) for k in range(4)]
+    return [items[0]] + [x if H.dtype_of(x) == "int64" else R.astype(x, "int64") for x in items[1:]]
+
+
 RULES = (
+    OpRule("Unique", lower_unique, since=11, kind="decomposed"),
     OpRule("NonMaxSuppression", lower_non_max_suppression, since=10, kind="decomposed"),
     OpRule("TensorScatter", lower_tensor_scatter, since=24, kind="decomposed"),
     OpRule("Gather", lower_gather),

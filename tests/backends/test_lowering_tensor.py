@@ -133,7 +133,7 @@ CONFORMANCE_SAMPLE = [
     "test_cumprod_1d_reverse_exclusive", "test_center_crop_pad_crop_and_pad_expanded", "test_top_k_uint64",
     "test_dft_rfft", "test_dft_inverse_opset19", "test_stft_with_window", "test_hannwindow_symmetric", "test_melweightmatrix",
     "test_tensorscatter_circular", "test_nonmaxsuppression_iou_threshold_boundary",
-    "test_nonmaxsuppression_center_point_box_format",
+    "test_nonmaxsuppression_center_point_box_format", "test_unique_not_sorted_without_axis", "test_unique_sorted_with_axis",
 ]
 
 
