@@ -93,7 +93,7 @@ def _shape_of(node, shape):
     if shape is None:
         return None
     dims = list(shape)[slice(_attr(node, "start", 0), _attr(node, "end", None))]
-    if not all(isinstance(d, int) for d in dims):
+    if not all(isinstance(d, int) and d >= 0 for d in dims):
         return None
     return np.array(dims, dtype=np.int64)
 

@@ -116,8 +116,17 @@ def _forget_stale_shapes(model: ir.Model) -> None:
     """Drop recorded shapes that contradict inference from the new input shapes.
 
     Exporters sometimes record intermediate shapes traced with one example input; once the inputs
-    are fixed to other sizes those records are wrong, and they would win over inference.
+    are fixed to other sizes those records are wrong, and they would win over inference. A recorded
+    intermediate shape with a symbolic or ``-1`` dim is dropped as well (inference recomputes it
+    from the fixed inputs): ONNX inference stops inside a subgraph at the first node it cannot infer
+    (an If branch the new sizes make dead), so a stale record there would survive the check below
+    and conflict later, once a pass folds the node that stopped it.
     """
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for node in graph:
+            for v in node.outputs:
+                if v.shape is not None and not _is_static(v.shape):
+                    v.shape = None
     fresh = onnx_inferred_types(model, keep_value_info=False, raw=True)
     for v, tp in (fresh or {}).items():
         if v.shape is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):

@@ -83,11 +83,15 @@ def is_scalar_const(value: ir.Value | None, expected: float) -> bool:
 
 
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
-    """The value's shape when every dimension is a known int, else None."""
+    """The value's shape when every dimension is a known int, else None.
+
+    Exporters sometimes write ``-1`` (or other negative values) for an unknown dimension; those count
+    as unknown, so a rule that needs a static shape does not fire.
+    """
     if value is None or value.shape is None:
         return None
     dims = tuple(value.shape.dims)
-    if not all(isinstance(d, int) for d in dims):
+    if not all(isinstance(d, int) and d >= 0 for d in dims):
         return None
     return dims
 

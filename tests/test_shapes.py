@@ -367,3 +367,47 @@ def test_specialize_replaces_stale_recorded_shapes():
     from graphopt.verify import verify
 
     verify(m)
+
+
+def test_specialize_drops_stale_symbolic_shapes_behind_shape_ifs():
+    """silero:vad's decoder, in small: ``squeeze(-1)`` exported as If(dim == 1, Squeeze, Identity).
+    At the new sizes the Squeeze branch is invalid, ONNX inference gives the If no shape, and so never
+    checks the Unsqueeze after it, whose recorded shape (traced for other sizes) is stale.
+    Specialization must drop that record, so that folding the If leaves a valid graph."""
+    from graphopt.passes.constant_folding import ConstantFoldingPass
+    from graphopt.verify import verify
+
+    m = ir.from_onnx_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,T] x) => (float[?] z) {
+          r = Shape(x)
+          i = Constant<value = int64[1] {1}>()
+          t = Gather<axis = 0>(r, i)
+          is1 = Equal(t, i)
+          xs = If(is1) <then_branch = a () => (float[?] sq) { sq = Squeeze(x, i) },
+                       else_branch = b () => (float[?] id) { id = Identity(x) }>
+          zero = Constant<value = int64[1] {0}>()
+          u = Unsqueeze(xs, zero)
+          z = ReduceSum<keepdims = 0>(u)
+        }
+        """
+    )
+    u = next(n for n in m.graph if n.op_type == "Unsqueeze").outputs[0]
+    u.shape, u.dtype = ir.Shape([1, "S", 7]), ir.DataType.FLOAT  # traced for other sizes
+    specialize(m, ["x:2,5"])
+    assert u.shape is None or list(u.shape) == [1, 2, 5]
+    ConstantFoldingPass()(m)
+    verify(m)
+
+
+def test_evaluator_shape_treats_minus_one_as_unknown():
+    from graphopt.shape_eval import evaluate
+
+    node = ir.from_onnx_text(
+        """
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N,3,8] x) => (int64[3] s) { s = Shape(x) }
+        """
+    ).graph[0]
+    assert evaluate(node, [None], [ir.Shape([-1, 3, 8])])[0] is None

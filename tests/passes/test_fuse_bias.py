@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from graph_testing import RNG, apply_and_compare, model_from_text, ops
@@ -133,3 +134,14 @@ def test_weight_made_by_constant_of_shape_counts_as_constant():
     )
     result = apply_and_compare(FuseBiasPass(), model)
     assert result.modified and dict(ops(result.model)) == {"Conv": 1}
+
+
+def test_minus_one_dims_from_exporters_make_the_rule_not_fire():
+    """rapidocr:cls records -1 for its dynamic batch: a MatMul input [-1, 6] is not static, no crash."""
+    model = model_from_text(HEADER + "g (float[5,6] x) => (float[5,3] y) { m = MatMul(x, w) \n y = Add(m, b) }",
+                            w=_w(6, 3), b=_w(3))
+    model.graph.inputs[0].shape = ir.Shape([-1, 6])
+    p = FuseBiasPass()
+    result = p(model)
+    assert not result.modified and ops(result.model)["MatMul"] == 1
+    assert "static rank-2" in p.skipped[0]
