@@ -40,7 +40,7 @@ def _concrete_shape(value: ir.Value) -> tuple[int, ...]:
         raise UsageError(
             f"input '{value.name}': shape unknown; pass inputs= or fix it with --input-shape"
         )
-    return tuple(d if isinstance(d, int) else 1 for d in value.shape)
+    return tuple(d if isinstance(d, int) and d >= 0 else 1 for d in value.shape)  # -1: dynamic
 
 
 def random_inputs(model: ir.Model, *, seed: int = 0) -> dict[str, np.ndarray]:
@@ -167,7 +167,7 @@ class DifferentialCheckInstrument:
             raise
         except Exception as e:
             dynamic = [v.name for v in _input_values(model.graph)
-                       if v.shape is not None and not v.shape.is_static()]
+                       if v.shape is not None and not all(isinstance(d, int) and d >= 0 for d in v.shape)]
             hint = (f" (dynamic dims of {', '.join(dynamic)} were set to 1: fix them with --input-shape)"
                     if dynamic else "")
             raise UnsupportedError(

@@ -57,6 +57,8 @@ def _value_bytes(value: ir.Value) -> int | None:
     """Bytes of a statically shaped tensor value, from its type and shape; None if unknown."""
     if value.shape is None or value.dtype is None or not value.shape.is_static():
         return None
+    if any(d < 0 for d in value.shape.dims):  # exporters write -1 for a dynamic dim
+        return None
     if value.dtype == ir.DataType.STRING:
         return None
     return math.prod(value.shape.numpy()) * value.dtype.itemsize

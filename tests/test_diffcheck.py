@@ -59,6 +59,12 @@ def test_random_inputs_follow_dtypes_and_dynamic_dims():
     np.testing.assert_array_equal(feeds["x"], random_inputs(_model(), seed=3)["x"])
 
 
+def test_random_inputs_treat_exporters_minus_one_as_dynamic():
+    m = _model()
+    m.graph.inputs[0].shape = ir.Shape([-1, 4])  # rapidocr's exporter writes -1 for the batch
+    assert random_inputs(m)["x"].shape == (1, 4)
+
+
 def test_wrong_pass_is_caught_and_named(tmp_path):
     with pytest.raises(PassError) as info:
         api.optimize(_model(), passes=["identity", "flip"], registry=_registry(), check=True,
