@@ -26,13 +26,31 @@ RTOL, ATOL = 1e-3, 1e-4
 
 @functools.lru_cache(maxsize=1)
 def all_cases() -> tuple:
+    """ONNX's node conformance cases, cached on disk per onnx version (collecting them costs ~5 s of CPU)."""
+    import os
+    import pickle
     import warnings
 
+    import onnx
     from onnx.backend.test.case.node import collect_testcases
 
+    cache = Path(os.environ.get("GRAPHOPT_CACHE", Path.home() / ".cache" / "graphopt"))
+    path = cache / f"onnx-node-cases-{onnx.__version__}.pkl"
+    try:
+        return pickle.loads(path.read_bytes())
+    except Exception:  # noqa: BLE001 - no cache yet, or an unreadable one: collect again
+        pass
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        return tuple(collect_testcases())
+        cases = tuple(collect_testcases())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(pickle.dumps(cases))
+        tmp.replace(path)
+    except Exception:  # noqa: BLE001 - a cache is optional
+        pass
+    return cases
 
 
 def _graph_ops(graph) -> set[str]:
