@@ -34,7 +34,8 @@ def _elementwise(op_type: str):
 
 def _layer_norm(ctx, inputs):
     bias = inputs[2] if len(inputs) > 2 else None
-    y, _, _ = nn.layer_norm(ctx, inputs[0], inputs[1], bias, int(ctx.attr("axis", -1)), float(ctx.attr("epsilon", 1e-5)), False)
+    y, _, _ = nn.layer_norm(ctx, inputs[0], inputs[1], bias, int(ctx.attr("axis", -1)),
+                            float(ctx.attr("epsilon", 1e-5)), False, need_stats=False)
     return y
 
 
