@@ -201,6 +201,20 @@ def _single_pick(weights: np.ndarray) -> bool:
     return weights.shape[1] == 2 and bool(np.all((weights == 0) | (weights == 1)))
 
 
+def _integer_upsample(shape, plan) -> bool:
+    """Whether a nearest plan picks x // k along H and W of an NCHW tensor (k integer), which Relax's
+    resize2d computes with integer division (asymmetric, floor): 1.4-1.8 ms vs 2.6-3.7 ms with takes
+    for 1x96x80x80 -> 160x160."""
+    if len(shape) != 4 or any(axis not in (2, 3) for axis, *_ in plan):
+        return False
+    for axis, idx, w, _ in plan:
+        pick = np.where(w[:, 1] == 1, idx[:, 1], idx[:, 0])
+        k = len(pick) // shape[axis]
+        if k < 1 or len(pick) != k * shape[axis] or not np.array_equal(pick, np.arange(len(pick)) // k):
+            return False
+    return True
+
+
 def _resize(ctx, inputs):
     x = inputs[0]
     shape = helpers.static_shape(x)
@@ -226,6 +240,9 @@ def _resize(ctx, inputs):
     # (One take per axis measured faster than a single take with flat indices: 2.6-3.7 vs 5.5-6.0 ms
     # for 1x96x80x80 -> 160x160, untuned llvm.)
     nearest = all(_single_pick(w) and (e is None or not e.any()) for _, _, w, e in plan)
+    if nearest and _integer_upsample(shape, plan):
+        return op.image.resize2d(x, (sizes[2], sizes[3]), method="nearest_neighbor",
+                                 coordinate_transformation_mode="asymmetric", rounding_method="floor")
     compute = dtype if helpers.is_float(dtype) or nearest else "float32"
     y = x if compute == dtype else op.astype(x, compute)
     extrap_value = float(ctx.attr("extrapolation_value", 0.0))

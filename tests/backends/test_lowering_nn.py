@@ -159,6 +159,10 @@ RESIZE = [
     ((1, 1, 7, 4), dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
      [1, 1, 0.5, 2.5], None),
     ((1, 2, 3, 5, 4), dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"), None, [1, 2, 5, 3, 7]),
+    # integer nearest upsampling (Relax resize2d path), as in PP-OCR det
+    ((2, 3, 5, 7), dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+     [1, 1, 2, 3], None),
+    ((1, 2, 3, 4), dict(mode="nearest", coordinate_transformation_mode="half_pixel"), [1, 1, 2, 2], None),
 ]
 
 
