@@ -1,8 +1,11 @@
 """Input-shape specialization and shape inference.
 
 * :func:`parse_input_shapes` reads ``--input-shape NAME:D0,D1,...`` specs.
-* :func:`specialize` fixes graph-input dims, forgets recorded shapes the new sizes contradict, then
-  runs :func:`infer_shapes`.
+* :func:`specialize` fixes graph-input dims, forgets recorded shapes the new sizes contradict (and
+  recorded intermediate shapes that are not static), then runs :func:`infer_shapes`. When the new
+  sizes make a node shape-invalid that was not before (typically inside an If branch those sizes
+  never take, e.g. silero:vad's 8 kHz branch at 16 kHz sizes) it warns with :class:`ShapeWarning`:
+  ONNX Runtime infers both branches at load time and refuses such a model.
 * :func:`infer_shapes` records dtypes/shapes on every value: ONNX shape inference (with data
   propagation) over the whole model, then a walk that fills what ONNX leaves unknown on real models:
   shape tensors computed by Shape/Gather/Concat/Slice/Unsqueeze/Cast/arithmetic chains are evaluated
@@ -20,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -85,6 +89,7 @@ def specialize(model: ir.Model, specs) -> ir.Model:
     """Fix the named graph inputs' shapes (in place), bind their symbolic dims elsewhere, infer shapes."""
     shapes = parse_input_shapes(specs)
     inputs = {v.name: v for v in model.graph.inputs}
+    before = strict_inference_problem(model)
     bindings: dict[str, int] = {}
     for name, dims in shapes.items():
         v = inputs.get(name)
@@ -109,7 +114,49 @@ def specialize(model: ir.Model, specs) -> ir.Model:
         if v.name not in shapes and v.shape is not None:
             v.shape = ir.Shape([bindings.get(d.value, d) if _named(d) else d for d in v.shape])
     _forget_stale_shapes(model)
-    return infer_shapes(model)
+    infer_shapes(model)
+    if before is None:
+        problem = strict_inference_problem(model)
+        if problem is not None:
+            warnings.warn(
+                f"input shapes {' '.join(f'{k}:' + ','.join(map(str, d)) for k, d in shapes.items())} make {problem};"
+                " runtimes that infer every If branch at load time (ONNX Runtime) will refuse the model",
+                ShapeWarning,
+                stacklevel=2,
+            )
+    return model
+
+
+class ShapeWarning(UserWarning):
+    """Fixed input shapes make part of the model (typically an If branch they never take) shape-invalid."""
+
+
+_INNERMOST = re.compile(r"\(op_type:(\w+)(?:, node name: ([^)]*))?\)")
+
+
+def strict_inference_problem(model: ir.Model) -> str | None:
+    """What ONNX's strict shape inference, given the shapes the IR records, rejects; None if nothing.
+
+    ONNX Runtime runs the same inference over both branches of every If when it loads a model, so a
+    problem here (even inside a branch the inputs never take) makes it refuse the model.
+    """
+    try:
+        proto = _inference_proto(model, keep_value_info=True)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=False)
+    except onnx.shape_inference.InferenceError as e:
+        text = str(e)
+        found = list(_INNERMOST.finditer(text))
+        if not found:
+            return text.splitlines()[0] if text else "shape inference failed"
+        for match in found:  # the first error that is not a nested "Inference error(s)" of a subgraph
+            why = re.sub(r"^[):\s]*(\[\w+\]\s*)?", "", text[match.end():]).strip()
+            if not why.startswith("Inference error"):
+                break
+        op, name = match.groups()
+        return f"node '{name or '<unnamed>'}' ({op}) shape-invalid: {why.splitlines()[0] if why else 'inference failed'}"
+    except Exception as e:  # noqa: BLE001 - anything else is not a statement about the shapes
+        logger.debug("strict inference could not run: %s", e)
+    return None
 
 
 def _forget_stale_shapes(model: ir.Model) -> None:

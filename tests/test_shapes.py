@@ -10,6 +10,7 @@ import pytest
 
 from graphopt import io, models
 from graphopt.errors import ShapeError
+from graphopt.shapes import ShapeWarning
 from graphopt.shapes import (
     _inference_proto,
     infer_shapes,
@@ -380,22 +381,26 @@ def test_specialize_drops_stale_symbolic_shapes_behind_shape_ifs():
     m = ir.from_onnx_text(
         """
         <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N,T] x) => (float[?] z) {
+        g (float[N,T] x) => (float z) {
           r = Shape(x)
           i = Constant<value = int64[1] {1}>()
           t = Gather<axis = 0>(r, i)
           is1 = Equal(t, i)
-          xs = If(is1) <then_branch = a () => (float[?] sq) { sq = Squeeze(x, i) },
-                       else_branch = b () => (float[?] id) { id = Identity(x) }>
+          xs = If(is1) <then_branch = a () => (float sq) { k = Constant<value = int64[1] {1}>() \n sq = Squeeze(x, k) },
+                       else_branch = b () => (float id) { id = Identity(x) }>
           zero = Constant<value = int64[1] {0}>()
           u = Unsqueeze(xs, zero)
           z = ReduceSum<keepdims = 0>(u)
         }
         """
     )
+    for g in (m.graph, *m.graph.subgraphs()):  # the text format cannot say "rank unknown"
+        for v in g.outputs:
+            v.shape = None
     u = next(n for n in m.graph if n.op_type == "Unsqueeze").outputs[0]
     u.shape, u.dtype = ir.Shape([1, "S", 7]), ir.DataType.FLOAT  # traced for other sizes
-    specialize(m, ["x:2,5"])
+    with pytest.warns(ShapeWarning, match="Squeeze"):  # the dead branch is invalid at 2x5
+        specialize(m, ["x:2,5"])
     assert u.shape is None or list(u.shape) == [1, 2, 5]
     ConstantFoldingPass()(m)
     verify(m)
@@ -411,3 +416,18 @@ def test_evaluator_shape_treats_minus_one_as_unknown():
         """
     ).graph[0]
     assert evaluate(node, [None], [ir.Shape([-1, 3, 8])])[0] is None
+
+
+def test_silero_vad_specialized_warns_and_ort_indeed_refuses():
+    """silero:vad's 8 kHz branch cannot take 576 samples; ORT infers it at load and refuses the model."""
+    import warnings
+
+    m = io.load(models.resolve("silero:vad"))
+    with pytest.warns(ShapeWarning, match=r"decoder/Squeeze' \(Squeeze\)"):
+        specialize(m, models.default_input_shapes("silero:vad"))
+    with pytest.raises(Exception, match="Squeeze"):
+        ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"])
+    other = io.load(models.resolve("rapidocr:cls"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShapeWarning)
+        specialize(other, models.default_input_shapes("rapidocr:cls"))
