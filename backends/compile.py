@@ -265,6 +265,40 @@ def fold_layout_of_constants(mod):
     return folder.builder_.get()
 
 
+def _is_empty_constant(expr) -> bool:
+    shape = getattr(getattr(expr, "value", None), "shape", None)
+    return shape is not None and 0 in [int(d) for d in shape]
+
+
+def replace_empty_constants(mod):
+    """Zero-element constants become zero-element allocations.
+
+    TVM 0.27 writes a zero-element constant into the executable but cannot read it back
+    ("Invalid DLTensor file format"); an allocation of no elements needs no data.
+    """
+    from tvm import relax
+
+    funcs = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
+    found: list = []
+    for _, func in funcs:
+        relax.analysis.post_order_visit(func, lambda e: found.append(e) if _is_empty_constant(e) else None)
+    if not found:
+        return mod
+
+    @relax.expr_functor.mutator
+    class _Replace(relax.PyExprMutator):
+        def visit_generic_const_(self, const):
+            if not _is_empty_constant(const):
+                return const
+            shape = relax.ShapeExpr([int(d) for d in const.value.shape])
+            return relax.op.builtin.alloc_tensor(shape, str(const.value.dtype), 0)
+
+    replacer = _Replace(mod)
+    for gv, func in funcs:
+        replacer.builder_.update_func(gv, replacer.visit_expr(func))
+    return replacer.builder_.get()
+
+
 def _relax_passes(mod, spec: TargetSpec):
     import tvm
     from tvm import relax
@@ -309,6 +343,7 @@ def _build(mod, spec: TargetSpec):
 
     # TVM's default pipeline minus the legalization already done (written out: in TVM 0.27
     # relax.pipeline.dataflow_lower_passes does not resolve for llvm targets).
+    mod = replace_empty_constants(mod)
     t = spec.target
     rt = relax.transform
     lower = tvm.transform.Sequential([

@@ -171,3 +171,28 @@ def test_tuning_db_is_applied_and_recorded(conv_path, tmp_path):
     assert manifest["tuning_db_sha256"] == database_hash(db)
     x = np.random.default_rng(7).standard_normal((1, 3, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(c(x)["y"], ort_run(conv_path, {"x": x})[0], rtol=RTOL, atol=ATOL)
+
+
+def test_zero_element_constants_survive_the_executable(tmp_path):
+    from onnx import TensorProto
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    # Reshape(allowzero) of an empty tensor folds to an empty constant, which TVM cannot reload as such
+    graph = h.make_graph(
+        [h.make_node("Reshape", ["data", "shape"], ["y"], allowzero=1), h.make_node("Relu", ["x"], ["z"])],
+        "empty", [h.make_tensor_value_info("data", TensorProto.FLOAT, [0, 3, 4]),
+                  h.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [h.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4, 0]), h.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])],
+        [nh.from_array(np.array([3, 4, 0], np.int64), "shape")],
+    )
+    import onnx
+
+    path = tmp_path / "empty.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+    data, x = np.zeros((0, 3, 4), np.float32), np.array([[-1, 2, -3], [4, -5, 6]], np.float32)
+    ey, ez = ort_run(path, {"data": data, "x": x})
+    out = api.compile(str(path), opt_level=2, output=tmp_path / "b")(data, x)
+    assert out["y"].shape == ey.shape == (3, 4, 0)
+    np.testing.assert_array_equal(out["z"], ez)
+    assert api.load_bundle(tmp_path / "b")(data=data, x=x)["y"].shape == (3, 4, 0)
