@@ -67,12 +67,13 @@ def apply_database(mod, target, db_dir):
 
 
 def best_seconds(db, mod) -> tuple[float | None, int]:
-    """(best mean run time in seconds, number of measured records) for a task's module."""
+    """(best mean run time in seconds, number of trials recorded, failed ones included) for a task."""
     if not db.has_workload(mod):
         return None, 0
     workload = db.commit_workload(mod)
-    records = db.get_top_k(workload, 1 << 30)
+    measured = sum(1 for r in db.get_all_tuning_records() if r.workload.same_as(workload))
+    records = db.get_top_k(workload, 1)
     if not records:
-        return None, 0
+        return None, measured
     secs = [float(x) for x in records[0].run_secs]
-    return sum(secs) / len(secs), len(records)
+    return sum(secs) / len(secs), measured
