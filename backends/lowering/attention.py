@@ -100,13 +100,19 @@ def _matmul(a, b, dtype):
     return op.matmul(a, b)
 
 
-def _softmax(x, dtype):
+def _softmax(x, dtype, n_keys: int):
     """Softmax over the last axis; 16-bit floats compute each step in float32 and round it back, as numpy does."""
     if dtype not in ("float16", "bfloat16"):
         return op.nn.softmax(x, axis=-1)
     shifted = op.subtract(x, op.max(x, axis=[-1], keepdims=True))
     e = op.astype(op.exp(op.astype(shifted, "float32")), dtype)
-    total = op.astype(op.sum(op.astype(e, "float32"), axis=[-1], keepdims=True), dtype)
+    if dtype == "bfloat16" and n_keys <= 64:  # numpy adds bfloat16 one term at a time, rounding each sum
+        total = None
+        for j in range(n_keys):
+            term = op.strided_slice(e, axes=[-1], begin=[j], end=[j + 1])
+            total = term if total is None else op.astype(op.add(op.astype(total, "float32"), op.astype(term, "float32")), dtype)
+    else:
+        total = op.astype(op.sum(op.astype(e, "float32"), axis=[-1], keepdims=True), dtype)
     return op.astype(op.divide(op.astype(e, "float32"), op.astype(total, "float32")), dtype)
 
 
@@ -164,7 +170,7 @@ def _attention(ctx, inputs):
     precision = ctx.attr("softmax_precision")
     sm_dtype = _ONNX_FLOAT.get(int(precision), dtype) if precision is not None else dtype
     logits = with_bias if sm_dtype == dtype else ctx.emit(op.astype(with_bias, sm_dtype))
-    probs = ctx.emit(_softmax(logits, sm_dtype))
+    probs = ctx.emit(_softmax(logits, sm_dtype, kv_len))
     if bias is not None:  # rows with no attendable key give zeros
         bias_value = helpers.const_value(bias)
         if bias_value is not None:
