@@ -50,15 +50,67 @@ def _affine_grid(ctx, inputs):
     return op.reshape(grid, [size[0]] + spatial + [len(spatial)])
 
 
+def _roi_axis(ctx, start, end, pooled: int, grid: int, size: int, clamp_one: bool, dtype: str):
+    """Bilinear taps of one axis for every (roi, bin, sample): (low, high) int32 indices and their weights,
+    all [R, pooled * grid]; samples outside [-1, size] get zero weights (ONNX RoiAlign)."""
+    f = lambda v: helpers.scalar(v, dtype)  # noqa: E731
+    length = op.subtract(end, start)
+    if clamp_one:
+        length = op.maximum(length, f(1.0))
+    bin_size = ctx.emit(op.divide(length, f(float(pooled))))  # [R, 1]
+    steps = np.array([p + (g + 0.5) / grid for p in range(pooled) for g in range(grid)])
+    pos = ctx.emit(op.add(start, op.multiply(bin_size, const(steps.reshape(1, -1), dtype))))  # [R, S]
+    outside = op.logical_or(op.less(pos, f(-1.0)), op.greater(pos, f(float(size))))
+    pos = op.maximum(pos, f(0.0))
+    low = ctx.emit(op.astype(op.floor(pos), "int32"))
+    at_end = op.greater_equal(low, relax.const(size - 1, "int32"))
+    low = ctx.emit(op.where(at_end, relax.const(size - 1, "int32"), low))
+    high = op.where(at_end, low, op.add(low, relax.const(1, "int32")))
+    pos = op.where(at_end, op.astype(low, dtype), pos)
+    frac = ctx.emit(op.subtract(pos, op.astype(low, dtype)))
+    keep = op.where(outside, f(0.0), f(1.0))
+    return low, ctx.emit(high), ctx.emit(op.multiply(op.subtract(f(1.0), frac), keep)), ctx.emit(op.multiply(frac, keep))
+
+
+def _roi_align_max(ctx, x, rois, batch_idx, ctm: str, scale: float):
+    """RoiAlign mode='max' as ONNX defines it: per bin, the max over samples of the max of the four
+    weighted bilinear corners (sampling_ratio must be positive: a static sample grid)."""
+    n, c, h, w = helpers.static_shape(x)
+    r = helpers.static_shape(rois)[0]
+    ph, pw = int(ctx.attr("output_height", 1)), int(ctx.attr("output_width", 1))
+    grid = int(ctx.attr("sampling_ratio", 0))
+    ctx.check(grid > 0, "mode 'max' needs sampling_ratio > 0 (an adaptive grid depends on run-time boxes)")
+    dtype = helpers.dtype_of(x)
+    off = 0.5 if ctm == "half_pixel" else 0.0
+    box = ctx.emit(op.subtract(op.multiply(rois, helpers.scalar(scale, dtype)), helpers.scalar(off, dtype)))
+    col = lambda i: ctx.emit(op.strided_slice(box, axes=[1], begin=[i], end=[i + 1]))  # noqa: E731
+    clamp = ctm != "half_pixel"
+    y0, y1, wy0, wy1 = _roi_axis(ctx, col(1), col(3), ph, grid, h, clamp, dtype)
+    x0, x1, wx0, wx1 = _roi_axis(ctx, col(0), col(2), pw, grid, w, clamp, dtype)
+    data = ctx.emit(op.reshape(op.take(x, op.astype(batch_idx, "int64"), axis=0), [r, c, h * w]))
+    sy, sx = ph * grid, pw * grid
+    best = None
+    for yi, wy in ((y0, wy0), (y1, wy1)):
+        for xi, wx in ((x0, wx0), (x1, wx1)):
+            flat = op.add(op.multiply(op.expand_dims(yi, [2]), relax.const(w, "int32")), op.expand_dims(xi, [1]))
+            idx = op.broadcast_to(op.reshape(op.astype(flat, "int64"), [r, 1, sy * sx]), [r, c, sy * sx])
+            vals = op.gather_elements(data, idx, axis=2)
+            weight = op.reshape(op.multiply(op.expand_dims(wy, [2]), op.expand_dims(wx, [1])), [r, 1, sy * sx])
+            term = ctx.emit(op.multiply(vals, weight))
+            best = term if best is None else ctx.emit(op.maximum(best, term))
+    return op.max(op.reshape(best, [r, c, ph, grid, pw, grid]), axis=[3, 5])
+
+
 def _roi_align(ctx, inputs):
     x, rois, batch_idx = inputs[:3]
     mode = ctx.attr("mode", "avg")
-    # ONNX's "max" takes the max of the weighted bilinear corners, which Relax's roi_align does not compute.
-    ctx.check(mode == "avg", lambda: f"mode {mode!r} (only 'avg' is supported)")
+    ctx.check(mode in ("avg", "max"), lambda: f"mode {mode!r}")
     ctm = ctx.attr("coordinate_transformation_mode", "half_pixel" if ctx.opset >= 16 else "output_half_pixel")
     ctx.check(ctm in ("half_pixel", "output_half_pixel"), lambda: f"coordinate_transformation_mode {ctm!r}")
     dtype = helpers.dtype_of(rois)
     scale = float(ctx.attr("spatial_scale", 1.0))
+    if mode == "max":  # ONNX's max is over weighted corners, which Relax's roi_align does not compute
+        return _roi_align_max(ctx, x, rois, batch_idx, ctm, scale)
     if ctm == "half_pixel":  # ONNX shifts the scaled box by -0.5; Relax's `aligned` only skips the 1-pixel minimum
         rois = op.subtract(rois, helpers.scalar(0.5 / scale, dtype))
     boxes = op.concat([op.astype(op.expand_dims(batch_idx, [1]), dtype), rois], axis=1)

@@ -24,7 +24,7 @@ NN_OPS = {
     "DeformConv",
 }
 # Cases made of other families' ops (function expansions) or of types Relax has no dtype for.
-SKIP = ("_expanded", "_bf16", "roialign_mode_max")
+SKIP = ("_expanded", "_bf16")
 
 
 def _cases(ops):
@@ -196,13 +196,23 @@ def test_grid_sample_against_ort(mode, padding):
     check_against_ort(model, {"x": _rand(2, 3, 5, 7), "g": grid})
 
 
-def test_roi_align_max_mode_is_refused():
+@pytest.mark.parametrize("mode,ctm", [("max", "half_pixel"), ("max", "output_half_pixel"), ("avg", "half_pixel")])
+def test_roi_align_against_ort(mode, ctm):
+    node = helper.make_node("RoiAlign", ["x", "r", "i"], ["y"], mode=mode, output_height=3, output_width=2,
+                            sampling_ratio=2, spatial_scale=0.5, coordinate_transformation_mode=ctm)
+    model = make_model([node], [("x", F, [2, 3, 9, 8]), ("r", F, [3, 4]), ("i", TensorProto.INT64, [3])],
+                       [("y", F, None)], opset=16)
+    rois = np.array([[0, 0, 10, 12], [3.5, 2, 15, 17.5], [-4, 1, 6, 30]], np.float32)
+    check_against_ort(model, {"x": _rand(2, 3, 9, 8), "r": rois, "i": np.array([0, 1, 1], np.int64)})
+
+
+def test_roi_align_max_needs_a_static_sample_grid():
     node = helper.make_node("RoiAlign", ["x", "r", "i"], ["y"], mode="max", output_height=2, output_width=2)
     model = make_model([node], [("x", F, [1, 1, 4, 4]), ("r", F, [1, 4]), ("i", TensorProto.INT64, [1])],
                        [("y", F, None)], opset=16)
     from graphopt.backends.lowering.testing import run_lowered
 
-    with pytest.raises(UnsupportedError, match="mode 'max'"):
+    with pytest.raises(UnsupportedError, match="sampling_ratio"):
         run_lowered(model, {"x": _rand(1, 1, 4, 4), "r": np.array([[0, 0, 3, 3]], np.float32), "i": np.zeros(1, np.int64)})
 
 
