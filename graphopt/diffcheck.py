@@ -108,6 +108,21 @@ def run_onnxruntime(
     return dict(zip(names, results))
 
 
+# onnx.reference is slow: above this, a model ORT refuses is reported instead of checked with it.
+_REFERENCE_MAX_WEIGHT_BYTES = 64 << 20
+
+
+def run_reference(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run ``model`` with ``onnx.reference`` (only the If branches taken are evaluated)."""
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(_serialize(model))
+    names = list(evaluator.output_names)
+    wanted = set(evaluator.input_names)
+    results = evaluator.run(None, {k: v for k, v in feeds.items() if k in wanted})
+    return dict(zip(names, results))
+
+
 def first_mismatch(
     before: Mapping[str, np.ndarray],
     after: Mapping[str, np.ndarray],
@@ -157,6 +172,7 @@ class DifferentialCheckInstrument:
         self.reference: dict[str, np.ndarray] | None = None
         self._reference_proto: onnx.ModelProto | None = None
         self.checked: list[str] = []  # passes whose result was compared
+        self.runner = run_onnxruntime  # or run_reference, for a model ORT refuses at load (below)
 
     def before_pass(self, name: str, model: ir.Model) -> None:
         if self.reference is not None:
@@ -166,6 +182,9 @@ class DifferentialCheckInstrument:
         except GraphoptError:
             raise
         except Exception as e:
+            if self._use_reference_evaluator(model):
+                self._snapshot(model)
+                return
             dynamic = [v.name for v in _input_values(model.graph)
                        if v.shape is not None and not all(isinstance(d, int) and d >= 0 for d in v.shape)]
             hint = (f" (dynamic dims of {', '.join(dynamic)} were set to 1: fix them with --input-shape)"
@@ -175,11 +194,30 @@ class DifferentialCheckInstrument:
             ) from None
         self._snapshot(model)
 
+    def _use_reference_evaluator(self, model: ir.Model) -> bool:
+        """ORT infers both branches of every If at load time, so fixed input shapes that make a branch
+        the inputs never take shape-invalid (silero:vad's 8 kHz branch at 16 kHz sizes) make it refuse
+        a model that is fine. Such a model, when small, is checked with ``onnx.reference`` instead,
+        which evaluates only the branch taken."""
+        from graphopt.io import weight_bytes
+        from graphopt.shapes import strict_inference_problem
+
+        if _needs_file(model) or weight_bytes(model) > _REFERENCE_MAX_WEIGHT_BYTES:
+            return False
+        if strict_inference_problem(model) is None:
+            return False  # ORT failed for another reason
+        try:
+            self.reference = run_reference(model, self.feeds)
+        except Exception:  # noqa: BLE001 - the reference cannot run it either: report ORT's error
+            return False
+        self.runner = run_reference
+        return True
+
     def after_pass(self, name: str, model: ir.Model, modified: bool) -> None:
         if not modified or self.reference is None:
             return
         try:
-            outputs = run_onnxruntime(model, self.feeds)
+            outputs = self.runner(model, self.feeds)
         except Exception as e:
             where = self._dump(model)
             raise PassError(

@@ -119,8 +119,9 @@ def specialize(model: ir.Model, specs) -> ir.Model:
         problem = strict_inference_problem(model)
         if problem is not None:
             warnings.warn(
-                f"input shapes {' '.join(f'{k}:' + ','.join(map(str, d)) for k, d in shapes.items())} make {problem};"
-                " runtimes that infer every If branch at load time (ONNX Runtime) will refuse the model",
+                f"input shapes {' '.join(f'{k}:' + ','.join(map(str, d)) for k, d in shapes.items())} make {problem}"
+                "; ONNX Runtime infers every If branch when it loads a model and refuses it, unless"
+                " constant folding (-O2) removes that branch",
                 ShapeWarning,
                 stacklevel=2,
             )

@@ -239,3 +239,47 @@ def test_default_pipeline_folds_batchnorm_after_weight_norm():
     ops = [n.op_type for n in res.model.graph]
     assert "BatchNormalization" not in ops and "ReduceL2" not in ops and "Shape" not in ops
     assert ops.count("Conv") == 1
+
+
+def _dead_branch_model() -> ir.Model:
+    """``squeeze(1)`` as exporters write it: If(dim 1 == 1, Squeeze, Identity), then an Add."""
+    m = ir.from_onnx_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,T] x) => (float z) {
+          r = Shape(x)
+          i = Constant<value = int64[1] {1}>()
+          t = Gather<axis = 0>(r, i)
+          is1 = Equal(t, i)
+          xs = If(is1) <then_branch = a () => (float sq) { k = Constant<value = int64[1] {1}>() \n sq = Squeeze(x, k) },
+                       else_branch = b () => (float id) { id = Identity(x) }>
+          z = Add(xs, xs)
+        }
+        """
+    )
+    for g in (m.graph, *m.graph.subgraphs()):  # the text format cannot say "rank unknown"
+        for v in g.outputs:
+            v.shape = None
+    return m
+
+
+def test_model_ort_refuses_for_a_dead_branch_is_checked_with_onnx_reference():
+    """At 2x5 the Squeeze branch is shape-invalid, so ORT refuses the model at load time although
+    the branch is never taken; the check runs it with onnx.reference and still catches a wrong pass."""
+    from graphopt.diffcheck import run_reference
+    from graphopt.shapes import ShapeWarning, specialize
+
+    m = _dead_branch_model()
+    with pytest.warns(ShapeWarning):
+        specialize(m, ["x:2,5"])
+    with pytest.raises(Exception):
+        run_onnxruntime(m, random_inputs(m))
+    inst = DifferentialCheckInstrument(m)
+    api.optimize(m, passes=["identity"], registry=_registry(), instruments=[inst])
+    assert inst.runner is run_reference
+
+    bad = _dead_branch_model()
+    with pytest.warns(ShapeWarning):
+        specialize(bad, ["x:2,5"])
+    with pytest.raises(PassError, match="flip"):
+        api.optimize(bad, passes=["flip"], registry=_registry(), instruments=[DifferentialCheckInstrument(bad)])
