@@ -173,7 +173,8 @@ def _forget_stale_shapes(model: ir.Model) -> None:
     for graph in (model.graph, *model.graph.subgraphs()):
         for node in graph:
             for v in node.outputs:
-                if v.shape is not None and not _is_static(v.shape):
+                # the main graph's outputs keep their declaration (ONNX requires one to be there)
+                if v.shape is not None and not _is_static(v.shape) and not (graph is model.graph and v.is_graph_output()):
                     v.shape = None
     fresh = onnx_inferred_types(model, keep_value_info=False, raw=True)
     for v, tp in (fresh or {}).items():

@@ -4,6 +4,8 @@ Built on onnx_ir's passes (unused nodes with main-graph initializers, unused fun
 imports), plus the initializers of subgraphs, which those leave behind. What counts as used: graph
 outputs (of the main graph and of every subgraph), values a subgraph captures from an outer scope
 (they are uses in onnx_ir), calls to model functions. Graph inputs are never removed, even unused.
+Uses by the nodes of a subgraph no longer in the model (the branches of an inlined or removed If)
+do not count.
 """
 
 from __future__ import annotations
@@ -23,6 +25,24 @@ def _remove_subgraph_initializers(model: ir.Model) -> int:
     return removed
 
 
+def _detach_orphan_uses(model: ir.Model) -> int:
+    """Drop uses by nodes of subgraphs that are no longer part of the model.
+
+    When a pass removes or inlines an If, the branch it dropped still holds its nodes, and those
+    still count as users of the outer values they captured; such a value would never look dead.
+    """
+    live = {model.graph, *model.graph.subgraphs()}
+    detached = 0
+    for graph in live:
+        values = [*graph.inputs, *graph.initializers.values(), *(v for n in graph for v in n.outputs)]
+        for value in values:
+            for user, index in list(value.uses()):
+                if user.graph is not None and user.graph not in live:
+                    user.replace_input_with(index, None)
+                    detached += 1
+    return detached
+
+
 def _output_count(model: ir.Model) -> int:
     return sum(len(n.outputs) for n in ir.traversal.RecursiveGraphIterator(model.graph))
 
@@ -36,6 +56,7 @@ class DeadCodeEliminationPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         outputs = _output_count(model)  # unused optional outputs are trimmed too
+        _detach_orphan_uses(model)  # not a change to the model: those users are not in it
         modified = RemoveUnusedNodesPass()(model).modified or _output_count(model) != outputs
         modified |= _remove_subgraph_initializers(model) > 0
         modified |= RemoveUnusedFunctionsPass()(model).modified

@@ -2,7 +2,7 @@
 
 The verifier runs after every pass (conftest sets GRAPHOPT_VERIFY_EACH_PASS). The optimized model
 must give ONNX Runtime's outputs for the original model (rtol 1e-3, atol 1e-4) on realistic random
-inputs, and must not grow.
+inputs, must not grow, and must load again once saved.
 
 ONNX Runtime infers the shapes of *both* branches of every If when it loads a model. silero:vad
 switches on its ``sr`` input between a 16 kHz and an 8 kHz network; with its inputs fixed to the
@@ -58,7 +58,7 @@ def _params():
 
 
 @pytest.mark.parametrize("name", _params())
-def test_o3_with_default_shapes_matches_onnxruntime(name):
+def test_o3_with_default_shapes_matches_onnxruntime(name, tmp_path):
     path = models.resolve(name)
     shapes = models.default_input_shapes(name)
     original_nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
@@ -67,6 +67,9 @@ def test_o3_with_default_shapes_matches_onnxruntime(name):
     assert len(list(optimized.graph)) <= original_nodes
     for v in optimized.graph.inputs:
         assert v.shape is not None and v.shape.is_static(), f"input {v.name} is not static: {v.shape}"
+
+    saved = graphopt.save(optimized, tmp_path / "opt.onnx")
+    graphopt.load(saved)  # what graphopt writes, its loader (onnx.checker) accepts
 
     feeds = models.random_inputs(name, input_shapes=shapes)
     expected = _session(str(path)).run(None, feeds)

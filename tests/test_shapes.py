@@ -427,6 +427,8 @@ def test_silero_vad_specialized_warns_and_ort_indeed_refuses():
         specialize(m, models.default_input_shapes("silero:vad"))
     with pytest.raises(Exception, match="Squeeze"):
         ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert all(v.shape is not None for v in m.graph.outputs)  # ONNX requires them declared
+    onnx.checker.check_model(ir.to_proto(m))
     other = io.load(models.resolve("rapidocr:cls"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", ShapeWarning)

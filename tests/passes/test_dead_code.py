@@ -61,3 +61,23 @@ def test_unused_optional_output_is_trimmed_and_reported():
     assert result.modified
     dropout = next(n for n in result.model.graph if n.op_type == "Dropout")
     assert len(dropout.outputs) == 1
+
+
+def test_values_used_only_by_a_removed_if_branch_go():
+    """A pass that inlines or drops an If leaves its branches holding uses of outer values."""
+    model = model_from_text(
+        HEADER + """g (float[4] x, bool c) => (float[4] y) {
+            n = Neg(x)
+            r = Relu(x)
+            y = If(c) <then_branch = t () => (float[4] a) { a = Identity(r) },
+                       else_branch = e () => (float[4] b) { b = Identity(n) }>
+        }"""
+    )
+    graph = model.graph
+    if_node = graph[2]
+    relu_out = graph[1].outputs[0]
+    if_node.outputs[0].replace_all_uses_with(relu_out, replace_graph_outputs=True)  # "c is True"
+    graph.remove(if_node, safe=True)
+    assert graph[0].outputs[0].uses()  # the dropped else branch still reads Neg's output
+    result = DeadCodeEliminationPass()(model)
+    assert result.modified and dict(ops(result.model)) == {"Relu": 1}
