@@ -67,21 +67,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _wait_for_servers(port: int, key: str, count: int, timeout: float = 60) -> None:
+    from tvm import rpc
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        queue = rpc.connect_tracker("127.0.0.1", port).summary().get("queue_info", {})
+        if queue.get(key, {}).get("free", 0) >= count:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{count} RPC servers with key {key!r} did not register")
+
+
 @pytest.mark.slow
 def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path):
     port = _free_port()
     env = {**os.environ, "TVM_NUM_THREADS": "1"}
-    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port)],
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                "--port", str(port), "--port-end", str(port + 1)],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     servers = []
     try:
-        time.sleep(2)
+        _wait_for_port(port)
         for _ in range(2):
+            sport = _free_port()
             servers.append(subprocess.Popen(
-                [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(_free_port()),
-                 "--tracker", f"127.0.0.1:{port}", "--key", "loopback"],
+                [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sport),
+                 "--port-end", str(sport + 1), "--tracker", f"127.0.0.1:{port}", "--key", "loopback"],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(4)
+        _wait_for_servers(port, "loopback", 2)
         a = _conv_model(tmp_path / "a.onnx", extra_matmul=False)
         report = graphopt.api.tune(a, trials=4, max_trials_per_task=4, tuning_db=tmp_path / "db",
                                    rpc=f"127.0.0.1:{port}:loopback", progress=None)
