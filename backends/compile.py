@@ -390,20 +390,7 @@ def compile_model(
         open_database(tuning_db, create=False)  # a missing database is reported before any work
         tuning_db_sha256 = database_hash(tuning_db)
     stage = _Stages()
-    with stage("check_shapes"):
-        check_static_shapes(model)
-    with stage("optimize"):
-        model, passes = _optimize(model, opt_level)
-    if frontend == "graphopt":
-        from graphopt.backends import lowering
-
-        with stage("check_supported"):
-            lowering.check_supported(model)
-        with stage("lower"):
-            lowered = lowering.lower(model)
-    else:
-        with stage("lower"):
-            lowered = _lower_with_tvm_frontend(model)
+    lowered, passes = _front_end(model, stage, opt_level, frontend)
     with stage("bind_params"):
         total = sum(int(np.asarray(a).nbytes) for a in lowered.params.values())
         embed = total <= EMBED_LIMIT_BYTES if embed_params is None else embed_params
@@ -438,24 +425,32 @@ def compile_model(
     return compiled
 
 
+def _front_end(model: ir.Model, stage: _Stages, opt_level: int, frontend: str = "graphopt"):
+    """Shapes checked, passes run, ops checked and lowered: (Lowered, names of passes that changed the model)."""
+    with stage("check_shapes"):
+        check_static_shapes(model)
+    with stage("optimize"):
+        model, passes = _optimize(model, opt_level)
+    if frontend == "tvm":
+        with stage("lower"):
+            return _lower_with_tvm_frontend(model), passes
+    from graphopt.backends import lowering
+
+    with stage("check_supported"):
+        lowering.check_supported(model)
+    with stage("lower"):
+        return lowering.lower(model), passes
+
+
 def fused_module(model: ir.Model, target: str | dict | TargetSpec, *, opt_level: int = 2):
     """The fused Relax module (weights bound) that ``compile_model`` would schedule: what tuning tunes.
 
     Same stages as compile up to ``relax``, so a tuned task is found again, by structure, when the
     model is compiled with ``--tuning-db``.
     """
-    from graphopt.backends import lowering
-
     spec = get_target(target)
     stage = _Stages()
-    with stage("check_shapes"):
-        check_static_shapes(model)
-    with stage("optimize"):
-        model, _ = _optimize(model, opt_level)
-    with stage("check_supported"):
-        lowering.check_supported(model)
-    with stage("lower"):
-        lowered = lowering.lower(model)
+    lowered, _ = _front_end(model, stage, opt_level)
     with stage("bind_params"):
         mod, _ = _bind_params(lowered, embed=True)
     with stage("relax"):
