@@ -53,7 +53,14 @@ def _version() -> str:
     return __version__
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"graphopt: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning  # warnings for users, not source locations
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
