@@ -25,6 +25,7 @@ from .matmul import schedule_matmul
 from .pooling import schedule_pool
 from .prepack import constant_params, repack_constants
 from .reduction import schedule_normalization, schedule_row_reduction
+from .winograd import schedule_winograd
 
 __all__ = ["RULES", "apply_default_schedules", "features_of", "last_report", "schedule_primfunc"]
 
@@ -34,6 +35,7 @@ Rule = Callable[[tirx.PrimFunc, RuleContext], "s_tir.Schedule | None"]
 
 # Tried in order; the first that returns a schedule wins.
 RULES: tuple[tuple[str, Rule], ...] = (
+    ("winograd", schedule_winograd),
     ("normalization", schedule_normalization),
     ("conv2d", schedule_conv2d),
     ("matmul", schedule_matmul),

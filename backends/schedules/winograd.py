@@ -1,0 +1,237 @@
+"""Winograd F(m x m, 3x3) for 3x3 stride-1 NCHW fp32 convolutions with a constant weight (CPU).
+
+A Relax pass (``rewrite_winograd``, run before LegalizeOps) replaces each eligible
+``relax.nn.conv2d`` by a ``call_tir`` to a TE function with four stages:
+
+* ``wino_pad``        [N, H, W, C]: the input padded and transposed (channels innermost)
+* ``wino_data_pack``  [a, a, P, C]: input tiles times Bᵀ·d·B (P = N·tiles, a = m + 2)
+* ``wino_bgemm``      [a, a, P, O]: a² independent GEMMs over C, the bulk of the work
+* ``wino_inverse``    [P, m, m, O]: Aᵀ·M·A per tile
+* ``wino_output``     [N, O, H, W]: tiles back to NCHW (bias / relu fuse into it)
+
+The weight transform G·w·Gᵀ is done once at compile time in numpy (``weight_transform``): the
+function receives the transformed constant ``[a, a, C, O]``. ``schedule_winograd`` (a rule of
+``apply_default_schedules``) recognises the fused function by its block names: transforms unrolled
+(the constant matrices fold away), the GEMM register-tiled by ``tiling.apply_contraction``.
+
+F(4x4) does 4x fewer multiplications than the direct conv, F(2x2) 2.25x; ``choose_tile`` picks per
+shape, ``eligible`` says why a conv is left to the direct schedule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .analysis import int_extent
+from .features import RuleContext
+from .tiling import _try, apply_contraction, parallelize_outer
+
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+MIN_CHANNELS = 32  # input and output channels below which the direct conv wins (measured)
+MIN_SPATIAL = 7  # output height and width below which the direct conv wins
+BLOCKS = ("wino_data_pack", "wino_bgemm", "wino_inverse")
+
+
+def transform_matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cook-Toom A [a, m], B [a, a], G [a, 3] for F(m, 3) (TVM's interpolation points), float64."""
+    from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
+
+    a, b, g = _cook_toom_convolution(_interpolation_points(m + 1), m, 3)
+    return np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(g, np.float64)
+
+
+def weight_transform(w: np.ndarray, m: int) -> np.ndarray:
+    """``[O, C, 3, 3]`` → ``[a, a, C, O]``: G·w·Gᵀ per (o, c), computed in float64 once."""
+    _, _, g = transform_matrices(m)
+    u = np.einsum("ai,ocij,bj->abco", g, w.astype(np.float64), g)
+    return np.ascontiguousarray(u.astype(w.dtype))
+
+
+def eligible(call: relax.Call) -> str | None:
+    """None when ``call`` (a relax.nn.conv2d) can take Winograd, else why not."""
+    at = call.attrs
+    if [int(s) for s in at.strides] != [1, 1] or [int(d) for d in at.dilation] != [1, 1]:
+        return "stride or dilation is not 1"
+    if int(at.groups) != 1:
+        return "grouped"
+    if (at.data_layout, at.kernel_layout, at.out_layout or "NCHW") != ("NCHW", "OIHW", "NCHW"):
+        return "layout is not NCHW/OIHW"
+    x, w = call.args
+    if not isinstance(w, tvm.ir.expr.Constant):
+        return "weight is not a constant"
+    xs, ws = x.ty, w.ty
+    if any(s.dtype != "float32" for s in (xs, ws)) or str(at.out_dtype) not in ("", "None", "void", "float32"):
+        return "not float32"
+    shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in xs.shape] if xs.shape is not None else [None]
+    if None in shape or len(shape) != 4:
+        return "input shape is not static"
+    o, c, kh, kw = (int(d) for d in ws.shape)
+    if (kh, kw) != (3, 3):
+        return "kernel is not 3x3"
+    oh, ow = _out_hw(shape, [int(p) for p in at.padding])
+    if min(c, o) < MIN_CHANNELS or min(oh, ow) < MIN_SPATIAL:
+        return f"too small ({c}->{o} channels, {oh}x{ow}): the direct conv is faster"
+    return None
+
+
+def _out_hw(shape, pads) -> tuple[int, int]:
+    pt, pl, pb, pr = pads
+    return shape[2] + pt + pb - 2, shape[3] + pl + pr - 2
+
+
+def choose_tile(oh: int, ow: int) -> int:
+    """F(4x4) unless the output is so small that 4-wide tiles waste a third of the work."""
+    waste4 = math.ceil(oh / 4) * math.ceil(ow / 4) * 16 / (oh * ow)
+    return 4 if waste4 < 1.3 else 2
+
+
+def winograd_te(data: te.Tensor, kpack: te.Tensor, pads, m: int) -> te.Tensor:
+    """The four stages as TE computes; ``kpack`` is ``weight_transform``'s ``[a, a, C, O]``."""
+    n, c, h, w = (int(d) for d in data.shape)
+    alpha, co = m + 2, int(kpack.shape[3])
+    pt, pl, pb, pr = pads
+    oh, ow = _out_hw((n, c, h, w), pads)
+    nh, nw = math.ceil(oh / m), math.ceil(ow / m)
+    ntile = n * nh * nw
+    A, B, _ = transform_matrices(m)
+    a_mat = _const(A.astype(np.float32), "wino_A")
+    b_mat = _const(B.astype(np.float32), "wino_B")
+    hp, wp = nh * m + 2, nw * m + 2
+    # padded and transposed to [N, H, W, C]: the input transform then runs vectors over channels
+    dpad = te.compute(
+        (n, hp, wp, c),
+        lambda b, y, x, ci: tirx.if_then_else(
+            tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl), data[b, ci, y - pt, x - pl], tirx.const(0, "float32")),
+        name="wino_pad",
+    )
+    ra = te.reduce_axis((0, alpha), "ra")
+    rb = te.reduce_axis((0, alpha), "rb")
+    data_pack = te.compute(
+        (alpha, alpha, ntile, c),
+        lambda e, u, p, ci: te.sum(
+            dpad[p // (nh * nw), (p // nw) % nh * m + ra, p % nw * m + rb, ci] * b_mat[ra, e] * b_mat[rb, u], axis=[ra, rb]),
+        name="wino_data_pack",
+    )
+    rc = te.reduce_axis((0, c), "rc")
+    bgemm = te.compute(
+        (alpha, alpha, ntile, co),
+        lambda e, u, p, o: te.sum(data_pack[e, u, p, rc] * kpack[e, u, rc, o], axis=rc),
+        name="wino_bgemm",
+    )
+    ia = te.reduce_axis((0, alpha), "ia")
+    ib = te.reduce_axis((0, alpha), "ib")
+    inverse = te.compute(
+        (ntile, m, m, co),
+        lambda p, vh, vw, o: te.sum(bgemm[ia, ib, p, o] * a_mat[ia, vh] * a_mat[ib, vw], axis=[ia, ib]),
+        name="wino_inverse",
+    )
+    return te.compute(
+        (n, co, oh, ow),
+        lambda b, o, y, x: inverse[(b * nh + y // m) * nw + x // m, y % m, x % m, o],
+        name="wino_output",
+    )
+
+
+def _const(mat: np.ndarray, name: str) -> te.Tensor:
+    """A small constant matrix as a select chain (folds to constants once its loops are unrolled)."""
+    rows, cols = mat.shape
+
+    def at(i, j):
+        val = tirx.const(0.0, "float32")
+        for r in range(rows):
+            for k in range(cols):
+                if mat[r, k] != 0:
+                    val = tirx.Select(tirx.all(i == r, j == k), tirx.const(float(mat[r, k]), "float32"), val)
+        return val
+
+    return te.compute((rows, cols), at, name=name)
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod, tile: int | None):
+        super().__init__(mod)
+        self.tile = tile
+        self.rewritten = 0
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)) or eligible(call) is not None:
+            return call
+        x, w = call.args
+        pads = [int(p) for p in call.attrs.padding]
+        m = self.tile or choose_tile(*_out_hw([int(d) for d in x.ty.shape], pads))
+        kpack = relax.const(weight_transform(w.value.numpy(), m))
+        self.rewritten += 1
+        return self.builder_.call_te(winograd_te, x, kpack, pads, m, primfunc_name_hint="winograd_conv2d")
+
+
+def rewrite_winograd(mod, tile: int | None = None):
+    """Every eligible conv2d of ``mod`` as Winograd F(tile, 3) (``tile`` None: ``choose_tile``)."""
+    rw = _Rewriter(mod, tile)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(func))
+    return rw.builder_.get() if rw.rewritten else mod
+
+
+def _block(sch, name):
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def schedule_winograd(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
+    """The Winograd stages of a fused function; None when ``func`` has none."""
+    sch = s_tir.Schedule(func)
+    blocks = {n: _block(sch, n) for n in BLOCKS}
+    if any(b is None for b in blocks.values()):
+        return None
+    feats = ctx.feats
+    for name in ("wino_A", "wino_B"):
+        if (b := _block(sch, name)) is not None:
+            sch.compute_inline(b)
+    lanes = feats.lanes(32)
+    # input transform: per (tile, channel vector), all a x a outputs from the a x a patch, unrolled
+    dp = blocks["wino_data_pack"]
+    e, u, p, ci, ra, rb = sch.get_loops(dp)
+    cv = (int_extent(sch, ci) or 0) % lanes == 0
+    co_, cin = sch.split(ci, [None, lanes]) if cv else (ci, None)
+    sch.reorder(p, co_, ra, rb, e, u, *([cin] if cv else []))
+    wb = sch.cache_write(dp, 0, "local")
+    sch.reverse_compute_at(wb, co_, preserve_unit_loops=True)
+    parallelize_outer(sch, [p, co_], 1 << 30, feats)
+    for lp in (ra, rb, e, u):
+        sch.unroll(lp)
+    if cv:
+        sch.vectorize(cin)
+    init = sch.decompose_reduction(dp, ra)
+    for b in (init, wb):
+        _try(sch.vectorize, sch.get_loops(b)[-1])
+    # the GEMMs
+    apply_contraction(sch, blocks["wino_bgemm"], feats)
+    # output transform: per tile, vector over output channels
+    inv = blocks["wino_inverse"]
+    p, vh, vw, o, ia, ib = sch.get_loops(inv)
+    oo, oi = sch.split(o, [None, lanes]) if (int_extent(sch, o) or 0) % lanes == 0 else (o, None)
+    if oi is None:
+        sch.reorder(p, vh, vw, o, ia, ib)
+        parallelize_outer(sch, [p], 1 << 30, feats)
+        return sch
+    sch.reorder(p, oo, ia, ib, vh, vw, oi)
+    wb = sch.cache_write(inv, 0, "local")  # the m x m output vectors stay in registers
+    sch.reverse_compute_at(wb, oo, preserve_unit_loops=True)
+    parallelize_outer(sch, [p, oo], 1 << 30, feats)
+    for lp in (ia, ib, vh, vw):
+        sch.unroll(lp)
+    sch.vectorize(oi)
+    init = sch.decompose_reduction(inv, ia)
+    for b in (init, wb):
+        _try(sch.vectorize, sch.get_loops(b)[-1])
+    return sch
