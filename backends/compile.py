@@ -303,9 +303,14 @@ def replace_empty_constants(mod):
     return replacer.builder_.get()
 
 
-def _relax_passes(mod, spec: TargetSpec):
+def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
     import tvm
     from tvm import relax
+
+    if winograd and not spec.is_gpu:  # 3x3 stride-1 convs as Winograd where it pays (CPU schedules)
+        from graphopt.backends.schedules.winograd import rewrite_winograd
+
+        mod = rewrite_winograd(mod)
 
     seq = [
         *relax.pipeline.library_dispatch_passes(spec.target),
@@ -396,7 +401,7 @@ def compile_model(
         embed = total <= EMBED_LIMIT_BYTES if embed_params is None else embed_params
         mod, params = _bind_params(lowered, embed)
     with stage("relax"):
-        mod = _relax_passes(mod, spec)
+        mod = _relax_passes(mod, spec, winograd=schedules and tuning_db is None)
     if tuning_db is not None:
         with stage("tuning_db"):
             mod = _apply_tuning_db(mod, spec, tuning_db)
