@@ -20,6 +20,7 @@ shape, ``eligible`` says why a conv is left to the direct schedule.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -32,6 +33,7 @@ from .analysis import int_extent
 from .features import RuleContext
 from .tiling import _try, apply_contraction, parallelize_outer
 
+log = logging.getLogger(__name__)
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 MIN_CHANNELS = 32  # input and output channels below which the direct conv wins (measured)
 MIN_SPATIAL = 14  # output height and width below which the direct conv wins (512@7: 2.6 vs 2.1 ms)
@@ -162,7 +164,11 @@ class _Rewriter(PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)) or eligible(call) is not None:
+        if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)):
+            return call
+        why = eligible(call)
+        if why is not None:
+            log.debug("conv2d %s stays direct: %s", call.args[1].ty.shape, why)
             return call
         x, w = call.args
         pads = [int(p) for p in call.attrs.padding]
