@@ -53,8 +53,8 @@ DEFAULT_PIPELINE = (
         level=2,
     ),
     # -O3 folds weights that old exports generate at run time (ConstantOfShape of a big shape): the
-    # saved file grows by their bytes, so -O2 keeps its 1 MiB bound, and -O3's is still 256 MiB a tensor.
-    Step("constant_folding", 3, options=(("max_output_bytes", 256 << 20),)),
+    # saved file grows by their bytes, so -O2 keeps its 1 MiB bound, and -O3 bounds it at 1 GiB a tensor.
+    Step("constant_folding", 3, options=(("max_output_bytes", 1 << 30),)),
     Step("fuse_bias", 2),
     Step("fuse_activations", 3),
     Step("fuse_layernorm", 3),
