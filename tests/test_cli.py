@@ -235,3 +235,14 @@ def test_optimize_o0_reports_the_real_node_count(good, tmp_path, capsys):
     assert code == 0, err
     n = len(onnx.load(str(good)).graph.node)
     assert stdout.strip().endswith(f"nodes {n} -> {n}")
+
+
+def test_optimize_dump_ir_writes_one_file_per_modifying_pass(tmp_path):
+    from graphopt.cli import main
+
+    out, dump = tmp_path / "o.onnx", tmp_path / "dump"
+    assert main(["optimize", "light:squeezenet", "-O2", "-o", str(out), "-q", "--dump-ir", str(dump)]) == 0
+    files = sorted(p.name for p in dump.iterdir())
+    assert files and all(f.endswith(".txt") for f in files)
+    assert any("freeze_initializers" in f for f in files)
+    assert "Conv" in (dump / files[-1]).read_text()

@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true",
                    help="differential check: run ONNX Runtime after every pass and stop at the first mismatch")
     p.add_argument("--check-dir", help="where --check writes the before/after graphs (default: beside -o)")
+    p.add_argument("--dump-ir", metavar="DIR", help="write the graph as ONNX text after every pass that changed it")
     p.add_argument("--report", help="write the per-pass report as JSON")
     p.add_argument("--plot", help="draw node count and parameter bytes after each pass (PNG)")
     p.add_argument("--quiet", "-q", action="store_true", help="print no table")
@@ -33,9 +34,14 @@ def run(args: argparse.Namespace) -> int:
     force = [n for d in args.force for n in split_names(d)]
     passes = split_names(args.passes) if args.passes else None
     check_dir = args.check_dir or (str(out.parent / (out.stem + ".check")) if args.check else None)
+    instruments = []
+    if args.dump_ir:
+        from graphopt.pipeline import DumpInstrument
+
+        instruments.append(DumpInstrument(args.dump_ir))
     res = api.optimize(
         src, opt_level=args.opt_level, passes=passes, disable=disable, force=force,
-        input_shapes=args.input_shape, check=args.check, check_dir=check_dir,
+        input_shapes=args.input_shape, check=args.check, check_dir=check_dir, instruments=instruments,
     )
     api.save(res.model, out)
     report = res.report()
