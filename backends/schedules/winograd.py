@@ -35,8 +35,13 @@ from .tiling import _inline_epilogue, _try, apply_contraction, divisors, paralle
 
 log = logging.getLogger(__name__)
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
-MIN_CHANNELS = 32  # input and output channels below which the direct conv wins (measured)
-MIN_SPATIAL = 14  # output height and width below which the direct conv wins (512@7: 2.6 vs 2.1 ms)
+# The cost model, from measurements on 2 x86 cores (direct conv vs Winograd, ms): 32@56 0.38 vs 0.38,
+# 64@14 0.107 vs 0.113, 128@7 0.087 vs 0.101 (too little work to pay for the transforms);
+# 48@28 0.231 vs 0.187, 256@7 0.292 vs 0.205, 512@7 1.02 vs 0.81, 64@56 1.10 vs 0.56.
+MIN_CHANNELS = 48  # input and output channels below which the direct conv wins
+MIN_MACS = 12_000_000  # multiply-adds of the direct conv below which it wins
+MIN_SPATIAL = 7  # output height and width below which the transformed weight's traffic dominates
+F4_MIN_CHANNELS = 64  # F(4x4) only from here (48@28: F2 0.187 ms, F4 0.229 ms; 64@56: F2 0.69, F4 0.56)
 BLOCKS = ("wino_data_pack", "wino_bgemm", "wino_inverse")
 
 
@@ -55,8 +60,11 @@ def weight_transform(w: np.ndarray, m: int) -> np.ndarray:
     return np.ascontiguousarray(u.astype(w.dtype))
 
 
-def eligible(call: relax.Call) -> str | None:
-    """None when ``call`` (a relax.nn.conv2d) can take Winograd, else why not."""
+def eligible(call: relax.Call, cost_model: bool = True) -> str | None:
+    """None when ``call`` (a relax.nn.conv2d) can take Winograd, else why not.
+
+    ``cost_model``: also require the shape to be one where Winograd measured faster.
+    """
     at = call.attrs
     if [int(s) for s in at.strides] != [1, 1] or [int(d) for d in at.dilation] != [1, 1]:
         return "stride or dilation is not 1"
@@ -77,7 +85,10 @@ def eligible(call: relax.Call) -> str | None:
     if (kh, kw) != (3, 3):
         return "kernel is not 3x3"
     oh, ow = _out_hw(shape, [int(p) for p in at.padding])
-    if min(c, o) < MIN_CHANNELS or min(oh, ow) < MIN_SPATIAL:
+    if min(oh, ow) < 1:
+        return "empty output"
+    macs = c * o * 9 * shape[0] * oh * ow
+    if cost_model and (min(c, o) < MIN_CHANNELS or min(oh, ow) < MIN_SPATIAL or macs < MIN_MACS):
         return f"too small ({c}->{o} channels, {oh}x{ow}): the direct conv is faster"
     return None
 
@@ -87,10 +98,13 @@ def _out_hw(shape, pads) -> tuple[int, int]:
     return shape[2] + pt + pb - 2, shape[3] + pl + pr - 2
 
 
-def choose_tile(oh: int, ow: int) -> int:
-    """F(4x4) unless 4-wide edge tiles waste over 35% of the work (14x14: 31%, F4 still 7% faster than F2)."""
+def choose_tile(oh: int, ow: int, channels: int) -> int:
+    """F(4x4) for >= 64 channels on maps of 14+ whose edge tiles waste under 35% of the work, else F(2x2).
+
+    F4's transformed weight is 36/16 the size of F2's: on 7x7 maps its traffic dominates (512@7: 1.7 vs 0.8 ms).
+    """
     waste4 = math.ceil(oh / 4) * math.ceil(ow / 4) * 16 / (oh * ow)
-    return 4 if waste4 < 1.35 else 2
+    return 4 if channels >= F4_MIN_CHANNELS and min(oh, ow) >= 14 and waste4 < 1.35 else 2
 
 
 def winograd_te(data: te.Tensor, kpack: te.Tensor, pads, m: int) -> te.Tensor:
@@ -157,22 +171,23 @@ def _const(mat: np.ndarray, name: str) -> te.Tensor:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod, tile: int | None):
+    def __init__(self, mod, tile: int | None, force: bool):
         super().__init__(mod)
-        self.tile = tile
+        self.tile, self.force = tile, force
         self.rewritten = 0
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
         if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)):
             return call
-        why = eligible(call)
+        why = eligible(call, cost_model=not self.force)
         if why is not None:
             log.debug("conv2d %s stays direct: %s", call.args[1].ty.shape, why)
             return call
         x, w = call.args
         pads = [int(p) for p in call.attrs.padding]
-        m = self.tile or choose_tile(*_out_hw([int(d) for d in x.ty.shape], pads))
+        c, o = int(w.ty.shape[1]), int(w.ty.shape[0])
+        m = self.tile or choose_tile(*_out_hw([int(d) for d in x.ty.shape], pads), min(c, o))
         kpack = relax.const(weight_transform(w.value.numpy(), m))
         self.rewritten += 1
         return self.builder_.call_te(winograd_te, x, kpack, pads, m, primfunc_name_hint="winograd_conv2d")
@@ -186,11 +201,12 @@ def enabled() -> bool:
 def rewrite_winograd(mod, tile: int | None = None, *, force: bool = False):
     """Every eligible conv2d of ``mod`` as Winograd F(tile, 3) (``tile`` None: ``choose_tile``).
 
-    Unchanged when ``enabled()`` is false, unless ``force``.
+    Unchanged when ``enabled()`` is false; ``force``: ignore that and the cost model (every conv
+    Winograd can compute; for tests and measurements).
     """
     if not (force or enabled()):
         return mod
-    rw = _Rewriter(mod, tile)
+    rw = _Rewriter(mod, tile, force)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rw.builder_.update_func(gv, rw.visit_expr(func))
