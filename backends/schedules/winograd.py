@@ -15,7 +15,9 @@ function receives the transformed constant ``[a, a, C, O]``. ``schedule_winograd
 (the constant matrices fold away), the GEMM register-tiled by ``tiling.apply_contraction``.
 
 F(4x4) does 4x fewer multiplications than the direct conv, F(2x2) 2.25x; ``choose_tile`` picks per
-shape, ``eligible`` says why a conv is left to the direct schedule.
+shape, ``eligible`` says why a conv is left to the direct schedule (a measured cost model).
+``backends/compile.py`` runs the rewrite for CPU targets when default schedules are on and no
+tuning database is given; ``GRAPHOPT_WINOGRAD=0`` turns it off.
 """
 
 from __future__ import annotations
