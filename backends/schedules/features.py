@@ -40,21 +40,34 @@ def as_target(target_spec):
     return tvm.target.Target(target_spec)
 
 
+def llvm_vector_bits(target) -> int:
+    """SIMD register width in bits of an llvm target, from the CPU features LLVM reports for it.
+
+    TVM's ``llvm_get_vector_width`` is not usable for this: it answers 512 for every x86 CPU (AVX2-only
+    znver3 and haswell, even plain x86-64), and a rule that plans AVX-512 register tiles on an AVX2 CPU
+    spills half of its accumulators.
+    """
+    from tvm.target.codegen import llvm_get_cpu_features
+
+    try:
+        features = {str(f) for f in llvm_get_cpu_features(as_target(target))}
+    except Exception:  # noqa: BLE001 - a target this LLVM cannot describe: the common 128-bit baseline
+        return 128
+    if "avx512f" in features:
+        return 512
+    if "avx" in features:
+        return 256
+    return 128  # SSE2 (every x86-64), NEON, or no SIMD we plan for
+
+
 def features_of(target_spec) -> CPUFeatures:
     """Read vector width and cores from a TargetSpec (its fields win) or from the tvm Target."""
-    from tvm.target.codegen import llvm_get_vector_width
-
     target = as_target(target_spec)
     given = getattr(target_spec, "features", None)
     given = dict(given) if isinstance(given, dict) else {}
     bits = given.get("vector_bits") or getattr(target_spec, "vector_bits", None)
     if not bits:
-        try:
-            bits = int(llvm_get_vector_width(target))
-        except Exception:  # noqa: BLE001 - a target LLVM cannot describe: assume 128-bit SIMD
-            bits = 128
-        if bits <= 0:
-            bits = 128
+        bits = llvm_vector_bits(target)
     cores = given.get("cores") or getattr(target_spec, "cores", None)
     if not cores:
         nc = target.attrs.get("num-cores") if hasattr(target, "attrs") else None

@@ -125,13 +125,9 @@ def _host_cpu() -> str:
 
 
 def _vector_bits(config: dict[str, Any]) -> int:
-    import tvm
-    from tvm.target import codegen
+    from graphopt.backends.schedules.features import llvm_vector_bits
 
-    try:
-        return int(codegen.llvm_get_vector_width(tvm.target.Target(config)))
-    except Exception:  # an LLVM without this target: fall back on the ISA's baseline
-        return 128
+    return llvm_vector_bits(config)
 
 
 def _x86() -> TargetSpec:
