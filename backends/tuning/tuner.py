@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from graphopt.backends.tuning.database import best_seconds, default_db_dir, open_database
+from graphopt.backends.tuning.intrinsics import register_for
 from graphopt.errors import UsageError
 
 
@@ -105,6 +106,7 @@ def tune_module(
     log = progress or (lambda s: None)
     start = time.perf_counter()
 
+    register_for(target)  # before MetaSchedule's TuneContext imports every backend's intrinsics (45 s)
     fused = _fuse(mod, target)
     tasks = [t for t in extract_tasks(fused, target) if not t.mod.attrs.get("tirx.is_scheduled", False)]
     per_task = max_trials_per_task or max(trials_per_round, trials // max(1, len(tasks)))
@@ -166,6 +168,23 @@ def _strategy(trials_per_task: int):
     )
 
 
+BUILD_TIMEOUT_S = 120  # per candidate; MetaSchedule's default of 30 s is short for a cold worker on 2 cores
+
+
+def _build_candidate(mod, target, _params):
+    """MetaSchedule's ``default_build`` without its ``import tvm.s_tir.tensor_intrin``.
+
+    That import registers every tensor intrinsic TVM has (CUDA's alone take 30 s): 45 s on this
+    project's 2-core machines, paid again in each round's new builder process, where it ran into the
+    builder's timeout and every candidate was recorded as a build error. Building a candidate needs no
+    registry: tensorization already happened where the candidate was sampled.
+    """
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
 def _builder(fcompile):
     """Builds candidates one at a time (2 cores: building beside measuring adds noise).
 
@@ -174,7 +193,7 @@ def _builder(fcompile):
     from tvm.s_tir import meta_schedule as ms
 
     if fcompile is None:
-        return ms.builder.LocalBuilder(max_workers=1)
+        return ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT_S, f_build=_build_candidate)
 
     def export(mod) -> str:
         import tempfile
@@ -183,7 +202,7 @@ def _builder(fcompile):
         mod.export_library(path, fcompile=fcompile)
         return path
 
-    return ms.builder.LocalBuilder(max_workers=1, f_export=export)
+    return ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT_S, f_build=_build_candidate, f_export=export)
 
 
 def _fuse(mod, target):

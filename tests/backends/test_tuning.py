@@ -43,6 +43,7 @@ def test_second_model_reuses_records_and_compiled_output_matches(tmp_path):
     b = _conv_model(tmp_path / "b.onnx", extra_matmul=True)
     first = graphopt.api.tune(a, trials=4, max_trials_per_task=4, tuning_db=db, progress=None)
     assert first.trials_run > 0 and first.reused == 0
+    assert all(t.best_ms is not None for t in first.tasks), first.tasks  # candidates built and measured
     second = graphopt.api.tune(b, trials=8, max_trials_per_task=4, tuning_db=db, progress=None)
     reused = [t.name for t in second.tasks if t.reused]
     assert any("conv2d" in name for name in reused), second.tasks
@@ -115,3 +116,27 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path):
         for p in [*servers, tracker]:
             p.terminate()
             p.wait(timeout=10)
+
+
+def test_only_the_targets_tensor_intrinsics_are_registered():
+    """Tuning for x86 registers x86's intrinsics (VNNI) and not CUDA's (30 s of imports on 2 cores)."""
+    import tvm
+
+    from graphopt.backends.tuning.intrinsics import module_for
+
+    assert module_for(tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})) == "x86"
+    assert module_for(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == "arm_cpu"
+    assert module_for(tvm.target.Target({"kind": "cuda", "arch": "sm_80"})) == "cuda"
+    code = (
+        "import sys, tvm\n"
+        "from graphopt.backends.tuning.intrinsics import register_for\n"
+        "register_for(tvm.target.Target({'kind': 'llvm', 'mcpu': 'znver4'}))\n"
+        "import tvm.s_tir.tensor_intrin\n"  # what MetaSchedule's TuneContext does
+        "from tvm.s_tir import TensorIntrin\n"
+        "assert TensorIntrin.get('dot_16x4_vnni') is not None\n"
+        "print(sorted(m for m in sys.modules if m.startswith('tvm.s_tir.tensor_intrin.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    loaded = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own printed list
+    assert "tvm.s_tir.tensor_intrin.x86" in loaded
+    assert "tvm.s_tir.tensor_intrin.cuda" not in loaded
