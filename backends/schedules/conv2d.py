@@ -26,7 +26,16 @@ from tvm import s_tir, tirx
 from .analysis import block_axes, buffer_uses, coefficient, main_reduction
 from .features import RuleContext
 from .prepack import REPACK_ATTR, layout_name
-from .tiling import PARALLEL_MIN_MACS, _inline_epilogue, _try, apply_contraction, divisors, parallelize_outer, plan_contraction, register_tile
+from .tiling import (
+    PARALLEL_MIN_MACS,
+    _inline_epilogue,
+    _try,
+    accumulator_tile,
+    apply_contraction,
+    divisors,
+    parallelize_outer,
+    plan_contraction,
+)
 
 
 CHANNEL_VECTORS = 2  # output-channel vectors per register tile (fewer broadcasts per multiply-add)
@@ -93,9 +102,11 @@ def apply_channel_vector(sch: s_tir.Schedule, block, ctx: RuleContext, runtime_r
     ft = max(d for d in divisors(axes[f].extent) if d <= lanes)
     if ft < min(lanes, 4):
         return False
-    nvec = 2 if axes[f].extent % (2 * lanes) == 0 and CHANNEL_VECTORS == 2 else 1
+    # channel vectors and columns per register tile, chosen together for the most accumulators (ties:
+    # two vectors, fewer broadcasts): 7 columns on AVX2 take one vector x 7, not two vectors x 1
+    nvecs = (2, 1) if axes[f].extent % (2 * lanes) == 0 and CHANNEL_VECTORS == 2 else (1,)
+    nvec, rt = max(((n, accumulator_tile(feats, axes[x].extent, n)) for n in nvecs), key=lambda p: p[0] * p[1])
     ft = ft * nvec
-    rt = register_tile(axes[x].extent, feats.max_accumulators // nvec)
     params = list(sch.mod["main"].params)
     w_param = next((k for k, p in enumerate(params) if p.same_as(weight.source)), None)
     prepacked = w_param is not None and w_param in ctx.constants

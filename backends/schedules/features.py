@@ -24,6 +24,11 @@ class CPUFeatures:
         (leaving room for the loaded operands and broadcasts)."""
         return 24 if self.vector_bits >= 512 else 12
 
+    @property
+    def vector_registers(self) -> int:
+        """Architectural vector registers: 32 with AVX-512 (zmm0-31), 16 with AVX/AVX2 and SSE."""
+        return 32 if self.vector_bits >= 512 else 16
+
 
 def as_target(target_spec):
     """A tvm Target from a graphopt TargetSpec, a tvm Target, a dict or a string name of a kind."""

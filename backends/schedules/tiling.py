@@ -49,6 +49,20 @@ def register_tile(extent: int, limit: int) -> int:
     return max(d for d in divisors(extent) if d <= max(1, limit))
 
 
+def accumulator_tile(feats: CPUFeatures, extent: int, nvec: int) -> int:
+    """Register tile over an axis of ``extent`` whose every step feeds ``nvec`` vector accumulators.
+
+    The largest divisor within ``max_accumulators``; when the divisors leave that tile under half
+    full (13 or 7 columns: a tile of 1), the tile may fill every register the operands do not need
+    (``nvec`` loaded vectors and one broadcast): 13 columns on AVX2 then take 13 accumulators, not 1.
+    """
+    limit = max(1, feats.max_accumulators // nvec)
+    tile = register_tile(extent, limit)
+    if 2 * tile < limit:
+        tile = register_tile(extent, (feats.vector_registers - nvec - 1) // nvec)
+    return tile
+
+
 def plan_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, axes: list[Axis] | None = None) -> TilePlan | None:
     """Choose vector and register axes for a reduction block; None when it is not a contraction.
 
@@ -83,7 +97,7 @@ def plan_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, axes: list[
         # extent; without one (depthwise) the innermost candidate (neighbouring rows share cache lines)
         reuse = [i for i in cands if not any(buffer_uses(r, axes[i].var) for r in vec_reads)]
         reg = max(reuse, key=lambda i: (axes[i].extent, i)) if reuse else max(cands)
-    rt = register_tile(axes[reg].extent, feats.max_accumulators // nvec) if reg is not None else 1
+    rt = accumulator_tile(feats, axes[reg].extent, nvec) if reg is not None else 1
     outer = 1
     for i in spatial:
         outer *= axes[i].extent // (vt if i == vec else rt if i == reg else 1)

@@ -7,7 +7,8 @@ import pytest
 
 from graphopt.backends.schedules import apply_default_schedules, features_of
 from graphopt.backends.schedules.testing import build, ort_run, single_node_model
-from graphopt.backends.schedules.tiling import register_tile, vector_tile
+from graphopt.backends.schedules.features import CPUFeatures
+from graphopt.backends.schedules.tiling import accumulator_tile, register_tile, vector_tile
 
 CASES = [
     ("MaxPool", (1, 16, 15, 17), dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]), "pool"),
@@ -63,6 +64,18 @@ def test_tile_choices_follow_vector_width():
     assert vector_tile(28, 4) == 4
     assert register_tile(64, 12) == 8
     assert register_tile(13, 8) == 1
+
+
+def test_accumulator_tile_uses_the_free_registers_when_divisors_leave_it_small():
+    avx2, avx512 = CPUFeatures(vector_bits=256, cores=2), CPUFeatures(vector_bits=512, cores=2)
+    assert avx2.vector_registers == 16 and avx512.vector_registers == 32
+    # 13 columns (a 13x13 map): 13 accumulators + 1 weight vector + 1 broadcast fit AVX2's 16 registers
+    assert accumulator_tile(avx2, 13, 1) == 13
+    # two vectors of 7: 14 accumulators + 3 operands do not fit; the plan then takes one vector x 7
+    assert accumulator_tile(avx2, 7, 2) == 1 and accumulator_tile(avx2, 7, 1) == 7
+    # divisors that fill the tile keep the usual limit (12 on AVX2, 24 on AVX-512)
+    assert accumulator_tile(avx2, 24, 2) == 6 and accumulator_tile(avx512, 24, 2) == 12
+    assert accumulator_tile(avx512, 7, 2) == 7
 
 
 def test_aarch64_features_and_already_scheduled_functions_left_alone():
