@@ -75,6 +75,24 @@ def _conv(ctx, inputs):
     return _add_bias(conv(ctx, inputs[0], inputs[1]), bias, len(_static_shape(ctx, 0)))
 
 
+def _patch_conv_transpose(ctx, x, w, xshape, kernel) -> relax.Expr:
+    """A 2-D transposed conv whose stride equals its kernel (no pads, dilation or output padding).
+
+    Each input pixel writes its own kh x kw patch and patches do not overlap, so it is a 1x1 conv to
+    O*kh*kw channels followed by depth-to-space: 1/(kh*kw) of the multiply-adds of the conv over the
+    zero-dilated input that conv2d_transpose computes, and a conv the CPU schedules vectorize well
+    (PP-OCRv4 det's 2x2/2 upsampling heads).
+    """
+    c, o = _static_shape(ctx, 1)[:2]
+    kh, kw = kernel
+    batch, _, h, wd = xshape
+    w1 = ctx.emit(op.reshape(op.permute_dims(w, [1, 2, 3, 0]), [o * kh * kw, c, 1, 1]))
+    y = ctx.emit(op.nn.conv2d(x, w1))  # [N, O*kh*kw, H, W], channel (o, a, b)
+    y = ctx.emit(op.reshape(y, [batch, o, kh, kw, h, wd]))
+    y = ctx.emit(op.permute_dims(y, [0, 1, 4, 2, 5, 3]))  # [N, O, H, kh, W, kw]
+    return op.reshape(y, [batch, o, h * kh, wd * kw])
+
+
 def _conv_transpose(ctx, inputs):
     x, w = inputs[0], inputs[1]
     bias = inputs[2] if len(inputs) > 2 else None
@@ -104,6 +122,9 @@ def _conv_transpose(ctx, inputs):
         pads = [0] * (2 * n)
     else:
         pads = list(ctx.attr("pads") or [0] * (2 * n))
+    if (n == 2 and group == 1 and strides == kernel and not any(pads) and not any(out_pad)
+            and all(d == 1 for d in dilations) and helpers.dtype_of(x) == "float32"):
+        return _add_bias(_patch_conv_transpose(ctx, x, w, xshape, kernel), bias, rank)
     data_layout, _, kernel_layout = _LAYOUT[n]
     native = all(p >= 0 for p in pads) and all(0 <= o < max(s, d) for o, s, d in zip(out_pad, strides, dilations))
     if native:

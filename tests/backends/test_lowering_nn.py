@@ -94,6 +94,10 @@ CONV_T = [
     ((1, 2, 5, 5), (2, 3, 3, 3), dict(strides=[2, 2], output_shape=[12, 11])),
     ((1, 3, 4, 7), (3, 2, 2, 3), dict(auto_pad="SAME_UPPER", strides=[2, 2], dilations=[1, 2])),
     ((2, 3, 7), (3, 4, 3), dict(strides=[2], pads=[1, 2])),
+    # stride = kernel: lowered as a 1x1 conv and depth-to-space (square, non-square, 1x1)
+    ((2, 5, 6, 7), (5, 3, 2, 2), dict(strides=[2, 2])),
+    ((1, 4, 5, 3), (4, 6, 3, 2), dict(strides=[3, 2], kernel_shape=[3, 2])),
+    ((1, 3, 4, 4), (3, 2, 1, 1), dict(strides=[1, 1])),
 ]
 
 
@@ -104,6 +108,19 @@ def test_conv_transpose_against_ort(xs, ws, attrs):
     model = make_model([node], [("x", F, list(xs))], [("y", F, None)],
                        {"w": _rand(*ws, seed=1), "b": _rand(cout, seed=2)}, opset=13)
     check_against_ort(model, {"x": _rand(*xs)})
+
+
+def test_conv_transpose_with_stride_equal_to_kernel_is_a_1x1_conv():
+    """No conv2d_transpose is left: the non-overlapping patches come from a 1x1 conv and a transpose."""
+    import onnx_ir as ir
+
+    from graphopt.backends.lowering import lower
+
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2])
+    model = make_model([node], [("x", F, [1, 8, 10, 12])], [("y", F, None)], {"w": _rand(8, 4, 2, 2, seed=1)}, opset=13)
+    text = str(lower(ir.from_proto(model)).mod)
+    assert "conv2d_transpose" not in text and "R.nn.conv2d(" in text
+    check_against_ort(model, {"x": _rand(1, 8, 10, 12)})
 
 
 POOLS = [
