@@ -172,6 +172,24 @@ def _plain(arrays) -> bool:
     return all(isinstance(a, (np.ndarray, np.generic)) for a in arrays)
 
 
+def _arrays(values) -> list:
+    """A data set's values as numpy; TensorProtos carry the dtypes numpy lacks (bfloat16, float8,
+    int4, ...) and become ml_dtypes arrays. Sequences, optionals and maps stay as they are."""
+    import onnx
+
+    return [onnx.numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto) else v for v in values]
+
+
+def _feed(a: np.ndarray, dtype: str) -> np.ndarray:
+    """``a`` in the dtype the compiled input holds it in: 4/2-bit integers in 8 bits, float4 and e8m0
+    as their bit patterns."""
+    from graphopt.backends.lowering.helpers import numpy_dtype
+
+    if a.dtype.name in ("float4_e2m1fn", "float8_e8m0fnu"):
+        a = a.view(np.uint8)
+    return a if a.dtype.name == dtype else a.astype(numpy_dtype(dtype))
+
+
 def _run_ort(case) -> bool | None:
     try:
         import onnxruntime as ort
@@ -197,10 +215,11 @@ def run_case(case, *, opt_level: int = 2, frontend: str = "graphopt", target="x8
     from graphopt.backends.compile import CompileStageError, compile_model, first_error_line
     from graphopt.errors import GraphoptError, UnsupportedError
 
-    if not all(_plain(i) and _plain(o) for i, o in case.data_sets):
+    data_sets = [(_arrays(i), _arrays(o)) for i, o in case.data_sets]
+    if not all(_plain(i) and _plain(o) for i, o in data_sets):
         return "unsupported", "sequence/optional/map inputs or outputs"
     compiled_by_shapes: dict = {}
-    for inputs, expected in case.data_sets:
+    for inputs, expected in data_sets:
         inputs = [np.asarray(a) for a in inputs]  # some cases give numpy scalars
         graph_inputs = [i.name for i in case.model.graph.input]
         frozen = shape_input_names(case.model) if freeze else set()
@@ -227,10 +246,12 @@ def run_case(case, *, opt_level: int = 2, frontend: str = "graphopt", target="x8
         except Exception as e:
             return "compile_error", f"{type(e).__name__}: {first_error_line(e)}"
         try:
-            outputs = compiled(*feeds)
+            outputs = compiled(*[_feed(a, dtype) for a, (_n, _s, dtype) in zip(feeds, compiled.inputs)])
         except Exception as e:
             return "run_error", f"{type(e).__name__}: {first_error_line(e)}"
         for (name, value), exp in zip(outputs.items(), expected):
+            if exp.dtype.name in ("float4_e2m1fn", "float8_e8m0fnu") and value.dtype == np.uint8:
+                value = value.view(exp.dtype)  # held as bit patterns
             problem = _close(value, exp)
             if problem:
                 return "mismatch", f"output '{name}': {problem}"

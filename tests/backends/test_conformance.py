@@ -80,3 +80,13 @@ def test_case_op_and_frozen_inputs():
     assert conformance.case_op(cases["test_layer_normalization_2d_axis0_expanded"]) == "LayerNormalization"
     assert conformance.shape_input_names(cases["test_reshape_reduced_dims"].model) == {"shape"}
     assert conformance.shape_input_names(cases["test_gather_0"].model) == set()
+
+
+def test_cases_with_dtypes_numpy_lacks_run_through_the_compiler():
+    """Data sets of bfloat16, float8, float4 and int4 come as TensorProtos: they are converted, fed in
+    the dtype the compiled input holds, and compared (float4 outputs are held as bit patterns)."""
+    names = ["test_cast_FLOAT_to_BFLOAT16", "test_cast_FLOAT8E4M3FN_to_FLOAT", "test_cast_FLOAT_to_FLOAT4E2M1",
+             "test_cast_INT4_to_FLOAT", "test_castlike_no_saturate_FLOAT_to_FLOAT8E5M2"]
+    report = conformance.run_conformance(names=names, jobs=2, timeout=120, ort=False)
+    assert {r.name: f"{r.status}: {r.reason}" for r in report.results if r.status != "passed"} == {}
+    assert report.passed == len(names)

@@ -247,3 +247,20 @@ def test_silero_folds_to_a_fixpoint_in_one_call():
     assert result.modified
     assert sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph)) < before_nodes
     assert not ConstantFoldingPass()(result.model).modified
+
+
+def test_castlike_rewritten_as_cast_keeps_saturate():
+    """CastLike(saturate=0) to float8 becomes a Cast that still does not saturate (out of range: NaN)."""
+    nodes = [helper.make_node("CastLike", ["x", "like"], ["q"], saturate=0),
+             helper.make_node("Cast", ["q"], ["y"], to=TensorProto.FLOAT)]
+    like = helper.make_tensor("like", TensorProto.FLOAT8E4M3FN, [0], [])
+    g = helper.make_graph(nodes, "g", [_vi("x", [4])], [_vi("y", [4])], [like])
+    model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]))
+    feeds = {"x": np.array([1e6, -1e6, 0.5, 3.0], np.float32)}
+    before = run_onnxruntime(model, feeds)["y"]
+    result = ConstantFoldingPass()(model)
+    cast = next(n for n in result.model.graph if n.op_type == "Cast" and n.outputs[0].name == "q")
+    assert cast.attributes["saturate"].as_int() == 0
+    after = run_onnxruntime(result.model, feeds)["y"]
+    assert np.isnan(before[:2]).all()
+    np.testing.assert_array_equal(after, before)
