@@ -123,6 +123,11 @@ def apply_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, plan: Tile
         else:
             outer_s.append(a.loop)
     inner = ([u_i] if plan.reg_axis is not None else []) + [v_i]
+    if plan.reg_axis is not None and _streams_more_than_it_reuses(sch.get(block), axes[plan.reg_axis].var):
+        # the register axis's tile loop innermost of the outer loops: the data the vector loads read
+        # (a conv's input window) stays in L1 across every tile of it, the smaller operand comes from L2
+        reg_o = outer_s[[i for i, a in enumerate(axes) if not a.reduce].index(plan.reg_axis)]
+        outer_s = [lp for lp in outer_s if lp != reg_o] + [reg_o]
     sch.reorder(*outer_s, *reds, *inner)
     tile_loop = outer_s[-1]
 
@@ -141,6 +146,20 @@ def apply_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, plan: Tile
         if sch.get(loops[-1]).kind != tirx.ForKind.VECTORIZED:
             _try(sch.vectorize, loops[-1])
     return plan
+
+
+def _streams_more_than_it_reuses(stmt, reg_var) -> bool:
+    """True when the inputs that do not move with the register axis (a conv's activations) hold more
+    bytes than those that do (its weights). Looping over the register tiles outside the other spatial
+    loops then re-reads the larger operand once per tile: PP-OCRv4 det's 3x3 conv 96->24 on 160x160
+    read its 10 MB input 4 times from memory (33 GFLOP/s; 107 on 80x80, whose input stays in cache)."""
+
+    def nbytes(region) -> int:
+        return math.prod(int(d) for d in region.source.shape) * region.source.dtype.bits // 8
+
+    moving = sum(nbytes(r) for r in stmt.reads if buffer_uses(r, reg_var))
+    other = sum(nbytes(r) for r in stmt.reads if not buffer_uses(r, reg_var))
+    return other > moving
 
 
 def _try(prim, *args) -> bool:
