@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from tvm import s_tir, tirx
 
-from .analysis import int_extent, is_data_movement, is_reduction_block, is_spatial_block, root_blocks
+from .analysis import int_extent, is_copy, is_data_movement, is_reduction_block, is_spatial_block, root_blocks
 from .conv2d import schedule_conv2d
 from .features import CPUFeatures, RuleContext, features_of
 from .injective import schedule_injective
@@ -51,12 +51,14 @@ def _inline_data_movement(sch: s_tir.Schedule) -> None:
     """Fold pad / dilate / transpose blocks into the spatial blocks that read them (one pass, not two).
 
     Only into spatial consumers: a pad folded into a conv's reduction would put a branch in its
-    vector loop.
+    vector loop. A plain copy (a pad of zero width before a 1x1 conv) has no branch and goes into
+    any consumer.
     """
     for block in root_blocks(sch):
         try:
             cons = list(sch.get_consumers(block))
-            if cons and is_data_movement(sch, block) and all(is_spatial_block(sch, c) for c in cons):
+            if cons and is_data_movement(sch, block) and (
+                    is_copy(sch, block) or all(is_spatial_block(sch, c) for c in cons)):
                 sch.compute_inline(block)
         except Exception as e:  # noqa: BLE001 - an output, or a consumer that cannot take it
             log.debug("block %s not inlined: %s", sch.get(block).name_hint, e)

@@ -114,6 +114,13 @@ def main_reduction(sch: s_tir.Schedule):
     return max(reds, key=lambda b: work(sch, b)) if reds else None
 
 
+def is_copy(sch: s_tir.Schedule, block) -> bool:
+    """A spatial block whose value is one load: a pad of zero width, a reshape; no branch, no arithmetic."""
+    body = sch.get(block).body
+    return (type(body).__name__ in ("BufferStore", "TensorStore") and is_spatial_block(sch, block)
+            and type(body.value).__name__ in ("BufferLoad", "TensorLoad"))
+
+
 def is_data_movement(sch: s_tir.Schedule, block) -> bool:
     """A spatial block that only moves data: a load, or a padding ``if_then_else(cond, load, const)``."""
     stmt = sch.get(block)

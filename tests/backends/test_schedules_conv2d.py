@@ -148,3 +148,43 @@ def test_weight_given_as_input_is_repacked_per_call_when_strided():
     built = build(model, {"x": (1, 8, 9, 9), "w": (16, 8, 3, 3)})  # stride 2: repacked inside the function
     assert "conv2d" in built.report.values()
     np.testing.assert_allclose(built(feeds)[0], ort_run(model, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_hardswish_epilogue_and_zero_pad_fold_into_one_loop_nest():
+    """A 1x1 conv whose output feeds x * clip(x/6 + 1/2, 0, 1) (x used twice, as exporters write
+    HardSwish) and a final affine: one loop nest, no copy of the input for a pad of zero width."""
+    import onnx_ir as ir
+    import tvm
+    from tvm import relax
+
+    from graphopt.backends.compile import fused_module
+    from graphopt.backends.schedules import apply_default_schedules, features_of
+    from graphopt.backends.targets import get_target
+
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((32, 16, 1, 1)) * 0.3).astype(np.float32)
+    consts = {"w": w, "b": rng.standard_normal(32).astype(np.float32), "sixth": np.float32(1 / 6),
+              "half": np.float32(0.5), "zero": np.float32(0), "one": np.float32(1), "g": np.float32(1.5)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"]),
+             helper.make_node("Mul", ["c", "sixth"], ["t1"]), helper.make_node("Add", ["t1", "half"], ["t2"]),
+             helper.make_node("Max", ["t2", "zero"], ["t3"]), helper.make_node("Min", ["t3", "one"], ["t4"]),
+             helper.make_node("Mul", ["c", "t4"], ["hs"]), helper.make_node("Mul", ["hs", "g"], ["t5"]),
+             helper.make_node("Add", ["t5", "half"], ["y"])]
+    graph = helper.make_graph(nodes, "hswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 40, 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    mod = fused_module(ir.from_proto(model), "x86", opt_level=2)  # graphopt's lowering, as compile does
+    feats = features_of(get_target("x86"))
+    out = apply_default_schedules(mod, feats.target)
+    funcs = {gv.name_hint: f for gv, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    (func,) = funcs.values()
+    text = func.script()
+    import re
+
+    # accumulator init, update and its write-back, which computes the whole epilogue; no pad, no other pass
+    assert sorted(set(re.findall(r'T\.sblock\("(\w+)"\)', text)) - {"root"}) == [
+        "conv2d_nchw_init", "conv2d_nchw_intermediate_local", "conv2d_nchw_update"], text
+    vm = relax.VirtualMachine(tvm.compile(out, target=feats.target), tvm.cpu())
+    x = rng.standard_normal((1, 16, 40, 48)).astype(np.float32)
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ort_run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
