@@ -22,6 +22,8 @@ def schedule_injective(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
     total = 1
     for e in exts:
         total *= e
+    if total == 0:
+        return True  # no elements (a zero-length state): nothing to run, and a 0-lane vector fails to build
     stmt = sch.get(block)
     lanes = feats.lanes(stmt.writes[0].source.dtype.bits if stmt.writes else 32)
     outer = list(loops)

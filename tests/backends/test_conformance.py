@@ -18,6 +18,7 @@ SUBSET = [
     "test_globalaveragepool", "test_softmax_axis_0", "test_transpose_default", "test_concat_1d_axis_0",
     "test_reshape_reduced_dims", "test_flatten_axis0", "test_reduce_mean_default_axes_keepdims_example",
     "test_unsqueeze_axis_0", "test_slice", "test_gather_0", "test_where_example", "test_clip", "test_leakyrelu",
+    "test_causal_conv_with_state_kernel_size_one",  # a zero-length state: an empty loop to schedule
 ]
 
 
