@@ -104,6 +104,21 @@ def profile_vm(vm, args: list, runs: int = 3) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["ms"])
 
 
+WARMUP_MIN_SECONDS = 1.0  # a new process's first runs are slow (thread pools, page faults, clocks)
+
+
+def warm_up(run, warmup: int) -> None:
+    """Call ``run`` ``warmup`` times, and on until ``WARMUP_MIN_SECONDS`` have passed (at most 1000 calls).
+
+    Three runs of a 12 ms model left the first model of a ``bench`` run 40% slower than the same
+    bundle timed again right after it.
+    """
+    start, n = time.perf_counter(), 0
+    while n < warmup or (time.perf_counter() - start < WARMUP_MIN_SECONDS and n < 1000):
+        run()
+        n += 1
+
+
 def _time_ort(onnx_path: str, feeds: dict, threads: int, repeat: int, warmup: int) -> list[float]:
     import onnxruntime as ort
 
@@ -113,8 +128,7 @@ def _time_ort(onnx_path: str, feeds: dict, threads: int, repeat: int, warmup: in
     sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in names}
-    for _ in range(warmup):
-        sess.run(None, feeds)
+    warm_up(lambda: sess.run(None, feeds), warmup)
     out = []
     for _ in range(repeat):
         t = time.perf_counter()
@@ -167,8 +181,7 @@ def measure(
     dev = runner.device
     args = [tvm.runtime.tensor(a, dev) for a in arrays] + list(getattr(runner, "_params", []))
     vm = runner.vm
-    for _ in range(warmup):
-        vm["main"](*args)
+    warm_up(lambda: vm["main"](*args), warmup)
     te = vm.time_evaluator("main", dev, number=1, repeat=repeat)
     go = list(te(*args).results)
     result: dict[str, Any] = {
@@ -258,7 +271,7 @@ def markdown(results: list[dict[str, Any]], command: str = "", top: int = 5) -> 
     r0 = results[0]
     lines += [f"Machine: {platform.machine()}, {os.cpu_count()} cores; target {r0['target']}, {r0['threads']} threads "
               f"for graphopt (`TVM_NUM_THREADS`) and ONNX Runtime (`intra_op_num_threads`); "
-              f"{r0['repeat']} timed runs after {r0['warmup']} warm-up runs"
+              f"{r0['repeat']} timed runs after {r0['warmup']} or more warm-up runs (at least {WARMUP_MIN_SECONDS:g} s)"
               f"{', untuned (no default schedules)' if r0['untuned'] else ', default schedules, no tuning'}. "
               f"Load average when written: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
               "(other processes on the machine slow both sides).", ""]

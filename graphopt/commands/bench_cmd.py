@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_input_shape(p)
     add_opt_level(p)
     p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3, and at least 1 s of them)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of median latency per model")
     p.add_argument("--markdown", metavar="FILE.md", help="write the results as a Markdown page (docs/benchmarks.md)")
