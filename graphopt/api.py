@@ -52,6 +52,16 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: str | None 
     return io.save(model, path, external_data=external_data)
 
 
+def _shapes_or_defaults(model, input_shapes):
+    """``input_shapes``, or a bundled model's default shapes when none are given (``rapidocr:rec``
+    is published with dynamic dims; compiling and tuning need them fixed, as ``bench`` fixes them)."""
+    if input_shapes or isinstance(model, ir.Model) or Path(model).exists() or ":" not in str(model):
+        return input_shapes
+    from graphopt import models
+
+    return models.default_input_shapes(str(model)) or input_shapes
+
+
 def _as_model(model: ir.Model | str | os.PathLike, input_shapes=None) -> ir.Model:
     if isinstance(model, ir.Model):
         if input_shapes:
@@ -154,7 +164,7 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
     from graphopt.backends.compile import compile_model
 
     source = None if isinstance(model, ir.Model) else resolve_model_path(model)
-    m = _as_model(model, input_shapes)
+    m = _as_model(model, _shapes_or_defaults(model, input_shapes))
     return compile_model(
         m,
         target=target,
@@ -207,7 +217,7 @@ def tune(
     from graphopt.backends.tuning import tune_module
 
     spec = get_target(target)
-    mod = fused_module(_as_model(model, input_shapes), spec, opt_level=opt_level)
+    mod = fused_module(_as_model(model, _shapes_or_defaults(model, input_shapes)), spec, opt_level=opt_level)
     return tune_module(
         mod, spec.target, trials=trials, db_dir=tuning_db, time_budget_s=time_budget_s,
         max_trials_per_task=max_trials_per_task, rpc=rpc, fcompile=spec.export_function(),

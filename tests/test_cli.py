@@ -246,3 +246,13 @@ def test_optimize_dump_ir_writes_one_file_per_modifying_pass(tmp_path):
     assert files and all(f.endswith(".txt") for f in files)
     assert any("freeze_initializers" in f for f in files)
     assert "Conv" in (dump / files[-1]).read_text()
+
+
+def test_bundled_models_compile_and_tune_with_their_default_shapes():
+    """`graphopt compile/tune rapidocr:rec` without --input-shape fix the dims the model is published
+    with as dynamic, as `bench` does; given shapes and files are left as they are."""
+    from graphopt import api, models
+
+    assert api._shapes_or_defaults("rapidocr:rec", None) == models.default_input_shapes("rapidocr:rec")
+    assert api._shapes_or_defaults("rapidocr:rec", ["x:1,3,48,160"]) == ["x:1,3,48,160"]
+    assert api._shapes_or_defaults("model.onnx", None) is None
