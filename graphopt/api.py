@@ -52,9 +52,9 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: str | None 
     return io.save(model, path, external_data=external_data)
 
 
-def _shapes_or_defaults(model, input_shapes):
+def input_shapes_for(model, input_shapes=None):
     """``input_shapes``, or a bundled model's default shapes when none are given (``rapidocr:rec``
-    is published with dynamic dims; compiling and tuning need them fixed, as ``bench`` fixes them)."""
+    is published with dynamic dims; compile, tune, bench and compare need them fixed)."""
     if input_shapes or isinstance(model, ir.Model) or Path(model).exists() or ":" not in str(model):
         return input_shapes
     from graphopt import models
@@ -164,7 +164,7 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
     from graphopt.backends.compile import compile_model
 
     source = None if isinstance(model, ir.Model) else resolve_model_path(model)
-    m = _as_model(model, _shapes_or_defaults(model, input_shapes))
+    m = _as_model(model, input_shapes_for(model, input_shapes))
     return compile_model(
         m,
         target=target,
@@ -217,7 +217,7 @@ def tune(
     from graphopt.backends.tuning import tune_module
 
     spec = get_target(target)
-    mod = fused_module(_as_model(model, _shapes_or_defaults(model, input_shapes)), spec, opt_level=opt_level)
+    mod = fused_module(_as_model(model, input_shapes_for(model, input_shapes)), spec, opt_level=opt_level)
     return tune_module(
         mod, spec.target, trials=trials, db_dir=tuning_db, time_budget_s=time_budget_s,
         max_trials_per_task=max_trials_per_task, rpc=rpc, fcompile=spec.export_function(),

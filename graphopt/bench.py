@@ -56,14 +56,9 @@ def _model_source(model: str, input_shapes: list[str]) -> tuple[str | None, list
             manifest = json.load(f)
         src = (manifest.get("source") or {}).get("path") if isinstance(manifest.get("source"), dict) else manifest.get("source_path")
         return (src if src and os.path.isfile(src) else None), input_shapes
-    from graphopt.api import resolve_model_path
+    from graphopt.api import input_shapes_for, resolve_model_path
 
-    shapes = list(input_shapes)
-    if not shapes and not os.path.exists(model) and ":" in model:
-        from graphopt import models
-
-        shapes = models.default_input_shapes(model)
-    return str(resolve_model_path(model)), shapes
+    return str(resolve_model_path(model)), list(input_shapes_for(model, list(input_shapes)) or [])
 
 
 def _inputs_for(runner, onnx_path: str | None, shapes: list[str]) -> dict[str, np.ndarray]:
@@ -110,8 +105,9 @@ WARMUP_MIN_SECONDS = 1.0  # a new process's first runs are slow (thread pools, p
 def warm_up(run, warmup: int) -> None:
     """Call ``run`` ``warmup`` times, and on until ``WARMUP_MIN_SECONDS`` have passed (at most 1000 calls).
 
-    Three runs of a 12 ms model left the first model of a ``bench`` run 40% slower than the same
-    bundle timed again right after it.
+    With three runs of a 12 ms model, the first model of a ``bench`` run measured 40% slower than the
+    same bundle timed again right after it; a second of warm-up narrows that gap (to about 25% on the
+    noisy 2-core machine measured), it does not close it.
     """
     start, n = time.perf_counter(), 0
     while n < warmup or (time.perf_counter() - start < WARMUP_MIN_SECONDS and n < 1000):

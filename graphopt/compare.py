@@ -50,17 +50,12 @@ class CompareRow:
 
 
 def _resolve(spec: str) -> tuple[Path, list[str]]:
-    from graphopt.api import resolve_model_path
+    from graphopt.api import input_shapes_for, resolve_model_path
 
     path = resolve_model_path(spec)
     if not path.exists():
         raise UsageError(f"{spec}: no such file or model name")
-    shapes: list[str] = []
-    if not Path(spec).exists():
-        from graphopt import models
-
-        shapes = models.default_input_shapes(spec)
-    return path, shapes
+    return path, list(input_shapes_for(spec) or [])
 
 
 def _session(proto: onnx.ModelProto, threads: int):

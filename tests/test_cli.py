@@ -253,6 +253,6 @@ def test_bundled_models_compile_and_tune_with_their_default_shapes():
     with as dynamic, as `bench` does; given shapes and files are left as they are."""
     from graphopt import api, models
 
-    assert api._shapes_or_defaults("rapidocr:rec", None) == models.default_input_shapes("rapidocr:rec")
-    assert api._shapes_or_defaults("rapidocr:rec", ["x:1,3,48,160"]) == ["x:1,3,48,160"]
-    assert api._shapes_or_defaults("model.onnx", None) is None
+    assert api.input_shapes_for("rapidocr:rec", None) == models.default_input_shapes("rapidocr:rec")
+    assert api.input_shapes_for("rapidocr:rec", ["x:1,3,48,160"]) == ["x:1,3,48,160"]
+    assert api.input_shapes_for("model.onnx", None) is None
