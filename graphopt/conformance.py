@@ -180,16 +180,6 @@ def _arrays(values) -> list:
     return [onnx.numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto) else v for v in values]
 
 
-def _feed(a: np.ndarray, dtype: str) -> np.ndarray:
-    """``a`` in the dtype the compiled input holds it in: 4/2-bit integers in 8 bits, float4 and e8m0
-    as their bit patterns."""
-    from graphopt.backends.lowering.helpers import numpy_dtype
-
-    if a.dtype.name in ("float4_e2m1fn", "float8_e8m0fnu"):
-        a = a.view(np.uint8)
-    return a if a.dtype.name == dtype else a.astype(numpy_dtype(dtype))
-
-
 def _run_ort(case) -> bool | None:
     try:
         import onnxruntime as ort
@@ -213,6 +203,7 @@ def run_case(case, *, opt_level: int = 2, frontend: str = "graphopt", target="x8
     import onnx_ir as ir
 
     from graphopt.backends.compile import CompileStageError, compile_model, first_error_line
+    from graphopt.backends.lowering.helpers import BIT_PATTERN_DTYPES, as_held
     from graphopt.errors import GraphoptError, UnsupportedError
 
     data_sets = [(_arrays(i), _arrays(o)) for i, o in case.data_sets]
@@ -246,11 +237,11 @@ def run_case(case, *, opt_level: int = 2, frontend: str = "graphopt", target="x8
         except Exception as e:
             return "compile_error", f"{type(e).__name__}: {first_error_line(e)}"
         try:
-            outputs = compiled(*[_feed(a, dtype) for a, (_n, _s, dtype) in zip(feeds, compiled.inputs)])
+            outputs = compiled(*[as_held(a, dtype) for a, (_n, _s, dtype) in zip(feeds, compiled.inputs)])
         except Exception as e:
             return "run_error", f"{type(e).__name__}: {first_error_line(e)}"
         for (name, value), exp in zip(outputs.items(), expected):
-            if exp.dtype.name in ("float4_e2m1fn", "float8_e8m0fnu") and value.dtype == np.uint8:
+            if exp.dtype.name in BIT_PATTERN_DTYPES and value.dtype == np.uint8:
                 value = value.view(exp.dtype)  # held as bit patterns
             problem = _close(value, exp)
             if problem:

@@ -85,6 +85,18 @@ def numpy_dtype(dtype: str) -> np.dtype:
     return np.dtype(dtype)
 
 
+# ml_dtypes names of the formats a compiled model holds as uint8 bit patterns
+BIT_PATTERN_DTYPES = ("float4_e2m1fn", "float8_e8m0fnu")
+
+
+def as_held(a: np.ndarray, dtype: str) -> np.ndarray:
+    """``a`` in the dtype a compiled input of ``dtype`` holds it in: float4 and e8m0 as their bit
+    patterns, 4/2-bit integers in 8 bits, bfloat16 from float32, ..."""
+    if a.dtype.name in BIT_PATTERN_DTYPES:
+        a = a.view(np.uint8)
+    return a if a.dtype.name == dtype else a.astype(numpy_dtype(dtype))
+
+
 # ---------------------------------------------------------------- constants
 
 

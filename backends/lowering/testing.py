@@ -28,11 +28,7 @@ def _to_tensor(arr: np.ndarray, dtype: str):
     arr = np.asarray(arr)
     if not arr.flags.c_contiguous:
         arr = arr.copy(order="C")
-    if arr.dtype.name in ("float4_e2m1fn", "float8_e8m0fnu"):  # held as their bit patterns
-        arr = arr.view(np.uint8)
-    if arr.dtype.name != dtype:  # bfloat16 given as float32, int4 held as int8, ...
-        arr = arr.astype(helpers.numpy_dtype(dtype))
-    return tvm.runtime.tensor(arr)
+    return tvm.runtime.tensor(helpers.as_held(arr, dtype))
 
 
 def _to_numpy(value) -> list[np.ndarray]:
