@@ -331,11 +331,11 @@ def _apply_tuning_db(mod, spec: TargetSpec, tuning_db: str | os.PathLike):
     return apply_database(mod, spec.target, tuning_db)
 
 
-def _apply_schedules(mod, spec: TargetSpec, schedules: bool):
+def _apply_schedules(mod, spec: TargetSpec, schedules: bool, choices=None):
     if schedules:
         from graphopt.backends.schedules import apply_default_schedules
 
-        mod = apply_default_schedules(mod, spec)
+        mod = apply_default_schedules(mod, spec, choices=choices)
     if spec.is_gpu:  # GPU code must be bound to threads: TVM's generic rules take what is left
         from tvm.s_tir import dlight as dl
 
@@ -401,12 +401,13 @@ def compile_model(
         embed = total <= EMBED_LIMIT_BYTES if embed_params is None else embed_params
         mod, params = _bind_params(lowered, embed)
     with stage("relax"):
-        mod = _relax_passes(mod, spec, winograd=schedules and tuning_db is None)
+        mod = _relax_passes(mod, spec, winograd=schedules)
+    choices = None
     if tuning_db is not None:
         with stage("tuning_db"):
-            mod = _apply_tuning_db(mod, spec, tuning_db)
+            mod, choices = _apply_tuning_db(mod, spec, tuning_db)
     with stage("schedules"):
-        mod = _apply_schedules(mod, spec, schedules)
+        mod = _apply_schedules(mod, spec, schedules, choices)
     with stage("build"):
         executable = _build(mod, spec)
     compiled = CompiledModule(
@@ -459,4 +460,4 @@ def fused_module(model: ir.Model, target: str | dict | TargetSpec, *, opt_level:
     with stage("bind_params"):
         mod, _ = _bind_params(lowered, embed=True)
     with stage("relax"):
-        return _relax_passes(mod, spec)
+        return _relax_passes(mod, spec, winograd=True)

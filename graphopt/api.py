@@ -205,11 +205,13 @@ def tune(
     rpc: str | None = None,
     opt_level: int = 2,
     input_shapes: dict | Sequence[str] | None = None,
+    search_candidates: int = 24,
     progress=print,
 ):
-    """Tune the model's fused kernels with MetaSchedule into a shared, resumable database.
+    """Tune the model's fused kernels into a shared, resumable database: graphopt's schedule search
+    (up to ``search_candidates`` schedules per function), then ``trials`` MetaSchedule trials.
 
-    Tasks already tuned for any model on the same target are reused, not tuned again.
+    Functions already tuned for any model on the same target are reused, not tuned again.
     ``rpc="host:port:key"`` measures on the devices an RPC tracker hands out.
     """
     from graphopt.backends.compile import fused_module
@@ -221,5 +223,5 @@ def tune(
     return tune_module(
         mod, spec.target, trials=trials, db_dir=tuning_db, time_budget_s=time_budget_s,
         max_trials_per_task=max_trials_per_task, rpc=rpc, fcompile=spec.export_function(),
-        progress=progress,
+        search_candidates=search_candidates, progress=progress,
     )

@@ -7,8 +7,12 @@ a plain dict (the JSON written by ``--json``)::
     {"model", "target", "threads", "repeat", "warmup", "untuned", "input_shapes",
      "graphopt": {"min_ms", "median_ms", "max_ms", "mean_ms"}, "ort": {...} or None,
      "ratio": graphopt median / ORT median, "ratio_min": graphopt min / ORT min, "flops", "gflops": FLOPs / graphopt median,
-     "ort_gflops", "compile_s", "schedules": {rule: functions}, "profile": [{"function", "ms", "share", "calls"}]}
+     "ort_gflops", "compile_s", "schedules": {rule: functions}, "profile": [{"function", "ms", "share", "calls"}],
+     "tuning_db", "default": {...} (with a database: the default schedules, same run), "ratio_default",
+     "tuning": {"functions", "candidates", "search_s", "metaschedule_records"}}
 
+graphopt and ORT take turns in blocks of runs (``interleaved``), so a slow spell of a shared machine
+falls on both.
 FLOPs are ``graphopt.summary.summarize`` (2 per multiply-add). ``profile`` times every call the
 Relax VM makes (fused kernels and builtins) with an instrument, so the slowest kernels are visible.
 """
@@ -115,7 +119,34 @@ def warm_up(run, warmup: int) -> None:
         n += 1
 
 
-def _time_ort(onnx_path: str, feeds: dict, threads: int, repeat: int, warmup: int) -> list[float]:
+BLOCK = 5  # timed runs per turn when graphopt and ORT take turns
+
+
+def interleaved(timers: dict[str, Any], repeat: int, warmup: int) -> dict[str, list[float]]:
+    """Time every ``timers[name](n) -> [seconds] * n`` for ``repeat`` runs, taking turns in blocks.
+
+    Run one after the other, a slow minute of a shared machine lands on one side only (ORT alone
+    moved 40% between two runs here); taking turns every ``BLOCK`` runs spreads it over both, so the
+    ratio holds where the absolute times do not. Each turn starts with one untimed run (the other
+    side's thread pool may still be spinning).
+    """
+    for run in timers.values():
+        warm_up(lambda run=run: run(1), warmup)
+    out: dict[str, list[float]] = {name: [] for name in timers}
+    while any(len(v) < repeat for v in out.values()):
+        for name, run in timers.items():
+            n = min(BLOCK, repeat - len(out[name]))
+            if n > 0:
+                run(1)
+                out[name] += run(n)
+    return out
+
+
+def _vm_timer(vm, args, dev):
+    return lambda n: list(vm.time_evaluator("main", dev, number=1, repeat=n)(*args).results)
+
+
+def _ort_timer(onnx_path: str, feeds: dict, threads: int):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -124,13 +155,16 @@ def _time_ort(onnx_path: str, feeds: dict, threads: int, repeat: int, warmup: in
     sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in names}
-    warm_up(lambda: sess.run(None, feeds), warmup)
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        out.append(time.perf_counter() - t)
-    return out
+
+    def run(n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            out.append(time.perf_counter() - t)
+        return out
+
+    return run
 
 
 def measure(
@@ -146,8 +180,13 @@ def measure(
     profile: bool = False,
     opt_level: int = 2,
     frontend: str = "graphopt",
+    tuning_db: str | None = None,
 ) -> dict[str, Any]:
-    """Compile (or load) ``model`` and time it in this process (``TVM_NUM_THREADS`` already set)."""
+    """Compile (or load) ``model`` and time it in this process (``TVM_NUM_THREADS`` already set).
+
+    With ``tuning_db``, the model is compiled twice, with the default schedules and with the
+    database, and both are timed in this run ("default" holds the first, "graphopt" the tuned one).
+    """
     import tvm
 
     onnx_path, shapes = _model_source(model, list(input_shapes))
@@ -166,26 +205,35 @@ def measure(
         m = api.load(onnx_path, input_shapes=shapes or None)
         from graphopt.backends import schedules as sched
 
-        compiled = compile_model(m, target=target, opt_level=opt_level, schedules=not untuned, frontend=frontend)
+        default_runner = None
+        if tuning_db is not None:
+            default_runner = compile_model(m, target=target, opt_level=opt_level, frontend=frontend).runner()
+            t0 = time.perf_counter()
+        compiled = compile_model(m, target=target, opt_level=opt_level, schedules=not untuned, frontend=frontend,
+                                 tuning_db=tuning_db)
         for rule in ({} if untuned else sched.last_report()).values():
             schedules[rule] = schedules.get(rule, 0) + 1
         runner = compiled.runner()
         target_name = compiled.target.name
     compile_s = time.perf_counter() - t0
     feeds = _inputs_for(runner, onnx_path, shapes)
-    arrays = runner.check_inputs((), feeds)
-    dev = runner.device
-    args = [tvm.runtime.tensor(a, dev) for a in arrays] + list(getattr(runner, "_params", []))
-    vm = runner.vm
-    warm_up(lambda: vm["main"](*args), warmup)
-    te = vm.time_evaluator("main", dev, number=1, repeat=repeat)
-    go = list(te(*args).results)
+    vm, args = _vm_args(runner, feeds)
+    timers = {"graphopt": _vm_timer(vm, args, runner.device)}
+    if tuning_db is not None:  # the default schedules and the tuned module, in the same run
+        timers["default"] = _vm_timer(*_vm_args(default_runner, feeds), runner.device)
+    if against == "ort" and onnx_path is not None:
+        timers["ort"] = _ort_timer(onnx_path, feeds, threads)
+    times = interleaved(timers, repeat, warmup)
+    go = times["graphopt"]
     result: dict[str, Any] = {
         "model": model, "target": target_name, "threads": threads, "repeat": repeat, "warmup": warmup,
         "untuned": untuned, "input_shapes": shapes, "graphopt": stats_ms(go), "ort": None, "ratio": None, "ratio_min": None,
         "flops": None, "gflops": None, "ort_gflops": None, "compile_s": round(compile_s, 2),
-        "schedules": schedules, "profile": None,
+        "schedules": schedules, "profile": None, "tuning_db": tuning_db, "default": None, "ratio_default": None,
     }
+    if tuning_db is not None:
+        result["default"] = stats_ms(times["default"])
+        result["tuning"] = _tuning_summary(tuning_db)
     if onnx_path is not None:
         try:
             from graphopt import api
@@ -194,11 +242,12 @@ def measure(
             result["flops"] = summarize(api.load(onnx_path, input_shapes=shapes or None)).get("flops")
         except GraphoptError:
             result["flops"] = None
-    if against == "ort" and onnx_path is not None:
-        ort_s = _time_ort(onnx_path, feeds, threads, repeat, warmup)
-        result["ort"] = stats_ms(ort_s)
+    if "ort" in times:
+        result["ort"] = stats_ms(times["ort"])
         result["ratio"] = round(result["graphopt"]["median_ms"] / result["ort"]["median_ms"], 3)
         result["ratio_min"] = round(result["graphopt"]["min_ms"] / result["ort"]["min_ms"], 3)
+        if result["default"]:
+            result["ratio_default"] = round(result["default"]["median_ms"] / result["ort"]["median_ms"], 3)
     if result["flops"]:
         result["gflops"] = round(result["flops"] / (result["graphopt"]["median_ms"] * 1e6), 2)
         if result["ort"]:
@@ -206,6 +255,25 @@ def measure(
     if profile:
         result["profile"] = profile_vm(vm, args, runs=max(1, min(repeat, 5)))
     return result
+
+
+def _vm_args(runner, feeds):
+    import tvm
+
+    arrays = runner.check_inputs((), feeds)
+    args = [tvm.runtime.tensor(a, runner.device) for a in arrays] + list(getattr(runner, "_params", []))
+    return runner.vm, args
+
+
+def _tuning_summary(db_dir: str) -> dict[str, Any]:
+    """What the database holds: functions searched by graphopt, candidates, search seconds, MetaSchedule records."""
+    from graphopt.backends.tuning.records import ScheduleRecords
+
+    recs = ScheduleRecords(db_dir).all()
+    ms_records = Path(db_dir) / "database_tuning_record.json"
+    return {"functions": len(recs), "candidates": sum(r["candidates"] for r in recs),
+            "search_s": round(sum(r.get("seconds", 0.0) for r in recs), 1),
+            "metaschedule_records": sum(1 for _ in open(ms_records)) if ms_records.exists() else 0}
 
 
 def bench(models: list[str], *, threads: int | None = None, **options) -> list[dict[str, Any]]:

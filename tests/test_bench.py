@@ -79,3 +79,21 @@ def test_bench_a_bundle_against_its_source(tiny_model, tmp_path):
     assert main(["bench", str(bundle), "--threads", "1", "--repeat", "2", "--warmup", "1", "--json", str(out)]) == 0
     (r,) = json.loads(out.read_text())
     assert r["target"] == "x86" and r["ort"] is not None and r["ratio"] > 0  # ORT runs the recorded source
+
+
+def test_graphopt_and_ort_take_turns_in_blocks():
+    from graphopt.bench import BLOCK, interleaved
+
+    order = []
+
+    def timer(name):
+        def run(n):
+            order.append((name, n))
+            return [0.001] * n
+        return run
+
+    out = interleaved({"graphopt": timer("g"), "ort": timer("o")}, repeat=2 * BLOCK + 1, warmup=0)
+    assert [len(v) for v in out.values()] == [2 * BLOCK + 1] * 2
+    start = next(i for i, (_, n) in enumerate(order) if n == BLOCK) - 1  # after the warm-up calls
+    # per turn: one untimed run, then a block; the sides alternate, the last turn times the rest
+    assert order[start:] == [("g", 1), ("g", BLOCK), ("o", 1), ("o", BLOCK)] * 2 + [("g", 1), ("g", 1), ("o", 1), ("o", 1)]

@@ -54,6 +54,32 @@ def _shape_text(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
+def physical_cores() -> int:
+    """CPU cores (not hardware threads) this process may run on, from Linux's topology files."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/physical_package_id") as f:
+                package = f.read().strip()
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/core_id") as f:
+                cores.add((package, f.read().strip()))
+        except OSError:  # no topology (not Linux, a container hiding /sys): count the CPU
+            cores.add(("cpu", c))
+    return max(1, len(cores))
+
+
+def use_physical_cores() -> None:
+    """Run TVM's thread pool on every physical core, unless ``TVM_NUM_THREADS`` says otherwise.
+
+    TVM's default is half the logical CPUs on x86, assuming two hyper-threads per core: on a VM whose
+    vCPUs are whole cores (2 vCPUs, no SMT) that is one thread, and every parallel kernel runs serial.
+    Takes effect when the pool starts (the first parallel kernel of the process).
+    """
+    if not os.environ.get("TVM_NUM_THREADS") and not os.environ.get("OMP_NUM_THREADS"):
+        os.environ["TVM_NUM_THREADS"] = str(physical_cores())
+
+
 class Runner:
     """A compiled model on a device: ``runner(*arrays, **named_arrays) -> {output name: array}``.
 
@@ -65,6 +91,7 @@ class Runner:
         import tvm
         from tvm import relax
 
+        use_physical_cores()
         self.inputs = [(n, tuple(s), str(d)) for n, s, d in inputs]
         self.outputs = [(n, None if s is None else tuple(s), str(d)) for n, s, d in outputs]
         self.device = device

@@ -19,7 +19,7 @@ from tvm import s_tir, tirx
 
 from .analysis import int_extent, is_copy, is_data_movement, is_reduction_block, is_spatial_block, root_blocks
 from .conv2d import schedule_conv2d
-from .features import CPUFeatures, RuleContext, features_of
+from .features import CPUFeatures, Knobs, RuleContext, features_of
 from .injective import schedule_injective
 from .matmul import schedule_matmul
 from .pooling import schedule_pool
@@ -27,7 +27,8 @@ from .prepack import constant_params, repack_constants
 from .reduction import schedule_normalization, schedule_row_reduction
 from .winograd import schedule_winograd
 
-__all__ = ["RULES", "apply_default_schedules", "features_of", "last_report", "schedule_primfunc"]
+__all__ = ["RULES", "Knobs", "apply_default_schedules", "features_of", "last_report", "schedule_primfunc",
+           "schedule_with_knobs"]
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,22 @@ def _schedule_rest(sch: s_tir.Schedule, feats: CPUFeatures) -> None:
             log.debug("block %s left unscheduled: %s", sch.get(block).name_hint, e)
 
 
-def schedule_primfunc(func: tirx.PrimFunc, feats: CPUFeatures, constants: frozenset = frozenset()) -> tuple[tirx.PrimFunc, str]:
+def schedule_primfunc(func: tirx.PrimFunc, feats: CPUFeatures, constants: frozenset = frozenset(),
+                      choice: dict | None = None) -> tuple[tirx.PrimFunc, str]:
     """The scheduled function and the name of the rule that scheduled its main block ("generic").
 
-    ``constants``: positions of parameters that are compile-time constants at every call site.
+    ``constants``: positions of parameters that are compile-time constants at every call site;
+    ``choice``: decisions that replace the rules' defaults (a tuning record, see ``Knobs``).
     """
+    out, name, _ = schedule_with_knobs(func, feats, constants, choice)
+    return out, name
+
+
+def schedule_with_knobs(func: tirx.PrimFunc, feats: CPUFeatures, constants: frozenset = frozenset(),
+                        choice: dict | None = None) -> tuple[tirx.PrimFunc, str, Knobs]:
+    """``schedule_primfunc``, also returning the decisions taken and their alternatives."""
     for name, rule in RULES:
-        ctx = RuleContext(feats, frozenset(constants))
+        ctx = RuleContext(feats, frozenset(constants), knobs=Knobs(choice))
         try:
             sch = rule(func, ctx)
         except Exception as e:  # noqa: BLE001 - a rule that fails mid-way means "not applicable"
@@ -97,13 +107,13 @@ def schedule_primfunc(func: tirx.PrimFunc, feats: CPUFeatures, constants: frozen
         if sch is not None:
             break
     else:
-        name, sch, ctx = "generic", s_tir.Schedule(func), RuleContext(feats)
+        name, sch, ctx = "generic", s_tir.Schedule(func), RuleContext(feats, knobs=Knobs(choice))
     try:
         _schedule_rest(sch, feats)
     except Exception as e:  # noqa: BLE001
         log.debug("rest of %s left unscheduled: %s", name, e)
     out = sch.mod["main"]
-    return (out.with_attrs(ctx.attrs) if ctx.attrs else out), name
+    return (out.with_attrs(ctx.attrs) if ctx.attrs else out), name, ctx.knobs
 
 
 _LAST: dict[str, str] = {}
@@ -114,12 +124,13 @@ def last_report() -> dict[str, str]:
     return dict(_LAST)
 
 
-def apply_default_schedules(mod, target_spec, *, report: dict | None = None):
+def apply_default_schedules(mod, target_spec, *, report: dict | None = None, choices: Callable | None = None):
     """Schedule every PrimFunc of ``mod`` that has no schedule yet; returns the new IRModule.
 
     ``target_spec``: a graphopt ``TargetSpec`` or a ``tvm.target.Target``; GPU targets are returned
     unchanged (TVM's GPU rules bind them). ``report``, if given, receives ``{function: rule}``
-    (``last_report()`` returns the same for the latest call).
+    (``last_report()`` returns the same for the latest call). ``choices(func, constants)``: the tuned
+    decisions for a function, or None for the rules' defaults (``tuning.records``).
     """
     report = {} if report is None else report
     _LAST.clear()
@@ -131,7 +142,9 @@ def apply_default_schedules(mod, target_spec, *, report: dict | None = None):
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
             continue
-        new, rule = schedule_primfunc(func, feats, consts.get(gv.name_hint, frozenset()))
+        constants = consts.get(gv.name_hint, frozenset())
+        choice = choices(func, constants) if choices is not None else None
+        new, rule = schedule_primfunc(func, feats, constants, choice)
         updates[gv] = new.with_attr("tirx.is_scheduled", True)
         report[gv.name_hint] = rule
     _LAST.update(report)

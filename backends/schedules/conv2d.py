@@ -35,6 +35,7 @@ from .tiling import (
     divisors,
     parallelize_outer,
     plan_contraction,
+    register_tiles,
 )
 
 
@@ -49,24 +50,25 @@ def is_conv(sch: s_tir.Schedule, block) -> bool:
 
 
 def schedule_conv2d(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
-    feats = ctx.feats
+    feats, knobs = ctx.feats, ctx.knobs
     sch = s_tir.Schedule(func)
     block = main_reduction(sch)
     if block is None or not is_conv(sch, block):
         return None
-    plan = plan_contraction(sch, block, feats)
+    plan = plan_contraction(sch, block, feats, knobs=knobs)
     lanes = feats.lanes(sch.get(block).writes[0].source.dtype.bits)
     if plan is not None and plan.reg_axis is not None and _no_reuse(sch, block, plan):
         # depthwise: nothing to hold in registers across taps; accumulate rows in L1 instead
-        return sch if apply_row_accumulate(sch, block, feats, plan) else None
-    if plan is None or plan.vec_tile % lanes:
-        # a strided width, or one that leaves lanes empty (7, 14, 28): vector over channels,
-        # with the weight repacked at compile time when it is a constant
+        return sch if apply_row_accumulate(sch, block, feats, plan, knobs) else None
+    # a strided width, or one that leaves lanes empty (7, 14, 28): vector over channels, with the
+    # weight repacked at compile time when it is a constant
+    default = "channel" if plan is None or plan.vec_tile % lanes else "width"
+    if knobs.pick("plan", default, ("channel", "width") if plan is not None else ()) == "channel":
         if apply_channel_vector(sch, block, ctx, runtime_repack=plan is None):
             return sch
         sch = s_tir.Schedule(func)
         block = main_reduction(sch)
-    if plan is not None and apply_contraction(sch, block, feats, plan):
+    if plan is not None and apply_contraction(sch, block, feats, plan, knobs):
         return sch
     return None
 
@@ -106,6 +108,11 @@ def apply_channel_vector(sch: s_tir.Schedule, block, ctx: RuleContext, runtime_r
     # two vectors, fewer broadcasts): 7 columns on AVX2 take one vector x 7, not two vectors x 1
     nvecs = (2, 1) if axes[f].extent % (2 * lanes) == 0 and CHANNEL_VECTORS == 2 else (1,)
     nvec, rt = max(((n, accumulator_tile(feats, axes[x].extent, n)) for n in nvecs), key=lambda p: p[0] * p[1])
+    knobs = ctx.knobs
+    if knobs.pick("nvec", nvec, nvecs) != nvec:
+        nvec = knobs.taken["nvec"]
+        rt = accumulator_tile(feats, axes[x].extent, nvec)
+    rt = knobs.pick("rt", rt, register_tiles(feats, axes[x].extent, nvec))
     ft = ft * nvec
     params = list(sch.mod["main"].params)
     w_param = next((k for k, p in enumerate(params) if p.same_as(weight.source)), None)
@@ -139,7 +146,7 @@ def apply_channel_vector(sch: s_tir.Schedule, block, ctx: RuleContext, runtime_r
     sch.transform_layout(block, ("write", 0), lambda *idx: tuple(idx[k] for k in perm))
     sch.reverse_compute_at(cl, outer[-1], preserve_unit_loops=True)
     _inline_epilogue(sch, cl)
-    parallelize_outer(sch, outer, math.prod(a.extent for a in axes), feats, PARALLEL_MIN_MACS)
+    parallelize_outer(sch, outer, math.prod(a.extent for a in axes), feats, PARALLEL_MIN_MACS, knobs)
     sch.vectorize(fi)
     sch.unroll(xi)
     init = sch.decompose_reduction(block, reds[0])
@@ -157,7 +164,7 @@ def _no_reuse(sch, block, plan) -> bool:
     return bool(vec_reads) and all(buffer_uses(r, rvar) for r in vec_reads)
 
 
-def apply_row_accumulate(sch: s_tir.Schedule, block, feats, plan) -> bool:
+def apply_row_accumulate(sch: s_tir.Schedule, block, feats, plan, knobs=None) -> bool:
     """Loops (spatial..., taps..., width): each tap adds a vector row into the output row in L1.
 
     For depthwise convs (9 multiply-adds per output) this beat register tiles by 1.3-1.8x.
@@ -177,7 +184,7 @@ def apply_row_accumulate(sch: s_tir.Schedule, block, feats, plan) -> bool:
     for c in list(sch.get_consumers(block)):
         _try(sch.reverse_compute_at, c, outer[-1], True)
     _inline_epilogue_chain(sch, block)
-    parallelize_outer(sch, outer, math.prod(a.extent for a in axes), feats, PARALLEL_MIN_MACS)
+    parallelize_outer(sch, outer, math.prod(a.extent for a in axes), feats, PARALLEL_MIN_MACS, knobs)
     sch.vectorize(xi)
     sch.decompose_reduction(block, reds[0])
     for b in sch.get_consumers(block):

@@ -76,15 +76,47 @@ def features_of(target_spec) -> CPUFeatures:
     cores = given.get("cores") or getattr(target_spec, "cores", None)
     if not cores:
         nc = target.attrs.get("num-cores") if hasattr(target, "attrs") else None
-        cores = int(nc) if nc else int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+        if nc:
+            cores = int(nc)
+        else:
+            from graphopt.backends.bundle.loader import physical_cores
+
+            cores = int(os.environ.get("TVM_NUM_THREADS") or physical_cores())
     return CPUFeatures(vector_bits=int(bits), cores=max(1, int(cores)), target=target)
+
+
+class Knobs:
+    """A rule's decisions (tile sizes, plan, loop order, parallelism), each with its alternatives.
+
+    A rule asks ``pick(name, default, options)`` where it would otherwise hard-code its heuristic. The
+    answer is the heuristic's ``default`` unless ``choice`` (a tuning record) names another of
+    ``options``; a choice that is not among them (a record from another shape or version) is ignored.
+    Every pick is recorded in ``taken`` and ``options``: the schedule search (``tuning/search.py``)
+    perturbs those to make candidates, so the rules are the starting point of tuning.
+    """
+
+    def __init__(self, choice: dict | None = None):
+        self.choice = dict(choice or {})
+        self.taken: dict = {}
+        self.options: dict = {}
+
+    def pick(self, name: str, default, options=()):
+        opts = tuple(dict.fromkeys((default, *options)))
+        value = self.choice.get(name, default)
+        if value not in opts:
+            value = default
+        self.taken[name] = value
+        self.options[name] = opts
+        return value
 
 
 @dataclasses.dataclass
 class RuleContext:
     """What a rule gets besides the function: target features, which parameters are compile-time
-    constants (their layout may change, see ``prepack``), and attributes to set on the result."""
+    constants (their layout may change, see ``prepack``), attributes to set on the result, and the
+    decisions to take (``knobs``: the defaults, or a tuning record's choice)."""
 
     feats: CPUFeatures
     constants: frozenset = frozenset()
     attrs: dict = dataclasses.field(default_factory=dict)
+    knobs: Knobs = dataclasses.field(default_factory=Knobs)

@@ -26,6 +26,6 @@ def schedule_matmul(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | N
     block = main_reduction(sch)
     if block is None or not is_matmul(sch, block):
         return None
-    if apply_contraction(sch, block, feats) is None:
+    if apply_contraction(sch, block, feats, knobs=ctx.knobs) is None:
         return None
     return sch

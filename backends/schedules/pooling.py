@@ -26,7 +26,7 @@ def schedule_pool(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | Non
     block = main_reduction(sch)
     if block is None or not is_pool(sch, block):
         return None
-    plan = plan_contraction(sch, block, feats)
-    if plan is None or apply_contraction(sch, block, feats, plan) is None:
+    plan = plan_contraction(sch, block, feats, knobs=ctx.knobs)
+    if plan is None or apply_contraction(sch, block, feats, plan, ctx.knobs) is None:
         return None
     return sch

@@ -16,7 +16,7 @@ import math
 from tvm import s_tir, tirx
 
 from .analysis import Axis, block_axes, buffer_uses, coefficient, consumers
-from .features import CPUFeatures
+from .features import CPUFeatures, Knobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,13 @@ def register_tile(extent: int, limit: int) -> int:
     return max(d for d in divisors(extent) if d <= max(1, limit))
 
 
+def register_tiles(feats: CPUFeatures, extent: int, nvec: int) -> list[int]:
+    """Every register tile a search may try: divisors of ``extent`` whose accumulators, the ``nvec``
+    loaded vectors and one broadcast fit the vector registers."""
+    limit = max(1, (feats.vector_registers - nvec - 1) // nvec)
+    return [d for d in divisors(extent) if d <= limit]
+
+
 def accumulator_tile(feats: CPUFeatures, extent: int, nvec: int) -> int:
     """Register tile over an axis of ``extent`` whose every step feeds ``nvec`` vector accumulators.
 
@@ -63,7 +70,8 @@ def accumulator_tile(feats: CPUFeatures, extent: int, nvec: int) -> int:
     return tile
 
 
-def plan_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, axes: list[Axis] | None = None) -> TilePlan | None:
+def plan_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, axes: list[Axis] | None = None,
+                     knobs: Knobs | None = None) -> TilePlan | None:
     """Choose vector and register axes for a reduction block; None when it is not a contraction.
 
     Every input that moves with the vector axis must move contiguously (strided vector loads
@@ -87,8 +95,10 @@ def plan_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, axes: list[
     # Every input that moves with v must move contiguously in its innermost index.
     if any(coefficient(r.region[-1].min, vvar) != 1 for r in vec_reads):
         return None
+    knobs = knobs or Knobs()
     lanes = feats.lanes(stmt.writes[0].source.dtype.bits)
     vt = vector_tile(axes[vec].extent, lanes)
+    vt = knobs.pick("vt", vt, [d for d in (lanes, 2 * lanes) if axes[vec].extent % d == 0])
     nvec = math.ceil(vt / lanes)
     cands = [i for i in spatial if i != vec and axes[i].extent > 1]
     reg = None
@@ -97,17 +107,22 @@ def plan_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, axes: list[
         # extent; without one (depthwise) the innermost candidate (neighbouring rows share cache lines)
         reuse = [i for i in cands if not any(buffer_uses(r, axes[i].var) for r in vec_reads)]
         reg = max(reuse, key=lambda i: (axes[i].extent, i)) if reuse else max(cands)
-    rt = accumulator_tile(feats, axes[reg].extent, nvec) if reg is not None else 1
+    rt = 1
+    if reg is not None:
+        rt = knobs.pick("rt", accumulator_tile(feats, axes[reg].extent, nvec),
+                        register_tiles(feats, axes[reg].extent, nvec))
     outer = 1
     for i in spatial:
         outer *= axes[i].extent // (vt if i == vec else rt if i == reg else 1)
     return TilePlan(vec, vt, reg, rt, outer)
 
 
-def apply_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, plan: TilePlan | None = None) -> TilePlan | None:
+def apply_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, plan: TilePlan | None = None,
+                      knobs: Knobs | None = None) -> TilePlan | None:
     """Tile ``block`` per ``plan`` (or a fresh plan); returns the plan, or None if it did not apply."""
+    knobs = knobs or Knobs()
     axes = block_axes(sch, block)
-    plan = plan or plan_contraction(sch, block, feats, axes)
+    plan = plan or plan_contraction(sch, block, feats, axes, knobs)
     if axes is None or plan is None:
         return None
     outer_s, reds, inner = [], [], []
@@ -123,7 +138,8 @@ def apply_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, plan: Tile
         else:
             outer_s.append(a.loop)
     inner = ([u_i] if plan.reg_axis is not None else []) + [v_i]
-    if plan.reg_axis is not None and _streams_more_than_it_reuses(sch.get(block), axes[plan.reg_axis].var):
+    if plan.reg_axis is not None and knobs.pick(
+            "reg_outer", _streams_more_than_it_reuses(sch.get(block), axes[plan.reg_axis].var), (True, False)):
         # the register axis's tile loop innermost of the outer loops: the data the vector loads read
         # (a conv's input window) stays in L1 across every tile of it, the smaller operand comes from L2
         reg_o = outer_s[[i for i, a in enumerate(axes) if not a.reduce].index(plan.reg_axis)]
@@ -134,7 +150,7 @@ def apply_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, plan: Tile
     wb = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
     _inline_epilogue(sch, wb)
-    parallelize_outer(sch, outer_s, math.prod(a.extent for a in axes), feats, PARALLEL_MIN_MACS)
+    parallelize_outer(sch, outer_s, math.prod(a.extent for a in axes), feats, PARALLEL_MIN_MACS, knobs)
 
     # Vectorize/unroll while the block still has its init (a reduction block), then split the init off.
     sch.vectorize(v_i)
@@ -207,14 +223,23 @@ PARALLEL_MIN_WORK = 1 << 18  # elements of an injective / reduction nest below w
 PARALLEL_MIN_MACS = 1 << 22  # multiply-adds of a contraction below which it stays serial
 
 
-def parallelize_outer(sch: s_tir.Schedule, loops: list, total: int, feats: CPUFeatures, min_work: int = PARALLEL_MIN_WORK) -> None:
+PARALLEL_CHUNKS = (0, 1, 4, 16)  # parallel iterations per core a search may try (0: serial)
+
+
+def parallelize_outer(sch: s_tir.Schedule, loops: list, total: int, feats: CPUFeatures,
+                      min_work: int = PARALLEL_MIN_WORK, knobs: Knobs | None = None) -> None:
     """Fuse the leading loops into one parallel loop with enough iterations for every core.
 
     Small nests stay serial: waking the thread pool costs microseconds, and on a loaded machine a
     descheduled worker stalls the barrier for milliseconds (PP-OCR cls, ~30 parallel kernels of
     1-3M MACs: median 11.9 ms, min 0.96 ms on 2 threads), more than a ~100 us kernel is worth.
     """
-    if feats.cores <= 1 or total < min_work or not loops:
+    if feats.cores <= 1 or not loops:
+        return
+    chunks = 0 if total < min_work else 4
+    if knobs is not None:
+        chunks = knobs.pick("parallel", chunks, PARALLEL_CHUNKS)
+    if chunks == 0:
         return
     from .analysis import int_extent
 
@@ -222,7 +247,7 @@ def parallelize_outer(sch: s_tir.Schedule, loops: list, total: int, feats: CPUFe
     for lp in loops:
         prefix.append(lp)
         n *= int_extent(sch, lp) or 1
-        if n >= 4 * feats.cores:
+        if n >= chunks * feats.cores:
             break
     if n < 2:
         return

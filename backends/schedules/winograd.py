@@ -251,7 +251,7 @@ def schedule_winograd(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule |
     for b in (init, wb):
         _try(sch.vectorize, sch.get_loops(b)[-1])
     # the GEMMs
-    apply_contraction(sch, blocks["wino_bgemm"], feats)
+    apply_contraction(sch, blocks["wino_bgemm"], feats, knobs=ctx.knobs)
     # output transform: per tile, vector over output channels
     inv = blocks["wino_inverse"]
     p, vh, vw, o, ia, ib = sch.get_loops(inv)

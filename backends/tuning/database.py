@@ -30,7 +30,7 @@ def open_database(db_dir: str | os.PathLike | None, *, create: bool = True):
     d = Path(db_dir) if db_dir else default_db_dir()
     if d.exists() and not d.is_dir():
         raise UsageError(f"--tuning-db {d}: not a directory")
-    if not create and not (d / RECORDS).exists():
+    if not create and not (d / RECORDS).exists() and not (d / "graphopt_schedules.json").exists():
         raise UsageError(f"--tuning-db {d}: no tuning database there ({RECORDS} missing)")
     d.mkdir(parents=True, exist_ok=True)
     return ms.database.JSONDatabase(
@@ -53,17 +53,43 @@ def database_hash(db_dir: str | os.PathLike) -> str:
 
 
 def apply_database(mod, target, db_dir):
-    """Replace every fused PrimFunc that has a record for ``target`` by its best schedule.
+    """Apply a tuning database to a fused module: returns ``(mod, choices)``.
 
-    ``mod`` is the fused Relax module (after LegalizeOps/FuseOps/FuseTIR). Functions without a record
-    are left as they are, for graphopt's default schedules to handle.
+    ``mod`` is the fused Relax module (after LegalizeOps/FuseOps/FuseTIR). A PrimFunc takes its
+    MetaSchedule record where there is one and it measured faster than graphopt's schedule search
+    (or that search has no record for it); ``choices(func, constants)`` then gives graphopt's recorded
+    decisions for the rest, for ``apply_default_schedules``. Functions without any record keep the
+    default schedules.
     """
     import tvm
-    from tvm import relax
 
+    from graphopt.backends.schedules.prepack import constant_params
+    from graphopt.backends.tuning.records import ScheduleRecords
+
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     db = open_database(db_dir, create=False)
-    with tvm.target.Target(target), db:
-        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    records = ScheduleRecords(db_dir)
+    consts = constant_params(mod)
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and "tirx.is_scheduled" in func.attrs):
+            continue
+        workload = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        rec = db.query_tuning_record(workload, target, "main")
+        if rec is None or not rec.run_secs:
+            continue
+        ms_secs = sum(float(x) for x in rec.run_secs) / len(rec.run_secs)
+        ours = records.get(func, consts.get(gv.name_hint, frozenset()), target)
+        if ours is not None and ours["secs"] is not None and ours["secs"] <= ms_secs:
+            continue
+        sch = db.query_schedule(workload, target, "main")
+        if sch is not None:
+            updates[gv] = sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+    if updates:
+        mod = mod.clone()
+        for gv, func in updates.items():
+            mod.update_func(gv, func)
+    return mod, records.chooser(target)
 
 
 def best_seconds(db, mod) -> tuple[float | None, int]:

@@ -1,12 +1,16 @@
-"""MetaSchedule tuning of a model's fused tasks, resumable, with records shared across models.
+"""Tuning a model's fused functions, resumable, with records shared across models. Two stages:
 
-* Tasks come from the lowered Relax module (``extract_tasks`` legalizes and fuses it the same way the
-  compile pipeline does), weighted by how often each fused function runs.
-* A task that already has ``max_trials_per_task`` measured records in the database (for any model,
-  same target) is not tuned again: a second model pays only for its new workloads.
-* Trials are spent in rounds; the "gradient" task scheduler gives each round to the task whose
-  weighted latency improves most, so trials go where the run time is. A time budget stops between
-  rounds; a later run continues from the database.
+1. **graphopt's schedule search** (``search.py``): the decisions of graphopt's own rules, starting
+   from the defaults, for every fused function, largest share of run time first. Cheap (a candidate
+   is built here in a fraction of a second) and already near the machine's peak on convs.
+2. **MetaSchedule** (``trials`` > 0): its own search space on the tasks with the largest share of run
+   time left, in rounds sized to the time budget. ``compile`` uses a MetaSchedule record only where
+   it measured faster than graphopt's.
+
+* Tasks come from the module that ``compile`` builds (``fused_module``), weighted by calls.
+* A function already searched, or a task with ``max_trials_per_task`` records, for any model on the
+  same target, is not tuned again: a second model pays only for its new workloads.
+* ``time_budget_s`` covers both stages; a later run continues from the database.
 * Measuring happens locally, or on the boards an RPC tracker hands out (``rpc="host:port:key"``).
 """
 
@@ -18,8 +22,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from graphopt.backends.bundle.loader import use_physical_cores
 from graphopt.backends.tuning.database import best_seconds, default_db_dir, open_database
 from graphopt.backends.tuning.intrinsics import register_for
+from graphopt.backends.tuning.records import ScheduleRecords
+from graphopt.backends.tuning.search import Measurer, ScheduleReport, search_module
 from graphopt.errors import UsageError
 
 
@@ -39,6 +46,7 @@ class TuneReport:
     tasks: list[TaskReport]
     trials_run: int
     seconds: float
+    schedules: list[ScheduleReport] = dataclasses.field(default_factory=list)
 
     @property
     def reused(self) -> int:
@@ -88,28 +96,53 @@ def tune_module(
     rpc: str | None = None,
     fcompile=None,
     trials_per_round: int = 32,
+    search_candidates: int = 24,
     progress: Callable[[str], None] | None = print,
 ) -> TuneReport:
-    """Tune the fused tasks of a lowered Relax module (weights bound) for ``target``."""
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.relax_integration import (
-        extract_tasks,
-        extracted_tasks_to_tune_contexts,
-    )
+    """Tune the fused functions of a lowered Relax module (weights bound) for ``target``.
 
-    if trials < 0:
-        raise UsageError(f"--trials must be >= 0, got {trials}")
+    ``search_candidates``: schedules measured per function in graphopt's search (0: skip it);
+    ``trials``: MetaSchedule trials after it (0: none).
+    """
+    import tvm
+
+    if trials < 0 or search_candidates < 0:
+        raise UsageError(f"--trials and --search-candidates must be >= 0, got {trials}, {search_candidates}")
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     d = Path(db_dir) if db_dir else default_db_dir()
     db = open_database(d)
     log = progress or (lambda s: None)
     start = time.perf_counter()
+    deadline = None if time_budget_s is None else start + time_budget_s
 
     register_for(target)  # before MetaSchedule's TuneContext imports every backend's intrinsics (45 s)
     fused = _fuse(mod, target)
+    use_physical_cores()  # the runner's workers inherit it: measure with the threads the model will run on
+    runner = make_runner(rpc)
+    schedules = []
+    if search_candidates > 0:
+        schedules = search_module(fused, target, ScheduleRecords(d), Measurer(target, runner, fcompile),
+                                  max_candidates=search_candidates, deadline=deadline, log=log)
+    tasks, trials_run = [], 0
+    if trials > 0 and (deadline is None or time.perf_counter() < deadline):
+        tasks, trials_run = _metaschedule(fused, target, db, d, runner, trials=trials, per_task=max_trials_per_task,
+                                          trials_per_round=trials_per_round, deadline=deadline, fcompile=fcompile,
+                                          shares={r.name: r.share_ms for r in schedules}, log=log, start=start)
+    return TuneReport(str(d), str(target), tasks, trials_run, time.perf_counter() - start, schedules)
+
+
+def _metaschedule(fused, target, db, d, runner, *, trials, per_task, trials_per_round, deadline, fcompile,
+                  shares, log, start) -> tuple[list[TaskReport], int]:
+    """MetaSchedule's search on the tasks not yet tuned, the largest share of run time first.
+
+    A round goes to the tasks that cover most of the run time; its size is what the rest of the
+    budget allows at the trial rate measured so far (first guess 2 s a trial).
+    """
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.relax_integration import extract_tasks, extracted_tasks_to_tune_contexts
+
     tasks = [t for t in extract_tasks(fused, target) if not t.mod.attrs.get("tirx.is_scheduled", False)]
-    per_task = max_trials_per_task or max(trials_per_round, trials // max(1, len(tasks)))
+    per_task = per_task or max(trials_per_round, trials // max(1, len(tasks)))
     reports: dict[str, TaskReport] = {}
     todo = []
     for t in tasks:
@@ -118,43 +151,45 @@ def tune_module(
         reports[t.task_name] = TaskReport(t.task_name, float(t.weight), reused, n, None if best is None else best * 1e3)
         if not reused:
             todo.append(t)
-    log(f"{len(tasks)} tasks, {len(tasks) - len(todo)} already tuned in {d} (reused), "
+    # largest share of run time first (graphopt's search measured it; unsearched tasks by calls)
+    todo.sort(key=lambda t: -shares.get(t.task_name, float(t.weight)))
+    log(f"MetaSchedule: {len(tasks)} tasks, {len(tasks) - len(todo)} already tuned in {d} (reused), "
         f"{len(todo)} to tune, up to {per_task} trials each")
-
-    runner = make_runner(rpc)
-    trials_run = 0
+    trials_run, secs_per_trial = 0, 2.0
+    builder = InProcessBuilder(fcompile)
     while todo and trials_run < trials:
-        if time_budget_s is not None and time.perf_counter() - start >= time_budget_s:
+        now = time.perf_counter()
+        if deadline is not None and now >= deadline:
             log("time budget reached; run again to continue from the database")
             break
-        chunk = min(trials_per_round * len(todo), trials - trials_run)
+        room = trials - trials_run
+        if deadline is not None:
+            room = min(room, max(1, int((deadline - now) / secs_per_trial)))
+        batch = todo[: max(1, room // trials_per_round)]
+        chunk = min(trials_per_round * len(batch), room)
         contexts, weights = extracted_tasks_to_tune_contexts(
-            todo, str(d / "logs"), strategy=_strategy(per_task), num_threads="physical"
+            batch, str(d / "logs"), strategy=_strategy(per_task), num_threads="physical"
         )
-        before = {t.task_name: best_seconds(db, t.dispatched[0])[1] for t in todo}
+        before = {t.task_name: best_seconds(db, t.dispatched[0])[1] for t in batch}
         ms.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=str(d / "logs"),
-            max_trials_global=chunk,
-            max_trials_per_task=per_task,
-            num_trials_per_iter=min(trials_per_round, 64),
-            builder=_builder(fcompile),
-            runner=runner,
-            database=db,
+            tasks=contexts, task_weights=weights, work_dir=str(d / "logs"), max_trials_global=chunk,
+            max_trials_per_task=per_task, num_trials_per_iter=min(trials_per_round, 64),
+            builder=builder, runner=runner, database=db,
         )
         ran = 0
-        for t in todo:
+        for t in batch:
             best, n = best_seconds(db, t.dispatched[0])
             r = reports[t.task_name]
             ran += n - before[t.task_name]
             r.trials, r.best_ms = n, None if best is None else best * 1e3
         trials_run += max(ran, 1)
-        todo = [t for t in todo if reports[t.task_name].trials < per_task]
+        secs_per_trial = (time.perf_counter() - now) / max(ran, 1)
+        # done: enough trials, or none this round (the task's search space is exhausted)
+        done = {t.task_name for t in batch
+                if reports[t.task_name].trials >= per_task or reports[t.task_name].trials == before[t.task_name]}
+        todo = [t for t in todo if t.task_name not in done]
         _print_progress(log, reports, trials_run, trials, time.perf_counter() - start)
-        if ran == 0:
-            break  # the search space is exhausted for every remaining task
-    return TuneReport(str(d), str(target), list(reports.values()), trials_run, time.perf_counter() - start)
+    return list(reports.values()), trials_run
 
 
 def _strategy(trials_per_task: int):
@@ -166,9 +201,6 @@ def _strategy(trials_per_task: int):
     return ms.search_strategy.EvolutionarySearch(
         population_size=population, init_min_unmeasured=min(50, population // 2), genetic_num_iters=2 if population < 512 else 4
     )
-
-
-BUILD_TIMEOUT_S = 120  # per candidate; MetaSchedule's default of 30 s is short for a cold worker on 2 cores
 
 
 def _build_candidate(mod, target, _params):
@@ -185,24 +217,34 @@ def _build_candidate(mod, target, _params):
     return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
-def _builder(fcompile):
-    """Builds candidates one at a time (2 cores: building beside measuring adds noise).
+def InProcessBuilder(fcompile=None):  # noqa: N802 - a class made on first use (TVM imported lazily)
+    """A MetaSchedule builder that builds candidates in this process, one after another.
 
-    With a cross compiler, candidates are linked here into shared libraries for the boards.
+    MetaSchedule's LocalBuilder starts a new worker pool for every batch, and a worker's ``import
+    tvm`` costs ~3.5 s on 2 cores: more than building a small task's batch. Building here costs no
+    start-up; a candidate that fails to build is recorded as a build error, as before. With a cross
+    compiler, candidates are linked into shared libraries for the boards.
     """
-    from tvm.s_tir import meta_schedule as ms
+    import tempfile
 
-    if fcompile is None:
-        return ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT_S, f_build=_build_candidate)
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 
-    def export(mod) -> str:
-        import tempfile
+    @derived_object
+    class _InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for bi in build_inputs:
+                try:
+                    lib = _build_candidate(bi.mod, bi.target, bi.params)
+                    path = os.path.join(tempfile.mkdtemp(prefix="graphopt-ms-"), "candidate.so")
+                    lib.export_library(path, fcompile=fcompile) if fcompile else lib.export_library(path)
+                    results.append(BuilderResult(path, None))
+                except Exception as e:  # noqa: BLE001 - MetaSchedule records it as a build error
+                    results.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
+            return results
 
-        path = os.path.join(tempfile.mkdtemp(prefix="graphopt-ms-"), "candidate.so")
-        mod.export_library(path, fcompile=fcompile)
-        return path
-
-    return ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT_S, f_build=_build_candidate, f_export=export)
+    return _InProcessBuilder()
 
 
 def _fuse(mod, target):

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of median latency per model")
     p.add_argument("--markdown", metavar="FILE.md", help="write the results as a Markdown page (docs/benchmarks.md)")
     p.add_argument("--untuned", action="store_true", help="compile without graphopt's default schedules")
+    p.add_argument("--tuning-db", metavar="DIR",
+                   help="also compile with this tuning database and time both (default schedules and tuned)")
     p.add_argument("--profile", action="store_true", help="time per fused function (slowest first)")
     p.add_argument("--frontend", default="graphopt", choices=["graphopt", "tvm"], help="lowering front end")
     p.add_argument("--top", type=int, default=8, help="kernels listed per model with --profile (default 8)")
@@ -38,15 +40,21 @@ def run(args: argparse.Namespace) -> int:
         args.models, threads=args.threads, target=args.target,
         against=None if args.against == "none" else "ort", input_shapes=list(args.input_shape),
         repeat=args.repeat, warmup=args.warmup, untuned=args.untuned, profile=args.profile, frontend=args.frontend,
-        opt_level=args.opt_level,
+        opt_level=args.opt_level, tuning_db=args.tuning_db,
     )
     rows = []
+    tuned = args.tuning_db is not None
     for r in results:
         g, o = r["graphopt"], r["ort"] or {}
-        rows.append([r["model"], r["target"], r["threads"], _fmt(g["min_ms"]), _fmt(g["median_ms"]), _fmt(g["max_ms"]),
+        rows.append([r["model"], r["target"], r["threads"],
+                     *([_fmt((r.get("default") or {}).get("median_ms")), _fmt(r.get("ratio_default"))] if tuned else []),
+                     _fmt(g["min_ms"]), _fmt(g["median_ms"]), _fmt(g["max_ms"]),
                      _fmt(o.get("median_ms")), _fmt(r["ratio"]), _fmt(r.get("ratio_min")), _fmt(r["gflops"], 1), _fmt(r["ort_gflops"], 1),
                      _fmt(r["compile_s"], 1)])
-    print(table(rows, ["model", "target", "threads", "min ms", "median ms", "max ms", "ORT ms", "ratio", "ratio min",
+    names = ["min ms", "median ms", "max ms"]
+    if tuned:
+        names = ["default median ms", "default ratio", *(f"tuned {n}" for n in names)]
+    print(table(rows, ["model", "target", "threads", *names, "ORT ms", "ratio", "ratio min",
                        "GFLOP/s", "ORT GFLOP/s", "compile s"]))
     for r in results:
         if r["profile"]:

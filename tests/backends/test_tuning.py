@@ -47,6 +47,7 @@ def test_second_model_reuses_records_and_compiled_output_matches(tmp_path):
     second = graphopt.api.tune(b, trials=8, max_trials_per_task=4, tuning_db=db, progress=None)
     reused = [t.name for t in second.tasks if t.reused]
     assert any("conv2d" in name for name in reused), second.tasks
+    assert any(s.reused and s.rule == "conv2d" for s in second.schedules), second.schedules  # graphopt's search too
     assert second.trials_run <= 4 * (len(second.tasks) - len(reused))
     compiled = graphopt.compile(b, tuning_db=db)
     x = np.random.default_rng(1).standard_normal((1, 4, 10, 10)).astype(np.float32)

@@ -1,0 +1,75 @@
+"""graphopt's schedule records: the best measured decisions of graphopt's own rules per workload.
+
+One JSON file beside MetaSchedule's database (``graphopt_schedules.json``). A record is keyed by the
+fused function's structure (``workload_key``: a structural hash, so a second model with the same
+kernel finds it) and the target string; it holds the rules' decisions (``Knobs.choice``), the best
+and the default run time, and how many candidates were measured. ``compile --tuning-db`` passes the
+choices to ``apply_default_schedules``; a MetaSchedule record replaces them only where it measured
+faster (``prefer_metaschedule``). Writes are atomic (a temporary file, then a rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+FILE = "graphopt_schedules.json"
+VERSION = 1
+
+
+def workload_key(func, constants=frozenset()) -> str:
+    """The function's structure (names and attributes that differ between models left out) and
+    which of its parameters are compile-time constants (their layout may be repacked)."""
+    from tvm_ffi import structural_hash
+
+    f = func.without_attr("global_symbol") if func.attrs and "global_symbol" in func.attrs else func
+    h = structural_hash(f) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}:{','.join(str(c) for c in sorted(constants))}"
+
+
+class ScheduleRecords:
+    """The records of one tuning database directory, loaded once and saved after every update."""
+
+    def __init__(self, db_dir: str | os.PathLike):
+        self.path = Path(db_dir) / FILE
+        self._records: dict[str, dict] = {}
+        if self.path.exists():
+            data = json.loads(self.path.read_text())
+            if data.get("version") == VERSION:
+                self._records = {(r["target"] + "|" + r["workload"]): r for r in data["records"]}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, func, constants, target) -> dict | None:
+        return self._records.get(str(target) + "|" + workload_key(func, constants))
+
+    def all(self) -> list[dict]:
+        return list(self._records.values())
+
+    def put(self, func, constants, target, *, choice: dict, secs: float, default_secs: float,
+            candidates: int, rule: str, seconds: float = 0.0) -> dict:
+        rec = {"workload": workload_key(func, constants), "target": str(target), "rule": rule,
+               "choice": choice, "secs": secs, "default_secs": default_secs, "candidates": candidates,
+               "seconds": round(seconds, 2)}
+        self._records[rec["target"] + "|" + rec["workload"]] = rec
+        self.save()
+        return rec
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"version": VERSION, "records": list(self._records.values())}, indent=1)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".graphopt_schedules.")
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+        os.replace(tmp, self.path)
+
+    def chooser(self, target):
+        """``choices(func, constants)`` for ``apply_default_schedules``: a record's decisions or None."""
+        def choices(func, constants):
+            rec = self.get(func, constants, target)
+            return rec["choice"] if rec else None
+
+        return choices
