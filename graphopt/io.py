@@ -205,17 +205,25 @@ def _external_data_files(model: ir.Model) -> set[Path]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file via temp file + rename in the same directory."""
+    """Write a file via temp file + rename in the same directory, with the permissions a plain
+    ``open(path, "w")`` would give (``mkstemp`` makes it private to the user)."""
     out = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".graphopt-", dir=out.parent if str(out.parent) else ".")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

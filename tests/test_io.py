@@ -293,3 +293,19 @@ def test_download_failure_names_the_package(tmp_path, monkeypatch):
         models.resolve("silero:vad")
     msg = str(info.value)
     assert "silero-vad==6.2.3" in msg and "\n" not in msg
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    import os
+    import stat
+
+    from graphopt.io import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        (tmp_path / "b.json").write_text("{}")
+    finally:
+        os.umask(mask)
+    mode = stat.S_IMODE((tmp_path / "a.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o644

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from tvm import s_tir, tirx
 
-from .analysis import int_extent, is_copy, is_data_movement, is_reduction_block, is_spatial_block, root_blocks
+from .analysis import int_extent, is_copy, is_kept, is_data_movement, is_reduction_block, is_spatial_block, root_blocks
 from .conv2d import schedule_conv2d
 from .features import CPUFeatures, Knobs, RuleContext, features_of
 from .injective import schedule_injective
@@ -58,7 +58,7 @@ def _inline_data_movement(sch: s_tir.Schedule) -> None:
     for block in root_blocks(sch):
         try:
             cons = list(sch.get_consumers(block))
-            if cons and is_data_movement(sch, block) and (
+            if cons and is_data_movement(sch, block) and not is_kept(sch, block) and (
                     is_copy(sch, block) or all(is_spatial_block(sch, c) for c in cons)):
                 sch.compute_inline(block)
         except Exception as e:  # noqa: BLE001 - an output, or a consumer that cannot take it

@@ -114,6 +114,13 @@ def main_reduction(sch: s_tir.Schedule):
     return max(reds, key=lambda b: work(sch, b)) if reds else None
 
 
+KEEP_ATTR = "graphopt.keep"  # a block annotation: a deliberate copy (a packed layout), never inlined
+
+
+def is_kept(sch: s_tir.Schedule, block) -> bool:
+    return KEEP_ATTR in sch.get(block).annotations
+
+
 def is_copy(sch: s_tir.Schedule, block) -> bool:
     """A spatial block whose value is one load: a pad of zero width, a reshape; no branch, no arithmetic."""
     body = sch.get(block).body

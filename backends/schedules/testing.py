@@ -45,27 +45,40 @@ def host_target():
         return tvm.target.Target({"kind": "llvm"})
 
 
-def build(onnx_model, shapes: dict, *, scheduled: bool = True, target=None) -> Built:
+def fused(onnx_model, shapes: dict, target=None):
+    """The model as TVM's importer, legalization and fusion leave it: the PrimFuncs the rules schedule."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from graphopt.backends.schedules import apply_default_schedules
     from graphopt.backends.schedules.features import as_target
 
-    target = target if target is not None else host_target()
-    tvm_target = as_target(target)
+    tvm_target = as_target(target if target is not None else host_target())
     mod = from_onnx(onnx_model, shapes, keep_params_in_input=False)
     seq = tvm.transform.Sequential([
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
         relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination(),
     ])
     with tvm_target:
-        mod = seq(mod)
+        return seq(mod)
+
+
+def build(onnx_model, shapes: dict, *, scheduled: bool = True, target=None, choice: dict | None = None) -> Built:
+    """Compile ``onnx_model`` with the default schedules (``choice``: decisions for every function, as a
+    tuning record gives them) and wrap it for running against ORT."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.backends.schedules import apply_default_schedules
+    from graphopt.backends.schedules.features import as_target
+
+    target = target if target is not None else host_target()
+    mod = fused(onnx_model, shapes, target)
     report: dict = {}
     if scheduled:
-        mod = apply_default_schedules(mod, target, report=report)
-    ex = tvm.compile(mod, target=tvm_target)
+        mod = apply_default_schedules(mod, target, report=report,
+                                      choices=None if choice is None else (lambda f, c: choice))
+    ex = tvm.compile(mod, target=as_target(target))
     return Built(relax.VirtualMachine(ex, tvm.cpu()), report, list(shapes))
 
 

@@ -3,7 +3,8 @@
 One JSON file beside MetaSchedule's database (``graphopt_schedules.json``). A record is keyed by the
 fused function's structure (``workload_key``: a structural hash, so a second model with the same
 kernel finds it) and the target string; it holds the rules' decisions (``Knobs.choice``), the best
-and the default run time, and how many candidates were measured. ``compile --tuning-db`` passes the
+and the default run time, how many candidates were measured, and the decisions the rules offered
+(``space``: when a later graphopt offers others, the function is searched again from its record). ``compile --tuning-db`` passes the
 choices to ``apply_default_schedules``; a MetaSchedule record replaces them only where it measured
 faster (``prefer_metaschedule``). Writes are atomic (a temporary file, then a rename).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 FILE = "graphopt_schedules.json"
@@ -50,21 +50,19 @@ class ScheduleRecords:
         return list(self._records.values())
 
     def put(self, func, constants, target, *, choice: dict, secs: float, default_secs: float,
-            candidates: int, rule: str, seconds: float = 0.0) -> dict:
+            candidates: int, rule: str, seconds: float = 0.0, space: str = "") -> dict:
         rec = {"workload": workload_key(func, constants), "target": str(target), "rule": rule,
                "choice": choice, "secs": secs, "default_secs": default_secs, "candidates": candidates,
-               "seconds": round(seconds, 2)}
+               "seconds": round(seconds, 2), "space": space}
         self._records[rec["target"] + "|" + rec["workload"]] = rec
         self.save()
         return rec
 
     def save(self) -> None:
+        from graphopt.io import atomic_write_text
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        body = json.dumps({"version": VERSION, "records": list(self._records.values())}, indent=1)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".graphopt_schedules.")
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps({"version": VERSION, "records": list(self._records.values())}, indent=1))
 
     def chooser(self, target):
         """``choices(func, constants)`` for ``apply_default_schedules``: a record's decisions or None."""

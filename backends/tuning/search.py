@@ -47,10 +47,12 @@ MIN_GAIN = 0.03  # a candidate must beat the best by this fraction (run-to-run n
 
 
 def search_schedule(func, feats: CPUFeatures, constants, measure: Callable[[Sequence], list],
-                    *, max_candidates: int = 24, default_secs: float | None = None) -> SearchResult:
+                    *, max_candidates: int = 24, default_secs: float | None = None,
+                    start: dict | None = None) -> SearchResult:
     """The best decisions found for ``func`` (``secs`` None when not even the default could run).
 
-    ``default_secs``: the default schedule's run time when already measured.
+    ``default_secs``: the default schedule's run time when already measured; ``start``: decisions to
+    measure beside the default and search from when faster (an earlier record).
     """
     default, rule, knobs = schedule_with_knobs(func, feats, constants)
     if default_secs is None:
@@ -58,6 +60,14 @@ def search_schedule(func, feats: CPUFeatures, constants, measure: Callable[[Sequ
     best, best_secs, count = dict(knobs.taken), default_secs, 1
     seen = {_key(best)}
     best_options = dict(knobs.options)
+    if start and best_secs is not None:
+        f, _, k = schedule_with_knobs(func, feats, constants, start)
+        if _key(k.taken) not in seen:
+            seen.add(_key(k.taken))
+            s = measure([f])[0]
+            count += 1
+            if s is not None and s < best_secs:
+                best, best_options, best_secs = dict(k.taken), dict(k.options), s
     while count < max_candidates and best_secs is not None:
         batch = []
         for choice in neighbours(best, best_options):
@@ -163,7 +173,8 @@ def search_module(mod, target, records, measure, *, max_candidates: int = 24, de
                   log: Callable[[str], None] = lambda s: None) -> list[ScheduleReport]:
     """Search the decisions of every fused function of ``mod`` that a rule with decisions schedules.
 
-    Functions with a record for ``target`` (from any model) are reused. The others are measured at
+    Functions with a record for ``target`` (from any model, made with the decisions the rules offer
+    now) are reused. The others are measured at
     their default schedule first, then searched in order of their share of the model's run time
     (run time x calls) until ``deadline`` (``time.perf_counter()``); each result is saved at once.
     """
@@ -186,27 +197,30 @@ def search_module(mod, target, records, measure, *, max_candidates: int = 24, de
         entry[3] += counts.get(gv.name_hint, 1)
     reports, todo = [], []
     for name, func, c, calls in unique.values():
+        _, rule, knobs = schedule_with_knobs(func, feats, c)
+        space = _key(knobs.options)  # the decisions the rules offer now, at the default
         rec = records.get(func, c, target)
-        if rec is not None:
+        if rec is not None and rec.get("space") == space:
             reports.append(ScheduleReport(name, calls, rec["rule"], True, rec["candidates"],
                                           _ms(rec["default_secs"]), _ms(rec["secs"]), rec["choice"]))
             continue
-        _, rule, knobs = schedule_with_knobs(func, feats, c)
-        if knobs.options and any(len(o) > 1 for o in knobs.options.values()):
-            todo.append((name, func, c, calls, rule))
-    defaults = measure([schedule_with_knobs(f, feats, c)[0] for _, f, c, _, _ in todo]) if todo else []
+        if any(len(o) > 1 for o in knobs.options.values()):
+            # a record from rules that offered other decisions is searched again, from its choice
+            todo.append((name, func, c, calls, space, rec["choice"] if rec else None))
+    defaults = measure([schedule_with_knobs(f, feats, c)[0] for _, f, c, _, _, _ in todo]) if todo else []
     order = sorted(zip(todo, defaults), key=lambda p: -(p[1] or 0) * p[0][3])
     log(f"schedule search: {len(unique)} functions, {len(reports)} reused, {len(order)} to search")
-    for (name, func, c, calls, rule), default_secs in order:
+    for (name, func, c, calls, space, start), default_secs in order:
         if deadline is not None and time.perf_counter() >= deadline:
             log("time budget reached; run again to continue from the database")
             break
         if default_secs is None:
             continue
         t0 = time.perf_counter()
-        r = search_schedule(func, feats, c, measure, max_candidates=max_candidates, default_secs=default_secs)
+        r = search_schedule(func, feats, c, measure, max_candidates=max_candidates, default_secs=default_secs,
+                            start=start)
         records.put(func, c, target, choice=r.choice, secs=r.secs, default_secs=r.default_secs,
-                    candidates=r.candidates, rule=r.rule, seconds=time.perf_counter() - t0)
+                    candidates=r.candidates, rule=r.rule, seconds=time.perf_counter() - t0, space=space)
         rep = ScheduleReport(name, calls, r.rule, False, r.candidates, _ms(r.default_secs), _ms(r.secs), r.choice)
         reports.append(rep)
         log(f"    {name[:48]:<48} x{calls:<3} {rep.default_ms:8.3f} -> {rep.best_ms:8.3f} ms "

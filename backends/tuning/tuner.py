@@ -164,7 +164,11 @@ def _metaschedule(fused, target, db, d, runner, *, trials, per_task, trials_per_
             break
         room = trials - trials_run
         if deadline is not None:
-            room = min(room, max(1, int((deadline - now) / secs_per_trial)))
+            fits = int((deadline - now) / secs_per_trial)
+            if fits < min(8, room):  # a round has seconds of overhead: not worth it for a few trials
+                log("time budget reached; run again to continue from the database")
+                break
+            room = min(room, fits)
         batch = todo[: max(1, room // trials_per_round)]
         chunk = min(trials_per_round * len(batch), room)
         contexts, weights = extracted_tasks_to_tune_contexts(

@@ -188,3 +188,45 @@ def test_hardswish_epilogue_and_zero_pad_fold_into_one_loop_nest():
     vm = relax.VirtualMachine(tvm.compile(out, target=feats.target), tvm.cpu())
     x = rng.standard_normal((1, 16, 40, 48)).astype(np.float32)
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ort_run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+KNOB_CASES = [
+    (1, 16, 14, 14, 32, 1, 1, 0, 1, 1, "relu"),     # pointwise: both plans, packed input
+    (1, 16, 15, 13, 32, 3, 2, 1, 1, 1, "relu"),     # strided: channel-vector plan
+    (1, 16, 16, 16, 32, 3, 1, 1, 1, 1, "add"),      # width-vector plan, residual add
+    (1, 16, 12, 12, 16, 3, 1, 1, 1, 16, "relu"),    # depthwise: row accumulation
+]
+
+
+@pytest.mark.parametrize("case", KNOB_CASES, ids=[f"knobs{i}" for i in range(len(KNOB_CASES))])
+def test_every_decision_one_step_from_the_default_matches_ort(case):
+    """What a tuning search may pick must be as correct as the default: every schedule one decision
+    away from the default (register tiles at the ends of their range), compiled and run against ORT."""
+    import tvm
+
+    from graphopt.backends.schedules import features_of, schedule_with_knobs
+    from graphopt.backends.schedules.prepack import constant_params
+    from graphopt.backends.schedules.testing import fused, host_target
+    from graphopt.backends.tuning.search import neighbours
+
+    rng = np.random.default_rng(0)
+    model = conv_model(*case, rng)
+    feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+             for i in model.graph.input}
+    shapes = {k: v.shape for k, v in feeds.items()}
+    mod = fused(model, shapes)
+    consts = constant_params(mod)
+    gv, func = next((gv, f) for gv, f in mod.functions_items()
+                    if isinstance(f, tvm.tirx.PrimFunc) and "conv" in gv.name_hint)
+    _, rule, knobs = schedule_with_knobs(func, features_of(host_target()), consts.get(gv.name_hint, frozenset()))
+    options = dict(knobs.options)
+    if "rt" in options:
+        options["rt"] = tuple(dict.fromkeys((knobs.taken["rt"], min(options["rt"]), max(options["rt"]))))
+    choices = neighbours(knobs.taken, options)
+    assert rule == "conv2d" and choices, knobs.options
+    if case[5] == 1:
+        assert {"pack_input": True} in [{k: v} for c in choices for k, v in c.items() if k == "pack_input"]
+    want = ort_run(model, feeds)[0]
+    for choice in choices:
+        got = build(model, shapes, choice=choice)(feeds)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=str(choice))

@@ -112,6 +112,15 @@ def test_tune_records_decisions_reuses_them_and_compile_applies_them(tmp_path):
     second = graphopt.api.tune(a, trials=0, search_candidates=6, tuning_db=db, progress=None)
     assert all(r.reused for r in second.schedules) and second.trials_run == 0
 
+    # a record made when the rules offered other decisions is searched again
+    for r in records:
+        r["space"] = "an older set of decisions"
+    (db / "graphopt_schedules.json").write_text(json.dumps({"version": 1, "records": records}))
+    third = graphopt.api.tune(a, trials=0, search_candidates=6, tuning_db=db, progress=None)
+    assert not any(r.reused for r in third.schedules) and all(r.candidates > 1 for r in third.schedules)
+    records = json.loads((db / "graphopt_schedules.json").read_text())["records"]
+    assert all(r["space"] != "an older set of decisions" for r in records)
+
     # compile applies the recorded decisions: force one that the default would not take (serial)
     for r in records:
         r["choice"]["parallel"] = 0
