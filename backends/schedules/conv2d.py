@@ -33,6 +33,7 @@ from .tiling import (
     _try,
     accumulator_tile,
     apply_contraction,
+    pad_into_tiles,
     divisors,
     parallelize_outer,
     plan_contraction,
@@ -159,6 +160,7 @@ def apply_channel_vector(sch: s_tir.Schedule, block, ctx: RuleContext, runtime_r
     sch.reverse_compute_at(cl, outer[-1], preserve_unit_loops=True)
     _inline_epilogue(sch, cl)
     parallelize_outer(sch, outer, math.prod(a.extent for a in axes), feats, PARALLEL_MIN_MACS, knobs)
+    pad_into_tiles(sch, block, knobs, default=False)
     sch.vectorize(fi)
     sch.unroll(xi)
     init = sch.decompose_reduction(block, reds[0])
