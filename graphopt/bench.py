@@ -9,7 +9,7 @@ a plain dict (the JSON written by ``--json``)::
      "ratio": graphopt median / ORT median, "ratio_min": graphopt min / ORT min, "flops", "gflops": FLOPs / graphopt median,
      "ort_gflops", "compile_s", "schedules": {rule: functions}, "profile": [{"function", "ms", "share", "calls"}],
      "tuning_db", "default": {...} (with a database: the default schedules, same run), "ratio_default",
-     "tuning": {"functions", "candidates", "search_s", "metaschedule_records"}}
+     "tuning": {"functions", "searched", "candidates", "search_s", "metaschedule_trials"}}
 
 graphopt and ORT take turns in blocks of runs (``interleaved``), so a slow spell of a shared machine
 falls on both.
@@ -233,7 +233,7 @@ def measure(
     }
     if tuning_db is not None:
         result["default"] = stats_ms(times["default"])
-        result["tuning"] = _tuning_summary(tuning_db)
+        result["tuning"] = _tuning_summary(m, target, opt_level, tuning_db)
     if onnx_path is not None:
         try:
             from graphopt import api
@@ -265,15 +265,14 @@ def _vm_args(runner, feeds):
     return runner.vm, args
 
 
-def _tuning_summary(db_dir: str) -> dict[str, Any]:
-    """What the database holds: functions searched by graphopt, candidates, search seconds, MetaSchedule records."""
-    from graphopt.backends.tuning.records import ScheduleRecords
+def _tuning_summary(model, target: str, opt_level: int, db_dir: str) -> dict[str, Any]:
+    """What the database holds for this model's fused functions (see ``tuning.model_summary``)."""
+    from graphopt.backends.compile import fused_module
+    from graphopt.backends.targets import get_target
+    from graphopt.backends.tuning import model_summary
 
-    recs = ScheduleRecords(db_dir).all()
-    ms_records = Path(db_dir) / "database_tuning_record.json"
-    return {"functions": len(recs), "candidates": sum(r["candidates"] for r in recs),
-            "search_s": round(sum(r.get("seconds", 0.0) for r in recs), 1),
-            "metaschedule_records": sum(1 for _ in open(ms_records)) if ms_records.exists() else 0}
+    spec = get_target(target)
+    return model_summary(fused_module(model, spec, opt_level=opt_level), spec.target, db_dir)
 
 
 def bench(models: list[str], *, threads: int | None = None, **options) -> list[dict[str, Any]]:
@@ -357,11 +356,14 @@ def markdown(results: list[dict[str, Any]], command: str = "", top: int = 5) -> 
                      f"{o.get('min_ms', float('nan')):.2f} / {o.get('median_ms', float('nan')):.2f} | "
                      f"{r['ratio'] if r['ratio'] is not None else '-'} | {r.get('ratio_min') or '-'} | "
                      f"{r['gflops'] or '-'} | {r['ort_gflops'] or '-'} | {r['compile_s']} |")
-    if tuned and r0.get("tuning"):
-        t = r0["tuning"]
-        lines += ["", f"The database holds graphopt's schedule search for {t['functions']} fused functions "
-                      f"({t['candidates']} candidates measured, {t['search_s']} s of search) and "
-                      f"{t['metaschedule_records']} MetaSchedule records (all models tuned into it)."]
+    if tuned:
+        lines += ["", "What the database holds for each model's fused functions (graphopt's schedule search, "
+                      "then MetaSchedule; records shared by every model tuned into it):", "",
+                  "| model | functions | searched | candidates | search s | MetaSchedule trials |", "|---|---|---|---|---|---|"]
+        for r in results:
+            t = r.get("tuning") or {}
+            lines.append(f"| {r['model']} | {t.get('functions', '-')} | {t.get('searched', '-')} | "
+                         f"{t.get('candidates', '-')} | {t.get('search_s', '-')} | {t.get('metaschedule_trials', '-')} |")
     lines += ["", "ratio = graphopt / ORT latency (below 1: graphopt is faster); GFLOP/s at the median. FLOPs from "
               "`graphopt.summary.summarize` (2 per multiply-add).", ""]
     for r in results:

@@ -97,3 +97,21 @@ def test_graphopt_and_ort_take_turns_in_blocks():
     start = next(i for i, (_, n) in enumerate(order) if n == BLOCK) - 1  # after the warm-up calls
     # per turn: one untimed run, then a block; the sides alternate, the last turn times the rest
     assert order[start:] == [("g", 1), ("g", BLOCK), ("o", 1), ("o", BLOCK)] * 2 + [("g", 1), ("g", 1), ("o", 1), ("o", 1)]
+
+
+def test_bench_with_a_tuning_database_times_default_and_tuned(tiny_model, tmp_path):
+    import graphopt
+
+    db = tmp_path / "db"
+    graphopt.api.tune(str(tiny_model), trials=0, search_candidates=3, tuning_db=db, progress=None)
+    out = tmp_path / "b.json"
+    md = tmp_path / "b.md"
+    assert main(["bench", str(tiny_model), "--threads", "1", "--repeat", "3", "--warmup", "1",
+                 "--tuning-db", str(db), "--json", str(out), "--markdown", str(md)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert r["tuning_db"] == str(db) and r["default"]["median_ms"] > 0 and r["graphopt"]["median_ms"] > 0
+    assert r["ratio_default"] == pytest.approx(r["default"]["median_ms"] / r["ort"]["median_ms"], rel=1e-2)
+    t = r["tuning"]
+    assert t["functions"] >= 1 and t["searched"] >= 1 and t["candidates"] >= 2, t
+    text = md.read_text()
+    assert "default schedules median ms" in text and "MetaSchedule trials" in text

@@ -1,6 +1,12 @@
 """Tuning with MetaSchedule: a shared, resumable database of records (local or RPC measurement)."""
 
-from graphopt.backends.tuning.database import apply_database, database_hash, default_db_dir, open_database
+from graphopt.backends.tuning.database import (
+    apply_database,
+    database_hash,
+    default_db_dir,
+    model_summary,
+    open_database,
+)
 from graphopt.backends.tuning.tuner import TaskReport, TuneReport, parse_rpc, tune_module
 
 __all__ = [
@@ -9,6 +15,7 @@ __all__ = [
     "apply_database",
     "database_hash",
     "default_db_dir",
+    "model_summary",
     "open_database",
     "parse_rpc",
     "tune_module",

@@ -103,3 +103,35 @@ def best_seconds(db, mod) -> tuple[float | None, int]:
         return None, measured
     secs = [float(x) for x in records[0].run_secs]
     return sum(secs) / len(secs), measured
+
+
+def model_summary(mod, target, db_dir) -> dict:
+    """What the database holds for the fused functions of ``mod``: how many graphopt's search has
+    records for, with how many candidates and seconds of search, and MetaSchedule's trials for them."""
+    import tvm
+
+    from graphopt.backends.schedules.prepack import constant_params
+    from graphopt.backends.tuning.records import ScheduleRecords, workload_key
+
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    db = open_database(db_dir, create=False)
+    records = ScheduleRecords(db_dir)
+    consts = constant_params(mod)
+    seen, out = set(), {"functions": 0, "searched": 0, "candidates": 0, "search_s": 0.0, "metaschedule_trials": 0}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        c = consts.get(gv.name_hint, frozenset())
+        key = workload_key(func, c)
+        if key in seen:
+            continue
+        seen.add(key)
+        out["functions"] += 1
+        rec = records.get(func, c, target)
+        if rec is not None:
+            out["searched"] += 1
+            out["candidates"] += rec["candidates"]
+            out["search_s"] += rec.get("seconds", 0.0)
+        out["metaschedule_trials"] += best_seconds(db, tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))[1]
+    out["search_s"] = round(out["search_s"], 1)
+    return out
