@@ -7,8 +7,8 @@ schedule one decision away from the best so far, and repeats from the new best (
 until nothing improves or ``max_candidates`` were measured. Each candidate is a complete schedule that
 ``compile`` reproduces from the recorded decisions alone.
 
-Candidates are built in this process (no worker start-up per batch) and measured with MetaSchedule's
-runner, so a local run and the boards behind an RPC tracker measure alike.
+Candidates are built in a worker that stays up between batches (``builder.py``) and measured with
+MetaSchedule's runner, so a local run and the boards behind an RPC tracker measure alike.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 
 from graphopt.backends.schedules import CPUFeatures, schedule_with_knobs
@@ -90,10 +90,11 @@ def search_schedule(func, feats: CPUFeatures, constants, measure: Callable[[Sequ
 
 
 class Measurer:
-    """Builds scheduled PrimFuncs here and times them with a MetaSchedule runner (local or RPC)."""
+    """Builds scheduled PrimFuncs (``builder.CandidateBuilder``) and times them with a MetaSchedule
+    runner (local or RPC)."""
 
-    def __init__(self, target, runner, fcompile=None):
-        self.target, self.runner, self.fcompile = target, runner, fcompile
+    def __init__(self, target, runner, builder):
+        self.target, self.runner, self.builder = target, runner, builder
         self.measured = 0
 
     def __call__(self, funcs: Sequence) -> list[float | None]:
@@ -101,24 +102,18 @@ class Measurer:
         from tvm.s_tir.meta_schedule.arg_info import ArgInfo
         from tvm.s_tir.meta_schedule.runner import RunnerInput
 
-        from graphopt.backends.tuning.tuner import _build_candidate
-
-        tmp = tempfile.mkdtemp(prefix="graphopt-search-")
+        funcs = [f.with_attr("global_symbol", "main") for f in funcs]
+        built = self.builder.build([(tvm.IRModule({"main": f}), self.target) for f in funcs])
+        device = "cpu" if self.target.kind.name == "llvm" else self.target.kind.name
+        inputs, slots = [], []
+        for i, (f, (path, err)) in enumerate(zip(funcs, built)):
+            if path is None:  # a candidate that does not build is not a result
+                log.debug("candidate %d did not build: %s", i, err)
+                continue
+            inputs.append(RunnerInput(path, device, ArgInfo.from_prim_func(f)))
+            slots.append(i)
+        out: list[float | None] = [None] * len(funcs)
         try:
-            inputs, slots = [], []
-            for i, f in enumerate(funcs):
-                f = f.with_attr("global_symbol", "main")
-                try:
-                    lib = _build_candidate(tvm.IRModule({"main": f}), self.target, None)
-                    path = f"{tmp}/candidate{i}.so"
-                    lib.export_library(path, fcompile=self.fcompile) if self.fcompile else lib.export_library(path)
-                except Exception as e:  # noqa: BLE001 - a candidate that does not build is not a result
-                    log.debug("candidate %d did not build: %s", i, e)
-                    continue
-                device = "cpu" if self.target.kind.name == "llvm" else self.target.kind.name
-                inputs.append(RunnerInput(path, device, ArgInfo.from_prim_func(f)))
-                slots.append(i)
-            out: list[float | None] = [None] * len(funcs)
             for i, fut in zip(slots, self.runner.run(inputs)):
                 res = fut.result()
                 if res.error_msg is None and res.run_secs:
@@ -126,10 +121,11 @@ class Measurer:
                     out[i] = sum(secs) / len(secs)
                 else:
                     log.debug("candidate %d did not run: %s", i, res.error_msg)
-            self.measured += len(inputs)
-            return out
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for inp in inputs:
+                shutil.rmtree(os.path.dirname(inp.artifact_path), ignore_errors=True)
+        self.measured += len(inputs)
+        return out
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 
 1. **graphopt's schedule search** (``search.py``): the decisions of graphopt's own rules, starting
    from the defaults, for every fused function, largest share of run time first. Cheap (a candidate
-   is built here in a fraction of a second) and already near the machine's peak on convs.
+   is built and measured in a fraction of a second) and already near the machine's peak on convs.
 2. **MetaSchedule** (``trials`` > 0): its own search space on the tasks with the largest share of run
    time left, in rounds sized to the time budget. ``compile`` uses a MetaSchedule record only where
    it measured faster than graphopt's.
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from graphopt.backends.bundle.loader import use_physical_cores
+from graphopt.backends.tuning.builder import CandidateBuilder, metaschedule_builder
 from graphopt.backends.tuning.database import best_seconds, default_db_dir, open_database
 from graphopt.backends.tuning.intrinsics import register_for
 from graphopt.backends.tuning.records import ScheduleRecords
@@ -119,19 +120,23 @@ def tune_module(
     fused = _fuse(mod, target)
     use_physical_cores()  # the runner's workers inherit it: measure with the threads the model will run on
     runner = make_runner(rpc)
-    schedules = []
-    if search_candidates > 0:
-        schedules = search_module(fused, target, ScheduleRecords(d), Measurer(target, runner, fcompile),
-                                  max_candidates=search_candidates, deadline=deadline, log=log)
-    tasks, trials_run = [], 0
-    if trials > 0 and (deadline is None or time.perf_counter() < deadline):
-        tasks, trials_run = _metaschedule(fused, target, db, d, runner, trials=trials, per_task=max_trials_per_task,
-                                          trials_per_round=trials_per_round, deadline=deadline, fcompile=fcompile,
-                                          shares={r.name: r.share_ms for r in schedules}, log=log, start=start)
+    candidates = CandidateBuilder(fcompile)
+    schedules, tasks, trials_run = [], [], 0
+    try:
+        if search_candidates > 0:
+            schedules = search_module(fused, target, ScheduleRecords(d), Measurer(target, runner, candidates),
+                                      max_candidates=search_candidates, deadline=deadline, log=log)
+        if trials > 0 and (deadline is None or time.perf_counter() < deadline):
+            tasks, trials_run = _metaschedule(
+                fused, target, db, d, runner, trials=trials, per_task=max_trials_per_task,
+                trials_per_round=trials_per_round, deadline=deadline, candidates=candidates,
+                shares={r.name: r.share_ms for r in schedules}, log=log, start=start)
+    finally:
+        candidates.close()
     return TuneReport(str(d), str(target), tasks, trials_run, time.perf_counter() - start, schedules)
 
 
-def _metaschedule(fused, target, db, d, runner, *, trials, per_task, trials_per_round, deadline, fcompile,
+def _metaschedule(fused, target, db, d, runner, *, trials, per_task, trials_per_round, deadline, candidates,
                   shares, log, start) -> tuple[list[TaskReport], int]:
     """MetaSchedule's search on the tasks not yet tuned, the largest share of run time first.
 
@@ -156,7 +161,7 @@ def _metaschedule(fused, target, db, d, runner, *, trials, per_task, trials_per_
     log(f"MetaSchedule: {len(tasks)} tasks, {len(tasks) - len(todo)} already tuned in {d} (reused), "
         f"{len(todo)} to tune, up to {per_task} trials each")
     trials_run, secs_per_trial = 0, 2.0
-    builder = InProcessBuilder(fcompile)
+    builder = metaschedule_builder(candidates)
     while todo and trials_run < trials:
         now = time.perf_counter()
         if deadline is not None and now >= deadline:
@@ -207,50 +212,6 @@ def _strategy(trials_per_task: int):
     return ms.search_strategy.EvolutionarySearch(
         population_size=population, init_min_unmeasured=min(50, population // 2), genetic_num_iters=2 if population < 512 else 4
     )
-
-
-def _build_candidate(mod, target, _params):
-    """MetaSchedule's ``default_build`` without its ``import tvm.s_tir.tensor_intrin``.
-
-    That import registers every tensor intrinsic TVM has (CUDA's alone take 30 s): 45 s on this
-    project's 2-core machines, paid again in each round's new builder process, where it ran into the
-    builder's timeout and every candidate was recorded as a build error. Building a candidate needs no
-    registry: tensorization already happened where the candidate was sampled.
-    """
-    from tvm.driver import build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
-    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
-
-
-def InProcessBuilder(fcompile=None):  # noqa: N802 - a class made on first use (TVM imported lazily)
-    """A MetaSchedule builder that builds candidates in this process, one after another.
-
-    MetaSchedule's LocalBuilder starts a new worker pool for every batch, and a worker's ``import
-    tvm`` costs ~3.5 s on 2 cores: more than building a small task's batch. Building here costs no
-    start-up; a candidate that fails to build is recorded as a build error, as before. With a cross
-    compiler, candidates are linked into shared libraries for the boards.
-    """
-    import tempfile
-
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-
-    @derived_object
-    class _InProcessBuilder(PyBuilder):
-        def build(self, build_inputs):
-            results = []
-            for bi in build_inputs:
-                try:
-                    lib = _build_candidate(bi.mod, bi.target, bi.params)
-                    path = os.path.join(tempfile.mkdtemp(prefix="graphopt-ms-"), "candidate.so")
-                    lib.export_library(path, fcompile=fcompile) if fcompile else lib.export_library(path)
-                    results.append(BuilderResult(path, None))
-                except Exception as e:  # noqa: BLE001 - MetaSchedule records it as a build error
-                    results.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
-            return results
-
-    return _InProcessBuilder()
 
 
 def _fuse(mod, target):

@@ -171,3 +171,31 @@ def test_tvm_threads_default_to_physical_cores(monkeypatch):
     monkeypatch.setenv("TVM_NUM_THREADS", "1")
     use_physical_cores()
     assert __import__("os").environ["TVM_NUM_THREADS"] == "1"  # the user's setting wins
+
+
+def test_a_build_past_its_timeout_is_an_error_and_the_worker_comes_back():
+    """A candidate that hangs LLVM must not hang tuning: it times out, the next one builds."""
+    import time
+
+    import tvm
+
+    from graphopt.backends.tuning import builder as b
+
+    func, _ = _conv_func(_conv_model(c=8, o=8, hw=6))
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    target = graphopt.backends.targets.get_target("x86").target
+    cb = b.CandidateBuilder(timeout=60)
+    try:
+        (path, err), = cb.build([(mod, target)])
+        assert err is None and path.endswith(".so")
+        cb.timeout = 0.001  # no build can meet it
+        cb.close()
+        t0 = time.perf_counter()
+        (path, err), = cb.build([(mod, target)])
+        assert path is None and "timed out" in err and time.perf_counter() - t0 < 30
+        cb.timeout = 60
+        cb.close()
+        (path, err), = cb.build([(mod, target)])
+        assert err is None
+    finally:
+        cb.close()
