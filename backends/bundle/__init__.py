@@ -24,6 +24,7 @@ import numpy as np
 
 from graphopt.backends.bundle import loader as _loader
 from graphopt.errors import GraphoptError, UsageError
+from graphopt.io import current_umask
 
 LOADER_SOURCE = Path(_loader.__file__)
 
@@ -99,9 +100,7 @@ def export(compiled, directory: str | os.PathLike) -> Path:
         raise UsageError(f"-o {dest}: a non-empty directory that is not a graphopt bundle; refusing to overwrite it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a bundle is an ordinary directory
     try:
         manifest = _write_files(compiled, tmp)
         text = json.dumps(manifest, indent=2, default=str)

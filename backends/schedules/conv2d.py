@@ -23,8 +23,7 @@ import math
 
 from tvm import s_tir, tirx
 
-from .analysis import block_axes, buffer_uses, coefficient, main_reduction
-from .analysis import KEEP_ATTR
+from .analysis import KEEP_ATTR, block_axes, buffer_uses, coefficient, main_reduction
 from .features import RuleContext
 from .prepack import REPACK_ATTR, layout_name
 from .tiling import (
@@ -33,8 +32,8 @@ from .tiling import (
     _try,
     accumulator_tile,
     apply_contraction,
-    pad_into_tiles,
     divisors,
+    pad_into_tiles,
     parallelize_outer,
     plan_contraction,
     register_tiles,
@@ -111,9 +110,9 @@ def apply_channel_vector(sch: s_tir.Schedule, block, ctx: RuleContext, runtime_r
     nvecs = (2, 1) if axes[f].extent % (2 * lanes) == 0 and CHANNEL_VECTORS == 2 else (1,)
     nvec, rt = max(((n, accumulator_tile(feats, axes[x].extent, n)) for n in nvecs), key=lambda p: p[0] * p[1])
     knobs = ctx.knobs
-    if knobs.pick("nvec", nvec, nvecs) != nvec:
-        nvec = knobs.taken["nvec"]
-        rt = accumulator_tile(feats, axes[x].extent, nvec)
+    picked = knobs.pick("nvec", nvec, nvecs)
+    if picked != nvec:
+        nvec, rt = picked, accumulator_tile(feats, axes[x].extent, picked)
     rt = knobs.pick("rt", rt, register_tiles(feats, axes[x].extent, nvec))
     ft = ft * nvec
     params = list(sch.mod["main"].params)

@@ -15,7 +15,7 @@ import math
 
 from tvm import s_tir, tirx
 
-from .analysis import Axis, block_axes, buffer_uses, coefficient, consumers
+from .analysis import Axis, block_axes, buffer_uses, coefficient, consumers, is_copy, is_data_movement, is_kept
 from .features import CPUFeatures, Knobs
 
 
@@ -66,7 +66,7 @@ def accumulator_tile(feats: CPUFeatures, extent: int, nvec: int) -> int:
     limit = max(1, feats.max_accumulators // nvec)
     tile = register_tile(extent, limit)
     if 2 * tile < limit:
-        tile = register_tile(extent, (feats.vector_registers - nvec - 1) // nvec)
+        tile = max(register_tiles(feats, extent, nvec))
     return tile
 
 
@@ -174,8 +174,6 @@ def pad_into_tiles(sch: s_tir.Schedule, block, knobs: Knobs, default: bool) -> N
     them again, so it is the default only when the channel tiles are innermost of the outer loops
     (``reg_outer``: one tile loop covers every output channel of its rows).
     """
-    from .analysis import is_copy, is_data_movement, is_kept
-
     pads = [p for p in sch.get_producers(block)
             if is_data_movement(sch, p) and not is_copy(sch, p) and not is_kept(sch, p)]
     if len(pads) != 1 or not knobs.pick("pad_at_tile", default, (False, True)):

@@ -10,6 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from graphopt.backends.tuning.records import FILE as SCHEDULES
 from graphopt.errors import UsageError
 
 WORKLOADS = "database_workload.json"
@@ -30,7 +31,7 @@ def open_database(db_dir: str | os.PathLike | None, *, create: bool = True):
     d = Path(db_dir) if db_dir else default_db_dir()
     if d.exists() and not d.is_dir():
         raise UsageError(f"--tuning-db {d}: not a directory")
-    if not create and not (d / RECORDS).exists() and not (d / "graphopt_schedules.json").exists():
+    if not create and not (d / RECORDS).exists() and not (d / SCHEDULES).exists():
         raise UsageError(f"--tuning-db {d}: no tuning database there ({RECORDS} missing)")
     d.mkdir(parents=True, exist_ok=True)
     return ms.database.JSONDatabase(
@@ -41,15 +42,28 @@ def open_database(db_dir: str | os.PathLike | None, *, create: bool = True):
 
 
 def database_hash(db_dir: str | os.PathLike) -> str:
-    """sha256 over the database files, recorded in a bundle's manifest."""
+    """sha256 over the database files (MetaSchedule's and graphopt's schedule records: both decide the
+    compiled code), recorded in a bundle's manifest."""
     h = hashlib.sha256()
-    for name in (WORKLOADS, RECORDS):
+    for name in (WORKLOADS, RECORDS, SCHEDULES):
         p = Path(db_dir) / name
         if p.exists():
             with open(p, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()
+
+
+def workload_module(func):
+    """``func`` as the module MetaSchedule keys its records by (and builds): one ``main``."""
+    import tvm
+
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def mean_seconds(run_secs) -> float:
+    secs = [float(x) for x in run_secs]
+    return sum(secs) / len(secs)
 
 
 def apply_database(mod, target, db_dir):
@@ -63,6 +77,7 @@ def apply_database(mod, target, db_dir):
     """
     import tvm
 
+    from graphopt.backends.schedules import is_scheduled
     from graphopt.backends.schedules.prepack import constant_params
     from graphopt.backends.tuning.records import ScheduleRecords
 
@@ -72,13 +87,13 @@ def apply_database(mod, target, db_dir):
     consts = constant_params(mod)
     updates = {}
     for gv, func in mod.functions_items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and "tirx.is_scheduled" in func.attrs):
+        if not isinstance(func, tvm.tirx.PrimFunc) or is_scheduled(func):
             continue
-        workload = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        workload = workload_module(func)
         rec = db.query_tuning_record(workload, target, "main")
         if rec is None or not rec.run_secs:
             continue
-        ms_secs = sum(float(x) for x in rec.run_secs) / len(rec.run_secs)
+        ms_secs = mean_seconds(rec.run_secs)
         ours = records.get(func, consts.get(gv.name_hint, frozenset()), target)
         if ours is not None and ours["secs"] is not None and ours["secs"] <= ms_secs:
             continue
@@ -101,8 +116,7 @@ def best_seconds(db, mod) -> tuple[float | None, int]:
     records = db.get_top_k(workload, 1)
     if not records:
         return None, measured
-    secs = [float(x) for x in records[0].run_secs]
-    return sum(secs) / len(secs), measured
+    return mean_seconds(records[0].run_secs), measured
 
 
 def model_summary(mod, target, db_dir) -> dict:
@@ -132,6 +146,6 @@ def model_summary(mod, target, db_dir) -> dict:
             out["searched"] += 1
             out["candidates"] += rec["candidates"]
             out["search_s"] += rec.get("seconds", 0.0)
-        out["metaschedule_trials"] += best_seconds(db, tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))[1]
+        out["metaschedule_trials"] += best_seconds(db, workload_module(func))[1]
     out["search_s"] = round(out["search_s"], 1)
     return out

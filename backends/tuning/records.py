@@ -4,9 +4,10 @@ One JSON file beside MetaSchedule's database (``graphopt_schedules.json``). A re
 fused function's structure (``workload_key``: a structural hash, so a second model with the same
 kernel finds it) and the target string; it holds the rules' decisions (``Knobs.choice``), the best
 and the default run time, how many candidates were measured, and the decisions the rules offered
-(``space``: when a later graphopt offers others, the function is searched again from its record). ``compile --tuning-db`` passes the
-choices to ``apply_default_schedules``; a MetaSchedule record replaces them only where it measured
-faster (``prefer_metaschedule``). Writes are atomic (a temporary file, then a rename).
+(``space``: when a later graphopt offers others, the function is searched again from its record).
+``compile --tuning-db`` passes the choices to ``apply_default_schedules``; a MetaSchedule record
+replaces them only where it measured faster (``database.apply_database``). Writes are atomic (a
+temporary file, then a rename).
 """
 
 from __future__ import annotations
@@ -40,14 +41,8 @@ class ScheduleRecords:
             if data.get("version") == VERSION:
                 self._records = {(r["target"] + "|" + r["workload"]): r for r in data["records"]}
 
-    def __len__(self) -> int:
-        return len(self._records)
-
     def get(self, func, constants, target) -> dict | None:
         return self._records.get(str(target) + "|" + workload_key(func, constants))
-
-    def all(self) -> list[dict]:
-        return list(self._records.values())
 
     def put(self, func, constants, target, *, choice: dict, secs: float, default_secs: float,
             candidates: int, rule: str, seconds: float = 0.0, space: str = "") -> dict:

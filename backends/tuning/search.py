@@ -95,15 +95,14 @@ class Measurer:
 
     def __init__(self, target, runner, builder):
         self.target, self.runner, self.builder = target, runner, builder
-        self.measured = 0
 
     def __call__(self, funcs: Sequence) -> list[float | None]:
-        import tvm
         from tvm.s_tir.meta_schedule.arg_info import ArgInfo
         from tvm.s_tir.meta_schedule.runner import RunnerInput
 
-        funcs = [f.with_attr("global_symbol", "main") for f in funcs]
-        built = self.builder.build([(tvm.IRModule({"main": f}), self.target) for f in funcs])
+        from graphopt.backends.tuning.database import mean_seconds, workload_module
+
+        built = self.builder.build([(workload_module(f), self.target) for f in funcs])
         device = "cpu" if self.target.kind.name == "llvm" else self.target.kind.name
         inputs, slots = [], []
         for i, (f, (path, err)) in enumerate(zip(funcs, built)):
@@ -117,14 +116,12 @@ class Measurer:
             for i, fut in zip(slots, self.runner.run(inputs)):
                 res = fut.result()
                 if res.error_msg is None and res.run_secs:
-                    secs = [float(s) for s in res.run_secs]
-                    out[i] = sum(secs) / len(secs)
+                    out[i] = mean_seconds(res.run_secs)
                 else:
                     log.debug("candidate %d did not run: %s", i, res.error_msg)
         finally:
             for inp in inputs:
                 shutil.rmtree(os.path.dirname(inp.artifact_path), ignore_errors=True)
-        self.measured += len(inputs)
         return out
 
 
@@ -178,7 +175,7 @@ def search_module(mod, target, records, measure, *, max_candidates: int = 24, de
 
     import tvm
 
-    from graphopt.backends.schedules import features_of
+    from graphopt.backends.schedules import features_of, is_scheduled
     from graphopt.backends.schedules.prepack import constant_params
     from graphopt.backends.tuning.records import workload_key
 
@@ -186,7 +183,7 @@ def search_module(mod, target, records, measure, *, max_candidates: int = 24, de
     consts, counts = constant_params(mod), call_counts(mod)
     unique: dict[str, list] = {}  # workload -> [name, func, constants, calls]
     for gv, func in mod.functions_items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and "tirx.is_scheduled" in func.attrs):
+        if not isinstance(func, tvm.tirx.PrimFunc) or is_scheduled(func):
             continue
         c = consts.get(gv.name_hint, frozenset())
         entry = unique.setdefault(workload_key(func, c), [gv.name_hint, func, c, 0])

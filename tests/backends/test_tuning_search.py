@@ -122,9 +122,13 @@ def test_tune_records_decisions_reuses_them_and_compile_applies_them(tmp_path):
     assert all(r["space"] != "an older set of decisions" for r in records)
 
     # compile applies the recorded decisions: force one that the default would not take (serial)
+    from graphopt.backends.tuning import database_hash
+
+    before = database_hash(db)
     for r in records:
         r["choice"]["parallel"] = 0
     (db / "graphopt_schedules.json").write_text(json.dumps({"version": 1, "records": records}))
+    assert database_hash(db) != before  # the bundle manifest's hash covers graphopt's decisions too
     compiled = graphopt.compile(a, tuning_db=db, opt_level=2)
     x = np.random.default_rng(2).standard_normal((1, 16, 14, 14)).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
