@@ -227,7 +227,8 @@ _RESHAPE_OPS = ("relax.expand_dims", "relax.reshape", "relax.squeeze", "relax.fl
 
 
 def fold_layout_of_constants(mod):
-    """Reshape/expand_dims/squeeze/flatten/permute_dims of a constant, done once in numpy.
+    """Reshape/expand_dims/squeeze/flatten/permute_dims/layout_transform of a constant, done once in
+    numpy (layout_transform: its index map applied to the constant).
 
     Relax's FoldConstant would build and run one small kernel per such call (seconds per model for
     the bias broadcasts of every conv); these are pure layout changes, exact in numpy.
@@ -237,6 +238,7 @@ def fold_layout_of_constants(mod):
 
     reshapes = [tvm.ir.Op.get(n) for n in _RESHAPE_OPS]
     permute = tvm.ir.Op.get("relax.permute_dims")
+    relayout = tvm.ir.Op.get("relax.layout_transform")
 
     @relax.expr_functor.mutator
     class _Fold(relax.PyExprMutator):
@@ -249,6 +251,9 @@ def fold_layout_of_constants(mod):
                 arg = self.lookup_binding(arg)
             if arg is None or not hasattr(arg, "value"):
                 return call
+            if call.op.same_as(relayout) and call.attrs.pad_value is None:
+                moved = relayout_numpy(call.attrs.index_map, arg.value.numpy())
+                return call if moved is None else relax.const(moved)
             is_reshape = any(call.op.same_as(op) for op in reshapes)
             if not is_reshape and not call.op.same_as(permute):
                 return call
@@ -267,6 +272,41 @@ def fold_layout_of_constants(mod):
         if isinstance(func, relax.Function):
             folder.builder_.update_func(gv, folder.visit_expr(func))
     return folder.builder_.get()
+
+
+def relayout_numpy(index_map, value: np.ndarray) -> np.ndarray | None:
+    """``value`` moved by a layout_transform's ``index_map`` (each index an affine expression with
+    floordiv / floormod by constants, as layout strings give), or None for any other map.
+
+    IndexMap.map_tensor evaluates the map per element (ResNet-50's weights: over two minutes)."""
+    import tvm
+
+    tir = tvm.tirx
+    grid = np.indices(value.shape, dtype=np.int64)
+    env = {v: grid[k] for k, v in enumerate(index_map.initial_indices)}
+    ops = {tir.Add: np.add, tir.Sub: np.subtract, tir.Mul: np.multiply, tir.FloorDiv: np.floor_divide,
+           tir.FloorMod: np.mod}
+
+    def ev(e):
+        if isinstance(e, tir.IntImm):
+            return int(e.value)
+        if isinstance(e, tir.Var):
+            return env[e]
+        fn = ops.get(type(e))
+        if fn is None:
+            raise TypeError(type(e).__name__)
+        return fn(ev(e.a), ev(e.b))
+
+    try:
+        dest = [np.broadcast_to(ev(e), value.shape) for e in index_map.final_indices]
+    except (TypeError, KeyError):
+        return None
+    shape = [int(d.max()) + 1 if d.size else 0 for d in dest]
+    out = np.zeros(shape, value.dtype)
+    out[tuple(dest)] = value
+    if out.size != value.size:  # a map that pads or drops elements is not a pure relayout
+        return None
+    return out
 
 
 def _is_empty_constant(expr) -> bool:
@@ -304,17 +344,25 @@ def replace_empty_constants(mod):
 
 
 def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
+    """``winograd``: graphopt's CPU schedules follow, so convs take the layouts and algorithms they
+    serve: conv chains in the blocked channel layout, then 3x3 stride-1 convs as Winograd where it
+    pays (Winograd reads the blocked layout, so blocking comes first; the weights' relayout folds in
+    between)."""
     import tvm
     from tvm import relax
 
-    if winograd and not spec.is_gpu:  # 3x3 stride-1 convs as Winograd where it pays (CPU schedules)
+    from graphopt.backends.schedules.blocked import LEGALIZE, to_blocked_layout
+
+    if winograd and not spec.is_gpu:
+        from graphopt.backends.schedules import features_of
         from graphopt.backends.schedules.winograd import rewrite_winograd
 
-        mod = rewrite_winograd(mod)
+        mod = to_blocked_layout(mod, features_of(spec).lanes(32))
+        mod = rewrite_winograd(fold_layout_of_constants(mod))
 
     seq = [
         *relax.pipeline.library_dispatch_passes(spec.target),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(customize_legalize_map=LEGALIZE),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

@@ -19,6 +19,7 @@ from tvm import s_tir, tirx
 
 from .analysis import int_extent, is_copy, is_kept, is_data_movement, is_reduction_block, is_spatial_block, root_blocks
 from .conv2d import schedule_conv2d
+from .conv2d_blocked import schedule_conv2d_blocked
 from .features import CPUFeatures, Knobs, RuleContext, features_of
 from .injective import schedule_injective
 from .matmul import schedule_matmul
@@ -38,6 +39,7 @@ Rule = Callable[[tirx.PrimFunc, RuleContext], "s_tir.Schedule | None"]
 RULES: tuple[tuple[str, Rule], ...] = (
     ("winograd", schedule_winograd),
     ("normalization", schedule_normalization),
+    ("conv2d_blocked", schedule_conv2d_blocked),
     ("conv2d", schedule_conv2d),
     ("matmul", schedule_matmul),
     ("pool", schedule_pool),

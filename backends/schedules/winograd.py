@@ -32,6 +32,7 @@ from tvm import relax, s_tir, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .analysis import int_extent
+from .blocked import blocked_layouts
 from .features import RuleContext
 from .tiling import _inline_epilogue, _try, apply_contraction, divisors, parallelize_outer
 
@@ -72,8 +73,9 @@ def eligible(call: relax.Call, cost_model: bool = True) -> str | None:
         return "stride or dilation is not 1"
     if int(at.groups) != 1:
         return "grouped"
-    if (at.data_layout, at.kernel_layout, at.out_layout or "NCHW") != ("NCHW", "OIHW", "NCHW"):
-        return "layout is not NCHW/OIHW"
+    block = blocked_layouts(call)
+    if block is None and (at.data_layout, at.kernel_layout, at.out_layout or "NCHW") != ("NCHW", "OIHW", "NCHW"):
+        return "layout is not NCHW/OIHW or blocked"
     x, w = call.args
     if not isinstance(w, tvm.ir.expr.Constant):
         return "weight is not a constant"
@@ -81,9 +83,10 @@ def eligible(call: relax.Call, cost_model: bool = True) -> str | None:
     if any(s.dtype != "float32" for s in (xs, ws)) or str(at.out_dtype) not in ("", "None", "void", "float32"):
         return "not float32"
     shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in xs.shape] if xs.shape is not None else [None]
-    if None in shape or len(shape) != 4:
+    if None in shape or len(shape) != (5 if block else 4):
         return "input shape is not static"
-    o, c, kh, kw = (int(d) for d in ws.shape)
+    shape = _nchw_shape(shape, block)
+    o, c, kh, kw = _oihw_shape([int(d) for d in ws.shape], block)
     if (kh, kw) != (3, 3):
         return "kernel is not 3x3"
     oh, ow = _out_hw(shape, [int(p) for p in at.padding])
@@ -93,6 +96,23 @@ def eligible(call: relax.Call, cost_model: bool = True) -> str | None:
     if cost_model and (min(c, o) < MIN_CHANNELS or min(oh, ow) < MIN_SPATIAL or macs < MIN_MACS):
         return f"too small ({c}->{o} channels, {oh}x{ow}): the direct conv is faster"
     return None
+
+
+def _nchw_shape(shape: list[int], block: int | None) -> list[int]:
+    """``[N, C, H, W]`` of an input in NCHW or NCHW{block}c."""
+    return shape if not block else [shape[0], shape[1] * block, shape[2], shape[3]]
+
+
+def _oihw_shape(shape: list[int], block: int | None) -> list[int]:
+    return shape if not block else [shape[0] * block, shape[1] * block, shape[2], shape[3]]
+
+
+def oihw(w: np.ndarray, block: int | None) -> np.ndarray:
+    """A weight in OIHW, from OIHW or OIHW{b}i{b}o (``[O/b, I/b, KH, KW, b_i, b_o]``)."""
+    if not block:
+        return w
+    ob, ib, kh, kw, bi, bo = w.shape
+    return np.ascontiguousarray(w.transpose(0, 5, 1, 4, 2, 3).reshape(ob * bo, ib * bi, kh, kw))
 
 
 def _out_hw(shape, pads) -> tuple[int, int]:
@@ -109,9 +129,14 @@ def choose_tile(oh: int, ow: int, channels: int) -> int:
     return 4 if channels >= F4_MIN_CHANNELS and min(oh, ow) >= 14 and waste4 < 1.35 else 2
 
 
-def winograd_te(data: te.Tensor, kpack: te.Tensor, pads, m: int) -> te.Tensor:
-    """The four stages as TE computes; ``kpack`` is ``weight_transform``'s ``[a, a, C, O]``."""
-    n, c, h, w = (int(d) for d in data.shape)
+def winograd_te(data: te.Tensor, kpack: te.Tensor, pads, m: int, block: int = 0) -> te.Tensor:
+    """The four stages as TE computes; ``kpack`` is ``weight_transform``'s ``[a, a, C, O]``.
+
+    ``block``: data and result in NCHW{block}c (``blocked.py``) instead of NCHW.
+    """
+    n, c, h, w = _nchw_shape([int(d) for d in data.shape], block)
+    at = (lambda b, ci, y, x: data[b, ci // block, y, x, ci % block]) if block else (
+        lambda b, ci, y, x: data[b, ci, y, x])
     alpha, co = m + 2, int(kpack.shape[3])
     pt, pl, pb, pr = pads
     oh, ow = _out_hw((n, c, h, w), pads)
@@ -125,7 +150,7 @@ def winograd_te(data: te.Tensor, kpack: te.Tensor, pads, m: int) -> te.Tensor:
     dpad = te.compute(
         (n, hp, wp, c),
         lambda b, y, x, ci: tirx.if_then_else(
-            tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl), data[b, ci, y - pt, x - pl], tirx.const(0, "float32")),
+            tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl), at(b, ci, y - pt, x - pl), tirx.const(0, "float32")),
         name="wino_pad",
     )
     ra = te.reduce_axis((0, alpha), "ra")
@@ -149,11 +174,11 @@ def winograd_te(data: te.Tensor, kpack: te.Tensor, pads, m: int) -> te.Tensor:
         lambda p, vh, vw, o: te.sum(bgemm[ia, ib, p, o] * a_mat[ia, vh] * a_mat[ib, vw], axis=[ia, ib]),
         name="wino_inverse",
     )
-    return te.compute(
-        (n, co, oh, ow),
-        lambda b, o, y, x: inverse[(b * nh + y // m) * nw + x // m, y % m, x % m, o],
-        name="wino_output",
-    )
+    tile = lambda b, o, y, x: inverse[(b * nh + y // m) * nw + x // m, y % m, x % m, o]  # noqa: E731
+    if block:
+        return te.compute((n, co // block, oh, ow, block),
+                          lambda b, ob, y, x, oi: tile(b, ob * block + oi, y, x), name="wino_output")
+    return te.compute((n, co, oh, ow), tile, name="wino_output")
 
 
 def _const(mat: np.ndarray, name: str) -> te.Tensor:
@@ -182,17 +207,23 @@ class _Rewriter(PyExprMutator):
         call = super().visit_call_(call)
         if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)):
             return call
+        w = call.args[1]
+        bound = self.lookup_binding(w) if isinstance(w, relax.Var) else None
+        if isinstance(bound, tvm.ir.expr.Constant):  # a weight relaid out at compile time (blocked.py)
+            call = relax.Call(call.op, [call.args[0], bound], call.attrs, call.ty_args)
         why = eligible(call, cost_model=not self.force)
         if why is not None:
             log.debug("conv2d %s stays direct: %s", call.args[1].ty.shape, why)
             return call
         x, w = call.args
         pads = [int(p) for p in call.attrs.padding]
-        c, o = int(w.ty.shape[1]), int(w.ty.shape[0])
-        m = self.tile or choose_tile(*_out_hw([int(d) for d in x.ty.shape], pads), min(c, o))
-        kpack = relax.const(weight_transform(w.value.numpy(), m))
+        block = blocked_layouts(call) or 0
+        weight = oihw(w.value.numpy(), block)
+        c, o = weight.shape[1], weight.shape[0]
+        m = self.tile or choose_tile(*_out_hw(_nchw_shape([int(d) for d in x.ty.shape], block), pads), min(c, o))
+        kpack = relax.const(weight_transform(weight, m))
         self.rewritten += 1
-        return self.builder_.call_te(winograd_te, x, kpack, pads, m, primfunc_name_hint="winograd_conv2d")
+        return self.builder_.call_te(winograd_te, x, kpack, pads, m, block, primfunc_name_hint="winograd_conv2d")
 
 
 def enabled() -> bool:
@@ -291,7 +322,12 @@ def _schedule_output(sch, feats) -> None:
     if out is None:
         return
     _inline_epilogue(sch, out)
-    b, o, y, x = sch.get_loops(out)
+    loops = sch.get_loops(out)
+    if len(loops) == 5:  # NCHW{b}c: channels are already innermost, as in wino_inverse
+        parallelize_outer(sch, loops[:3], 1 << 30, feats)
+        _try(sch.vectorize, loops[-1])
+        return
+    b, o, y, x = loops
     lanes = feats.lanes(32)
     ob = max(d for d in divisors(int_extent(sch, o) or 1) if d <= lanes)
     oo, oi = sch.split(o, [None, ob])

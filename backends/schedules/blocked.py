@@ -1,0 +1,207 @@
+"""The blocked channel layout NCHW[b]c for chains of convolutions (CPU).
+
+Activations ``[N, C, H, W]`` become ``[N, C/b, H, W, b]`` and conv weights ``[O/b, C/b, KH, KW, b, b]``
+(``OIHW{b}i{b}o``), with ``b`` the target's fp32 vector lanes. A conv then reads ``b`` input channels of
+one pixel from one cache line and writes ``b`` output channels of one pixel as one vector: its micro
+kernel broadcasts an input value into a row of pixel accumulators and multiplies it by one weight
+vector, with no transposed write-back and no per-call packing of the input (the NCHW rules in
+``conv2d.py`` pack or transpose per call to get the same effect).
+
+* ``to_blocked_layout`` (a Relax pass, before legalization): Relax's ``ConvertLayout`` with a
+  callback that blocks every conv this layout serves (``why_not``); elementwise ops, pools, concat
+  and reductions follow their input's layout, and the conversions back to NCHW are inserted where
+  an op needs it (reshape, flatten, the model's outputs). Each conversion is a pass over a tensor,
+  so a model stays NCHW when it has fewer than ``MIN_CONVS`` such convs, or a conv the layout does
+  not serve (grouped, channels not a multiple of the block) on a large input: a stem on the image's
+  channels, or squeeze-excitation convs on pooled maps, convert cheaply.
+* The weights' ``layout_transform`` folds at compile time (``compile.fold_layout_of_constants``),
+  never per run; Winograd reads and writes the blocked layout directly (``winograd.py``).
+* ``LEGALIZE``: TVM's legalization leaves a blocked conv2d un-lowered; ``conv2d_nchwc`` is its
+  compute, with the input channels as two reduction axes (block, lane) so the schedule rules see
+  plain affine indices. The contraction engine (``tiling.py``) schedules it: vector over the output
+  lanes, register tile over output columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+
+import tvm
+from tvm import relax, te, tirx, topi
+
+log = logging.getLogger(__name__)
+
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+BLOCK_NAME = "conv2d_nchwc"
+DEPTHWISE_NAME = "depthwise_nchwc"
+MIN_CONVS = 2  # blocked convs a model needs before the layout pays for its conversions
+SMALL_ELEMENTS = 1 << 16  # an unserved conv's input this small may convert to NCHW and back
+_DATA = re.compile(r"^NCHW(\d+)c$")
+_KERNEL = re.compile(r"^OIHW(\d+)i(\d+)o$")
+
+
+def enabled() -> bool:
+    """Off with ``GRAPHOPT_BLOCKED=0`` (every conv then stays NCHW)."""
+    return os.environ.get("GRAPHOPT_BLOCKED", "1") != "0"
+
+
+def _static(shape) -> list[int] | None:
+    if shape is None or not all(isinstance(d, tirx.IntImm) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def why_not(call: relax.Call, block: int) -> str | None:
+    """None when the blocked layout serves ``call`` (a relax.nn.conv2d), else why not."""
+    at = call.attrs
+    if (at.data_layout, at.kernel_layout, at.out_layout or "NCHW") != ("NCHW", "OIHW", "NCHW"):
+        return "layout is not NCHW/OIHW"
+    x, w = call.args
+    if any(getattr(a.ty, "dtype", None) != "float32" for a in (x, w)):
+        return "not float32"
+    if str(at.out_dtype) not in ("", "None", "void", "float32"):
+        return "not float32"
+    xs, ws = _static(x.ty.shape), _static(w.ty.shape)
+    if xs is None or ws is None or len(xs) != 4:
+        return "shape is not static 4-D"
+    if xs[1] % block or ws[0] % block:
+        return f"channels {xs[1]}->{ws[0]} are not multiples of {block}"
+    groups = int(at.groups)
+    if groups != 1 and not (groups == xs[1] == ws[0] and ws[1] == 1):
+        return "grouped (not depthwise)"
+    return None
+
+
+def _desired(call: relax.Call, block: int) -> dict:
+    kernel = f"OIHW1i{block}o" if int(call.attrs.groups) > 1 else f"OIHW{block}i{block}o"
+    return {"relax.nn.conv2d": [f"NCHW{block}c", kernel]}
+
+
+def _convs(mod) -> list[relax.Call]:
+    found: list = []
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(
+                func, lambda e: found.append(e) if isinstance(e, relax.Call) and e.op.same_as(_CONV2D) else None)
+    return found
+
+
+def _stem(call: relax.Call, block: int) -> bool:
+    """A conv on fewer channels than a block (an image's 3): it reads NCHW and its output is blocked."""
+    shape = _static(call.args[0].ty.shape)
+    return shape is not None and len(shape) == 4 and shape[1] < block
+
+
+def _small(call: relax.Call) -> bool:
+    """A conv whose input converts back and forth in no time (squeeze-excitation on a pooled 1x1 map)."""
+    shape = _static(call.args[0].ty.shape)
+    return shape is not None and math.prod(shape) <= SMALL_ELEMENTS
+
+
+def to_blocked_layout(mod, block: int, min_convs: int = MIN_CONVS):
+    """``mod`` with every conv that ``why_not`` accepts in NCHW{block}c; unchanged below ``min_convs``."""
+    if block < 2 or not enabled():
+        return mod
+    convs = _convs(mod)
+    served = [c for c in convs if why_not(c, block) is None]
+    if len(served) < min_convs:
+        return mod
+    left = [c for c in convs if why_not(c, block) is not None and not _stem(c, block) and not _small(c)]
+    if left:  # mixed models flip layouts around every conv left in NCHW (PP-OCRv4 det)
+        log.debug("NCHW kept: %d convs the blocked layout does not serve (%s)", len(left), why_not(left[0], block))
+        return mod
+    def choose(call):
+        if isinstance(call, relax.Call) and call.op.same_as(_CONV2D) and why_not(call, block) is None:
+            return _desired(call, block)
+        return {}
+
+    return relax.transform.ConvertLayout({}, choose)(mod)
+
+
+def blocked_layouts(call: relax.Call) -> int | None:
+    """The block of a conv2d in NCHW{b}c / OIHW{b}i{b}o (the same b throughout), else None."""
+    at = call.attrs
+    d, k = _DATA.match(str(at.data_layout)), _KERNEL.match(str(at.kernel_layout))
+    if d is None or k is None or str(at.out_layout or at.data_layout) != str(at.data_layout):
+        return None
+    b = int(d.group(1))
+    return b if int(k.group(1)) == b and int(k.group(2)) == b and int(at.groups) == 1 else None
+
+
+def blocked_depthwise(call: relax.Call) -> int | None:
+    """The block of a depthwise conv2d in NCHW{b}c / OIHW1i{b}o, else None."""
+    at = call.attrs
+    d, k = _DATA.match(str(at.data_layout)), _KERNEL.match(str(at.kernel_layout))
+    if d is None or k is None or str(at.out_layout or at.data_layout) != str(at.data_layout):
+        return None
+    b = int(d.group(1))
+    return b if int(k.group(1)) == 1 and int(k.group(2)) == b and int(at.groups) > 1 else None
+
+
+def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, out_dtype: str = "float32"):
+    """``data [N, C/b, H, W, b]`` * ``kernel [O/b, C/b, KH, KW, b, b]`` → ``[N, O/b, OH, OW, b]``."""
+    n, cb, h, w, bi = (int(d) for d in data.shape)
+    ob, _, kh, kw, _, bo = (int(d) for d in kernel.shape)
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    pt, pl, pb, pr = (int(p) for p in padding)
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    if pt or pl or pb or pr:
+        data = topi.nn.pad(data, [0, 0, pt, pl, 0], [0, 0, pb, pr, 0], name="pad")
+    ic = te.reduce_axis((0, cb), "ic")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    ii = te.reduce_axis((0, bi), "ii")
+    return te.compute(
+        (n, ob, oh, ow, bo),
+        lambda b, o, y, x, oi: te.sum(
+            data[b, ic, y * sh + ry * dh, x * sw + rx * dw, ii].astype(out_dtype)
+            * kernel[o, ic, ry, rx, ii, oi].astype(out_dtype),
+            axis=[ic, ry, rx, ii],
+        ),
+        name=BLOCK_NAME,
+    )
+
+
+def depthwise_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, out_dtype: str = "float32"):
+    """``data [N, C/b, H, W, b]`` * ``kernel [C/b, 1, KH, KW, 1, b]`` → ``[N, C/b, OH, OW, b]``."""
+    n, cb, h, w, b = (int(d) for d in data.shape)
+    _, _, kh, kw, _, _ = (int(d) for d in kernel.shape)
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    pt, pl, pb, pr = (int(p) for p in padding)
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    if pt or pl or pb or pr:
+        data = topi.nn.pad(data, [0, 0, pt, pl, 0], [0, 0, pb, pr, 0], name="pad")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    return te.compute(
+        (n, cb, oh, ow, b),
+        lambda i, c, y, x, ci: te.sum(
+            data[i, c, y * sh + ry * dh, x * sw + rx * dw, ci].astype(out_dtype)
+            * kernel[c, 0, ry, rx, 0, ci].astype(out_dtype),
+            axis=[ry, rx],
+        ),
+        name=DEPTHWISE_NAME,
+    )
+
+
+def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    if blocked_layouts(call) is not None:
+        compute, name = conv2d_nchwc, BLOCK_NAME
+    elif blocked_depthwise(call) is not None:
+        compute, name = depthwise_nchwc, DEPTHWISE_NAME
+    else:  # every other conv2d: TVM's own legalization
+        return _CONV2D.get_attr("FLegalize")(bb, call)
+    at = call.attrs
+    out_dtype = str(at.out_dtype) if str(at.out_dtype) not in ("", "None", "void") else call.args[0].ty.dtype
+    return bb.call_te(compute, call.args[0], call.args[1], at.strides, at.padding, at.dilation, out_dtype,
+                      primfunc_name_hint=name)
+
+
+LEGALIZE = {"relax.nn.conv2d": _legalize_conv2d}  # for LegalizeOps(customize_legalize_map=...)
