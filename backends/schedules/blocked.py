@@ -29,6 +29,7 @@ import math
 import os
 import re
 
+import numpy as np
 import tvm
 from tvm import relax, te, tirx, topi
 
@@ -101,6 +102,44 @@ def _small(call: relax.Call) -> bool:
     return shape is not None and math.prod(shape) <= SMALL_ELEMENTS
 
 
+_BINARY = tuple(tvm.ir.Op.get(f"relax.{n}") for n in (
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "power", "floor_divide"))
+
+
+@relax.expr_functor.mutator
+class _PerChannel(relax.PyExprMutator):
+    """A one-element constant operand of a binary op on a 4-D tensor becomes a per-channel constant
+    ``[1, C, 1, 1]`` of the same value, exact by broadcasting.
+
+    Relax's layout inference relayouts a per-channel constant (a bias) with the tensor, but neither a
+    ``[1]`` constant nor a scalar: it put the op back in NCHW, and PP-OCRv4's HardSwish (``x + [3]``,
+    ``/ [6]``) made two conversions per conv.
+    """
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call, relax.Call) and len(call.args) == 2 and any(call.op.same_as(op) for op in _BINARY)):
+            return call
+        args = list(call.args)
+        for i, a in enumerate(args):
+            other = _static(getattr(args[1 - i].ty, "shape", None))
+            if (isinstance(a, tvm.ir.expr.GenericConst) and a.value.numpy().size == 1 and other is not None
+                    and len(other) == 4 and len(a.value.shape) <= 4):
+                value = a.value.numpy()
+                args[i] = relax.const(np.full((1, other[1], 1, 1), value.reshape(()), value.dtype))
+        changed = any(not x.same_as(y) for x, y in zip(args, call.args))
+        return relax.Call(call.op, args, call.attrs, call.ty_args) if changed else call
+
+
+def per_channel_constants(mod):
+    """``_PerChannel`` over every Relax function of ``mod``."""
+    mutator = _PerChannel(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 def to_blocked_layout(mod, block: int, min_convs: int = MIN_CONVS):
     """``mod`` with every conv that ``why_not`` accepts in NCHW{block}c; unchanged below ``min_convs``."""
     if block < 2 or not enabled():
@@ -114,11 +153,16 @@ def to_blocked_layout(mod, block: int, min_convs: int = MIN_CONVS):
         log.debug("NCHW kept: %d convs the blocked layout does not serve (%s)", len(left), why_not(left[0], block))
         return mod
     def choose(call):
-        if isinstance(call, relax.Call) and call.op.same_as(_CONV2D) and why_not(call, block) is None:
-            return _desired(call, block)
+        if isinstance(call, relax.Call) and call.op.same_as(_CONV2D):
+            # a conv left out says NCHW outright: "no preference" after a blocked mean made TVM fail
+            return _desired(call, block) if why_not(call, block) is None else {"relax.nn.conv2d": ["NCHW", "OIHW"]}
         return {}
 
-    return relax.transform.ConvertLayout({}, choose)(mod)
+    try:
+        return relax.transform.ConvertLayout({}, choose)(per_channel_constants(mod))
+    except Exception as e:  # noqa: BLE001 - TVM failed inferring some op's layout: the model stays NCHW
+        log.warning("blocked layout not applied: %s", str(e).strip().splitlines()[-1][:200])
+        return mod
 
 
 def blocked_layouts(call: relax.Call) -> int | None:

@@ -77,13 +77,35 @@ def test_depthwise_conv_runs_blocked():
     np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-3, atol=1e-3)
 
 
-def test_model_with_a_grouped_conv_stays_nchw():
+def test_model_with_a_grouped_conv_stays_nchw(monkeypatch):
+    monkeypatch.setattr(blocked, "SMALL_ELEMENTS", 1024)  # this test's maps count as large
     rng = np.random.default_rng(1)
     model = resnet_like(rng, group=4)
     x = rng.standard_normal((2, 3, 33, 31)).astype(np.float32)
     got = _compile(model)(x=x)["y"]
     assert "conv2d_blocked" not in last_report().values()
     np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-3, atol=1e-3)
+
+
+def test_squeeze_excitation_with_odd_channels_keeps_the_model_blocked():
+    """PP-OCRv4's SE blocks: a mean over the map, then convs on 1x1 maps whose channels (16->4->16) are
+    not multiples of the block; those convert in no time, the convs around them stay blocked."""
+    rng = np.random.default_rng(6)
+    inits: list = []
+    nodes = [
+        _conv(rng, inits, "a", "x", "a0", 16, 8, 3, pad=1), helper.make_node("Relu", ["a0"], ["a1"]),
+        helper.make_node("GlobalAveragePool", ["a1"], ["g"]),
+        _conv(rng, inits, "s", "g", "s0", 4, 16, 1), helper.make_node("Relu", ["s0"], ["s1"]),
+        _conv(rng, inits, "e", "s1", "e0", 16, 4, 1), helper.make_node("HardSigmoid", ["e0"], ["e1"]),
+        helper.make_node("Mul", ["a1", "e1"], ["m"]), helper.make_node("HardSwish", ["m"], ["h"]),
+        _conv(rng, inits, "d", "h", "y", 16, 16, 3, pad=1, group=16),
+    ]
+    model = _model(nodes, inits, [1, 8, 20, 24])
+    x = rng.standard_normal((1, 8, 20, 24)).astype(np.float32)
+    got = _compile(model)(x=x)["y"]
+    rules = last_report()
+    assert list(rules.values()).count("conv2d_blocked") == 2, rules
+    np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-3, atol=1e-4)
 
 
 def test_switched_off_by_environment(monkeypatch):
@@ -186,3 +208,23 @@ def test_every_decision_of_the_blocked_rule_matches_numpy(case):
         got = tvm.runtime.tensor(np.zeros(want.shape, np.float32))
         lib["main"](tvm.runtime.tensor(data), tvm.runtime.tensor(weight), got)
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4, err_msg=str(choice))
+
+
+def test_one_element_constants_become_per_channel_so_the_layout_flows_through():
+    """HardSwish's ``+ [3]`` and ``/ [6]``: Relax cannot relayout a [1] constant, a [1, C, 1, 1] one it can."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 4, 4), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.add(x, relax.const(np.array([3.0], np.float32))))
+            out = bb.emit_output(relax.op.divide(y, relax.const(np.float32(6.0))))
+        bb.emit_func_output(out)
+    mod = blocked.per_channel_constants(bb.get())
+    consts = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: consts.append(e) if isinstance(e, tvm.ir.expr.GenericConst) else None)
+    assert [tuple(c.value.shape) for c in consts] == [(1, 16, 1, 1)] * 2
+    xv = np.random.default_rng(0).standard_normal((1, 16, 4, 4)).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.compile(relax.transform.LegalizeOps()(mod), target="llvm"), tvm.cpu())
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(xv)).numpy(), (xv + 3) / 6, rtol=1e-6)
