@@ -59,3 +59,25 @@ def test_scheduled_matmul_is_faster():
     fast, slow = build(model, {"a": (64, 256)}), build(model, {"a": (64, 256)}, scheduled=False)
     np.testing.assert_allclose(fast(feeds)[0], slow(feeds)[0], rtol=1e-4, atol=1e-3)
     assert slow.time_ms(feeds, number=2) / fast.time_ms(feeds, number=10) >= 3
+
+
+@pytest.mark.parametrize("k,n,parallel", [(2048, 1000, True), (512, 256, False)])
+def test_gemv_runs_parallel_when_it_streams_megabytes(k, n, parallel):
+    """A classifier GEMV (2M multiply-adds over 8 MB of weights) is bound by memory: two cores stream
+    it faster, though its multiply-adds are below the contraction threshold; a small one stays serial."""
+    import tvm
+
+    from graphopt.backends.schedules import apply_default_schedules
+    from graphopt.backends.schedules.testing import fused, host_target
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    model = single_node_model("MatMul", {"x": (1, k)}, {"w": w})
+    out = apply_default_schedules(fused(model, {"x": (1, k)}), host_target())
+    func = next(f for _, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    from graphopt.backends.schedules import features_of
+
+    assert ("T.parallel" in func.script()) == (parallel and features_of(host_target()).cores > 1)
+    built = build(model, {"x": (1, k)})
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    np.testing.assert_allclose(built({"x": x})[0], ort_run(model, {"x": x})[0], rtol=1e-4, atol=1e-3)
