@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.backends.constants import fold_layout_of_constants, replace_empty_constants
 from graphopt.backends.targets import TargetSpec, get_target
 from graphopt.errors import GraphoptError, ShapeError, UnsupportedError, UsageError
 
@@ -221,126 +222,6 @@ def _bind_params(lowered, embed: bool):
     binding = {var: tvm.runtime.tensor(arr) for var, arr in zip(weight_vars, params.values())}
     mod = relax.transform.BindParams("main", binding)(mod)
     return mod, {}
-
-
-_RESHAPE_OPS = ("relax.expand_dims", "relax.reshape", "relax.squeeze", "relax.flatten")
-
-
-def fold_layout_of_constants(mod):
-    """Reshape/expand_dims/squeeze/flatten/permute_dims/layout_transform of a constant, done once in
-    numpy (layout_transform: its index map applied to the constant).
-
-    Relax's FoldConstant would build and run one small kernel per such call (seconds per model for
-    the bias broadcasts of every conv); these are pure layout changes, exact in numpy.
-    """
-    import tvm
-    from tvm import relax
-
-    reshapes = [tvm.ir.Op.get(n) for n in _RESHAPE_OPS]
-    permute = tvm.ir.Op.get("relax.permute_dims")
-    relayout = tvm.ir.Op.get("relax.layout_transform")
-
-    @relax.expr_functor.mutator
-    class _Fold(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if not isinstance(call.op, tvm.ir.Op) or not call.args:
-                return call
-            arg = call.args[0]
-            if isinstance(arg, relax.Var):  # a binding of a constant (possibly folded just before)
-                arg = self.lookup_binding(arg)
-            if arg is None or not hasattr(arg, "value"):
-                return call
-            if call.op.same_as(relayout) and call.attrs.pad_value is None:
-                moved = relayout_numpy(call.attrs.index_map, arg.value.numpy())
-                return call if moved is None else relax.const(moved)
-            is_reshape = any(call.op.same_as(op) for op in reshapes)
-            if not is_reshape and not call.op.same_as(permute):
-                return call
-            shape = getattr(self.builder_.normalize(call).ty, "shape", None)
-            dims = getattr(shape, "values", None)
-            if dims is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
-                return call
-            value = arg.value.numpy()
-            if is_reshape:
-                return relax.const(value.reshape([int(d) for d in dims]), value.dtype)
-            axes = None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
-            return relax.const(np.ascontiguousarray(np.transpose(value, axes)), value.dtype)
-
-    folder = _Fold(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            folder.builder_.update_func(gv, folder.visit_expr(func))
-    return folder.builder_.get()
-
-
-def relayout_numpy(index_map, value: np.ndarray) -> np.ndarray | None:
-    """``value`` moved by a layout_transform's ``index_map`` (each index an affine expression with
-    floordiv / floormod by constants, as layout strings give), or None for any other map.
-
-    IndexMap.map_tensor evaluates the map per element (ResNet-50's weights: over two minutes)."""
-    import tvm
-
-    tir = tvm.tirx
-    grid = np.indices(value.shape, dtype=np.int64)
-    env = {v: grid[k] for k, v in enumerate(index_map.initial_indices)}
-    ops = {tir.Add: np.add, tir.Sub: np.subtract, tir.Mul: np.multiply, tir.FloorDiv: np.floor_divide,
-           tir.FloorMod: np.mod}
-
-    def ev(e):
-        if isinstance(e, tir.IntImm):
-            return int(e.value)
-        if isinstance(e, tir.Var):
-            return env[e]
-        fn = ops.get(type(e))
-        if fn is None:
-            raise TypeError(type(e).__name__)
-        return fn(ev(e.a), ev(e.b))
-
-    try:
-        dest = [np.broadcast_to(ev(e), value.shape) for e in index_map.final_indices]
-    except (TypeError, KeyError):
-        return None
-    shape = [int(d.max()) + 1 if d.size else 0 for d in dest]
-    out = np.zeros(shape, value.dtype)
-    out[tuple(dest)] = value
-    if out.size != value.size:  # a map that pads or drops elements is not a pure relayout
-        return None
-    return out
-
-
-def _is_empty_constant(expr) -> bool:
-    shape = getattr(getattr(expr, "value", None), "shape", None)
-    return shape is not None and 0 in [int(d) for d in shape]
-
-
-def replace_empty_constants(mod):
-    """Zero-element constants become zero-element allocations.
-
-    TVM 0.27 writes a zero-element constant into the executable but cannot read it back
-    ("Invalid DLTensor file format"); an allocation of no elements needs no data.
-    """
-    from tvm import relax
-
-    funcs = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
-    found: list = []
-    for _, func in funcs:
-        relax.analysis.post_order_visit(func, lambda e: found.append(e) if _is_empty_constant(e) else None)
-    if not found:
-        return mod
-
-    @relax.expr_functor.mutator
-    class _Replace(relax.PyExprMutator):
-        def visit_generic_const_(self, const):
-            if not _is_empty_constant(const):
-                return const
-            shape = relax.ShapeExpr([int(d) for d in const.value.shape])
-            return relax.op.builtin.alloc_tensor(shape, str(const.value.dtype), 0)
-
-    replacer = _Replace(mod)
-    for gv, func in funcs:
-        replacer.builder_.update_func(gv, replacer.visit_expr(func))
-    return replacer.builder_.get()
 
 
 def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):

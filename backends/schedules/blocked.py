@@ -14,12 +14,13 @@ vector, with no transposed write-back and no per-call packing of the input (the 
   so a model stays NCHW when it has fewer than ``MIN_CONVS`` such convs, or a conv the layout does
   not serve (grouped, channels not a multiple of the block) on a large input: a stem on the image's
   channels, or squeeze-excitation convs on pooled maps, convert cheaply.
-* The weights' ``layout_transform`` folds at compile time (``compile.fold_layout_of_constants``),
+* The weights' ``layout_transform`` folds at compile time (``backends/constants.py``),
   never per run; Winograd reads and writes the blocked layout directly (``winograd.py``).
-* ``LEGALIZE``: TVM's legalization leaves a blocked conv2d un-lowered; ``conv2d_nchwc`` is its
-  compute, with the input channels as two reduction axes (block, lane) so the schedule rules see
-  plain affine indices. The contraction engine (``tiling.py``) schedules it: vector over the output
-  lanes, register tile over output columns.
+* ``LEGALIZE``: TVM's legalization leaves a blocked conv2d un-lowered; ``conv2d_nchwc`` and
+  ``depthwise_nchwc`` are graphopt's computes, with the input channels as two reduction axes (block,
+  lane) so the schedule rules see plain affine indices; ``conv2d_blocked.py`` schedules them.
+* One-element constants of binary ops become per-channel constants first (``per_channel_constants``),
+  which Relax's layout inference can move with the tensor.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ def to_blocked_layout(mod, block: int, min_convs: int = MIN_CONVS):
     if left:  # mixed models flip layouts around every conv left in NCHW (PP-OCRv4 det)
         log.debug("NCHW kept: %d convs the blocked layout does not serve (%s)", len(left), why_not(left[0], block))
         return mod
+
     def choose(call):
         if isinstance(call, relax.Call) and call.op.same_as(_CONV2D):
             # a conv left out says NCHW outright: "no preference" after a blocked mean made TVM fail

@@ -10,7 +10,8 @@ import pytest
 import tvm
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.backends.compile import compile_model, fold_layout_of_constants, relayout_numpy
+from graphopt.backends.compile import compile_model
+from graphopt.backends.constants import fold_layout_of_constants, relayout_numpy
 from graphopt.backends.schedules import blocked, last_report
 from graphopt.backends.schedules.testing import ort_run
 
@@ -146,7 +147,8 @@ def test_relayout_of_a_constant_folds_at_compile_time():
     w = np.arange(16 * 8, dtype=np.float32).reshape(16, 8, 1, 1)
     with bb.function("main", [x]):
         with bb.dataflow():
-            lt = bb.emit(relax.op.layout_transform(relax.const(w), lambda a, b, c, d: (a // 8, b // 8, c, d, b % 8, a % 8)))
+            blocked_map = lambda a, b, c, d: (a // 8, b // 8, c, d, b % 8, a % 8)  # noqa: E731
+            lt = bb.emit(relax.op.layout_transform(relax.const(w), blocked_map))
             out = bb.emit_output(relax.op.add(lt, lt))
         bb.emit_func_output(out)
     folded = fold_layout_of_constants(bb.get())
@@ -223,7 +225,8 @@ def test_one_element_constants_become_per_channel_so_the_layout_flows_through():
         bb.emit_func_output(out)
     mod = blocked.per_channel_constants(bb.get())
     consts = []
-    relax.analysis.post_order_visit(mod["main"], lambda e: consts.append(e) if isinstance(e, tvm.ir.expr.GenericConst) else None)
+    relax.analysis.post_order_visit(
+        mod["main"], lambda e: consts.append(e) if isinstance(e, tvm.ir.expr.GenericConst) else None)
     assert [tuple(c.value.shape) for c in consts] == [(1, 16, 1, 1)] * 2
     xv = np.random.default_rng(0).standard_normal((1, 16, 4, 4)).astype(np.float32)
     vm = relax.VirtualMachine(tvm.compile(relax.transform.LegalizeOps()(mod), target="llvm"), tvm.cpu())
