@@ -234,12 +234,16 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
 
     from graphopt.backends.schedules.blocked import LEGALIZE, to_blocked_layout
 
-    if winograd and not spec.is_gpu:
+    cpu_rules = winograd and not spec.is_gpu
+    if cpu_rules:
         from graphopt.backends.schedules import features_of
-        from graphopt.backends.schedules.winograd import rewrite_winograd
 
         mod = to_blocked_layout(mod, features_of(spec).lanes(32))
-        mod = rewrite_winograd(fold_layout_of_constants(mod))
+    mod = fold_layout_of_constants(mod)
+    if cpu_rules:
+        from graphopt.backends.schedules.winograd import rewrite_winograd
+
+        mod = rewrite_winograd(mod)
 
     seq = [
         *relax.pipeline.library_dispatch_passes(spec.target),
@@ -251,7 +255,7 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
         relax.transform.DeadCodeElimination(),
     ]
     with spec.target:
-        return tvm.transform.Sequential(seq)(fold_layout_of_constants(mod))
+        return tvm.transform.Sequential(seq)(mod)
 
 
 def _apply_tuning_db(mod, spec: TargetSpec, tuning_db: str | os.PathLike):

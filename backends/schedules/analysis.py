@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from tvm import s_tir, tirx
 
@@ -46,6 +47,19 @@ def block_axes(sch: s_tir.Schedule, block) -> list[Axis] | None:
             return None
         axes.append(Axis(iv.var, loop, ext, iv.iter_type == tirx.IterVar.CommReduce))
     return axes
+
+
+def get_block(sch: s_tir.Schedule, name: str):
+    """The block called ``name``, or None when the function has none."""
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - no such block
+        return None
+
+
+def nbytes(region) -> int:
+    """Bytes of the whole buffer a read or write region belongs to."""
+    return math.prod(int(d) for d in region.source.shape) * region.source.dtype.bits // 8
 
 
 def uses(expr, var) -> bool:

@@ -167,30 +167,39 @@ def to_blocked_layout(mod, block: int, min_convs: int = MIN_CONVS):
         return mod
 
 
-def blocked_layouts(call: relax.Call) -> int | None:
-    """The block of a conv2d in NCHW{b}c / OIHW{b}i{b}o (the same b throughout), else None."""
+def _blocks(call: relax.Call) -> tuple[int, int, int] | None:
+    """(data block, kernel input block, kernel output block) of a conv2d in NCHW{b}c / OIHW{i}i{o}o
+    whose output keeps the data's layout, else None."""
     at = call.attrs
     d, k = _DATA.match(str(at.data_layout)), _KERNEL.match(str(at.kernel_layout))
     if d is None or k is None or str(at.out_layout or at.data_layout) != str(at.data_layout):
         return None
-    b = int(d.group(1))
-    return b if int(k.group(1)) == b and int(k.group(2)) == b and int(at.groups) == 1 else None
+    return int(d.group(1)), int(k.group(1)), int(k.group(2))
+
+
+def blocked_layouts(call: relax.Call) -> int | None:
+    """The block of a conv2d in NCHW{b}c / OIHW{b}i{b}o (the same b throughout), else None."""
+    blocks = _blocks(call)
+    if blocks is None or int(call.attrs.groups) != 1:
+        return None
+    b, ki, ko = blocks
+    return b if ki == ko == b else None
 
 
 def blocked_depthwise(call: relax.Call) -> int | None:
     """The block of a depthwise conv2d in NCHW{b}c / OIHW1i{b}o, else None."""
-    at = call.attrs
-    d, k = _DATA.match(str(at.data_layout)), _KERNEL.match(str(at.kernel_layout))
-    if d is None or k is None or str(at.out_layout or at.data_layout) != str(at.data_layout):
+    blocks = _blocks(call)
+    if blocks is None or int(call.attrs.groups) <= 1:
         return None
-    b = int(d.group(1))
-    return b if int(k.group(1)) == 1 and int(k.group(2)) == b and int(at.groups) > 1 else None
+    b, ki, ko = blocks
+    return b if ki == 1 and ko == b else None
 
 
-def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, out_dtype: str = "float32"):
-    """``data [N, C/b, H, W, b]`` * ``kernel [O/b, C/b, KH, KW, b, b]`` → ``[N, O/b, OH, OW, b]``."""
-    n, cb, h, w, bi = (int(d) for d in data.shape)
-    ob, _, kh, kw, _, bo = (int(d) for d in kernel.shape)
+def _window(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation):
+    """The padded input, output height and width, and ``at(y, x, ry, rx) -> (row, column)`` of the
+    input a tap reads, for a blocked ``data [N, C/b, H, W, b]`` and a kernel ``[.., .., KH, KW, .., ..]``."""
+    _, _, h, w, _ = (int(d) for d in data.shape)
+    kh, kw = int(kernel.shape[2]), int(kernel.shape[3])
     sh, sw = (int(s) for s in strides)
     dh, dw = (int(d) for d in dilation)
     pt, pl, pb, pr = (int(p) for p in padding)
@@ -198,6 +207,14 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
     ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
     if pt or pl or pb or pr:
         data = topi.nn.pad(data, [0, 0, pt, pl, 0], [0, 0, pb, pr, 0], name="pad")
+    return data, oh, ow, lambda y, x, ry, rx: (y * sh + ry * dh, x * sw + rx * dw)
+
+
+def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, out_dtype: str = "float32"):
+    """``data [N, C/b, H, W, b]`` * ``kernel [O/b, C/b, KH, KW, b, b]`` → ``[N, O/b, OH, OW, b]``."""
+    n, cb, _, _, bi = (int(d) for d in data.shape)
+    ob, _, kh, kw, _, bo = (int(d) for d in kernel.shape)
+    data, oh, ow, at = _window(data, kernel, strides, padding, dilation)
     ic = te.reduce_axis((0, cb), "ic")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
@@ -205,8 +222,7 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
     return te.compute(
         (n, ob, oh, ow, bo),
         lambda b, o, y, x, oi: te.sum(
-            data[b, ic, y * sh + ry * dh, x * sw + rx * dw, ii].astype(out_dtype)
-            * kernel[o, ic, ry, rx, ii, oi].astype(out_dtype),
+            data[(b, ic, *at(y, x, ry, rx), ii)].astype(out_dtype) * kernel[o, ic, ry, rx, ii, oi].astype(out_dtype),
             axis=[ic, ry, rx, ii],
         ),
         name=BLOCK_NAME,
@@ -215,22 +231,15 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
 
 def depthwise_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, out_dtype: str = "float32"):
     """``data [N, C/b, H, W, b]`` * ``kernel [C/b, 1, KH, KW, 1, b]`` → ``[N, C/b, OH, OW, b]``."""
-    n, cb, h, w, b = (int(d) for d in data.shape)
-    _, _, kh, kw, _, _ = (int(d) for d in kernel.shape)
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilation)
-    pt, pl, pb, pr = (int(p) for p in padding)
-    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
-    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
-    if pt or pl or pb or pr:
-        data = topi.nn.pad(data, [0, 0, pt, pl, 0], [0, 0, pb, pr, 0], name="pad")
+    n, cb, _, _, b = (int(d) for d in data.shape)
+    kh, kw = int(kernel.shape[2]), int(kernel.shape[3])
+    data, oh, ow, at = _window(data, kernel, strides, padding, dilation)
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     return te.compute(
         (n, cb, oh, ow, b),
         lambda i, c, y, x, ci: te.sum(
-            data[i, c, y * sh + ry * dh, x * sw + rx * dw, ci].astype(out_dtype)
-            * kernel[c, 0, ry, rx, 0, ci].astype(out_dtype),
+            data[(i, c, *at(y, x, ry, rx), ci)].astype(out_dtype) * kernel[c, 0, ry, rx, 0, ci].astype(out_dtype),
             axis=[ry, rx],
         ),
         name=DEPTHWISE_NAME,

@@ -14,7 +14,7 @@ import math
 
 from tvm import s_tir
 
-from .analysis import block_axes
+from .analysis import block_axes, get_block, nbytes
 from .blocked import BLOCK_NAME, DEPTHWISE_NAME
 from .features import RuleContext
 from .tiling import (
@@ -28,13 +28,6 @@ from .tiling import (
     parallelize_outer,
     register_tiles,
 )
-
-
-def _block(sch: s_tir.Schedule, name: str = BLOCK_NAME):
-    try:
-        return sch.get_sblock(name)
-    except Exception:  # noqa: BLE001 - not a blocked conv
-        return None
 
 
 def tile_options(feats, blocks: int, width: int) -> list[tuple[int, int]]:
@@ -52,7 +45,7 @@ def tile_options(feats, blocks: int, width: int) -> list[tuple[int, int]]:
 
 def schedule_conv2d_blocked(func, ctx: RuleContext) -> s_tir.Schedule | None:
     sch = s_tir.Schedule(func)
-    block = _block(sch)
+    block = get_block(sch, BLOCK_NAME)
     if block is None:
         return schedule_depthwise_blocked(sch, ctx)
     feats, knobs = ctx.feats, ctx.knobs
@@ -67,9 +60,8 @@ def schedule_conv2d_blocked(func, ctx: RuleContext) -> s_tir.Schedule | None:
     x_o, x_i = sch.split(x.loop, [None, rt])
     # channel tiles innermost of the outer loops: the input rows of one tile stay in L1 for every
     # channel tile (default when the input is the bigger operand), else pixels innermost
-    data_bytes = math.prod(int(d) for d in sch.get(block).reads[0].source.shape)
-    weight_bytes = math.prod(int(d) for d in sch.get(block).reads[1].source.shape)
-    channels_inner = knobs.pick("reg_outer", data_bytes > weight_bytes, (True, False))
+    data, weight = sch.get(block).reads[:2]
+    channels_inner = knobs.pick("reg_outer", nbytes(data) > nbytes(weight), (True, False))
     outer = [n.loop, y.loop, x_o, o_o] if channels_inner else [n.loop, o_o, y.loop, x_o]
     sch.reorder(*outer, *(r.loop for r in reds), o_i, x_i, oi.loop)
     wb = sch.cache_write(block, 0, "local")
@@ -89,7 +81,7 @@ def schedule_conv2d_blocked(func, ctx: RuleContext) -> s_tir.Schedule | None:
 def schedule_depthwise_blocked(sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
     """Depthwise: per tap, one weight vector times ``rt`` input vectors (the same lanes of ``rt``
     columns) into ``rt`` accumulators; nothing is broadcast, the weight vector is what is reused."""
-    block = _block(sch, DEPTHWISE_NAME)
+    block = get_block(sch, DEPTHWISE_NAME)
     axes = block_axes(sch, block) if block is not None else None
     if axes is None or len(axes) != 7:
         return None

@@ -15,7 +15,8 @@ import math
 
 from tvm import s_tir, tirx
 
-from .analysis import Axis, block_axes, buffer_uses, coefficient, consumers, is_copy, is_data_movement, is_kept
+from .analysis import (Axis, block_axes, buffer_uses, coefficient, consumers, is_copy, is_data_movement, is_kept,
+                       nbytes)
 from .features import CPUFeatures, Knobs
 
 
@@ -188,9 +189,6 @@ def _streams_more_than_it_reuses(stmt, reg_var) -> bool:
     loops then re-reads the larger operand once per tile: PP-OCRv4 det's 3x3 conv 96->24 on 160x160
     read its 10 MB input 4 times from memory (33 GFLOP/s; 107 on 80x80, whose input stays in cache)."""
 
-    def nbytes(region) -> int:
-        return math.prod(int(d) for d in region.source.shape) * region.source.dtype.bits // 8
-
     moving = sum(nbytes(r) for r in stmt.reads if buffer_uses(r, reg_var))
     other = sum(nbytes(r) for r in stmt.reads if not buffer_uses(r, reg_var))
     return other > moving
@@ -247,7 +245,7 @@ def _parallel_work(stmt, macs: int) -> int:
     streams more than PARALLEL_MIN_BYTES. A GEMV is bound by memory, not by its multiply-adds:
     ResNet-50's classifier (2048x1000, 8 MB of weights, 2M MACs) ran serial in 2.9 ms, on two
     cores in 1.8."""
-    read = sum(math.prod(int(d) for d in r.source.shape) * r.source.dtype.bits // 8 for r in stmt.reads)
+    read = sum(nbytes(r) for r in stmt.reads)
     return max(macs, PARALLEL_MIN_MACS) if read >= PARALLEL_MIN_BYTES else macs
 
 

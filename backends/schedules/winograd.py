@@ -31,7 +31,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .analysis import int_extent
+from .analysis import get_block, int_extent
 from .blocked import blocked_layouts
 from .features import RuleContext
 from .tiling import _inline_epilogue, _try, apply_contraction, divisors, parallelize_outer
@@ -246,22 +246,15 @@ def rewrite_winograd(mod, tile: int | None = None, *, force: bool = False):
     return rw.builder_.get() if rw.rewritten else mod
 
 
-def _block(sch, name):
-    try:
-        return sch.get_sblock(name)
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def schedule_winograd(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
     """The Winograd stages of a fused function; None when ``func`` has none."""
     sch = s_tir.Schedule(func)
-    blocks = {n: _block(sch, n) for n in BLOCKS}
+    blocks = {n: get_block(sch, n) for n in BLOCKS}
     if any(b is None for b in blocks.values()):
         return None
     feats = ctx.feats
     for name in ("wino_A", "wino_B"):
-        if (b := _block(sch, name)) is not None:
+        if (b := get_block(sch, name)) is not None:
             sch.compute_inline(b)
     lanes = feats.lanes(32)
     # input transform: per (tile, channel vector), all a x a outputs from the a x a patch, unrolled;
@@ -318,7 +311,7 @@ def _schedule_output(sch, feats) -> None:
     lines of ``wino_inverse`` (channels innermost there), so each line is read once, not once per
     channel (25% of a 64@56 conv's time before).
     """
-    out = _block(sch, "wino_output")
+    out = get_block(sch, "wino_output")
     if out is None:
         return
     _inline_epilogue(sch, out)
