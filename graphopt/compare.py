@@ -3,7 +3,8 @@
 For each model, the original, ``onnxslim.slim(model, model_check=False, input_shapes=...)`` and
 ``graphopt.optimize(model, opt_level=3, input_shapes=...)`` are each run in ONNX Runtime on the same
 inputs (seeded random inputs of the given shapes): median latency of ``runs`` runs after warm-up, with
-``threads`` intra-op threads (the three models' runs interleaved, so background load hits all alike),
+``threads`` intra-op threads (the three models' runs interleaved, so background load hits all alike;
+thread pools do not spin between runs, so one model's pool does not slow the next one's run),
 and the largest absolute difference of any output from the original's.
 Node counts include the nodes of subgraphs. A tool that fails on a model leaves its columns empty and
 its error in the row; the other columns are still measured.
@@ -65,6 +66,10 @@ def _session(proto: onnx.ModelProto, threads: int):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # The models take turns one run at a time; a pool left spinning after its run competes for the
+    # cores with the next model's run. On 2 cores that made run times bimodal (1.6 or 5.6 ms for
+    # ShuffleNet) and doubled AlexNet's median, so the pools sleep between runs.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
