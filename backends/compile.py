@@ -170,12 +170,12 @@ def check_static_shapes(model: ir.Model) -> None:
 
 
 def _optimize(model: ir.Model, opt_level: int) -> tuple[ir.Model, list[str]]:
+    from graphopt.passes.graphopt_ops import with_target_runtime
     from graphopt.pipeline import DEFAULT_PIPELINE, PassContext, run_pipeline
 
     # The lowering understands graphopt-domain fused ops, so fusions need not fall back to the
     # model's opset (the ONNX that `graphopt optimize` writes keeps to standard ops instead).
-    fused = {"target_runtime": "graphopt"}
-    options = {"fuse_activations": fused, "fuse_layernorm": fused, "fuse_attention": fused}
+    options = with_target_runtime(None, "graphopt")
     result = run_pipeline(model, DEFAULT_PIPELINE, PassContext(opt_level=opt_level, options=options))
     applied = list(dict.fromkeys(r.name for r in result.records if r.modified))  # those that changed the model
     return result.model, applied

@@ -108,13 +108,20 @@ def optimize(
     options: dict | None = None,
     check: bool = False,
     check_dir: str | os.PathLike | None = None,
+    target_runtime: str = "onnx",
 ) -> OptimizeResult:
     """Run the ordered pipeline at ``opt_level`` (or exactly ``passes``) on the model.
 
     ``check=True`` runs the differential check: after every pass the graph runs in ONNX Runtime and
     is compared with the previous step; a mismatch stops with an error naming the pass and the
     first output that diverged (before/after graphs are written to ``check_dir``).
+
+    ``target_runtime`` says where the result will run: ``"onnx"`` (default), any ONNX runtime, so
+    standard ops only; ``"ort"``, ONNX Runtime, which adds its ``com.microsoft`` FusedConv/FusedGemm
+    at -O3; ``"graphopt"``, graphopt's own lowering (graphopt-domain fused ops).
     """
+    from graphopt.passes.graphopt_ops import with_target_runtime
+
     m = _as_model(model, input_shapes)
     registry = registry or PassRegistry.default()
     disable = frozenset(disable)
@@ -131,7 +138,7 @@ def optimize(
         disabled=disable,
         forced=frozenset(force),
         instruments=tuple(instruments),
-        options=dict(options or {}),
+        options=with_target_runtime(options, target_runtime),
     )
     result = run_pipeline(m, steps, ctx, registry)
     return OptimizeResult(

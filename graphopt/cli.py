@@ -23,7 +23,7 @@ COMMANDS = {
     "bench": ("bench_cmd", "benchmark models or bundles against ONNX Runtime"),
     "tune": ("tune_cmd", "tune a model's kernels with MetaSchedule"),
     "serve": ("serve_cmd", "serve a bundle over the KServe v2 inference protocol"),
-    "compare": ("compare_cmd", "compare graphopt -O3 with onnxslim: node counts and ONNX Runtime latency"),
+    "compare": ("compare_cmd", "compare graphopt -O3 (standard ONNX and --target-runtime ort) with onnxslim: node counts and ONNX Runtime latency"),
     "conformance": ("conformance_cmd", "run the ONNX node conformance cases through the compiler"),
 }
 

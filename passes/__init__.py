@@ -27,4 +27,5 @@ BUILTIN_PASSES: dict[str, tuple[str, str, str]] = {
     "fuse_activations": (_P + "fuse_activations", "FuseActivationsPass", "recognise Gelu, HardSwish and Mish as single ops"),
     "fuse_layernorm": (_P + "fuse_layernorm", "FuseLayerNormPass", "recognise LayerNormalization"),
     "fuse_attention": (_P + "fuse_attention", "FuseAttentionPass", "recognise scaled dot-product attention"),
+    "fuse_conv_activation": (_P + "fuse_conv_activation", "FuseConvActivationPass", "Conv[+Add]/Gemm + activation as ONNX Runtime's FusedConv/FusedGemm (target_runtime=ort)"),
 }

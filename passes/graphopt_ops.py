@@ -28,6 +28,23 @@ from onnx_ir.passes.common import NameFixPass
 
 from graphopt.passes.rewrite_utils import GRAPHOPT_DOMAIN, graphs_of, replace_value
 
+# Where the optimized ONNX will run: "onnx", any runtime (standard ops only); "ort", ONNX Runtime
+# (standard ops and its com.microsoft FusedConv/FusedGemm); "graphopt", graphopt's lowering
+# (graphopt-domain ops where the model's opset has no standard one).
+TARGET_RUNTIMES = ("onnx", "ort", "graphopt")
+# the passes whose output depends on it (their ``target_runtime`` option)
+RUNTIME_AWARE_PASSES = ("fuse_activations", "fuse_layernorm", "fuse_attention", "fuse_conv_activation")
+
+
+def with_target_runtime(options: dict | None, target_runtime: str) -> dict:
+    """Per-pass ``options`` with ``target_runtime`` set for every runtime-aware pass (an explicit
+    per-pass option wins)."""
+    check_target_runtime(target_runtime, "optimize")
+    merged = {name: dict(opts) for name, opts in (options or {}).items()}
+    for name in RUNTIME_AWARE_PASSES:
+        merged[name] = {"target_runtime": target_runtime, **merged.get(name, {})}
+    return merged
+
 OPS = ("Gelu", "HardSwish", "Mish", "LayerNormalization", "Attention")
 
 # op -> first default-domain opset with an equivalent standard op (Attention: rank-4 inputs only)
@@ -68,8 +85,8 @@ def usable_in(graph, op: str, domain: str | None, target_runtime: str) -> str | 
 def check_target_runtime(value: str, pass_name: str) -> str:
     from graphopt.errors import UsageError
 
-    if value not in ("onnx", "graphopt"):
-        raise UsageError(f"pass '{pass_name}': target_runtime must be 'onnx' or 'graphopt', got {value!r}")
+    if value not in TARGET_RUNTIMES:
+        raise UsageError(f"pass '{pass_name}': target_runtime must be one of {', '.join(TARGET_RUNTIMES)}, got {value!r}")
     return value
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
@@ -256,3 +257,22 @@ def test_bundled_models_compile_and_tune_with_their_default_shapes():
     assert api.input_shapes_for("rapidocr:rec", None) == models.default_input_shapes("rapidocr:rec")
     assert api.input_shapes_for("rapidocr:rec", ["x:1,3,48,160"]) == ["x:1,3,48,160"]
     assert api.input_shapes_for("model.onnx", None) is None
+
+
+def test_optimize_for_onnx_runtime_fuses_conv_activations(tmp_path, capsys):
+    from graphopt.models import random_inputs, resolve
+    from graphopt.passes.graphopt_ops import run_ort
+
+    src = resolve("light:squeezenet")
+    portable, ort_out = tmp_path / "p.onnx", tmp_path / "o.onnx"
+    for out, extra in ((portable, []), (ort_out, ["--target-runtime", "ort"])):
+        code, _, err = run_cli(capsys, "optimize", src, "-o", out, "-O3", "-q", *extra)
+        assert code == 0, err
+    p, o = onnx.load(str(portable)), onnx.load(str(ort_out))
+    assert not any(n.domain == "com.microsoft" for n in p.graph.node)
+    fused = [n for n in o.graph.node if n.op_type == "FusedConv"]
+    assert len(fused) == 26 and not any(n.op_type == "Relu" for n in o.graph.node)  # every conv takes its Relu
+    onnx.checker.check_model(o)
+    feeds = random_inputs(onnx.load(str(src)), seed=0)
+    want = run_ort(ir.load(src), feeds)[0]
+    np.testing.assert_allclose(run_ort(ir.load(ort_out), feeds)[0], want, rtol=1e-4, atol=1e-5)

@@ -78,7 +78,7 @@ def conv(ctx, x, w, out_dtype: str | None = None) -> relax.Expr:
     return op.astype(y, dtype) if wide else y
 
 
-def _conv(ctx, inputs):
+def lower_conv(ctx, inputs):
     bias = inputs[2] if len(inputs) > 2 else None
     return _add_bias(conv(ctx, inputs[0], inputs[1]), bias, len(_static_shape(ctx, 0)))
 
@@ -505,7 +505,7 @@ def _causal_conv_with_state(ctx, inputs):
 
 
 RULES = (
-    OpRule("Conv", _conv, kind="native"),
+    OpRule("Conv", lower_conv, kind="native"),
     OpRule("ConvTranspose", _conv_transpose, kind="native"),
     OpRule("MaxPool", _max_pool, kind="native"),
     OpRule("AveragePool", _avg_pool, kind="native"),

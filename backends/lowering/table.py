@@ -14,6 +14,7 @@ from graphopt.backends.lowering import (
     indexing,
     losses,
     nn,
+    ort_contrib,
     quant,
     reduce,
     rnn,
@@ -38,6 +39,7 @@ RULES: tuple[OpRule, ...] = (
     *control.RULES,
     *quant.RULES,
     *graphopt_ops.RULES,
+    *ort_contrib.RULES,
 )
 
 

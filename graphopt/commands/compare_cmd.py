@@ -1,4 +1,5 @@
-"""``graphopt compare MODEL...``: graphopt -O3 against onnxslim (node counts, ORT latency, max diff)."""
+"""``graphopt compare MODEL...``: graphopt -O3 (standard ONNX, and for ONNX Runtime) against onnxslim
+(node counts, ORT latency, max diff)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", help="run exactly these passes, in this order (comma-separated)")
     p.add_argument("--disable", action="append", default=[], help="passes to skip (comma-separated, repeatable)")
     p.add_argument("--force", action="append", default=[], help="passes to run even below their opt level")
+    p.add_argument("--target-runtime", choices=("onnx", "ort", "graphopt"), default="onnx",
+                   help="where the output will run: any ONNX runtime (standard ops, the default), ONNX Runtime "
+                        "(adds its com.microsoft FusedConv/FusedGemm at -O3), or graphopt compile "
+                        "(graphopt-domain fused ops)")
     p.add_argument("--check", action="store_true",
                    help="differential check: run ONNX Runtime after every pass and stop at the first mismatch")
     p.add_argument("--check-dir", help="where --check writes the before/after graphs (default: beside -o)")
@@ -41,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         instruments.append(DumpInstrument(args.dump_ir))
     res = api.optimize(
         src, opt_level=args.opt_level, passes=passes, disable=disable, force=force,
-        input_shapes=args.input_shape, check=args.check, check_dir=check_dir, instruments=instruments,
+        input_shapes=args.input_shape, check=args.check, target_runtime=args.target_runtime, check_dir=check_dir, instruments=instruments,
     )
     api.save(res.model, out)
     report = res.report()

@@ -15,7 +15,9 @@ Why this order:
    create new constant subgraphs, hence the loop.
 4. Bias fusion (-O2) after simplification, when Conv/MatMul and their Add are adjacent.
 5. Pattern fusion (-O3) last among rewrites: Gelu, LayerNorm, HardSwish, Mish and attention are
-   matched on the canonical, simplified form, so each rule has one shape to look for.
+   matched on the canonical, simplified form, so each rule has one shape to look for. Conv/Gemm +
+   activation (ONNX Runtime's FusedConv/FusedGemm, only for ``target_runtime="ort"``) comes after
+   them, when every activation has its final form.
 6. A final cleanup removes what the fusions left dead, and weight statistics are recorded last,
    on the weights as they will be deployed.
 """
@@ -59,6 +61,7 @@ DEFAULT_PIPELINE = (
     Step("fuse_activations", 3),
     Step("fuse_layernorm", 3),
     Step("fuse_attention", 3),
+    Step("fuse_conv_activation", 3),  # last: activations are in their final (fused) form
     Fixpoint("final_cleanup", (Step("dead_code", 1), Step("parameter_sharing", 1)), level=1),
     Step("weight_statistics", 2),
 )

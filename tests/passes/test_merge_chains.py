@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from graph_testing import apply_and_compare, model_from_text, ops
 from graphopt.passes.merge_chains import MergeChainsPass
 
 HEADER = '<ir_version: 10, opset_import: ["" : 17]>\n'
 
 
-def _model(body, x="float[2,3,4] x", y="float[2,3,4] y"):
-    return model_from_text(HEADER + f"g ({x}) => ({y}) {{ {body} }}")
+def _model(body, x="float[2,3,4] x", y="float[2,3,4] y", **initializers):
+    return model_from_text(HEADER + f"g ({x}) => ({y}) {{ {body} }}", **initializers)
 
 
 def test_transposes_compose_into_one():
@@ -113,3 +115,12 @@ def test_different_unary_ops_or_attributes_stay_before_concat():
         model = _model(body, x="float[2,3,4] x, float[2,5,4] x2", y=outputs)
         result = apply_and_compare(MergeChainsPass(), model)
         assert not result.modified
+
+
+def test_activation_of_a_conv_stays_before_concat():
+    # a runtime computes Conv+Relu in one pass; Relu after the Concat would be a pass of its own
+    w = np.random.default_rng(3).standard_normal((4, 3, 1, 1)).astype(np.float32)
+    model = _model("c1 = Conv(x, w) \n c2 = Conv(x2, w) \n a = Relu(c1) \n b = Relu(c2) \n y = Concat<axis = 1>(a, b)",
+                   x="float[1,3,4,4] x, float[1,3,4,4] x2", y="float[1,8,4,4] y", w=w)
+    result = apply_and_compare(MergeChainsPass(), model)
+    assert not result.modified and ops(result.model)["Relu"] == 2
