@@ -89,20 +89,21 @@ def test_model_with_a_grouped_conv_stays_nchw(monkeypatch):
 
 
 def test_squeeze_excitation_with_odd_channels_keeps_the_model_blocked():
-    """PP-OCRv4's SE blocks: a mean over the map, then convs on 1x1 maps whose channels (16->4->16) are
-    not multiples of the block; those convert in no time, the convs around them stay blocked."""
+    """PP-OCRv4's SE blocks: a mean over the map, then convs on 1x1 maps whose channels (32->4->32) are
+    not multiples of the block; those convert in no time, the convs around them stay blocked.
+    (16 input and 32 output channels: multiples of every block, 4 on NEON to 16 on AVX-512.)"""
     rng = np.random.default_rng(6)
     inits: list = []
     nodes = [
-        _conv(rng, inits, "a", "x", "a0", 16, 8, 3, pad=1), helper.make_node("Relu", ["a0"], ["a1"]),
+        _conv(rng, inits, "a", "x", "a0", 32, 16, 3, pad=1), helper.make_node("Relu", ["a0"], ["a1"]),
         helper.make_node("GlobalAveragePool", ["a1"], ["g"]),
-        _conv(rng, inits, "s", "g", "s0", 4, 16, 1), helper.make_node("Relu", ["s0"], ["s1"]),
-        _conv(rng, inits, "e", "s1", "e0", 16, 4, 1), helper.make_node("HardSigmoid", ["e0"], ["e1"]),
+        _conv(rng, inits, "s", "g", "s0", 4, 32, 1), helper.make_node("Relu", ["s0"], ["s1"]),
+        _conv(rng, inits, "e", "s1", "e0", 32, 4, 1), helper.make_node("HardSigmoid", ["e0"], ["e1"]),
         helper.make_node("Mul", ["a1", "e1"], ["m"]), helper.make_node("HardSwish", ["m"], ["h"]),
-        _conv(rng, inits, "d", "h", "y", 16, 16, 3, pad=1, group=16),
+        _conv(rng, inits, "d", "h", "y", 32, 32, 3, pad=1, group=32),
     ]
-    model = _model(nodes, inits, [1, 8, 20, 24])
-    x = rng.standard_normal((1, 8, 20, 24)).astype(np.float32)
+    model = _model(nodes, inits, [1, 16, 20, 24])
+    x = rng.standard_normal((1, 16, 20, 24)).astype(np.float32)
     got = _compile(model)(x=x)["y"]
     rules = last_report()
     assert list(rules.values()).count("conv2d_blocked") == 2, rules
