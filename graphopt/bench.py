@@ -137,6 +137,10 @@ def warm_up(run, warmup: int) -> None:
 
 
 BLOCK = 5  # timed runs per turn when graphopt and ORT take turns
+# Each turn starts with untimed runs for at least this long: the other side's thread pool spins on the
+# same cores for a while after its last run (ORT's PP-OCRv4 cls, 0.7 ms alone, timed 0.7 to 2.1 ms
+# when one untimed run began each turn).
+SETTLE_SECONDS = 0.05
 
 
 def interleaved(timers: dict[str, Any], repeat: int, warmup: int) -> dict[str, list[float]]:
@@ -145,7 +149,7 @@ def interleaved(timers: dict[str, Any], repeat: int, warmup: int) -> dict[str, l
     Run one after the other, a slow minute of a shared machine lands on one side only (ORT alone
     moved 40% between two runs here); taking turns every ``BLOCK`` runs spreads it over both, so the
     ratio holds where the absolute times do not. Each turn starts with one untimed run (the other
-    side's thread pool may still be spinning).
+    side's thread pool may still be spinning) and goes on for ``SETTLE_SECONDS``.
     """
     for run in timers.values():
         warm_up(lambda run=run: run(1), warmup)
@@ -154,9 +158,16 @@ def interleaved(timers: dict[str, Any], repeat: int, warmup: int) -> dict[str, l
         for name, run in timers.items():
             n = min(BLOCK, repeat - len(out[name]))
             if n > 0:
-                run(1)
+                _settle(run)
                 out[name] += run(n)
     return out
+
+
+def _settle(run) -> None:
+    start = time.perf_counter()
+    run(1)
+    while time.perf_counter() - start < SETTLE_SECONDS:
+        run(1)
 
 
 def _vm_timer(vm, args, dev):
