@@ -83,8 +83,11 @@ def test_bench_a_bundle_against_its_source(tiny_model, tmp_path):
     assert r["target"] == "x86" and r["ort"] is not None and r["ratio"] > 0  # ORT runs the recorded source
 
 
-def test_graphopt_and_ort_take_turns_in_blocks():
+def test_graphopt_and_ort_take_turns_in_blocks(monkeypatch):
+    import graphopt.bench
     from graphopt.bench import BLOCK, interleaved
+
+    monkeypatch.setattr(graphopt.bench, "SETTLE_SECONDS", 0.0)  # one untimed run per turn
 
     order = []
 
@@ -99,6 +102,17 @@ def test_graphopt_and_ort_take_turns_in_blocks():
     start = next(i for i, (_, n) in enumerate(order) if n == BLOCK) - 1  # after the warm-up calls
     # per turn: one untimed run, then a block; the sides alternate, the last turn times the rest
     assert order[start:] == [("g", 1), ("g", BLOCK), ("o", 1), ("o", BLOCK)] * 2 + [("g", 1), ("g", 1), ("o", 1), ("o", 1)]
+
+
+def test_each_turn_settles_for_a_while_before_timing():
+    import time
+
+    from graphopt.bench import SETTLE_SECONDS, _settle
+
+    calls = []
+    start = time.perf_counter()
+    _settle(lambda n: calls.append(n) or [0.0] * n)
+    assert time.perf_counter() - start >= SETTLE_SECONDS and len(calls) > 1
 
 
 def test_bench_with_a_tuning_database_times_default_and_tuned(tiny_model, tmp_path):
