@@ -97,10 +97,12 @@ def profile_vm(vm, args: list, runs: int = 3) -> list[dict[str, Any]]:
             calls[symbol] += 1
         return 0
 
-    t0 = time.perf_counter()
+    plain_runs = []
     for _ in range(runs):
+        t0 = time.perf_counter()
         vm["main"](*args)
-    plain = (time.perf_counter() - t0) / runs
+        plain_runs.append(time.perf_counter() - t0)
+    plain = statistics.median(plain_runs)  # one slow run of a noisy machine made a 2.4 ms "VM" row of 0.3
     vm.set_instrument(instrument)
     try:
         for _ in range(runs):
@@ -281,7 +283,7 @@ def measure(
         if result["ort"]:
             result["ort_gflops"] = round(result["flops"] / (result["ort"]["median_ms"] * 1e6), 2)
     if profile:
-        result["profile"] = profile_vm(vm, args, runs=max(1, min(repeat, 5)))
+        result["profile"] = profile_vm(vm, args, runs=max(3, min(repeat, 10)))
     return result
 
 
