@@ -4,7 +4,7 @@ For each model, the original, ``onnxslim.slim(model, model_check=False, input_sh
 ``graphopt.optimize(model, opt_level=3, input_shapes=...)`` (standard ONNX, for any runtime) and the
 same with ``target_runtime="ort"`` (adds ONNX Runtime's FusedConv/FusedGemm) are each run in ONNX Runtime on the same
 inputs (seeded random inputs of the given shapes): median latency of ``runs`` runs after warm-up, with
-``threads`` intra-op threads (the three models' runs interleaved, so background load hits all alike;
+``threads`` intra-op threads (the four models' runs interleaved, so background load hits all alike;
 thread pools do not spin between runs, so one model's pool does not slow the next one's run),
 and the largest absolute difference of any output from the original's.
 Node counts include the nodes of subgraphs. A tool that fails on a model leaves its columns empty and

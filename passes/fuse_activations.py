@@ -212,7 +212,7 @@ class FuseActivationsPass(ir.passes.InPlacePass):
 
     def __init__(self, *, target_runtime: str = "onnx", ops: tuple[str, ...] = ("Gelu", "HardSwish", "Mish")):
         super().__init__()
-        self.target_runtime = check_target_runtime(target_runtime, "fuse_activations")
+        self.target_runtime = check_target_runtime(target_runtime, "pass 'fuse_activations'")
         self.ops = frozenset(ops)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -96,7 +96,7 @@ class FuseAttentionPass(ir.passes.InPlacePass):
 
     def __init__(self, *, target_runtime: str = "onnx"):
         super().__init__()
-        self.target_runtime = check_target_runtime(target_runtime, "fuse_attention")
+        self.target_runtime = check_target_runtime(target_runtime, "pass 'fuse_attention'")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opsets = dict(model.opset_imports)  # an exact opset upgrade is a modification too

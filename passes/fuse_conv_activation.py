@@ -148,7 +148,7 @@ class FuseConvActivationPass(ir.passes.InPlacePass):
 
     def __init__(self, *, target_runtime: str = "onnx"):
         super().__init__()
-        self.target_runtime = check_target_runtime(target_runtime, "fuse_conv_activation")
+        self.target_runtime = check_target_runtime(target_runtime, "pass 'fuse_conv_activation'")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.target_runtime != "ort":

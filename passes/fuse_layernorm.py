@@ -129,7 +129,7 @@ class FuseLayerNormPass(ir.passes.InPlacePass):
 
     def __init__(self, *, target_runtime: str = "onnx"):
         super().__init__()
-        self.target_runtime = check_target_runtime(target_runtime, "fuse_layernorm")
+        self.target_runtime = check_target_runtime(target_runtime, "pass 'fuse_layernorm'")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opsets = dict(model.opset_imports)  # an exact opset upgrade is a modification too

@@ -39,7 +39,7 @@ RUNTIME_AWARE_PASSES = ("fuse_activations", "fuse_layernorm", "fuse_attention", 
 def with_target_runtime(options: dict | None, target_runtime: str) -> dict:
     """Per-pass ``options`` with ``target_runtime`` set for every runtime-aware pass (an explicit
     per-pass option wins)."""
-    check_target_runtime(target_runtime, "optimize")
+    check_target_runtime(target_runtime, "optimize")  # before any pass is made
     merged = {name: dict(opts) for name, opts in (options or {}).items()}
     for name in RUNTIME_AWARE_PASSES:
         merged[name] = {"target_runtime": target_runtime, **merged.get(name, {})}
@@ -82,11 +82,12 @@ def usable_in(graph, op: str, domain: str | None, target_runtime: str) -> str | 
     return GRAPHOPT_DOMAIN
 
 
-def check_target_runtime(value: str, pass_name: str) -> str:
+def check_target_runtime(value: str, where: str) -> str:
+    """``value`` when it is one of ``TARGET_RUNTIMES``; else a UsageError naming ``where`` it was given."""
     from graphopt.errors import UsageError
 
     if value not in TARGET_RUNTIMES:
-        raise UsageError(f"pass '{pass_name}': target_runtime must be one of {', '.join(TARGET_RUNTIMES)}, got {value!r}")
+        raise UsageError(f"{where}: target_runtime must be one of {', '.join(TARGET_RUNTIMES)}, got {value!r}")
     return value
 
 

@@ -116,17 +116,18 @@ def lower_celu(ctx, ins):
     return R.add(R.maximum(x, _s(x, 0)), R.minimum(_s(x, 0), neg))
 
 
-def _hard_sigmoid(x, alpha, beta):
+def hard_sigmoid(x, alpha, beta):
+    """max(0, min(1, alpha·x + beta))."""
     y = R.add(R.multiply(x, _s(x, alpha)), _s(x, beta))
     return R.minimum(R.maximum(y, _s(x, 0.0)), _s(x, 1.0))
 
 
 def lower_hard_sigmoid(ctx, ins):
-    return _hard_sigmoid(ins[0], ctx.attr("alpha", 0.2), ctx.attr("beta", 0.5))
+    return hard_sigmoid(ins[0], ctx.attr("alpha", 0.2), ctx.attr("beta", 0.5))
 
 
 def lower_hard_swish(ctx, ins):
-    return R.multiply(ins[0], _hard_sigmoid(ins[0], 1.0 / 6.0, 0.5))
+    return R.multiply(ins[0], hard_sigmoid(ins[0], 1.0 / 6.0, 0.5))
 
 
 def lower_thresholded_relu(ctx, ins):

@@ -14,26 +14,21 @@ from __future__ import annotations
 
 from tvm import relax
 
-from graphopt.backends.lowering import helpers, nn, tensor
+from graphopt.backends.lowering import elementwise, nn, tensor
 from graphopt.backends.lowering.rules import OpRule
 
 op = relax.op
 DOMAIN = "com.microsoft"
 
 
-def _hard_sigmoid(x, alpha: float, beta: float, dtype: str):
-    y = op.add(op.multiply(x, helpers.scalar(alpha, dtype)), helpers.scalar(beta, dtype))
-    return op.clip(y, 0.0, 1.0)
-
-
-# activation -> (x, params, dtype) -> expr; params as ONNX Runtime's attributes give them
+# activation -> (x, params) -> expr; params as ONNX Runtime's attributes give them
 ACTIVATIONS = {
-    "Relu": lambda x, p, dt: op.nn.relu(x),
-    "LeakyRelu": lambda x, p, dt: op.nn.leakyrelu(x, p[0] if p else 0.01),
-    "Sigmoid": lambda x, p, dt: op.sigmoid(x),
-    "Tanh": lambda x, p, dt: op.tanh(x),
-    "Clip": lambda x, p, dt: op.clip(x, p[0], p[1]),
-    "HardSigmoid": lambda x, p, dt: _hard_sigmoid(x, *(p or (0.2, 0.5)), dt),
+    "Relu": lambda x, p: op.nn.relu(x),
+    "LeakyRelu": lambda x, p: op.nn.leakyrelu(x, p[0] if p else 0.01),
+    "Sigmoid": lambda x, p: op.sigmoid(x),
+    "Tanh": lambda x, p: op.tanh(x),
+    "Clip": lambda x, p: op.clip(x, p[0], p[1]),
+    "HardSigmoid": lambda x, p: elementwise.hard_sigmoid(x, *(p or (0.2, 0.5))),
 }
 
 
@@ -43,8 +38,7 @@ def _activate(ctx, y, name: str | None, params: list[float]):
     ctx.check(name in ACTIVATIONS, lambda: f"activation '{name}' is not supported "
                                            f"(supported: {', '.join(sorted(ACTIVATIONS))})")
     ctx.check(name != "Clip" or len(params) == 2, "Clip needs activation_params [min, max]")
-    y = ctx.emit(y)
-    return ACTIVATIONS[name](y, list(params), helpers.dtype_of(y))
+    return ACTIVATIONS[name](ctx.emit(y), list(params))
 
 
 def _fused_conv(ctx, inputs):

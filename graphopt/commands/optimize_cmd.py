@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         instruments.append(DumpInstrument(args.dump_ir))
     res = api.optimize(
         src, opt_level=args.opt_level, passes=passes, disable=disable, force=force,
-        input_shapes=args.input_shape, check=args.check, target_runtime=args.target_runtime, check_dir=check_dir, instruments=instruments,
+        input_shapes=args.input_shape, check=args.check, check_dir=check_dir, instruments=instruments,
+        target_runtime=args.target_runtime,
     )
     api.save(res.model, out)
     report = res.report()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from graph_testing import RNG, apply_and_compare, model_from_text, ops
+import graphopt
 from graphopt.errors import UsageError
 from graphopt.passes.fuse_conv_activation import FuseConvActivationPass
 
@@ -104,5 +104,8 @@ def test_only_for_onnx_runtime(runtime):
 
 
 def test_bad_target_runtime():
-    with pytest.raises(UsageError, match="target_runtime must be one of onnx, ort, graphopt"):
+    with pytest.raises(UsageError, match="pass 'fuse_conv_activation': target_runtime must be one of onnx, ort, graphopt"):
         FuseConvActivationPass(target_runtime="tensorrt")
+    model = _model("c = Conv<pads = [1, 1, 1, 1]>(x, w, b) \n y = Relu(c)")
+    with pytest.raises(UsageError, match="optimize: target_runtime must be one of onnx, ort, graphopt, got 'tensorrt'"):
+        graphopt.optimize(model, opt_level=3, target_runtime="tensorrt")
