@@ -273,6 +273,12 @@ def test_optimize_for_onnx_runtime_fuses_conv_activations(tmp_path, capsys):
     fused = [n for n in o.graph.node if n.op_type == "FusedConv"]
     assert len(fused) == 26 and not any(n.op_type == "Relu" for n in o.graph.node)  # every conv takes its Relu
     onnx.checker.check_model(o)
-    feeds = random_inputs(onnx.load(str(src)), seed=0)
-    want = run_ort(ir.load(src), feeds)[0]
-    np.testing.assert_allclose(run_ort(ir.load(ort_out), feeds)[0], want, rtol=1e-4, atol=1e-5)
+    # numerics on real weights (the light models' generated weights give uniform outputs)
+    cls, cls_out = resolve("rapidocr:cls"), tmp_path / "cls.onnx"
+    code, _, err = run_cli(capsys, "optimize", cls, "-o", cls_out, "-O3", "-q", "--target-runtime", "ort",
+                           "--input-shape", "x:1,3,48,192")
+    assert code == 0, err
+    assert sum(n.op_type == "FusedConv" for n in onnx.load(str(cls_out)).graph.node) > 0
+    feeds = random_inputs(str(cls), seed=0, input_shapes=["x:1,3,48,192"])
+    want = run_ort(ir.load(cls), feeds)[0]
+    np.testing.assert_allclose(run_ort(ir.load(cls_out), feeds)[0], want, rtol=1e-4, atol=1e-5)

@@ -73,3 +73,17 @@ def test_unknown_activation_is_a_clear_error():
     model = _model(node, [("x", [1, 2, 4, 4])], [1, 3, 2, 2], [_const("w", (3, 2, 3, 3))])
     with pytest.raises(UnsupportedError, match="activation 'Softsign'"):
         run_lowered(model, {"x": np.ones((1, 2, 4, 4), np.float32)})
+
+
+def test_a_real_model_written_for_onnx_runtime_compiles_and_matches_it(tmp_path):
+    import graphopt
+    from graphopt.models import random_inputs, resolve
+
+    src, shapes = resolve("rapidocr:cls"), ["x:1,3,48,192"]
+    result = graphopt.optimize(src, opt_level=3, input_shapes=shapes, target_runtime="ort")
+    assert sum(n.op_type == "FusedConv" for n in result.model.graph) > 0
+    path = tmp_path / "cls.ort.onnx"
+    graphopt.save(result.model, path)
+    feeds = random_inputs(str(src), seed=0, input_shapes=shapes)
+    got = next(iter(graphopt.compile(path, target="x86")(**feeds).values()))
+    np.testing.assert_allclose(got, run_ort(ir.load(src), feeds)[0], rtol=1e-4, atol=1e-5)
