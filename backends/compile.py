@@ -241,13 +241,20 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
         mod = to_blocked_layout(mod, features_of(spec).lanes(32))
     mod = fold_layout_of_constants(mod)
     if cpu_rules:
+        from graphopt.backends.schedules.packed_matmul import rewrite_packed_matmul
         from graphopt.backends.schedules.winograd import rewrite_winograd
 
         mod = rewrite_winograd(mod)
+        mod = rewrite_packed_matmul(mod, features_of(spec).lanes(32))
 
+    legalize = dict(LEGALIZE)
+    if cpu_rules:
+        from graphopt.backends.schedules.fast_math import legalize_map
+
+        legalize.update(legalize_map())
     seq = [
         *relax.pipeline.library_dispatch_passes(spec.target),
-        relax.transform.LegalizeOps(customize_legalize_map=LEGALIZE),
+        relax.transform.LegalizeOps(customize_legalize_map=legalize),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

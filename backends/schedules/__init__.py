@@ -26,6 +26,7 @@ from .matmul import schedule_matmul
 from .pooling import schedule_pool
 from .prepack import constant_params, repack_constants
 from .reduction import schedule_normalization, schedule_row_reduction
+from .softmax import schedule_softmax
 from .winograd import schedule_winograd
 
 __all__ = ["RULES", "Knobs", "apply_default_schedules", "features_of", "last_report", "schedule_primfunc",
@@ -38,6 +39,7 @@ Rule = Callable[[tirx.PrimFunc, RuleContext], "s_tir.Schedule | None"]
 # Tried in order; the first that returns a schedule wins.
 RULES: tuple[tuple[str, Rule], ...] = (
     ("winograd", schedule_winograd),
+    ("softmax", schedule_softmax),
     ("normalization", schedule_normalization),
     ("conv2d_blocked", schedule_conv2d_blocked),
     ("conv2d", schedule_conv2d),
@@ -73,6 +75,8 @@ def _schedule_rest(sch: s_tir.Schedule, feats: CPUFeatures) -> None:
     for block in root_blocks(sch):
         loops = sch.get_loops(block)
         if not loops or any(sch.get(lp).kind != tirx.ForKind.SERIAL for lp in loops):
+            continue
+        if not sch.get(block).iter_vars:  # opaque: a rule's loop partition (softmax.py), already scheduled
             continue
         if any(int_extent(sch, lp) is None for lp in loops):
             continue

@@ -1,0 +1,110 @@
+"""Matmuls with a constant weight read it packed: which matmuls the rewrite takes, and numerics
+against ONNX Runtime through the whole compile pipeline (the rewrite, the matmul rule, the unpacking)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt import api
+from graphopt.backends import schedules
+from graphopt.backends.compile import compile_model
+from graphopt.backends.schedules import packed_matmul
+from graphopt.backends.schedules.testing import ort_run
+
+
+def head_model(a_shape, n, rng, op="MatMul", bias=True):
+    """x @ W (+ b): W a [K, N] initializer; Gemm takes it transposed ([N, K], transB=1)."""
+    k = a_shape[-1]
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    inits = [numpy_helper.from_array(w.T.copy() if op == "Gemm" else w, "w")]
+    ins = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b"))
+    if op == "Gemm":
+        nodes = [helper.make_node("Gemm", ins + (["b"] if bias else []), ["y"], transB=1)]
+    else:
+        nodes = [helper.make_node("MatMul", ins, ["m" if bias else "y"])]
+        if bias:
+            nodes.append(helper.make_node("Add", ["m", "b"], ["y"]))
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(a_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*a_shape[:-1], n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def compile_onnx(model, tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    compiled = compile_model(api.load(path), target="x86")
+    return compiled, schedules.last_report()
+
+
+@pytest.mark.parametrize("a_shape,n,op,bias", [
+    ((1, 40, 120), 6625, "MatMul", True),  # PP-OCRv4 rec's classifier: 6625 has no power-of-two divisor
+    ((1, 40, 120), 360, "MatMul", False),  # 360 = 22.5 vectors of 16
+    ((1, 2048), 1000, "Gemm", True),  # ResNet-50's classifier: one row, transposed weight
+    ((3, 7, 33), 64, "MatMul", True),  # a batch of 3, K not a lane multiple, N a lane multiple
+])
+def test_packed_matmul_matches_ort(tmp_path, a_shape, n, op, bias):
+    rng = np.random.default_rng(0)
+    model = head_model(a_shape, n, rng, op, bias)
+    compiled, report = compile_onnx(model, tmp_path)
+    assert any("packed_matmul" in f for f in report), report
+    assert report[next(f for f in report if "packed_matmul" in f)] == "matmul"
+    x = rng.standard_normal(a_shape).astype(np.float32)
+    got = compiled(x=x)["y"]
+    want = ort_run(model, {"x": x})[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_matmul_off_keeps_plain_matmul(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_PACKED_MATMUL", "0")
+    rng = np.random.default_rng(1)
+    model = head_model((1, 40, 120), 360, rng)
+    compiled, report = compile_onnx(model, tmp_path)
+    assert not any("packed_matmul" in f for f in report), report
+    x = rng.standard_normal((1, 40, 120)).astype(np.float32)
+    np.testing.assert_allclose(compiled(x=x)["y"], ort_run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_pack_weight_layout():
+    w = np.arange(3 * 20, dtype=np.float32).reshape(3, 20)
+    p = packed_matmul.pack_weight(w, 16)
+    assert p.shape == (2, 3, 16)
+    np.testing.assert_array_equal(p[0], w[:, :16])
+    np.testing.assert_array_equal(p[1, :, :4], w[:, 16:])
+    assert not p[1, :, 4:].any()  # the padding columns are zero
+
+
+def _matmul_call(x_shape, w_shape, w_const=True, dtype="float32"):
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType(x_shape, dtype))
+    w = relax.const(np.zeros(w_shape, dtype)) if w_const else relax.Var("w", relax.TensorType(w_shape, dtype))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x] + ([] if w_const else [w])):
+        call = bb.normalize(relax.op.matmul(x, w))
+        bb.emit_func_output(call)
+    return call, w
+
+
+@pytest.mark.parametrize("x_shape,w_shape,w_const,dtype,why", [
+    ((4, 32), (32, 64), False, "float32", "not a constant"),
+    ((4, 32), (32, 8), True, "float32", "too narrow"),
+    ((4, 32), (32, 20), True, "float32", "too many zeros"),  # 20 columns pad to 32
+    ((4, 32), (32, 64), True, "float16", "float32"),
+])
+def test_why_not_says_why(x_shape, w_shape, w_const, dtype, why):
+    call, w = _matmul_call(x_shape, w_shape, w_const, dtype)
+    reason = packed_matmul.why_not(call, w, 16)
+    assert reason is not None and why in reason, reason
+
+
+def test_why_not_accepts_a_wide_constant():
+    call, w = _matmul_call((4, 32), (32, 6625))
+    assert packed_matmul.why_not(call, w, 16) is None
+    assert isinstance(w, tvm.ir.expr.Constant)
