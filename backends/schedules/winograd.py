@@ -44,6 +44,7 @@ _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 MIN_CHANNELS = 48  # input and output channels below which the direct conv wins
 MIN_MACS = 12_000_000  # multiply-adds of the direct conv below which it wins
 MIN_SPATIAL = 7  # output height and width below which the transformed weight's traffic dominates
+MIN_TILES = 32  # tiles per transformed weight below which its memory traffic outweighs the saved work
 F4_MIN_CHANNELS = 64  # F(4x4) only from here (48@28: F2 0.187 ms, F4 0.229 ms; 64@56: F2 0.69, F4 0.56)
 BLOCKS = ("wino_data_pack", "wino_bgemm", "wino_inverse")
 
@@ -95,6 +96,8 @@ def eligible(call: relax.Call, cost_model: bool = True) -> str | None:
     macs = c * o * 9 * shape[0] * oh * ow
     if cost_model and (min(c, o) < MIN_CHANNELS or min(oh, ow) < MIN_SPATIAL or macs < MIN_MACS):
         return f"too small ({c}->{o} channels, {oh}x{ow}): the direct conv is faster"
+    if cost_model and choose_tile(oh, ow, min(c, o), shape[0]) is None:
+        return f"too few tiles ({oh}x{ow}) to reuse the transformed weight: the direct conv is faster"
     return None
 
 
@@ -120,13 +123,20 @@ def _out_hw(shape, pads) -> tuple[int, int]:
     return shape[2] + pt + pb - 2, shape[3] + pl + pr - 2
 
 
-def choose_tile(oh: int, ow: int, channels: int) -> int:
-    """F(4x4) for >= 64 channels on maps of 14+ whose edge tiles waste under 35% of the work, else F(2x2).
+def choose_tile(oh: int, ow: int, channels: int, batch: int = 1) -> int | None:
+    """F(4x4) for >= 64 channels on maps of 14+ whose edge tiles waste under 35% of the work, else
+    F(2x2); None when neither tile reuses each transformed weight on ``MIN_TILES`` tiles.
 
-    F4's transformed weight is 36/16 the size of F2's: on 7x7 maps its traffic dominates (512@7: 1.7 vs 0.8 ms).
+    A transformed weight is (m+2)²/9 the size of the conv's (F4 4x, F2 1.8x), and each of its
+    elements serves one multiply-add per tile: with few tiles the GEMMs stream the weights from
+    memory (ResNet-50's 512@7 in F2: 16 tiles, 16.8 MB of weights per conv, 1.6x slower in the model
+    than the direct conv; 256@14: F4's 16 tiles lose to F2's 49).
     """
-    waste4 = math.ceil(oh / 4) * math.ceil(ow / 4) * 16 / (oh * ow)
-    return 4 if channels >= F4_MIN_CHANNELS and min(oh, ow) >= 14 and waste4 < 1.35 else 2
+    tiles = {m: batch * math.ceil(oh / m) * math.ceil(ow / m) for m in (2, 4)}
+    waste4 = tiles[4] * 16 / (batch * oh * ow)
+    if channels >= F4_MIN_CHANNELS and min(oh, ow) >= 14 and waste4 < 1.35 and tiles[4] >= MIN_TILES:
+        return 4
+    return 2 if tiles[2] >= MIN_TILES else None
 
 
 def winograd_te(data: te.Tensor, kpack: te.Tensor, pads, m: int, block: int = 0) -> te.Tensor:
@@ -220,7 +230,8 @@ class _Rewriter(PyExprMutator):
         block = blocked_layouts(call) or 0
         weight = oihw(w.value.numpy(), block)
         c, o = weight.shape[1], weight.shape[0]
-        m = self.tile or choose_tile(*_out_hw(_nchw_shape([int(d) for d in x.ty.shape], block), pads), min(c, o))
+        shape = _nchw_shape([int(d) for d in x.ty.shape], block)
+        m = self.tile or choose_tile(*_out_hw(shape, pads), min(c, o), shape[0]) or 2
         kpack = relax.const(weight_transform(weight, m))
         self.rewritten += 1
         return self.builder_.call_te(winograd_te, x, kpack, pads, m, block, primfunc_name_hint="winograd_conv2d")
