@@ -60,7 +60,8 @@ def _legalize_softmax(bb, call):
     axis = int(call.attrs.axis)
     rank = len(shape) if shape is not None else 0
     last = shape is not None and axis in (-1, rank - 1)
-    if last and isinstance(shape[-1], tirx.IntImm) and int(shape[-1]) >= SOFTMAX_LANES:
+    static = last and all(isinstance(d, tirx.IntImm) for d in shape)
+    if static and int(shape[-1]) >= SOFTMAX_LANES:
         return bb.call_te(softmax_te, x, SOFTMAX_LANES, primfunc_name_hint="softmax")
     return bb.call_te(topi.nn.fast_softmax, x, axis, primfunc_name_hint="softmax")
 

@@ -71,6 +71,9 @@ def schedule_softmax(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | 
             sch.compute_inline(b)
     for b in list(sch.get_producers(blocks["softmax_pmax"])):
         _try(sch.compute_inline, b)
+    for b in list(sch.get_consumers(norm)):  # an elementwise op fused after the softmax
+        _try(sch.reverse_compute_inline, b)
+    norm = get_block(sch, "softmax_norm") or norm
     row_loops, last = sch.get_loops(norm)[:-1], sch.get_loops(norm)[-1]
     if not row_loops:
         return None
@@ -108,7 +111,8 @@ def _vector_partial(sch: s_tir.Schedule, block, parallel: bool) -> None:
 
 
 def _split_vector(sch: s_tir.Schedule, loop, n: int, lanes: int) -> None:
-    """The row's ``n`` elements as vectors; a tail of ``n % lanes`` partitioned off, scalar."""
+    """The row's ``n`` elements as vectors; a tail of ``n % lanes`` partitioned off (its bounds check
+    stays there, so the full vectors run without one)."""
     outer, inner = sch.split(loop, [None, lanes])
     sch.vectorize(inner)
     if n % lanes:

@@ -91,3 +91,19 @@ def test_softmax_rule_takes_rows_of_a_vector_or_more(tmp_path, shape, rule):
     got, _ = run_both(tmp_path, unary_model("Softmax", shape, axis=-1), x)
     assert schedules.last_report().get("softmax") == rule, schedules.last_report()
     np.testing.assert_allclose(got, reference("Softmax", x), rtol=3e-6)
+
+
+def test_softmax_with_fused_neighbours(tmp_path):
+    """A scale before and a multiply after the softmax fuse into its function (attention's scores)."""
+    shape = (2, 4, 40, 40)
+    half = helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])
+    three = helper.make_tensor("three", TensorProto.FLOAT, [], [3.0])
+    nodes = [helper.make_node("Mul", ["x", "half"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("Mul", ["p", "three"], ["y"])]
+    graph = helper.make_graph(nodes, "scaled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))], [half, three])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = (np.random.default_rng(4).standard_normal(shape) * 4).astype(np.float32)
+    got, want = run_both(tmp_path, model, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got, 3 * reference("Softmax", 0.5 * x), rtol=3e-6)
