@@ -235,22 +235,19 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
     from graphopt.backends.schedules.blocked import LEGALIZE, to_blocked_layout
 
     cpu_rules = winograd and not spec.is_gpu
+    legalize = dict(LEGALIZE)
     if cpu_rules:
         from graphopt.backends.schedules import features_of
-
-        mod = to_blocked_layout(mod, features_of(spec).lanes(32))
-    mod = fold_layout_of_constants(mod)
-    if cpu_rules:
+        from graphopt.backends.schedules.fast_math import legalize_map
         from graphopt.backends.schedules.packed_matmul import rewrite_packed_matmul
         from graphopt.backends.schedules.winograd import rewrite_winograd
 
-        mod = rewrite_winograd(mod)
-        mod = rewrite_packed_matmul(mod, features_of(spec).lanes(32))
-
-    legalize = dict(LEGALIZE)
+        lanes = features_of(spec).lanes(32)
+        mod = to_blocked_layout(mod, lanes)
+    mod = fold_layout_of_constants(mod)
     if cpu_rules:
-        from graphopt.backends.schedules.fast_math import legalize_map
-
+        mod = rewrite_winograd(mod)
+        mod = rewrite_packed_matmul(mod, lanes)
         legalize.update(legalize_map())
     seq = [
         *relax.pipeline.library_dispatch_passes(spec.target),

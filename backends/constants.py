@@ -9,6 +9,26 @@ import numpy as np
 _RESHAPE_OPS = ("relax.expand_dims", "relax.reshape", "relax.squeeze", "relax.flatten")
 
 
+def rewrite_relax_functions(mod, mutator):
+    """``mutator`` (a PyExprMutator built on ``mod``) over every Relax function of ``mod``: the new module."""
+    from tvm import relax
+
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+def bound_constant(mutator, expr):
+    """``expr`` as a Relax constant, looking through a variable ``mutator`` saw bound to one; else None."""
+    import tvm
+    from tvm import relax
+
+    if isinstance(expr, relax.Var):
+        expr = mutator.lookup_binding(expr)
+    return expr if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
 def fold_layout_of_constants(mod):
     """Reshape/expand_dims/squeeze/flatten/permute_dims/layout_transform of a constant, done once in
     numpy (layout_transform: its index map applied to the constant).
@@ -50,11 +70,7 @@ def fold_layout_of_constants(mod):
             axes = None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
             return relax.const(np.ascontiguousarray(np.transpose(value, axes)), value.dtype)
 
-    folder = _Fold(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            folder.builder_.update_func(gv, folder.visit_expr(func))
-    return folder.builder_.get()
+    return rewrite_relax_functions(mod, _Fold(mod))
 
 
 def relayout_numpy(index_map, value: np.ndarray) -> np.ndarray | None:

@@ -34,6 +34,8 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx, topi
 
+from graphopt.backends.constants import rewrite_relax_functions
+
 log = logging.getLogger(__name__)
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
@@ -134,11 +136,7 @@ class _PerChannel(relax.PyExprMutator):
 
 def per_channel_constants(mod):
     """``_PerChannel`` over every Relax function of ``mod``."""
-    mutator = _PerChannel(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    return mutator.builder_.get()
+    return rewrite_relax_functions(mod, _PerChannel(mod))
 
 
 def to_blocked_layout(mod, block: int, min_convs: int = MIN_CONVS):

@@ -28,7 +28,7 @@ SOFTMAX_LANES = 16
 
 
 def _float32(call) -> bool:
-    return all(getattr(a.ty, "dtype", None) == "float32" for a in call.args[:1])
+    return getattr(call.args[0].ty, "dtype", None) == "float32"
 
 
 def _default(bb, call):

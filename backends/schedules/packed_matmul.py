@@ -21,6 +21,7 @@ The weight is packed once, at compile time, in numpy. ``GRAPHOPT_PACKED_MATMUL=0
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -29,6 +30,9 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from graphopt.backends.constants import bound_constant, rewrite_relax_functions
+
+log = logging.getLogger(__name__)
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 MIN_COLUMNS = 16  # narrower weights (a handful of outputs) stay as they are
 MAX_PADDING = 0.25  # zero columns, as a share of N, above which packing does more work than it saves
@@ -89,10 +93,10 @@ class _Rewriter(PyExprMutator):
         call = super().visit_call_(call)
         if not (isinstance(call, relax.Call) and call.op.same_as(_MATMUL)):
             return call
-        w = call.args[1]
-        bound = self.lookup_binding(w) if isinstance(w, relax.Var) else None
-        w = bound if isinstance(bound, tvm.ir.expr.Constant) else w
-        if why_not(call, w, self.lanes) is not None:
+        w = bound_constant(self, call.args[1]) or call.args[1]
+        why = why_not(call, w, self.lanes)
+        if why is not None:
+            log.debug("matmul %s keeps its weight: %s", w.ty.shape, why)
             return call
         weight = w.value.numpy()
         self.rewritten += 1
@@ -110,7 +114,5 @@ def rewrite_packed_matmul(mod, lanes: int):
     if not enabled():
         return mod
     rw = _Rewriter(mod, lanes)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(func))
-    return rw.builder_.get() if rw.rewritten else mod
+    new = rewrite_relax_functions(mod, rw)
+    return new if rw.rewritten else mod

@@ -31,6 +31,8 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from graphopt.backends.constants import bound_constant, rewrite_relax_functions
+
 from .analysis import get_block, int_extent
 from .blocked import blocked_layouts
 from .features import RuleContext
@@ -217,9 +219,8 @@ class _Rewriter(PyExprMutator):
         call = super().visit_call_(call)
         if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)):
             return call
-        w = call.args[1]
-        bound = self.lookup_binding(w) if isinstance(w, relax.Var) else None
-        if isinstance(bound, tvm.ir.expr.Constant):  # a weight relaid out at compile time (blocked.py)
+        bound = bound_constant(self, call.args[1])
+        if bound is not None and not bound.same_as(call.args[1]):  # a weight relaid out at compile time (blocked.py)
             call = relax.Call(call.op, [call.args[0], bound], call.attrs, call.ty_args)
         why = eligible(call, cost_model=not self.force)
         if why is not None:
@@ -251,10 +252,8 @@ def rewrite_winograd(mod, tile: int | None = None, *, force: bool = False):
     if not (force or enabled()):
         return mod
     rw = _Rewriter(mod, tile, force)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(func))
-    return rw.builder_.get() if rw.rewritten else mod
+    new = rewrite_relax_functions(mod, rw)
+    return new if rw.rewritten else mod
 
 
 def schedule_winograd(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
