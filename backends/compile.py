@@ -246,6 +246,10 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
         mod = to_blocked_layout(mod, lanes)
     mod = fold_layout_of_constants(mod)
     if cpu_rules:
+        from graphopt.backends.schedules import amx_conv
+
+        if amx_conv.available(spec):  # before Winograd: AMX's direct conv does more per cycle
+            mod = amx_conv.rewrite_amx_conv(mod, features_of(spec).cores)
         mod = rewrite_winograd(mod)
         mod = rewrite_packed_matmul(mod, lanes)
         legalize.update(legalize_map())

@@ -130,10 +130,32 @@ def _vector_bits(config: dict[str, Any]) -> int:
     return llvm_vector_bits(config)
 
 
+def _host_amx() -> bool:
+    """The host CPU has AMX tiles with bfloat16 products and the kernel lets this process use them
+    (Linux hands out the tile state on request: ``arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)``)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    if not {"amx_tile", "amx_bf16"} <= set(flags.split()):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def _x86() -> TargetSpec:
     cores = _host_cores()
     config = {"kind": "llvm", "mcpu": _host_cpu(), "num-cores": cores}
+    amx = _host_amx()
+    if amx:  # LLVM may not know the CPU (this one's AMX machine reports itself as rocketlake)
+        config["mattr"] = ["+amx-tile", "+amx-bf16"]
     features = {"arch": "x86_64", "cores": cores, "vector_bits": _vector_bits(config), **_cache_sizes()}
+    if amx:
+        features["amx"] = True
     return TargetSpec("x86", config, features=features)
 
 
