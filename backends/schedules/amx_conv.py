@@ -11,8 +11,9 @@ binding of the chain is taken only when the chain's previous value has no other 
 
 Eligible (``why_not`` says which condition failed): NCHW16c/OIHW16i16o, batch 1, groups 1, no
 dilation, float32, a constant weight, input and output channels multiples of 32, and either a 1x1
-kernel without padding (any stride) or a square odd kernel with stride 1. ``GRAPHOPT_AMX=0`` turns
-the rewrite off; targets without AMX never take it (``available``).
+kernel without padding (any stride) or a square odd kernel with stride 1; and, the measured cost
+model, at most 14x14 outputs (``MAX_POSITIONS``). ``GRAPHOPT_AMX=0`` turns the rewrite off; targets
+without AMX never take it (``available``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _ADD = tvm.ir.Op.get("relax.add")
 _MAXIMUM = tvm.ir.Op.get("relax.maximum")
 _RELU = tvm.ir.Op.get("relax.nn.relu")
+# Measured on a 2-core AMX Xeon VM, AMX / AVX-512 path (Winograd where it applies), conv + 1x1 chains:
+# 256@14 3x3 0.55, 512@7 3x3 0.50, 1024->256@14 1x1 0.77, 2048->512@7 0.75; but at 28x28 and 56x56,
+# where the split pass re-reads and re-writes a large input (and Winograd F4 competes), 1.04-1.24.
+MAX_POSITIONS = 14 * 14
 
 
 def available(spec) -> bool:
@@ -43,8 +48,11 @@ def available(spec) -> bool:
     return bool(features.get("amx")) and os.environ.get("GRAPHOPT_AMX", "1") != "0"
 
 
-def why_not(call: relax.Call, weight) -> str | None:
-    """None when ``call`` (a conv2d whose weight is ``weight``, a Constant or None) can run on AMX."""
+def why_not(call: relax.Call, weight, cost_model: bool = True) -> str | None:
+    """None when ``call`` (a conv2d whose weight is ``weight``, a constant or None) can run on AMX.
+
+    ``cost_model``: also require an output grid of at most ``MAX_POSITIONS`` positions.
+    """
     at = call.attrs
     if blocked_layouts(call) != 16:
         return "not in the NCHW16c/OIHW16i16o layout"
@@ -70,6 +78,10 @@ def why_not(call: relax.Call, weight) -> str | None:
         return "padded 1x1 kernel"
     if kh > 1 and (strides[0] != 1 or kh % 2 == 0):
         return f"{kh}x{kh} kernel with stride {strides[0]}"
+    h, w = (int(d) for d in list(x.shape)[2:4])
+    oh, ow = ((d + 2 * pads[0] - kh) // strides[0] + 1 for d in (h, w))
+    if cost_model and oh * ow > MAX_POSITIONS:
+        return f"{oh}x{ow} outputs: the split pass over a large input costs more than the tiles save"
     return None
 
 

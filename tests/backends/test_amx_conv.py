@@ -153,8 +153,8 @@ def test_no_rewrite_without_amx_or_when_off(tmp_path, monkeypatch):
     assert not kernel_calls(fused_module(model, amx_spec()))
 
 
-def blocked_conv(channels, out, k=3, **kw):
-    x = tvm.relax.Var("x", tvm.relax.TensorType((1, channels // 16, 8, 8, 16), "float32"))
+def blocked_conv(channels, out, k=3, hw=8, **kw):
+    x = tvm.relax.Var("x", tvm.relax.TensorType((1, channels // 16, hw, hw, 16), "float32"))
     w = tvm.relax.const(np.zeros((out // 16, channels // 16, k, k, 16, 16), "float32"))
     args = dict(data_layout="NCHW16c", kernel_layout="OIHW16i16o", out_layout="NCHW16c", padding=[k // 2] * 4)
     args.update(kw)
@@ -169,6 +169,9 @@ def test_why_not_reasons():
     assert "stride 2" in amx_conv.why_not(*blocked_conv(64, 64, strides=[2, 2]))
     assert "padded 1x1" in amx_conv.why_not(*blocked_conv(64, 64, k=1, padding=[1, 1, 1, 1]))
     assert "dilated" in amx_conv.why_not(*blocked_conv(64, 64, dilation=[2, 2]))
+    big, w = blocked_conv(64, 64, hw=28)  # 784 outputs: left to Winograd and the AVX-512 convs
+    assert "28x28 outputs" in amx_conv.why_not(big, w)
+    assert amx_conv.why_not(big, w, cost_model=False) is None
     x = tvm.relax.Var("x", tvm.relax.TensorType((1, 64, 8, 8), "float32"))
     w = tvm.relax.const(np.zeros((64, 64, 3, 3), "float32"))
     assert "layout" in amx_conv.why_not(tvm.relax.op.nn.conv2d(x, w, padding=[1, 1, 1, 1]), w)
