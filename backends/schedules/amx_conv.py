@@ -11,7 +11,7 @@ binding of the chain is taken only when the chain's previous value has no other 
 
 Eligible (``why_not`` says which condition failed): NCHW16c/OIHW16i16o, batch 1, groups 1, no
 dilation, float32, a constant weight, input and output channels multiples of 32, and either a 1x1
-kernel without padding (any stride) or a square odd kernel with stride 1; and, the measured cost
+kernel without padding (any stride) or a square odd kernel with stride 1 or 2; and, the measured cost
 model, at most 14x14 outputs (``MAX_POSITIONS``). ``GRAPHOPT_AMX=0`` turns the rewrite off; targets
 without AMX never take it (``available``).
 """
@@ -76,7 +76,7 @@ def why_not(call: relax.Call, weight, cost_model: bool = True) -> str | None:
         return "kernel, strides or padding not square"
     if kh == 1 and pads[0] != 0:
         return "padded 1x1 kernel"
-    if kh > 1 and (strides[0] != 1 or kh % 2 == 0):
+    if kh > 1 and (strides[0] > 2 or kh % 2 == 0):
         return f"{kh}x{kh} kernel with stride {strides[0]}"
     h, w = (int(d) for d in list(x.shape)[2:4])
     oh, ow = ((d + 2 * pads[0] - kh) // strides[0] + 1 for d in (h, w))

@@ -73,39 +73,61 @@ def _bf16_rest(v):
 
 
 def geometry(h: int, w: int, k: int, stride: int, pad: int) -> dict[str, int]:
-    """Grid width, output size, tiles and split rows of a conv over an ``h x w`` input."""
+    """Grid width and height, phases, output size, tiles and split rows of a conv over ``h x w``.
+
+    A strided kxk conv reads ``stride²`` phase grids (the padded input's even/odd rows and columns
+    for stride 2): tap (ky, kx) reads phase (ky % s, kx % s) shifted by (ky // s, kx // s).
+    """
     if k == 1:
         oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
-        gw = ow
+        gw, gh, phases, reach = ow, oh, 1, 0
     else:
-        oh, ow = h + 2 * pad - k + 1, w + 2 * pad - k + 1
-        gw = w + 2 * pad
+        oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        gw, gh = math.ceil((w + 2 * pad) / stride), math.ceil((h + 2 * pad) / stride)
+        phases, reach = stride * stride, (k - 1) // stride
     qt = 2 * math.ceil(oh * gw / (2 * TILE))  # tiles of grid positions, an even number
-    rows = qt * TILE + (k - 1) * gw + (k - 1)
-    return {"oh": oh, "ow": ow, "gw": gw, "qt": qt, "rows": rows}
+    rows = qt * TILE + reach * gw + reach
+    return {"oh": oh, "ow": ow, "gw": gw, "gh": gh, "phases": phases, "qt": qt, "rows": rows}
 
 
 def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int, *,
                   bias: bool, residual: bool, relu: bool, threads: int):
     """The PrimFunc ``(x, wp, [bias], [residual], out)`` for a batch-1 NCHW16c conv.
 
-    Needs ``c`` and ``o`` multiples of 32; ``k`` 1 (any stride, no padding) or odd with stride 1.
+    Needs ``c`` and ``o`` multiples of 32; ``k`` 1 (any stride, no padding) or odd with stride 1 or 2.
     """
     g = geometry(h, w, k, stride, pad)
     oh, ow, gw, qt, rows = g["oh"], g["ow"], g["gw"], g["qt"], g["rows"]
+    grid_h, phases = g["gh"], g["phases"]
+    ps = stride if k > 1 else 1  # the phase grids' stride
     kc_n, ob_n, taps = c // K_TILE, o // TILE, k * k
     flops = 2 * c * o * taps * oh * ow  # of the float32 conv (the three products do 3x the multiply-adds)
-    grid_rows = (h + 2 * pad) * gw if k > 1 else oh * ow
+    grid_rows = grid_h * gw
 
-    if k > 1:  # the padded input, row by row
-        grid_h = h + 2 * pad
-        inside = lambda gy, gx: tirx.all(gy >= pad, gy < h + pad, gx >= pad, gx < w + pad)  # noqa: E731
-        source = lambda gy, gx: (gy - pad, gx - pad)  # noqa: E731
+    if k > 1:  # the padded input, row by row (per phase grid)
+        def padded(ph, gy, gx):
+            return gy * ps + ph // ps - pad, gx * ps + ph % ps - pad
+
+        def inside(ph, gy, gx):
+            y, x_ = padded(ph, gy, gx)
+            return tirx.all(y >= 0, y < h, x_ >= 0, x_ < w)
+
+        def source(ph, gy, gx):
+            y, x_ = padded(ph, gy, gx)
+            return tirx.min(tirx.max(y, 0), h - 1), tirx.min(tirx.max(x_, 0), w - 1)
     else:  # the positions a 1x1 conv reads
-        grid_h = oh
-        inside = lambda gy, gx: tirx.const(True, "bool")  # noqa: E731
-        source = lambda gy, gx: (gy * stride, gx * stride)  # noqa: E731
-    split_work = kc_n * grid_h
+        inside = lambda ph, gy, gx: tirx.const(True, "bool")  # noqa: E731
+        source = lambda ph, gy, gx: (gy * stride, gx * stride)  # noqa: E731
+    split_work = kc_n * grid_h * phases  # (grid row, phase, input tile): a thread splits whole rows
+
+    def gy_of(kcy):
+        return kcy // (kc_n * phases)
+
+    def ph_of(kcy):
+        return kcy // kc_n % phases
+
+    def kc_of(kcy):
+        return kcy % kc_n
     split_chunk = math.ceil(split_work / threads)
 
     # work items: (pair of output blocks, range of pairs of grid tiles); per item, K in blocks whose
@@ -121,11 +143,20 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
     kblk = max(1, 8 // taps)
     k_blocks = math.ceil(kc_n / kblk)
 
+    def ob_of(item):  # items run range by range (a thread's split rows stay in its cache), blocks inside
+        return item % ob_pairs
+
+    def qr_of(item):
+        return item // ob_pairs
+
     def q_of(item, qp, i, rr):  # the grid position of row rr of tile i of pair qp of an item
-        return (item % q_ranges * qpairs + qp) * 32 + i * 16 + rr
+        return (qr_of(item) * qpairs + qp) * 32 + i * 16 + rr
 
     def a_row(item, qp, tap):  # the split row of an A tile: its first position, shifted by the tap
-        return (item % q_ranges * qpairs + qp) * 32 + tap // k * gw + tap % k
+        return (qr_of(item) * qpairs + qp) * 32 + tap // k // ps * gw + tap % k // ps
+
+    def phase(tap):  # the phase grid a tap reads
+        return tap // k % ps * ps + tap % k % ps
 
     def epilogue(s, res, ob, y, xx, lane):
         if residual:
@@ -139,23 +170,23 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
              res: T.Buffer((1, ob_n, oh, ow, 16), "float32"),
              out: T.Buffer((1, ob_n, oh, ow, 16), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.flops": flops})
-        sp = T.alloc_buffer((2, kc_n, rows, 32), "uint16")
+        sp = T.alloc_buffer((2, phases, kc_n, rows, 32), "uint16")
         for th in T.parallel(threads):
             for kcy in range(th * split_chunk, T.min(split_work, th * split_chunk + split_chunk)):
                 for gx, jb in T.grid(gw, 2):
                     # the bits as one expression each (a scalar bound in a vectorized loop is no vector)
-                    if inside(kcy % grid_h, gx):
+                    if inside(ph_of(kcy), gy_of(kcy), gx):
                         for ji in T.vectorized(16):
-                            sp[0, kcy // grid_h, kcy % grid_h * gw + gx, jb * 16 + ji] = T.Cast("uint16", _bf16_bits(
-                                x[0, kcy // grid_h * 2 + jb, *source(kcy % grid_h, gx), ji]))
-                            sp[1, kcy // grid_h, kcy % grid_h * gw + gx, jb * 16 + ji] = T.Cast("uint16", _bf16_bits(
-                                _bf16_rest(x[0, kcy // grid_h * 2 + jb, *source(kcy % grid_h, gx), ji])))
+                            sp[0, ph_of(kcy), kc_of(kcy), gy_of(kcy) * gw + gx, jb * 16 + ji] = T.Cast("uint16", _bf16_bits(
+                                x[0, kc_of(kcy) * 2 + jb, *source(ph_of(kcy), gy_of(kcy), gx), ji]))
+                            sp[1, ph_of(kcy), kc_of(kcy), gy_of(kcy) * gw + gx, jb * 16 + ji] = T.Cast("uint16", _bf16_bits(
+                                _bf16_rest(x[0, kc_of(kcy) * 2 + jb, *source(ph_of(kcy), gy_of(kcy), gx), ji])))
                     else:
                         for ji in T.vectorized(16):
-                            sp[0, kcy // grid_h, kcy % grid_h * gw + gx, jb * 16 + ji] = T.uint16(0)
-                            sp[1, kcy // grid_h, kcy % grid_h * gw + gx, jb * 16 + ji] = T.uint16(0)
-            for sel, kc, r, j in T.grid(2, kc_n, rows - grid_rows, 32):  # rows past the grid: zeros
-                sp[sel, kc, grid_rows + r, j] = T.uint16(0)
+                            sp[0, ph_of(kcy), kc_of(kcy), gy_of(kcy) * gw + gx, jb * 16 + ji] = T.uint16(0)
+                            sp[1, ph_of(kcy), kc_of(kcy), gy_of(kcy) * gw + gx, jb * 16 + ji] = T.uint16(0)
+            for sel, ph, kc, r, j in T.grid(2, phases, kc_n, rows - grid_rows, 32):  # rows past the grid: zeros
+                sp[sel, ph, kc, grid_rows + r, j] = T.uint16(0)
         for th in T.parallel(nthreads):
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             acc = T.alloc_buffer((4, 16, 16), "float32", scope="local")
@@ -170,7 +201,7 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
                 cfg[48 + t] = T.uint8(16)
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
             for item in range(th * chunk, T.min(work, th * chunk + chunk)):
-                for kb, qp in T.grid(k_blocks, T.min(qpairs, qt // 2 - item % q_ranges * qpairs)):
+                for kb, qp in T.grid(k_blocks, T.min(qpairs, qt // 2 - qr_of(item) * qpairs)):
                     if kb == 0:
                         T.evaluate(_zero(0))
                         T.evaluate(_zero(1))
@@ -185,18 +216,18 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
                         # hi·hi and hi·lo share the hi input tiles; lo·hi reloads the hi weights
                         for sel in range(2):
                             if sel == 0:
-                                T.evaluate(_load(4, T.address_of(sp[0, kb * kblk + kc, a_row(item, qp, tap), 0]), 64))
-                                T.evaluate(_load(5, T.address_of(sp[0, kb * kblk + kc, a_row(item, qp, tap) + 16, 0]), 64))
-                            T.evaluate(_load(6, T.address_of(wp[item // q_ranges * 2, tap, kb * kblk + kc, sel, 0, 0, 0]), 64))
-                            T.evaluate(_load(7, T.address_of(wp[item // q_ranges * 2 + 1, tap, kb * kblk + kc, sel, 0, 0, 0]), 64))
+                                T.evaluate(_load(4, T.address_of(sp[0, phase(tap), kb * kblk + kc, a_row(item, qp, tap), 0]), 64))
+                                T.evaluate(_load(5, T.address_of(sp[0, phase(tap), kb * kblk + kc, a_row(item, qp, tap) + 16, 0]), 64))
+                            T.evaluate(_load(6, T.address_of(wp[ob_of(item) * 2, tap, kb * kblk + kc, sel, 0, 0, 0]), 64))
+                            T.evaluate(_load(7, T.address_of(wp[ob_of(item) * 2 + 1, tap, kb * kblk + kc, sel, 0, 0, 0]), 64))
                             T.evaluate(_dot(0))
                             T.evaluate(_dot(1))
                             T.evaluate(_dot(2))
                             T.evaluate(_dot(3))
-                        T.evaluate(_load(4, T.address_of(sp[1, kb * kblk + kc, a_row(item, qp, tap), 0]), 64))
-                        T.evaluate(_load(5, T.address_of(sp[1, kb * kblk + kc, a_row(item, qp, tap) + 16, 0]), 64))
-                        T.evaluate(_load(6, T.address_of(wp[item // q_ranges * 2, tap, kb * kblk + kc, 0, 0, 0, 0]), 64))
-                        T.evaluate(_load(7, T.address_of(wp[item // q_ranges * 2 + 1, tap, kb * kblk + kc, 0, 0, 0, 0]), 64))
+                        T.evaluate(_load(4, T.address_of(sp[1, phase(tap), kb * kblk + kc, a_row(item, qp, tap), 0]), 64))
+                        T.evaluate(_load(5, T.address_of(sp[1, phase(tap), kb * kblk + kc, a_row(item, qp, tap) + 16, 0]), 64))
+                        T.evaluate(_load(6, T.address_of(wp[ob_of(item) * 2, tap, kb * kblk + kc, 0, 0, 0, 0]), 64))
+                        T.evaluate(_load(7, T.address_of(wp[ob_of(item) * 2 + 1, tap, kb * kblk + kc, 0, 0, 0, 0]), 64))
                         T.evaluate(_dot(0))
                         T.evaluate(_dot(1))
                         T.evaluate(_dot(2))
@@ -214,9 +245,9 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
                         for i, jn, rr in T.grid(2, 2, 16):
                             if q_of(item, qp, i, rr) // gw < oh and q_of(item, qp, i, rr) % gw < ow:
                                 for l in T.vectorized(16):
-                                    out[0, item // q_ranges * 2 + jn, q_of(item, qp, i, rr) // gw, q_of(item, qp, i, rr) % gw, l] = epilogue(
-                                        acc[i * 2 + jn, rr, l] + b[0, item // q_ranges * 2 + jn, 0, 0, l], res,
-                                        item // q_ranges * 2 + jn, q_of(item, qp, i, rr) // gw, q_of(item, qp, i, rr) % gw, l)
+                                    out[0, ob_of(item) * 2 + jn, q_of(item, qp, i, rr) // gw, q_of(item, qp, i, rr) % gw, l] = epilogue(
+                                        acc[i * 2 + jn, rr, l] + b[0, ob_of(item) * 2 + jn, 0, 0, l], res,
+                                        ob_of(item) * 2 + jn, q_of(item, qp, i, rr) // gw, q_of(item, qp, i, rr) % gw, l)
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
 
     return conv if residual else _drop_param(conv, "res")

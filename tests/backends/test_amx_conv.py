@@ -55,14 +55,16 @@ def emulate(x: np.ndarray, w: np.ndarray, stride: int, pad: int) -> np.ndarray:
     _, _, h, wd = x.shape
     g = amx_kernel.geometry(h, wd, k, stride, pad)
     hi, lo = amx_kernel.bf16_split(x)
-    if k > 1:
-        grid = lambda a: np.pad(from_bits(a)[0], ((0, 0), (pad, pad), (pad, pad))).reshape(c, -1)  # noqa: E731
-    else:
-        grid = lambda a: from_bits(a)[0][:, ::stride, ::stride].reshape(c, -1)  # noqa: E731
-    rows = np.zeros((2, c, g["rows"]))
+    ps = stride if k > 1 else 1  # phase grids: tap (ky, kx) reads phase (ky % ps, kx % ps)
+    rows = np.zeros((2, ps * ps, c, g["rows"]))
     for i, part in enumerate((hi, lo)):
-        flat = grid(part)
-        rows[i, :, :flat.shape[1]] = flat
+        if k == 1:
+            rows[i, 0, :, :g["oh"] * g["ow"]] = from_bits(part)[0][:, ::stride, ::stride].reshape(c, -1)
+            continue
+        padded = np.zeros((c, g["gh"] * ps, g["gw"] * ps))
+        padded[:, pad:pad + h, pad:pad + wd] = from_bits(part)[0]
+        for ph in range(ps * ps):
+            rows[i, ph, :, :g["gh"] * g["gw"]] = padded[:, ph // ps::ps, ph % ps::ps].reshape(c, -1)
     packed = amx_kernel.pack_weight(w)  # [O/16, taps, C/32, 2, 16 (pairs), 16 (out), 2]
     wf = from_bits(packed).astype(np.float64)
     # back to [2, O, C, taps]: tile row kp, column n, pair p is channel 2·kp + p of output n
@@ -71,8 +73,9 @@ def emulate(x: np.ndarray, w: np.ndarray, stride: int, pad: int) -> np.ndarray:
     q = g["qt"] * 16
     out = np.zeros((o, q))
     for t in range(taps):
-        shift = (t // k) * g["gw"] + t % k
-        a = rows[:, :, shift:shift + q]
+        ky, kx = divmod(t, k)
+        shift = (ky // ps) * g["gw"] + kx // ps
+        a = rows[:, (ky % ps) * ps + kx % ps, :, shift:shift + q]
         out += wt[0, :, :, t] @ a[0] + wt[1, :, :, t] @ a[0] + wt[0, :, :, t] @ a[1]
     return out[:, :g["oh"] * g["gw"]].reshape(o, g["oh"], g["gw"])[:, :, :g["ow"]][None]
 
@@ -94,6 +97,7 @@ def conv_ref(x, w, stride, pad):
     (32, 32, 5, 7, 3, 1, 1),  # a grid row of 9: tiles straddle rows
     (64, 32, 6, 6, 1, 2, 0),  # strided 1x1: the split gathers every other position
     (32, 64, 4, 4, 5, 1, 2),
+    (32, 32, 7, 6, 3, 2, 1),  # stride 2: four phase grids (odd height: the last phase row is padding)
 ])
 def test_packing_and_split_emulated(c, o, h, w, k, stride, pad):
     rng = np.random.default_rng(1)
@@ -166,7 +170,8 @@ def test_why_not_reasons():
     assert amx_conv.why_not(call, w) is None
     assert amx_conv.why_not(call, None) == "weight is not a constant"
     assert "multiples of 32" in amx_conv.why_not(*blocked_conv(48, 64))
-    assert "stride 2" in amx_conv.why_not(*blocked_conv(64, 64, strides=[2, 2]))
+    assert amx_conv.why_not(*blocked_conv(64, 64, strides=[2, 2])) is None
+    assert "stride 3" in amx_conv.why_not(*blocked_conv(64, 64, strides=[3, 3]))
     assert "padded 1x1" in amx_conv.why_not(*blocked_conv(64, 64, k=1, padding=[1, 1, 1, 1]))
     assert "dilated" in amx_conv.why_not(*blocked_conv(64, 64, dilation=[2, 2]))
     big, w = blocked_conv(64, 64, hw=28)  # 784 outputs: left to Winograd and the AVX-512 convs
@@ -203,6 +208,7 @@ def test_bottleneck_matches_ort(tmp_path):
     (64, 64, 56, 3, 1, False),  # ResNet-50's first 3x3 (two K blocks)
     (256, 64, 13, 1, 1, True),  # a grid that is no whole number of tiles, with a residual
     (512, 128, 14, 1, 2, False),  # a strided 1x1 with four K blocks
+    (128, 64, 15, 3, 2, True),  # a strided 3x3 over an odd size: phase grids
 ])
 def test_kernel_matches_float64(c, o, hw, k, stride, residual):
     rng = np.random.default_rng(4)
