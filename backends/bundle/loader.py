@@ -183,7 +183,27 @@ def _device(manifest: dict):
     triple = str(target.get("mtriple", ""))
     if triple and triple.split("-")[0] != platform.machine():
         raise BundleError(f"bundle was built for {triple}; this machine is {platform.machine()}")
+    if "+amx-bf16" in list(target.get("mattr", [])) and not cpu_has_amx():
+        raise BundleError("bundle was built for a CPU with AMX-BF16 tiles (its convs use them) and this CPU "
+                          "or kernel has none; compile it again with GRAPHOPT_AMX=0")
     return tvm.cpu(0)
+
+
+def cpu_has_amx() -> bool:
+    """AMX-BF16 in /proc/cpuinfo and the tile state granted by Linux (arch_prctl ARCH_REQ_XCOMP_PERM)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    if "amx_tile" not in flags or "amx_bf16" not in flags:
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def load(directory: str, *, verify: bool = True) -> Runner:

@@ -190,7 +190,7 @@ def _kernel_call(bb: relax.BlockBuilder, conv: relax.Call, weight, bias, residua
     wt = oihw(weight.value.numpy(), 16)
     k = wt.shape[2]
     func = amx_conv_func(cb * 16, h, w, wt.shape[0], k, int(conv.attrs.strides[0]), int(conv.attrs.padding[0]),
-                         bias=True, residual=residual is not None, relu=relu, threads=threads)
+                         residual=residual is not None, relu=relu, threads=threads)
     gvar = bb.add_func(func, "amx_conv2d")
     b = bias if bias is not None else relax.const(np.zeros(out_shape[1:2] + [1, 1, 16], "float32")[None])
     args = [x, relax.const(pack_weight(wt)), b] + ([residual] if residual is not None else [])

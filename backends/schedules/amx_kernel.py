@@ -91,8 +91,9 @@ def geometry(h: int, w: int, k: int, stride: int, pad: int) -> dict[str, int]:
 
 
 def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int, *,
-                  bias: bool, residual: bool, relu: bool, threads: int):
-    """The PrimFunc ``(x, wp, [bias], [residual], out)`` for a batch-1 NCHW16c conv.
+                  residual: bool, relu: bool, threads: int):
+    """The PrimFunc ``(x, wp, bias, [residual], out)`` for a batch-1 NCHW16c conv (``bias`` per channel,
+    ``[1, O/16, 1, 1, 16]``: zeros for a conv without one; ``residual`` added before the relu).
 
     Needs ``c`` and ``o`` multiples of 32; ``k`` 1 (any stride, no padding) or odd with stride 1 or 2.
     """

@@ -131,20 +131,10 @@ def _vector_bits(config: dict[str, Any]) -> int:
 
 
 def _host_amx() -> bool:
-    """The host CPU has AMX tiles with bfloat16 products and the kernel lets this process use them
-    (Linux hands out the tile state on request: ``arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)``)."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    if not {"amx_tile", "amx_bf16"} <= set(flags.split()):
-        return False
-    import ctypes
+    """The host CPU has AMX tiles with bfloat16 products and Linux lets this process use them."""
+    from graphopt.backends.bundle.loader import cpu_has_amx
 
-    try:
-        return ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18) == 0
-    except (OSError, AttributeError):
-        return False
+    return cpu_has_amx()
 
 
 def _x86() -> TargetSpec:

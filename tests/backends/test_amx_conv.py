@@ -183,7 +183,7 @@ def test_why_not_reasons():
 
 
 def test_kernel_code_generates_tile_instructions():
-    func = amx_kernel.amx_conv_func(32, 6, 6, 32, 3, 1, 1, bias=True, residual=True, relu=True, threads=2)
+    func = amx_kernel.amx_conv_func(32, 6, 6, 32, 3, 1, 1, residual=True, relu=True, threads=2)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=amx_spec().target)
     asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
     for instr in ("ldtilecfg", "tileloadd", "tdpbf16ps", "tilestored"):
@@ -222,7 +222,7 @@ def test_kernel_matches_float64(c, o, hw, k, stride, residual):
     if residual:
         want = want + res
     want = np.maximum(want, 0)
-    func = amx_kernel.amx_conv_func(c, hw, hw, o, k, stride, pad, bias=True, residual=residual, relu=True, threads=2)
+    func = amx_kernel.amx_conv_func(c, hw, hw, o, k, stride, pad, residual=residual, relu=True, threads=2)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=get_target("x86").target)
     blk = lambda a: np.ascontiguousarray(a.reshape(1, a.shape[1] // 16, 16, *a.shape[2:]).transpose(0, 1, 3, 4, 2))  # noqa: E731
     args = [blk(x), amx_kernel.pack_weight(w), bias.reshape(1, o // 16, 1, 1, 16)] + ([blk(res)] if residual else [])

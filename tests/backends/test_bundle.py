@@ -172,6 +172,27 @@ def test_export_is_atomic_and_refuses_foreign_directories(built, tmp_path):
 
 @pytest.mark.skipif(__import__("shutil").which("aarch64-linux-gnu-gcc") is None,
                     reason="needs the cross compiler: apt-get install gcc-aarch64-linux-gnu")
+def test_amx_bundle_refuses_a_cpu_without_amx(built, tmp_path, monkeypatch):
+    """A bundle whose target carries AMX fails to load with a clear error where AMX is missing
+    (its instructions would otherwise kill the process)."""
+    import json
+    import shutil
+
+    from graphopt.backends.bundle import loader
+
+    _, _, bundle, feeds = built
+    copy = tmp_path / "amx.bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["target"]["target"]["mattr"] = ["+amx-tile", "+amx-bf16"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(loader, "cpu_has_amx", lambda: False)
+    with pytest.raises(BundleError, match="AMX-BF16 .* GRAPHOPT_AMX=0"):
+        load_bundle(copy, verify=False)
+    monkeypatch.setattr(loader, "cpu_has_amx", lambda: True)
+    assert load_bundle(copy, verify=False)(**feeds)
+
+
 def test_aarch64_bundle_is_an_arm_library(built, tmp_path):
     import platform
 
