@@ -129,6 +129,7 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
 
     def kc_of(kcy):
         return kcy % kc_n
+
     split_chunk = math.ceil(split_work / threads)
 
     # work items: (pair of output blocks, range of pairs of grid tiles); per item, K in blocks whose
