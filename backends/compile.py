@@ -242,14 +242,15 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
         from graphopt.backends.schedules.packed_matmul import rewrite_packed_matmul
         from graphopt.backends.schedules.winograd import rewrite_winograd
 
-        lanes = features_of(spec).lanes(32)
+        feats = features_of(spec)
+        lanes = feats.lanes(32)
         mod = to_blocked_layout(mod, lanes)
     mod = fold_layout_of_constants(mod)
     if cpu_rules:
         from graphopt.backends.schedules import amx_conv
 
         if amx_conv.available(spec):  # before Winograd: AMX's direct conv does more per cycle
-            mod = amx_conv.rewrite_amx_conv(mod, features_of(spec).cores)
+            mod = amx_conv.rewrite_amx_conv(mod, feats.cores)
         mod = rewrite_winograd(mod)
         mod = rewrite_packed_matmul(mod, lanes)
         legalize.update(legalize_map())

@@ -189,6 +189,10 @@ def _device(manifest: dict):
     return tvm.cpu(0)
 
 
+# Linux hands out the AMX tile state on request: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
 def cpu_has_amx() -> bool:
     """AMX-BF16 in /proc/cpuinfo and the tile state granted by Linux (arch_prctl ARCH_REQ_XCOMP_PERM)."""
     try:
@@ -201,7 +205,7 @@ def cpu_has_amx() -> bool:
     import ctypes
 
     try:
-        return ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18) == 0
+        return ctypes.CDLL(None, use_errno=True).syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
     except (OSError, AttributeError):
         return False
 

@@ -26,7 +26,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .amx_kernel import amx_conv_func, pack_weight
+from .amx_kernel import amx_conv_func, geometry, pack_weight
 from .blocked import blocked_layouts
 from .winograd import oihw
 
@@ -78,8 +78,8 @@ def why_not(call: relax.Call, weight, cost_model: bool = True) -> str | None:
         return "padded 1x1 kernel"
     if kh > 1 and (strides[0] > 2 or kh % 2 == 0):
         return f"{kh}x{kh} kernel with stride {strides[0]}"
-    h, w = (int(d) for d in list(x.shape)[2:4])
-    oh, ow = ((d + 2 * pads[0] - kh) // strides[0] + 1 for d in (h, w))
+    g = geometry(*(int(d) for d in list(x.shape)[2:4]), kh, strides[0], pads[0])
+    oh, ow = g["oh"], g["ow"]
     if cost_model and oh * ow > MAX_POSITIONS:
         return f"{oh}x{ow} outputs: the split pass over a large input costs more than the tiles save"
     return None
@@ -118,7 +118,7 @@ class _Chains:
         return (nxt, call) if isinstance(call, relax.Call) else (None, None)
 
     def chain(self, conv_var, out_shape):
-        """(last var, bias constant or None, residual expr or None, relu, vars taken)."""
+        """(last var, bias constant or None, residual expr or None, relu); the chain's vars go to ``taken``."""
         last, bias, residual, relu, taken = conv_var, None, None, False, [conv_var]
         nxt, call = self.next_op(last)
         if call is not None and call.op.same_as(_ADD):
@@ -139,7 +139,7 @@ class _Chains:
             relu, last = True, nxt
             taken.append(nxt)
         self.taken.update(taken)
-        return last, bias, residual, relu, taken
+        return last, bias, residual, relu
 
 
 def _is_relu(call, var, chains: _Chains) -> bool:
@@ -154,8 +154,7 @@ def _is_relu(call, var, chains: _Chains) -> bool:
 
 def _rewrite_function(bb: relax.BlockBuilder, gv, func: relax.Function, threads: int) -> int:
     chains = _Chains(func)
-    replace: dict = {}  # var of a chain's last binding -> its new value
-    dropped: set = set()
+    replace: dict = {}  # var of a chain's last binding -> its new value; the chain's other bindings go
     for var, value in list(chains.value.items()):
         if var in chains.taken or not (isinstance(value, relax.Call) and value.op.same_as(_CONV2D)):
             continue
@@ -165,16 +164,15 @@ def _rewrite_function(bb: relax.BlockBuilder, gv, func: relax.Function, threads:
             log.debug("conv2d %s not on AMX: %s", value.args[1].ty.shape, why)
             continue
         out_shape = [int(d) for d in value.ty.shape]
-        last, bias, residual, relu, taken = chains.chain(var, out_shape)
+        last, bias, residual, relu = chains.chain(var, out_shape)
         replace[last] = _kernel_call(bb, value, weight, bias, residual, relu, threads)
-        dropped.update(v for v in taken if not v.same_as(last))
     if not replace:
         return 0
     blocks = []
     for block in func.body.blocks:
         bindings = []
         for b in block.bindings:
-            if b.var in dropped:
+            if b.var in chains.taken and b.var not in replace:
                 continue
             bindings.append(relax.VarBinding(b.var, replace[b.var]) if b.var in replace else b)
         blocks.append(type(block)(bindings))

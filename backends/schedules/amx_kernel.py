@@ -32,9 +32,10 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from graphopt.backends.bundle.loader import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA
+
 TILE = 16  # rows of a tile; a row holds 32 bfloat16 (64 bytes)
 K_TILE = 32  # input channels per tile
-_ARCH_PRCTL, _REQ_XCOMP_PERM, _XTILEDATA = 158, 0x1023, 18  # Linux: ask for the AMX tile state
 
 
 def bf16_split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,6 +174,8 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
              out: T.Buffer((1, ob_n, oh, ow, 16), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.flops": flops})
         sp = T.alloc_buffer((2, phases, kc_n, rows, 32), "uint16")
+        for sel, ph, kc, r, j in T.grid(2, phases, kc_n, rows - grid_rows, 32):  # rows past the grid: zeros
+            sp[sel, ph, kc, grid_rows + r, j] = T.uint16(0)
         for th in T.parallel(threads):
             for kcy in range(th * split_chunk, T.min(split_work, th * split_chunk + split_chunk)):
                 for gx, jb in T.grid(gw, 2):
@@ -187,14 +190,12 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
                         for ji in T.vectorized(16):
                             sp[0, ph_of(kcy), kc_of(kcy), gy_of(kcy) * gw + gx, jb * 16 + ji] = T.uint16(0)
                             sp[1, ph_of(kcy), kc_of(kcy), gy_of(kcy) * gw + gx, jb * 16 + ji] = T.uint16(0)
-            for sel, ph, kc, r, j in T.grid(2, phases, kc_n, rows - grid_rows, 32):  # rows past the grid: zeros
-                sp[sel, ph, kc, grid_rows + r, j] = T.uint16(0)
         for th in T.parallel(nthreads):
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             acc = T.alloc_buffer((4, 16, 16), "float32", scope="local")
             part = T.alloc_buffer((qpairs * 1024,), "float32")  # this thread's sums of the K blocks so far
-            T.evaluate(T.call_extern("int64", "syscall", T.int64(_ARCH_PRCTL), T.int64(_REQ_XCOMP_PERM),
-                                     T.int64(_XTILEDATA)))
+            T.evaluate(T.call_extern("int64", "syscall", T.int64(SYS_ARCH_PRCTL), T.int64(ARCH_REQ_XCOMP_PERM),
+                                     T.int64(XFEATURE_XTILEDATA)))
             for i in range(64):
                 cfg[i] = T.uint8(0)
             cfg[0] = T.uint8(1)

@@ -130,17 +130,12 @@ def _vector_bits(config: dict[str, Any]) -> int:
     return llvm_vector_bits(config)
 
 
-def _host_amx() -> bool:
-    """The host CPU has AMX tiles with bfloat16 products and Linux lets this process use them."""
-    from graphopt.backends.bundle.loader import cpu_has_amx
-
-    return cpu_has_amx()
-
-
 def _x86() -> TargetSpec:
     cores = _host_cores()
     config = {"kind": "llvm", "mcpu": _host_cpu(), "num-cores": cores}
-    amx = _host_amx()
+    from graphopt.backends.bundle.loader import cpu_has_amx
+
+    amx = cpu_has_amx()
     if amx:  # LLVM may not know the CPU (this one's AMX machine reports itself as rocketlake)
         config["mattr"] = ["+amx-tile", "+amx-bf16"]
     features = {"arch": "x86_64", "cores": cores, "vector_bits": _vector_bits(config), **_cache_sizes()}

@@ -17,9 +17,10 @@ from graphopt import api
 from graphopt.backends.compile import compile_model, fused_module
 from graphopt.backends.schedules import amx_conv, amx_kernel
 from graphopt.backends.schedules.testing import ort_run
-from graphopt.backends.targets import _host_amx, get_target
+from graphopt.backends.bundle.loader import cpu_has_amx
+from graphopt.backends.targets import get_target
 
-needs_amx = pytest.mark.skipif(not _host_amx(), reason="needs a CPU with AMX-BF16 (and a kernel that grants it)")
+needs_amx = pytest.mark.skipif(not cpu_has_amx(), reason="needs a CPU with AMX-BF16 (and a kernel that grants it)")
 
 
 def amx_spec():
