@@ -233,6 +233,7 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
     from tvm import relax
 
     from graphopt.backends.schedules.blocked import LEGALIZE, to_blocked_layout
+    from graphopt.backends.schedules.strided_pointwise import rewrite_strided_pointwise
 
     cpu_rules = winograd and not spec.is_gpu
     legalize = dict(LEGALIZE)
@@ -244,13 +245,16 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
 
         feats = features_of(spec)
         lanes = feats.lanes(32)
-        mod = to_blocked_layout(mod, lanes)
+        # constants folded first: the layout's choice reads weights (a padded conv's, a broadcast's)
+        mod = to_blocked_layout(fold_layout_of_constants(mod), lanes)
     mod = fold_layout_of_constants(mod)
     if cpu_rules:
         from graphopt.backends.schedules import amx_conv
 
         if amx_conv.available(spec):  # before Winograd: AMX's direct conv does more per cycle
             mod = amx_conv.rewrite_amx_conv(mod, feats.cores)
+    mod = rewrite_strided_pointwise(mod)  # after the layout choice and AMX (which gathers strided pixels)
+    if cpu_rules:
         mod = rewrite_winograd(mod)
         mod = rewrite_packed_matmul(mod, lanes)
         legalize.update(legalize_map())

@@ -62,14 +62,6 @@ def conv(ctx, x, w, out_dtype: str | None = None) -> relax.Expr:
     strides, dilations, pads = _window(ctx, kernel)
     data_layout, kernel_layout, _ = _LAYOUT[n]
     dtype = helpers.dtype_of(x)
-    if (n == 2 and kernel == [1, 1] and strides != [1, 1] and not any(pads) and out_dtype is None
-            and dtype == "float32" and int(ctx.attr("group", 1)) == 1):
-        # a strided 1x1 conv reads one pixel in s*s: take those first (a copy of 1/s² of the input),
-        # then the conv is a pointwise one, whose schedule reads its input as a packed panel
-        # (ResNet-50's downsampling 1x1 convs ran at 80 GFLOP/s reading the strided input in place)
-        x = ctx.emit(op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=list(_static_shape(ctx, 0)[2:]),
-                                      strides=strides))
-        strides = [1, 1]
     wide = out_dtype is None and dtype in ("float16", "bfloat16")  # accumulate 16-bit floats in float32
     y = _CONV[n](
         x, w, strides=strides, padding=pads, dilation=dilations, groups=int(ctx.attr("group", 1)),

@@ -11,9 +11,12 @@ vector, with no transposed write-back and no per-call packing of the input (the 
   callback that blocks every conv this layout serves (``why_not``); elementwise ops, pools, concat
   and reductions follow their input's layout, and the conversions back to NCHW are inserted where
   an op needs it (reshape, flatten, the model's outputs). Each conversion is a pass over a tensor,
-  so a model stays NCHW when it has fewer than ``MIN_CONVS`` such convs, or a conv the layout does
-  not serve (grouped, channels not a multiple of the block) on a large input: a stem on the image's
-  channels, or squeeze-excitation convs on pooled maps, convert cheaply.
+  so a model stays NCHW when it has fewer than ``MIN_CONVS`` such convs, or convs the layout does
+  not serve (grouped, channels not a multiple of the block) on large inputs (above
+  ``LEFT_MAX_SHARE`` of the served convs' inputs): squeeze-excitation convs on pooled maps, or a
+  classifier conv at the end, convert cheaply. A stem on the image's channels reads them as one
+  block and writes the blocked layout itself (``_stem_layouts``); a conv whose output channels are
+  not a multiple of the block gets zero channels up to one first (``channel_pad.py``).
 * The weights' ``layout_transform`` folds at compile time (``backends/constants.py``),
   never per run; Winograd reads and writes the blocked layout directly (``winograd.py``).
 * ``LEGALIZE``: TVM's legalization leaves a blocked conv2d un-lowered; ``conv2d_nchwc`` and
@@ -36,6 +39,8 @@ from tvm import relax, te, tirx, topi
 
 from graphopt.backends.constants import rewrite_relax_functions
 
+from .channel_pad import pad_output_channels
+
 log = logging.getLogger(__name__)
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
@@ -43,6 +48,10 @@ BLOCK_NAME = "conv2d_nchwc"
 DEPTHWISE_NAME = "depthwise_nchwc"
 MIN_CONVS = 2  # blocked convs a model needs before the layout pays for its conversions
 SMALL_ELEMENTS = 1 << 16  # an unserved conv's input this small may convert to NCHW and back
+# Unserved convs whose inputs add up to at most this share of the served convs' inputs convert to
+# NCHW and back (SqueezeNet's 512->1000 classifier, 6%: the model ran NCHW, 1.9x ORT's time);
+# PP-OCRv4 det's 13 unserved convs are 66%, and stay a reason to keep the model NCHW.
+LEFT_MAX_SHARE = 0.1
 _DATA = re.compile(r"^NCHW(\d+)c$")
 _KERNEL = re.compile(r"^OIHW(\d+)i(\d+)o$")
 
@@ -99,6 +108,26 @@ def _stem(call: relax.Call, block: int) -> bool:
     return shape is not None and len(shape) == 4 and shape[1] < block
 
 
+def _stem_layouts(call: relax.Call, block: int) -> list[str] | None:
+    """Layouts of a stem that writes the blocked layout itself: its whole input as one channel block
+    (``NCHW3c``), weights ``OIHW3i{block}o``, output ``NCHW{block}c``; None when the stem cannot.
+
+    Left in NCHW, ResNet-50's stem and max pool ran on NCHW and converted the pooled map (0.9 ms of
+    35: a 3x3/2 max pool in NCHW, one conversion per consumer); blocked they stream 16 lanes a pixel."""
+    if not _stem(call, block) or int(call.attrs.groups) != 1:
+        return None
+    channels, outs = int(call.args[0].ty.shape[1]), _static(call.args[1].ty.shape)
+    why = why_not(call, 1)  # every check but the channel blocks
+    if why is not None or outs is None or outs[0] % block:
+        return None
+    return [f"NCHW{channels}c", f"OIHW{channels}i{block}o", f"NCHW{block}c"]
+
+
+def _elements(convs: list[relax.Call]) -> int:
+    """The input elements of ``convs`` (static shapes; others count as one)."""
+    return sum(math.prod(_static(c.args[0].ty.shape) or [1]) for c in convs)
+
+
 def _small(call: relax.Call) -> bool:
     """A conv whose input converts back and forth in no time (squeeze-excitation on a pooled 1x1 map)."""
     shape = _static(call.args[0].ty.shape)
@@ -143,19 +172,23 @@ def to_blocked_layout(mod, block: int, min_convs: int = MIN_CONVS):
     """``mod`` with every conv that ``why_not`` accepts in NCHW{block}c; unchanged below ``min_convs``."""
     if block < 2 or not enabled():
         return mod
+    original = mod
+    mod = pad_output_channels(mod, 2 * block)  # 2 blocks: AMX's channel tiles
     convs = _convs(mod)
     served = [c for c in convs if why_not(c, block) is None]
     if len(served) < min_convs:
-        return mod
+        return original
     left = [c for c in convs if why_not(c, block) is not None and not _stem(c, block) and not _small(c)]
-    if left:  # mixed models flip layouts around every conv left in NCHW (PP-OCRv4 det)
+    if _elements(left) > LEFT_MAX_SHARE * _elements(served):  # mixed models flip layouts around every conv
         log.debug("NCHW kept: %d convs the blocked layout does not serve (%s)", len(left), why_not(left[0], block))
-        return mod
+        return original
 
     def choose(call):
         if isinstance(call, relax.Call) and call.op.same_as(_CONV2D):
+            if why_not(call, block) is None:
+                return _desired(call, block)
             # a conv left out says NCHW outright: "no preference" after a blocked mean made TVM fail
-            return _desired(call, block) if why_not(call, block) is None else {"relax.nn.conv2d": ["NCHW", "OIHW"]}
+            return {"relax.nn.conv2d": _stem_layouts(call, block) or ["NCHW", "OIHW"]}
         return {}
 
     try:
@@ -167,10 +200,10 @@ def to_blocked_layout(mod, block: int, min_convs: int = MIN_CONVS):
 
 def _blocks(call: relax.Call) -> tuple[int, int, int] | None:
     """(data block, kernel input block, kernel output block) of a conv2d in NCHW{b}c / OIHW{i}i{o}o
-    whose output keeps the data's layout, else None."""
+    whose output is NCHW{o}c (the data's layout, or a stem's), else None."""
     at = call.attrs
     d, k = _DATA.match(str(at.data_layout)), _KERNEL.match(str(at.kernel_layout))
-    if d is None or k is None or str(at.out_layout or at.data_layout) != str(at.data_layout):
+    if d is None or k is None or str(at.out_layout or at.data_layout) != f"NCHW{k.group(2)}c":
         return None
     return int(d.group(1)), int(k.group(1)), int(k.group(2))
 
@@ -182,6 +215,15 @@ def blocked_layouts(call: relax.Call) -> int | None:
         return None
     b, ki, ko = blocks
     return b if ki == ko == b else None
+
+
+def blocked_stem(call: relax.Call) -> int | None:
+    """The output block of a stem conv2d (``_stem_layouts``: NCHW{c}c / OIHW{c}i{b}o → NCHW{b}c), else None."""
+    blocks = _blocks(call)
+    if blocks is None or int(call.attrs.groups) != 1:
+        return None
+    d, ki, ko = blocks
+    return ko if d == ki != ko else None
 
 
 def blocked_depthwise(call: relax.Call) -> int | None:
@@ -245,7 +287,7 @@ def depthwise_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilati
 
 
 def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    if blocked_layouts(call) is not None:
+    if blocked_layouts(call) is not None or blocked_stem(call) is not None:
         compute, name = conv2d_nchwc, BLOCK_NAME
     elif blocked_depthwise(call) is not None:
         compute, name = depthwise_nchwc, DEPTHWISE_NAME

@@ -149,6 +149,31 @@ def test_layout_ops_on_constants_fold_without_kernels():
     np.testing.assert_allclose(got, xv + w.transpose(2, 1, 0) + w[0, :, 0].reshape(1, 3, 1), rtol=0, atol=0)
 
 
+def test_broadcast_constants_fold_up_to_the_bound(monkeypatch):
+    """A fill value broadcast to a weight's shape (ONNX Expand / ConstantOfShape) becomes the weight;
+    above ``BROADCAST_MAX_BYTES`` it stays a broadcast."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.backends import constants
+
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            w = bb.emit(relax.op.broadcast_to(relax.const(np.float32(0.5)), (8, 6)))
+            out = bb.emit_output(bb.emit(relax.op.matmul(x, w)))
+        bb.emit_func_output(out)
+    folded = constants.fold_layout_of_constants(bb.get())
+    assert "broadcast_to" not in folded.script()
+    xv = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.compile(folded, target="llvm"), tvm.cpu())
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(xv)).numpy(), xv @ np.full((8, 6), 0.5, np.float32),
+                               rtol=1e-6)
+    monkeypatch.setattr(constants, "BROADCAST_MAX_BYTES", 8 * 6 * 4 - 1)
+    assert "broadcast_to" in constants.fold_layout_of_constants(bb.get()).script()
+
+
 def test_tvm_error_summary_is_the_failed_check():
     from graphopt.backends.compile import first_error_line
 

@@ -123,21 +123,6 @@ def test_conv_transpose_with_stride_equal_to_kernel_is_a_1x1_conv():
     check_against_ort(model, {"x": _rand(1, 8, 10, 12)})
 
 
-@pytest.mark.parametrize("xs,strides", [((2, 8, 9, 7), [2, 2]), ((1, 6, 14, 14), [2, 1])])
-def test_strided_pointwise_conv_takes_its_pixels_first(xs, strides):
-    """A strided 1x1 conv is a slice of every s-th pixel, then a stride-1 conv (odd sizes included)."""
-    import onnx_ir as ir
-
-    from graphopt.backends.lowering import lower
-
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=strides)
-    model = make_model([node], [("x", F, list(xs))], [("y", F, None)],
-                       {"w": _rand(12, xs[1], 1, 1, seed=1), "b": _rand(12, seed=2)}, opset=13)
-    text = str(lower(ir.from_proto(model)).mod)
-    assert "R.strided_slice(" in text
-    check_against_ort(model, {"x": _rand(*xs)})
-
-
 POOLS = [
     ("MaxPool", (2, 3, 9, 8), dict(kernel_shape=[3, 2], strides=[2, 2], ceil_mode=1, pads=[1, 0, 1, 1])),
     ("MaxPool", (1, 2, 10, 9), dict(kernel_shape=[3, 3], strides=[2, 3], auto_pad="SAME_UPPER")),

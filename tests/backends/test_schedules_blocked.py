@@ -69,6 +69,30 @@ def test_conv_chain_runs_blocked_and_matches_ort():
     np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-3, atol=1e-3)
 
 
+def test_stem_writes_the_blocked_layout_and_the_pool_follows():
+    """The stem reads its 3 channels as one block (NCHW3c) and writes NCHW16c: the max pool after it
+    runs blocked, its pad folded into the window (no pad block left), and nothing converts between."""
+    from graphopt.backends.lowering import lower
+
+    rng = np.random.default_rng(4)
+    inits: list = []
+    nodes = [_conv(rng, inits, "stem", "x", "s", 32, 3, 3, stride=2, pad=1), helper.make_node("Relu", ["s"], ["s1"]),
+             helper.make_node("MaxPool", ["s1"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4),
+             _conv(rng, inits, "a", "p", "a0", 32, 32, 1), _conv(rng, inits, "b", "a0", "y", 32, 32, 1)]
+    model = _model(nodes, inits, [1, 3, 30, 26])
+    mod = blocked.to_blocked_layout(lower(ir.from_proto(model)).mod, 16, min_convs=1)
+    text = mod["main"].script()
+    assert 'data_layout="NCHW3c", kernel_layout="OIHW3i16o", out_layout="NCHW16c"' in text
+    assert 'layout="NCHW16c", out_layout="NCHW16c"' in text  # the max pool
+    x = rng.standard_normal((1, 3, 30, 26)).astype(np.float32)
+    compiled = compile_model(ir.serde.deserialize_model(model))
+    got = compiled(x=x)["y"]
+    rules = last_report()
+    assert [r for n, r in rules.items() if "pool" in n] == ["pool"], rules
+    assert "conv2d_blocked" in rules.values() and "conv2d" not in rules.values(), rules  # the stem (1x1s: AMX)
+    np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
 def test_depthwise_conv_runs_blocked():
     rng = np.random.default_rng(1)
     model = resnet_like(rng, group=64)
@@ -90,7 +114,8 @@ def test_model_with_a_grouped_conv_stays_nchw(monkeypatch):
 
 def test_squeeze_excitation_with_odd_channels_keeps_the_model_blocked():
     """PP-OCRv4's SE blocks: a mean over the map, then convs on 1x1 maps whose channels (32->4->32) are
-    not multiples of the block; those convert in no time, the convs around them stay blocked.
+    not multiples of the block; those convert in no time, the convs around them stay blocked, and the
+    4->32 conv (fewer input channels than a block, like an image stem) writes the blocked layout itself.
     (16 input and 32 output channels: multiples of every block, 4 on NEON to 16 on AVX-512.)"""
     rng = np.random.default_rng(6)
     inits: list = []
@@ -106,7 +131,7 @@ def test_squeeze_excitation_with_odd_channels_keeps_the_model_blocked():
     x = rng.standard_normal((1, 16, 20, 24)).astype(np.float32)
     got = _compile(model)(x=x)["y"]
     rules = last_report()
-    assert list(rules.values()).count("conv2d_blocked") == 2, rules
+    assert list(rules.values()).count("conv2d_blocked") == 3, rules
     np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-3, atol=1e-4)
 
 
