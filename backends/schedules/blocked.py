@@ -109,8 +109,8 @@ def _stem(call: relax.Call, block: int) -> bool:
 
 
 def _stem_layouts(call: relax.Call, block: int) -> list[str] | None:
-    """Layouts of a stem that writes the blocked layout itself: its whole input as one channel block
-    (``NCHW3c``), weights ``OIHW3i{block}o``, output ``NCHW{block}c``; None when the stem cannot.
+    """Layouts of a stem that writes the blocked layout itself: its NCHW input read in place as one
+    channel block, weights ``OIHW3i{block}o``, output ``NCHW{block}c``; None when the stem cannot.
 
     Left in NCHW, ResNet-50's stem and max pool ran on NCHW and converted the pooled map (0.9 ms of
     35: a 3x3/2 max pool in NCHW, one conversion per consumer); blocked they stream 16 lanes a pixel."""
@@ -120,7 +120,7 @@ def _stem_layouts(call: relax.Call, block: int) -> list[str] | None:
     why = why_not(call, 1)  # every check but the channel blocks
     if why is not None or outs is None or outs[0] % block:
         return None
-    return [f"NCHW{channels}c", f"OIHW{channels}i{block}o", f"NCHW{block}c"]
+    return ["NCHW", f"OIHW{channels}i{block}o", f"NCHW{block}c"]
 
 
 def _elements(convs: list[relax.Call]) -> int:
@@ -200,10 +200,10 @@ def to_blocked_layout(mod, block: int, min_convs: int = MIN_CONVS):
 
 def _blocks(call: relax.Call) -> tuple[int, int, int] | None:
     """(data block, kernel input block, kernel output block) of a conv2d in NCHW{b}c / OIHW{i}i{o}o
-    whose output is NCHW{o}c (the data's layout, or a stem's), else None."""
+    whose output keeps the data's layout, else None."""
     at = call.attrs
     d, k = _DATA.match(str(at.data_layout)), _KERNEL.match(str(at.kernel_layout))
-    if d is None or k is None or str(at.out_layout or at.data_layout) != f"NCHW{k.group(2)}c":
+    if d is None or k is None or str(at.out_layout or at.data_layout) != str(at.data_layout):
         return None
     return int(d.group(1)), int(k.group(1)), int(k.group(2))
 
@@ -218,12 +218,13 @@ def blocked_layouts(call: relax.Call) -> int | None:
 
 
 def blocked_stem(call: relax.Call) -> int | None:
-    """The output block of a stem conv2d (``_stem_layouts``: NCHW{c}c / OIHW{c}i{b}o → NCHW{b}c), else None."""
-    blocks = _blocks(call)
-    if blocks is None or int(call.attrs.groups) != 1:
+    """The output block of a stem conv2d (``_stem_layouts``: NCHW / OIHW{c}i{b}o → NCHW{b}c), else None."""
+    at = call.attrs
+    k = _KERNEL.match(str(at.kernel_layout))
+    if str(at.data_layout) != "NCHW" or k is None or int(at.groups) != 1:
         return None
-    d, ki, ko = blocks
-    return ko if d == ki != ko else None
+    channels, ko = int(call.args[0].ty.shape[1]), int(k.group(2))
+    return ko if int(k.group(1)) == channels and str(at.out_layout) == f"NCHW{ko}c" else None
 
 
 def blocked_depthwise(call: relax.Call) -> int | None:
@@ -237,8 +238,9 @@ def blocked_depthwise(call: relax.Call) -> int | None:
 
 def _window(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation):
     """The padded input, output height and width, and ``at(y, x, ry, rx) -> (row, column)`` of the
-    input a tap reads, for a blocked ``data [N, C/b, H, W, b]`` and a kernel ``[.., .., KH, KW, .., ..]``."""
-    _, _, h, w, _ = (int(d) for d in data.shape)
+    input a tap reads, for a blocked ``data [N, C/b, H, W, b]`` (or a stem's ``[N, C, H, W]``) and a
+    kernel ``[.., .., KH, KW, .., ..]``."""
+    h, w = (int(d) for d in data.shape[2:4])
     kh, kw = int(kernel.shape[2]), int(kernel.shape[3])
     sh, sw = (int(s) for s in strides)
     dh, dw = (int(d) for d in dilation)
@@ -246,13 +248,16 @@ def _window(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation):
     oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
     ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
     if pt or pl or pb or pr:
-        data = topi.nn.pad(data, [0, 0, pt, pl, 0], [0, 0, pb, pr, 0], name="pad")
+        lanes = [0] * (len(data.shape) - 4)
+        data = topi.nn.pad(data, [0, 0, pt, pl, *lanes], [0, 0, pb, pr, *lanes], name="pad")
     return data, oh, ow, lambda y, x, ry, rx: (y * sh + ry * dh, x * sw + rx * dw)
 
 
 def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, out_dtype: str = "float32"):
-    """``data [N, C/b, H, W, b]`` * ``kernel [O/b, C/b, KH, KW, b, b]`` → ``[N, O/b, OH, OW, b]``."""
-    n, cb, _, _, bi = (int(d) for d in data.shape)
+    """``data [N, C/b, H, W, b]`` * ``kernel [O/b, C/b, KH, KW, b, b]`` → ``[N, O/b, OH, OW, b]``; a stem's
+    ``data [N, C, H, W]`` is one block of ``C`` lanes (``kernel [O/b, 1, KH, KW, C, b]``), read in place."""
+    stem = len(data.shape) == 4
+    n, cb, bi = int(data.shape[0]), 1 if stem else int(data.shape[1]), int(data.shape[1 if stem else 4])
     ob, _, kh, kw, _, bo = (int(d) for d in kernel.shape)
     data, oh, ow, at = _window(data, kernel, strides, padding, dilation)
     ic = te.reduce_axis((0, cb), "ic")
@@ -262,7 +267,8 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
     return te.compute(
         (n, ob, oh, ow, bo),
         lambda b, o, y, x, oi: te.sum(
-            data[(b, ic, *at(y, x, ry, rx), ii)].astype(out_dtype) * kernel[o, ic, ry, rx, ii, oi].astype(out_dtype),
+            (data[(b, ii, *at(y, x, ry, rx))] if stem else data[(b, ic, *at(y, x, ry, rx), ii)]).astype(out_dtype)
+            * kernel[o, ic, ry, rx, ii, oi].astype(out_dtype),
             axis=[ic, ry, rx, ii],
         ),
         name=BLOCK_NAME,
