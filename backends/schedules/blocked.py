@@ -110,7 +110,7 @@ def _stem(call: relax.Call, block: int) -> bool:
 
 def _stem_layouts(call: relax.Call, block: int) -> list[str] | None:
     """Layouts of a stem that writes the blocked layout itself: its NCHW input read in place as one
-    channel block, weights ``OIHW3i{block}o``, output ``NCHW{block}c``; None when the stem cannot.
+    channel block, weights ``OIHW{C}i{block}o``, output ``NCHW{block}c``; None when the stem cannot.
 
     Left in NCHW, ResNet-50's stem and max pool ran on NCHW and converted the pooled map (0.9 ms of
     35: a 3x3/2 max pool in NCHW, one conversion per consumer); blocked they stream 16 lanes a pixel."""
@@ -195,7 +195,7 @@ def to_blocked_layout(mod, block: int, min_convs: int = MIN_CONVS):
         return relax.transform.ConvertLayout({}, choose)(per_channel_constants(mod))
     except Exception as e:  # noqa: BLE001 - TVM failed inferring some op's layout: the model stays NCHW
         log.warning("blocked layout not applied: %s", str(e).strip().splitlines()[-1][:200])
-        return mod
+        return original
 
 
 def _blocks(call: relax.Call) -> tuple[int, int, int] | None:

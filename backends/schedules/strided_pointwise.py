@@ -18,15 +18,14 @@ from tvm import relax
 
 from graphopt.backends.constants import rewrite_relax_functions
 
+from .blocked import _static
+
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _LAYOUTS = ("NCHW", "OIHW")  # prefixes: NCHW[b]c data, OIHW[i]i[o]o kernels keep H, W at axes 2, 3
 
 
-def _static(expr) -> list[int] | None:
-    shape = getattr(expr.ty, "shape", None)
-    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
-        return None
-    return [int(d) for d in shape]
+def _shape(expr) -> list[int] | None:
+    return _static(getattr(expr.ty, "shape", None))
 
 
 def why_not(call: relax.Call) -> str | None:
@@ -41,7 +40,7 @@ def why_not(call: relax.Call) -> str | None:
             and str(at.out_layout or at.data_layout) == str(at.data_layout)):
         return f"layout {at.data_layout}/{at.kernel_layout} does not keep height and width at axes 2, 3"
     x, w = call.args
-    xs, ws = _static(x), _static(w)
+    xs, ws = _shape(x), _shape(w)
     if xs is None or ws is None:
         return "shape is not static"
     if ws[2:4] != [1, 1]:
@@ -60,7 +59,7 @@ class _SlicePointwise(relax.PyExprMutator):
         x, w = call.args
         at = call.attrs
         out_dtype = None if str(at.out_dtype) in ("", "void", "None") else str(at.out_dtype)
-        hw = _static(x)[2:4]
+        hw = _shape(x)[2:4]
         sliced = self.builder_.emit(relax.op.strided_slice(
             x, axes=[2, 3], begin=[0, 0], end=hw, strides=[int(s) for s in at.strides]))
         return relax.op.nn.conv2d(
