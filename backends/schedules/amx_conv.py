@@ -12,7 +12,7 @@ binding of the chain is taken only when the chain's previous value has no other 
 Eligible (``why_not`` says which condition failed): NCHW16c/OIHW16i16o, batch 1, groups 1, no
 dilation, float32, a constant weight, input and output channels multiples of 32, and either a 1x1
 kernel without padding (any stride) or a square odd kernel with stride 1 or 2; and, the measured cost
-model, at most 14x14 outputs (``MAX_POSITIONS``). ``GRAPHOPT_AMX=0`` turns the rewrite off; targets
+model, at most 14x14 outputs for a kernel larger than 1x1 (``MAX_POSITIONS``). ``GRAPHOPT_AMX=0`` turns the rewrite off; targets
 without AMX never take it (``available``).
 """
 
@@ -38,7 +38,11 @@ _RELU = tvm.ir.Op.get("relax.nn.relu")
 # Measured on a 2-core AMX Xeon VM, AMX / AVX-512 path (Winograd where it applies), conv + 1x1 chains:
 # 256@14 3x3 0.55, 512@7 3x3 0.50, 1024->256@14 1x1 0.77, 2048->512@7 0.75; but at 28x28 and 56x56,
 # where the split pass re-reads and re-writes a large input (and Winograd F4 competes), 1.04-1.24.
+# With the split per band (amx_kernel.use_bands) a thread's split input stays in its L2: ResNet-50's
+# 1x1s at 56x56 and 28x28 on AMX took it from 0.90 to 0.81 of ORT (same run); its 3x3s at 28x28 on
+# AMX were even with Winograd (0.804 / 0.805), at 56x56 behind (0.94).
 MAX_POSITIONS = 14 * 14
+MAX_POINTWISE_POSITIONS = 14 * 14  # 1x1 convs
 
 
 def available(spec) -> bool:
@@ -80,7 +84,8 @@ def why_not(call: relax.Call, weight, cost_model: bool = True) -> str | None:
         return f"{kh}x{kh} kernel with stride {strides[0]}"
     g = geometry(*(int(d) for d in list(x.shape)[2:4]), kh, strides[0], pads[0])
     oh, ow = g["oh"], g["ow"]
-    if cost_model and oh * ow > MAX_POSITIONS:
+    bound = MAX_POINTWISE_POSITIONS if kh == 1 else MAX_POSITIONS
+    if cost_model and bound is not None and oh * ow > bound:
         return f"{oh}x{ow} outputs: the split pass over a large input costs more than the tiles save"
     return None
 

@@ -175,9 +175,10 @@ def test_why_not_reasons():
     assert "stride 3" in amx_conv.why_not(*blocked_conv(64, 64, strides=[3, 3]))
     assert "padded 1x1" in amx_conv.why_not(*blocked_conv(64, 64, k=1, padding=[1, 1, 1, 1]))
     assert "dilated" in amx_conv.why_not(*blocked_conv(64, 64, dilation=[2, 2]))
-    big, w = blocked_conv(64, 64, hw=28)  # 784 outputs: left to Winograd and the AVX-512 convs
+    big, w = blocked_conv(64, 64, hw=28)  # a 3x3 with 784 outputs: left to Winograd
     assert "28x28 outputs" in amx_conv.why_not(big, w)
     assert amx_conv.why_not(big, w, cost_model=False) is None
+    assert amx_conv.why_not(*blocked_conv(64, 256, k=1, hw=56, padding=[0] * 4), cost_model=False) is None
     x = tvm.relax.Var("x", tvm.relax.TensorType((1, 64, 8, 8), "float32"))
     w = tvm.relax.const(np.zeros((64, 64, 3, 3), "float32"))
     assert "layout" in amx_conv.why_not(tvm.relax.op.nn.conv2d(x, w, padding=[1, 1, 1, 1]), w)
@@ -205,13 +206,16 @@ def test_bottleneck_matches_ort(tmp_path):
 
 
 @needs_amx
+@pytest.mark.parametrize("banded", [False, True])
 @pytest.mark.parametrize("c,o,hw,k,stride,residual", [
     (64, 64, 56, 3, 1, False),  # ResNet-50's first 3x3 (two K blocks)
     (256, 64, 13, 1, 1, True),  # a grid that is no whole number of tiles, with a residual
     (512, 128, 14, 1, 2, False),  # a strided 1x1 with four K blocks
     (128, 64, 15, 3, 2, True),  # a strided 3x3 over an odd size: phase grids
+    (512, 64, 27, 1, 1, True),  # banded: three bands a thread, the second thread's last one short
 ])
-def test_kernel_matches_float64(c, o, hw, k, stride, residual):
+def test_kernel_matches_float64(c, o, hw, k, stride, residual, banded):
+    """The kernel against a float64 conv, with one shared split pass and with a split per band."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
     w = (rng.standard_normal((o, c, k, k)) / np.sqrt(c * k * k)).astype(np.float32)
@@ -223,7 +227,8 @@ def test_kernel_matches_float64(c, o, hw, k, stride, residual):
     if residual:
         want = want + res
     want = np.maximum(want, 0)
-    func = amx_kernel.amx_conv_func(c, hw, hw, o, k, stride, pad, residual=residual, relu=True, threads=2)
+    func = amx_kernel.amx_conv_func(c, hw, hw, o, k, stride, pad, residual=residual, relu=True, threads=2,
+                                    banded=banded)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=get_target("x86").target)
     blk = lambda a: np.ascontiguousarray(a.reshape(1, a.shape[1] // 16, 16, *a.shape[2:]).transpose(0, 1, 3, 4, 2))  # noqa: E731
     args = [blk(x), amx_kernel.pack_weight(w), bias.reshape(1, o // 16, 1, 1, 16)] + ([blk(res)] if residual else [])
