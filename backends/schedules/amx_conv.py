@@ -4,16 +4,17 @@
 each eligible ``conv2d`` in the blocked layout (NCHW16c, ``blocked.py``), together with what follows
 it, by one ``call_tir`` to ``amx_kernel.amx_conv_func``::
 
-    conv2d -> [add a per-channel constant (the bias)] -> [add a tensor (the residual)] -> [relu]
+    conv2d -> elementwise ops over per-channel constants, one residual tensor and the chain's own
+              values (bias, residual, relu; bias and hardswish: y·clip(y + 3, 0, 6) / 6; ...)
 
-The epilogue is taken into the kernel (a conv's output is written once, as with FuseOps), so a
-binding of the chain is taken only when the chain's previous value has no other use.
+The epilogue is taken into the kernel (a conv's output is written once, as with FuseOps), so the
+chain taken is the longest whose values other than the last have no use outside it.
 
 Eligible (``why_not`` says which condition failed): NCHW16c/OIHW16i16o, batch 1, groups 1, no
 dilation, float32, a constant weight, input and output channels multiples of 32, and either a 1x1
 kernel without padding (any stride) or a square odd kernel with stride 1 or 2; and, the measured cost
-model, at most 14x14 outputs for a kernel larger than 1x1 (``MAX_POSITIONS``). ``GRAPHOPT_AMX=0`` turns the rewrite off; targets
-without AMX never take it (``available``).
+model, at most 14x14 outputs for a kernel larger than 1x1 (``MAX_POSITIONS``). ``GRAPHOPT_AMX=0``
+turns the rewrite off; targets without AMX never take it (``available``).
 """
 
 from __future__ import annotations
@@ -26,14 +27,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .amx_kernel import amx_conv_func, geometry, pack_weight
+from .amx_kernel import Epilogue, amx_conv_func, geometry, pack_weight
 from .blocked import blocked_layouts
 from .winograd import oihw
 
 log = logging.getLogger(__name__)
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
-_ADD = tvm.ir.Op.get("relax.add")
-_MAXIMUM = tvm.ir.Op.get("relax.maximum")
 _RELU = tvm.ir.Op.get("relax.nn.relu")
 # Measured on a 2-core AMX Xeon VM, AMX / AVX-512 path (Winograd where it applies), conv + 1x1 chains:
 # 256@14 3x3 0.55, 512@7 3x3 0.50, 1024->256@14 1x1 0.77, 2048->512@7 0.75; but at 28x28 and 56x56,
@@ -42,7 +41,7 @@ _RELU = tvm.ir.Op.get("relax.nn.relu")
 # 1x1s at 56x56 and 28x28 on AMX took it from 0.90 to 0.81 of ORT (same run); its 3x3s at 28x28 on
 # AMX were even with Winograd (0.804 / 0.805), at 56x56 behind (0.94).
 MAX_POSITIONS = 14 * 14
-MAX_POINTWISE_POSITIONS = 14 * 14  # 1x1 convs
+MAX_POINTWISE_POSITIONS = None  # 1x1 convs: no bound
 
 
 def available(spec) -> bool:
@@ -90,20 +89,29 @@ def why_not(call: relax.Call, weight, cost_model: bool = True) -> str | None:
     return None
 
 
+_STEP_OPS = {tvm.ir.Op.get(f"relax.{name}"): name
+             for name in ("add", "subtract", "multiply", "divide", "maximum", "minimum")}
+_STEP_OPS[_RELU] = "relu"
+MAX_STEPS = 16
+SCAN = 64  # bindings after a conv that its chain may reach over (the uses of a chain sit close by)
+
+
 class _Chains:
     """The bindings of one function: values, uses, and which chains the rewrite takes."""
 
     def __init__(self, func: relax.Function):
         self.value: dict = {}
+        self.order: list = []
+        self.index: dict = {}
         self.taken: set = set()  # bindings a chain already holds
         self.uses: Counter = Counter()
-        self.user: dict = {}
         for block in func.body.blocks:
             for b in block.bindings:
                 self.value[b.var] = b.value
+                self.index[b.var] = len(self.order)
+                self.order.append(b.var)
                 for v in relax.analysis.free_vars(b.value):
                     self.uses[v] += 1
-                    self.user[v] = b.var
         for v in relax.analysis.free_vars(func.body.body):
             self.uses[v] += 2  # a function output is never folded into a chain
 
@@ -112,55 +120,84 @@ class _Chains:
             expr = self.value[expr]
         return expr if isinstance(expr, tvm.ir.expr.Constant) else None
 
-    def next_op(self, var):
-        """The binding that is ``var``'s only use, with its call, or (None, None)."""
-        if self.uses[var] != 1 or var not in self.user:
-            return None, None
-        nxt = self.user[var]
-        if nxt in self.taken:
-            return None, None
-        call = self.value.get(nxt)
-        return (nxt, call) if isinstance(call, relax.Call) else (None, None)
-
     def chain(self, conv_var, out_shape):
-        """(last var, bias constant or None, residual expr or None, relu); the chain's vars go to ``taken``."""
-        last, bias, residual, relu, taken = conv_var, None, None, False, [conv_var]
-        nxt, call = self.next_op(last)
-        if call is not None and call.op.same_as(_ADD):
-            other = call.args[1] if call.args[0].same_as(last) else call.args[0]
-            const = self.constant(other)
-            if const is not None and [int(d) for d in const.ty.shape] == [1, out_shape[1], 1, 1, 16]:
-                bias, last = const, nxt
-                taken.append(nxt)
-                nxt, call = self.next_op(last)
-        if call is not None and call.op.same_as(_ADD):
-            other = call.args[1] if call.args[0].same_as(last) else call.args[0]
-            shape = getattr(other.ty, "shape", None)
-            if self.constant(other) is None and shape is not None and [int(d) for d in shape] == out_shape:
-                residual, last = other, nxt
-                taken.append(nxt)
-                nxt, call = self.next_op(last)
-        if call is not None and _is_relu(call, last, self):
-            relu, last = True, nxt
-            taken.append(nxt)
-        self.taken.update(taken)
-        return last, bias, residual, relu
+        """The elementwise bindings after ``conv_var`` that the kernel's epilogue takes: (last var,
+        Epilogue, per-channel constants ``[O/16, 16]``, residual expr or None); they go to ``taken``.
+
+        A binding joins when it is an op of ``_STEP_OPS`` over values already in the chain,
+        per-channel or scalar constants, and at most one other tensor of the output's shape (the
+        residual). The chain taken is the longest whose values other than the last have no use
+        outside it (each is computed once, in the kernel's registers).
+        """
+        members = {conv_var: 0}  # var -> its value index in the epilogue
+        inside: Counter = Counter()  # uses of members by members
+        steps, consts, residual = [], [], None
+        best = (conv_var, 0, 0, None)  # the conv alone
+        for var in self.order[self.index[conv_var] + 1:][:SCAN]:
+            value = self.value[var]
+            used = [v for v in relax.analysis.free_vars(value) if v in members]
+            if not used:
+                continue
+            step = self._step(value, members, out_shape, consts, residual)
+            if step is None or var in self.taken or len(steps) == MAX_STEPS:
+                break
+            (op, a, b), residual = step
+            steps.append((op, a, b))
+            members[var] = len(steps)
+            inside.update(used)
+            if all(inside[m] == self.uses[m] for m in members if m is not var):
+                best = (var, len(steps), len(consts), residual)
+        last, n, nc, residual = best
+        self.taken.update(m for m, i in members.items() if i <= n)
+        return last, Epilogue(tuple(steps[:n])), consts[:nc], residual
+
+    def _step(self, value, members, out_shape, consts, residual):
+        """((op, a, b), residual) for a binding the epilogue can take, else None; appends to ``consts``."""
+        if not isinstance(value, relax.Call) or value.op not in _STEP_OPS:
+            return None
+        if [int(d) for d in getattr(value.ty, "shape", None) or []] != out_shape or value.ty.dtype != "float32":
+            return None
+        operands = []
+        for arg in value.args:
+            if arg in members:
+                operands.append(("v", members[arg]))
+                continue
+            const = self.constant(arg)
+            if const is not None:
+                per_channel = _per_channel(const.value.numpy(), out_shape)
+                if per_channel is None:
+                    return None
+                consts.append(per_channel)
+                operands.append(("c", len(consts) - 1))
+                continue
+            shape = getattr(arg.ty, "shape", None)
+            if shape is None or [int(d) for d in shape] != out_shape or not (residual is None or residual.same_as(arg)):
+                return None
+            residual = arg
+            operands.append(("r",))
+        a, b = (operands + [None])[:2]
+        return (_STEP_OPS[value.op], a, b), residual
 
 
-def _is_relu(call, var, chains: _Chains) -> bool:
-    if call.op.same_as(_RELU):
-        return True
-    if not call.op.same_as(_MAXIMUM):
-        return False
-    other = call.args[1] if call.args[0].same_as(var) else call.args[0]
-    const = chains.constant(other)
-    return const is not None and not np.any(const.value.numpy())
+def _per_channel(value: np.ndarray, out_shape) -> np.ndarray | None:
+    """``value`` as ``[O/16, 16]`` float32 when it broadcasts over a ``[1, O/16, H, W, 16]`` output as a
+    per-channel (or scalar) constant, else None."""
+    target = [1, out_shape[1], 1, 1, 16]
+    if value.ndim > 5 or value.dtype != np.float32:
+        return None
+    try:
+        if list(np.broadcast_shapes(value.shape, target)) != target:
+            return None
+    except ValueError:
+        return None
+    return np.ascontiguousarray(np.broadcast_to(value, target).reshape(out_shape[1], 16))
 
 
 def _rewrite_function(bb: relax.BlockBuilder, gv, func: relax.Function, threads: int) -> int:
     chains = _Chains(func)
     replace: dict = {}  # var of a chain's last binding -> its new value; the chain's other bindings go
-    for var, value in list(chains.value.items()):
+    for var in chains.order:
+        value = chains.value[var]
         if var in chains.taken or not (isinstance(value, relax.Call) and value.op.same_as(_CONV2D)):
             continue
         weight = chains.constant(value.args[1])
@@ -168,9 +205,8 @@ def _rewrite_function(bb: relax.BlockBuilder, gv, func: relax.Function, threads:
         if why is not None:
             log.debug("conv2d %s not on AMX: %s", value.args[1].ty.shape, why)
             continue
-        out_shape = [int(d) for d in value.ty.shape]
-        last, bias, residual, relu = chains.chain(var, out_shape)
-        replace[last] = _kernel_call(bb, value, weight, bias, residual, relu, threads)
+        last, epilogue, consts, residual = chains.chain(var, [int(d) for d in value.ty.shape])
+        replace[last] = _kernel_call(bb, value, weight, epilogue, consts, residual, threads)
     if not replace:
         return 0
     blocks = []
@@ -186,17 +222,17 @@ def _rewrite_function(bb: relax.BlockBuilder, gv, func: relax.Function, threads:
     return len(replace)
 
 
-def _kernel_call(bb: relax.BlockBuilder, conv: relax.Call, weight, bias, residual, relu: bool, threads: int):
+def _kernel_call(bb: relax.BlockBuilder, conv: relax.Call, weight, epilogue, consts, residual, threads: int):
     x = conv.args[0]
     _, cb, h, w, _ = (int(d) for d in x.ty.shape)
     out_shape = [int(d) for d in conv.ty.shape]
     wt = oihw(weight.value.numpy(), 16)
     k = wt.shape[2]
     func = amx_conv_func(cb * 16, h, w, wt.shape[0], k, int(conv.attrs.strides[0]), int(conv.attrs.padding[0]),
-                         residual=residual is not None, relu=relu, threads=threads)
+                         epilogue=epilogue, threads=threads)
     gvar = bb.add_func(func, "amx_conv2d")
-    b = bias if bias is not None else relax.const(np.zeros(out_shape[1:2] + [1, 1, 16], "float32")[None])
-    args = [x, relax.const(pack_weight(wt)), b] + ([residual] if residual is not None else [])
+    ec = np.stack(consts) if consts else np.zeros((1, out_shape[1], 16), "float32")
+    args = [x, relax.const(pack_weight(wt)), relax.const(ec)] + ([residual] if residual is not None else [])
     return relax.call_tir(gvar, args, relax.TensorType(out_shape, "float32"))
 
 

@@ -19,8 +19,9 @@ than scheduled:
   a buffer of its own just before the products that read it, so the split input stays in its L2;
 * the products: per 32 output channels x 32 grid positions, four accumulator tiles over every
   (tap, 32 input channels, product); a tap of a 3x3 conv is an offset of ``ky·GW + kx`` rows into the
-  split input (positions past the row's end compute sums that the epilogue drops); then bias,
-  residual and relu on the way out to NCHW16c.
+  split input (positions past the row's end compute sums that the epilogue drops); then the
+  epilogue (``Epilogue``: elementwise steps over per-channel constants, the residual and earlier
+  values, e.g. bias, residual and relu, or a hardswish) on the way out to NCHW16c.
 
 The weight is split and packed once, at compile time (``pack_weight``): ``[O/16, taps, C/32, 2, 16,
 16, 2]``, tile rows being pairs of input channels as ``tdpbf16ps`` reads them.
@@ -28,6 +29,7 @@ The weight is split and packed once, at compile time (``pack_weight``): ``[O/16,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -93,10 +95,59 @@ def geometry(h: int, w: int, k: int, stride: int, pad: int) -> dict[str, int]:
     return {"oh": oh, "ow": ow, "gw": gw, "gh": gh, "phases": phases, "qt": qt, "rows": rows}
 
 
+_STEPS = {  # the elementwise ops an epilogue applies, on float32 lanes
+    "add": lambda a, b: a + b,
+    "subtract": lambda a, b: a - b,
+    "multiply": lambda a, b: a * b,
+    "divide": lambda a, b: a / b,
+    "maximum": tirx.max,
+    "minimum": tirx.min,
+    "relu": lambda a, _: tirx.max(a, tirx.const(0, "float32")),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Epilogue:
+    """What the kernel does to each sum on its way out: ``steps`` in order, each ``(op, a, b)`` with op
+    a key of ``_STEPS`` and operands ``("v", i)`` (value ``i``: 0 is the conv's sum, ``i`` the result
+    of step ``i - 1``), ``("c", j)`` (per-channel constant ``j``), ``("r",)`` (the residual tensor)
+    or None (a unary op's second). The result is the last value."""
+
+    steps: tuple = ()
+
+    @property
+    def constants(self) -> int:
+        return 1 + max((o[1] for _, a, b in self.steps for o in (a, b) if o and o[0] == "c"), default=-1)
+
+    @property
+    def residual(self) -> bool:
+        return any(o == ("r",) for _, a, b in self.steps for o in (a, b))
+
+    def apply(self, s, constant, residual):
+        """The epilogue of sum ``s``: ``constant(j)`` and ``residual()`` load the operands."""
+        vals = [s]
+
+        def operand(o):
+            return None if o is None else vals[o[1]] if o[0] == "v" else constant(o[1]) if o[0] == "c" else residual()
+        for op, a, b in self.steps:
+            vals.append(_STEPS[op](operand(a), operand(b)))
+        return vals[-1]
+
+    @staticmethod
+    def bias(residual: bool = False, relu: bool = False) -> "Epilogue":
+        """Bias (constant 0), then the residual, then a relu."""
+        steps = [("add", ("v", 0), ("c", 0))]
+        if residual:
+            steps.append(("add", ("v", len(steps)), ("r",)))
+        if relu:
+            steps.append(("relu", ("v", len(steps)), None))
+        return Epilogue(tuple(steps))
+
+
 def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int, *,
-                  residual: bool, relu: bool, threads: int, banded: bool | None = None):
-    """The PrimFunc ``(x, wp, bias, [residual], out)`` for a batch-1 NCHW16c conv (``bias`` per channel,
-    ``[1, O/16, 1, 1, 16]``: zeros for a conv without one; ``residual`` added before the relu).
+                  epilogue: Epilogue, threads: int, banded: bool | None = None):
+    """The PrimFunc ``(x, wp, consts, [residual], out)`` for a batch-1 NCHW16c conv followed by
+    ``epilogue``; ``consts`` ``[max(1, epilogue.constants), O/16, 16]`` holds its per-channel constants.
 
     Needs ``c`` and ``o`` multiples of 32; ``k`` 1 (any stride, no padding) or odd with stride 1 or 2.
 
@@ -114,6 +165,7 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
     grid_rows = grid_h * gw
     halo = rows - qt * TILE  # rows a tap reaches past a tile pair's 32
     banded = use_bands(qt, threads) if banded is None else banded
+    n_consts = max(1, epilogue.constants)
 
     if k > 1:  # the padded input, row by row (per phase grid)
         def padded(ph, gy, gx):
@@ -157,10 +209,8 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
     def shift(tap):  # the rows a tap's A tile starts past its tile pair's first
         return tap // k // ps * gw + tap % k // ps
 
-    def epilogue(s, res, ob, y, xx, lane):
-        if residual:
-            s = s + res[0, ob, y, xx, lane]
-        return tirx.max(s, tirx.const(0, "float32")) if relu else s
+    def apply_epilogue(s, ec, res, ob, y, xx, lane):
+        return epilogue.apply(s, lambda j: ec[j, ob, lane], lambda: res[0, ob, y, xx, lane])
 
     @T.macro
     def split_row(x, dst, ph, kc, row, q):
@@ -179,7 +229,7 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
                     dst[1, ph, kc, row, jb * 16 + ji] = T.uint16(0)
 
     @T.macro
-    def tile_pair(sp, wp, b, res, out, part, acc, row0, q0, obp, kb, slot):
+    def tile_pair(sp, wp, ec, res, out, part, acc, row0, q0, obp, kb, slot):
         """32 positions (split rows from ``row0``, grid positions from ``q0``) x output blocks
         ``2·obp``, ``2·obp + 1``: the products of K block ``kb``, then its partial sums to ``part``
         (slot ``slot``) or, after the last K block, the epilogue to ``out``."""
@@ -226,8 +276,8 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
             for i, jn, rr in T.grid(2, 2, 16):
                 if (q0 + i * 16 + rr) // gw < oh and (q0 + i * 16 + rr) % gw < ow:
                     for l in T.vectorized(16):
-                        out[0, obp * 2 + jn, (q0 + i * 16 + rr) // gw, (q0 + i * 16 + rr) % gw, l] = epilogue(
-                            acc[i * 2 + jn, rr, l] + b[0, obp * 2 + jn, 0, 0, l], res,
+                        out[0, obp * 2 + jn, (q0 + i * 16 + rr) // gw, (q0 + i * 16 + rr) % gw, l] = apply_epilogue(
+                            acc[i * 2 + jn, rr, l], ec, res,
                             obp * 2 + jn, (q0 + i * 16 + rr) // gw, (q0 + i * 16 + rr) % gw, l)
 
     @T.macro
@@ -245,7 +295,7 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
     @T.prim_func(private=True)
     def conv(x: T.Buffer((1, c // 16, h, w, 16), "float32"),
              wp: T.Buffer((ob_n, taps, kc_n, 2, 16, 16, 2), "uint16"),
-             b: T.Buffer((1, ob_n, 1, 1, 16), "float32"),
+             ec: T.Buffer((n_consts, ob_n, 16), "float32"),
              res: T.Buffer((1, ob_n, oh, ow, 16), "float32"),
              out: T.Buffer((1, ob_n, oh, ow, 16), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.flops": flops})
@@ -263,7 +313,7 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
                         for ph, kc, r in T.grid(phases, kc_n, n * 32 + halo):
                             split_row(x, sp, ph, kc, r, q0 * 32 + r)
                         for obp, kb, qp in T.grid(ob_pairs, k_blocks, n):
-                            tile_pair(sp, wp, b, res, out, part, acc, qp * 32, (q0 + qp) * 32, obp, kb, qp)
+                            tile_pair(sp, wp, ec, res, out, part, acc, qp * 32, (q0 + qp) * 32, obp, kb, qp)
                 T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
         else:
             sp = T.alloc_buffer((2, phases, kc_n, rows, 32), "uint16")
@@ -282,11 +332,11 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
                 # items run range by range (a thread's split rows stay in its cache), blocks inside
                 for item in range(th * chunk, T.min(work, th * chunk + chunk)):
                     for kb, qp in T.grid(k_blocks, T.min(qpairs, qt // 2 - item // ob_pairs * qpairs)):
-                        tile_pair(sp, wp, b, res, out, part, acc, (item // ob_pairs * qpairs + qp) * 32,
+                        tile_pair(sp, wp, ec, res, out, part, acc, (item // ob_pairs * qpairs + qp) * 32,
                                   (item // ob_pairs * qpairs + qp) * 32, item % ob_pairs, kb, qp)
                 T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
 
-    return conv if residual else _drop_param(conv, "res")
+    return conv if epilogue.residual else _drop_param(conv, "res")
 
 
 # A band's split input (per thread): a few hundred KB stays in a core's L2 beside the weights' K block

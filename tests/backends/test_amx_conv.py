@@ -185,7 +185,7 @@ def test_why_not_reasons():
 
 
 def test_kernel_code_generates_tile_instructions():
-    func = amx_kernel.amx_conv_func(32, 6, 6, 32, 3, 1, 1, residual=True, relu=True, threads=2)
+    func = amx_kernel.amx_conv_func(32, 6, 6, 32, 3, 1, 1, epilogue=amx_kernel.Epilogue.bias(True, True), threads=2)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=amx_spec().target)
     asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
     for instr in ("ldtilecfg", "tileloadd", "tdpbf16ps", "tilestored"):
@@ -227,12 +227,70 @@ def test_kernel_matches_float64(c, o, hw, k, stride, residual, banded):
     if residual:
         want = want + res
     want = np.maximum(want, 0)
-    func = amx_kernel.amx_conv_func(c, hw, hw, o, k, stride, pad, residual=residual, relu=True, threads=2,
+    func = amx_kernel.amx_conv_func(c, hw, hw, o, k, stride, pad, epilogue=amx_kernel.Epilogue.bias(residual, True), threads=2,
                                     banded=banded)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=get_target("x86").target)
     blk = lambda a: np.ascontiguousarray(a.reshape(1, a.shape[1] // 16, 16, *a.shape[2:]).transpose(0, 1, 3, 4, 2))  # noqa: E731
-    args = [blk(x), amx_kernel.pack_weight(w), bias.reshape(1, o // 16, 1, 1, 16)] + ([blk(res)] if residual else [])
+    args = [blk(x), amx_kernel.pack_weight(w), bias.reshape(1, o // 16, 16)] + ([blk(res)] if residual else [])
     out = tvm.runtime.empty((1, o // 16, oh, oh, 16), "float32", tvm.cpu())
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
     got = out.numpy().transpose(0, 1, 4, 2, 3).reshape(want.shape)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def hardswish_model(rng, c=64, hw=20, shared_tap=False):
+    """Three 1x1 convs, each followed by bias and a hardswish written out as PaddleOCR exports it
+    (y · clip(y + 3, 0, 6) / 6, then a per-channel scale and shift). ``shared_tap``: the second
+    conv's ``y + 3`` is also a model output, so its chain must stop there."""
+    nodes, inits = [], [numpy_helper.from_array(np.array(v, np.float32), n)
+                        for n, v in (("three", 3.0), ("zero", 0.0), ("six", 6.0))]
+    src = "x"
+    for i in range(3):
+        inits += [numpy_helper.from_array((rng.standard_normal((c, c, 1, 1)) / np.sqrt(c)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array((rng.standard_normal(c) * 0.1).astype(np.float32), f"b{i}"),
+                  numpy_helper.from_array((1 + 0.1 * rng.standard_normal((1, c, 1, 1))).astype(np.float32), f"s{i}"),
+                  numpy_helper.from_array((0.1 * rng.standard_normal((1, c, 1, 1))).astype(np.float32), f"t{i}")]
+        nodes += [helper.make_node("Conv", [src, f"w{i}", f"b{i}"], [f"y{i}"], kernel_shape=[1, 1]),
+                  helper.make_node("Add", [f"y{i}", "three"], [f"p{i}"]),
+                  helper.make_node("Clip", [f"p{i}", "zero", "six"], [f"c{i}"]),
+                  helper.make_node("Mul", [f"y{i}", f"c{i}"], [f"m{i}"]),
+                  helper.make_node("Div", [f"m{i}", "six"], [f"h{i}"]),
+                  helper.make_node("Mul", [f"s{i}", f"h{i}"], [f"g{i}"]),
+                  helper.make_node("Add", [f"g{i}", f"t{i}"], [f"a{i}"])]
+        src = f"a{i}"
+    outputs = [helper.make_tensor_value_info("a2", TensorProto.FLOAT, [1, c, hw, hw])]
+    if shared_tap:
+        outputs.append(helper.make_tensor_value_info("p1", TensorProto.FLOAT, [1, c, hw, hw]))
+    graph = helper.make_graph(nodes, "hardswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("shared_tap", [False, True])
+def test_rewrite_takes_elementwise_epilogues(tmp_path, shared_tap):
+    """Bias, hardswish, scale and shift go into the kernels (the convs' 20x20 grids run banded); a
+    value with a use outside the chain ends it."""
+    path = tmp_path / "m.onnx"
+    onnx.save(hardswish_model(np.random.default_rng(5), shared_tap=shared_tap), path)
+    mod = fused_module(api.load(path), amx_spec())
+    assert len(kernel_calls(mod)) == 3
+    calls = re.findall(r"call_tir\((\w+),", mod["main"].script(show_meta=False))
+    left = [c for c in calls if any(op in c for op in ("add", "maximum", "minimum", "multiply", "divide"))]
+    if shared_tap:  # y + 3 is an output, y is used past it: the second chain ends at the bias
+        assert left == ["add", "fused_maximum_minimum_multiply_divide_multiply1_add"], calls
+    else:
+        assert not left, calls
+
+
+@needs_amx
+@pytest.mark.parametrize("shared_tap", [False, True])
+def test_elementwise_epilogues_match_ort(tmp_path, shared_tap):
+    rng = np.random.default_rng(6)
+    model = hardswish_model(rng, shared_tap=shared_tap)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    compiled = compile_model(api.load(path), target="x86")
+    x = rng.standard_normal((1, 64, 20, 20)).astype(np.float32)
+    got, want = compiled(x=x), ort_run(model, {"x": x})
+    for name, ref in zip(("a2", "p1"), want):
+        np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
