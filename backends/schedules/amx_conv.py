@@ -33,7 +33,6 @@ from .winograd import oihw
 
 log = logging.getLogger(__name__)
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
-_RELU = tvm.ir.Op.get("relax.nn.relu")
 # Measured on a 2-core AMX Xeon VM, AMX / AVX-512 path (Winograd where it applies), conv + 1x1 chains:
 # 256@14 3x3 0.55, 512@7 3x3 0.50, 1024->256@14 1x1 0.77, 2048->512@7 0.75; but at 28x28 and 56x56,
 # where the split pass re-reads and re-writes a large input (and Winograd F4 competes), 1.04-1.24.
@@ -89,9 +88,8 @@ def why_not(call: relax.Call, weight, cost_model: bool = True) -> str | None:
     return None
 
 
-_STEP_OPS = {tvm.ir.Op.get(f"relax.{name}"): name
-             for name in ("add", "subtract", "multiply", "divide", "maximum", "minimum")}
-_STEP_OPS[_RELU] = "relu"
+_STEP_OPS = {tvm.ir.Op.get(f"relax.{name}"): name.rpartition(".")[2]
+             for name in ("add", "subtract", "multiply", "divide", "maximum", "minimum", "nn.relu")}
 MAX_STEPS = 16
 SCAN = 64  # bindings after a conv that its chain may reach over (the uses of a chain sit close by)
 
@@ -133,7 +131,8 @@ class _Chains:
         inside: Counter = Counter()  # uses of members by members
         steps, consts, residual = [], [], None
         best = (conv_var, 0, 0, None)  # the conv alone
-        for var in self.order[self.index[conv_var] + 1:][:SCAN]:
+        start = self.index[conv_var] + 1
+        for var in self.order[start:start + SCAN]:
             value = self.value[var]
             used = [v for v in relax.analysis.free_vars(value) if v in members]
             if not used:
@@ -152,12 +151,13 @@ class _Chains:
         return last, Epilogue(tuple(steps[:n])), consts[:nc], residual
 
     def _step(self, value, members, out_shape, consts, residual):
-        """((op, a, b), residual) for a binding the epilogue can take, else None; appends to ``consts``."""
+        """((op, a, b), residual) for a binding the epilogue can take, else None; its constants are
+        appended to ``consts`` when it can."""
         if not isinstance(value, relax.Call) or value.op not in _STEP_OPS:
             return None
         if [int(d) for d in getattr(value.ty, "shape", None) or []] != out_shape or value.ty.dtype != "float32":
             return None
-        operands = []
+        operands, new = [], []
         for arg in value.args:
             if arg in members:
                 operands.append(("v", members[arg]))
@@ -167,14 +167,15 @@ class _Chains:
                 per_channel = _per_channel(const.value.numpy(), out_shape)
                 if per_channel is None:
                     return None
-                consts.append(per_channel)
-                operands.append(("c", len(consts) - 1))
+                new.append(per_channel)
+                operands.append(("c", len(consts) + len(new) - 1))
                 continue
             shape = getattr(arg.ty, "shape", None)
             if shape is None or [int(d) for d in shape] != out_shape or not (residual is None or residual.same_as(arg)):
                 return None
             residual = arg
             operands.append(("r",))
+        consts.extend(new)
         a, b = (operands + [None])[:2]
         return (_STEP_OPS[value.op], a, b), residual
 

@@ -15,8 +15,9 @@ than scheduled:
 
 * the split: the NCHW16c input, zero-padded, becomes ``[2 (hi, lo), C/32, rows, 32]`` bfloat16 bits,
   a row per position of the padded grid (a 1x1 strided conv gathers its positions here), so the
-  16 rows of an A tile are 16 consecutive grid positions, 1 KB in one piece. On a large grid (``use_bands``) each thread instead splits a band of rows, a few hundred KB, into
-  a buffer of its own just before the products that read it, so the split input stays in its L2;
+  16 rows of an A tile are 16 consecutive grid positions, 1 KB in one piece. On a large grid
+  (``use_bands``) each thread instead splits a band of rows, a few hundred KB, into a buffer of its
+  own just before the products that read it, so the split input stays in its L2;
 * the products: per 32 output channels x 32 grid positions, four accumulator tiles over every
   (tap, 32 input channels, product); a tap of a 3x3 conv is an offset of ``ky·GW + kx`` rows into the
   split input (positions past the row's end compute sums that the epilogue drops); then the

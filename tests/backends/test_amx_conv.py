@@ -241,7 +241,7 @@ def test_kernel_matches_float64(c, o, hw, k, stride, residual, banded):
 def hardswish_model(rng, c=64, hw=20, shared_tap=False):
     """Three 1x1 convs, each followed by bias and a hardswish written out as PaddleOCR exports it
     (y · clip(y + 3, 0, 6) / 6, then a per-channel scale and shift). ``shared_tap``: the second
-    conv's ``y + 3`` is also a model output, so its chain must stop there."""
+    conv's ``y + 3`` is also a model output, so its chain ends at the bias (``y`` is used past it)."""
     nodes, inits = [], [numpy_helper.from_array(np.array(v, np.float32), n)
                         for n, v in (("three", 3.0), ("zero", 0.0), ("six", 6.0))]
     src = "x"
