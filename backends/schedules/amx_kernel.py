@@ -5,10 +5,11 @@ Each float32 value ``v`` is split into ``hi = bf16(v)`` and ``lo = bf16(v - hi)`
 ``tdpbf16ps`` that multiplies a 16x32 bfloat16 tile by a 32x16 one into 16x16 float32 sums. The
 result is within ~1e-5 relative of a float32 conv (the accumulation is float32 throughout).
 
-What it buys, measured on a 2-core AMX Xeon VM: one core's AMX unit peaks at 950-2000 GFLOP/s in
-bfloat16 (it varies with the host's load) against 130 for its AVX-512 FMAs; three products and the
-tile loads they need (10 per 12 products, from L1) leave 177-186 GFLOP/s of float32 work per core,
-1.4x the AVX-512 peak, more when the unit runs at its high rate.
+What it buys, measured on a 2-core AMX Xeon VM: one core's AMX unit does 12 products in 85 ns
+(2300 GFLOP/s in bfloat16) when the host is quiet, against 130 GFLOP/s for its AVX-512 FMAs; with
+the tile loads they need (10 per 12 products, from L1) three products leave about 720 GFLOP/s of
+float32 work per core. The unit is shared with the host's other tenants: in busy minutes the same
+loop took 2-4x as long, while the FMAs held their rate.
 
 ``amx_conv_func`` returns one PrimFunc of two loop nests (or one, banded), written out here rather
 than scheduled:
