@@ -23,7 +23,14 @@ than scheduled:
   (tap, 32 input channels, product); a tap of a 3x3 conv is an offset of ``ky·GW + kx`` rows into the
   split input (positions past the row's end compute sums that the epilogue drops); then the
   epilogue (``Epilogue``: elementwise steps over per-channel constants, the residual and earlier
-  values, e.g. bias, residual and relu, or a hardswish) on the way out to NCHW16c.
+  values, e.g. bias, residual and relu, or a hardswish) on the way out to NCHW16c;
+* the work: items (bands, or pairs of output blocks x ranges of tile pairs), at least
+  ``ITEMS_PER_THREAD`` a thread. Each thread runs its own range of items, then takes what is left of
+  the others' from their ends, flagging each item it takes. On a shared host one core often runs at
+  half speed for seconds (its AMX unit busy with a neighbour's work); with fixed ranges every conv
+  then waited for the slow core (ResNet-50, same-run A/B in such minutes: 0.83-0.94 of ORT with fixed
+  ranges, 0.62-0.84 with taking). Two threads may take the same item at the same moment; both then
+  compute it and store the same values (an item only stores final outputs), so that race is benign.
 
 The weight is split and packed once, at compile time (``pack_weight``): ``[O/16, taps, C/32, 2, 16,
 16, 2]``, tile rows being pairs of input channels as ``tdpbf16ps`` reads them.
@@ -190,20 +197,20 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
     ob_pairs = ob_n // 2
     kblk = max(1, 8 // taps)
     k_blocks = math.ceil(kc_n / kblk)
-    if banded:  # per thread a range of tile pairs, in bands of at most BAND_BYTES of split input
-        tq = qt // 2
+    tq = qt // 2  # tile pairs
+    if banded:  # work items: bands of tile pairs, each of at most BAND_BYTES of split input
         per_thread = math.ceil(tq / threads)
-        bands = math.ceil(per_thread * _pair_bytes(c, phases) / BAND_BYTES)
+        bands = max(ITEMS_PER_THREAD, math.ceil(per_thread * _pair_bytes(c, phases) / BAND_BYTES))
         qpairs = math.ceil(per_thread / bands)
-        nthreads, buf_rows = math.ceil(tq / per_thread), qpairs * 32 + halo
+        work, buf_rows = math.ceil(tq / qpairs), qpairs * 32 + halo
     else:  # work items: (pair of output blocks, range of tile pairs); one split pass first
-        q_ranges = max(1, min(qt // 2, math.ceil(2 * threads / ob_pairs)))
-        qpairs = math.ceil((qt // 2) / q_ranges)
+        q_ranges = max(1, min(tq, math.ceil(ITEMS_PER_THREAD * threads / ob_pairs)))
+        qpairs = math.ceil(tq / q_ranges)
         work = ob_pairs * q_ranges
-        chunk = math.ceil(work / threads)
-        nthreads = math.ceil(work / chunk)
         split_work = kc_n * grid_h * phases  # (grid row, phase, input tile): a thread splits whole rows
         split_chunk = math.ceil(split_work / threads)
+    chunk = math.ceil(work / threads)  # each thread's own range of items
+    nthreads = math.ceil(work / chunk)
 
     def phase(tap):  # the phase grid a tap reads
         return tap // k % ps * ps + tap % k % ps
@@ -294,6 +301,20 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
             cfg[48 + t] = T.uint8(16)
         T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
 
+    @T.macro
+    def run_item(x, sp, wp, ec, res, out, part, acc, item):
+        """Item ``item``: a band (split, then every output block over it) or an (output block pair,
+        range of tile pairs) over the shared split."""
+        if banded:
+            for ph, kc, r in T.grid(phases, kc_n, T.min(qpairs, tq - item * qpairs) * 32 + halo):
+                split_row(x, sp, ph, kc, r, item * qpairs * 32 + r)
+            for obp, kb, qp in T.grid(ob_pairs, k_blocks, T.min(qpairs, tq - item * qpairs)):
+                tile_pair(sp, wp, ec, res, out, part, acc, qp * 32, (item * qpairs + qp) * 32, obp, kb, qp)
+        else:
+            for kb, qp in T.grid(k_blocks, T.min(qpairs, tq - item // ob_pairs * qpairs)):
+                tile_pair(sp, wp, ec, res, out, part, acc, (item // ob_pairs * qpairs + qp) * 32,
+                          (item // ob_pairs * qpairs + qp) * 32, item % ob_pairs, kb, qp)
+
     @T.prim_func(private=True)
     def conv(x: T.Buffer((1, c // 16, h, w, 16), "float32"),
              wp: T.Buffer((ob_n, taps, kc_n, 2, 16, 16, 2), "uint16"),
@@ -301,23 +322,10 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
              res: T.Buffer((1, ob_n, oh, ow, 16), "float32"),
              out: T.Buffer((1, ob_n, oh, ow, 16), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.flops": flops})
-        if banded:
-            for th in T.parallel(nthreads):
-                cfg = T.alloc_buffer((64,), "uint8", scope="local")
-                acc = T.alloc_buffer((4, 16, 16), "float32", scope="local")
-                part = T.alloc_buffer((qpairs * 1024,), "float32")
-                sp = T.alloc_buffer((2, phases, kc_n, buf_rows, 32), "uint16")  # this thread's band, split
-                tile_config(cfg)
-                for bnd in range(bands):
-                    q0 = th * per_thread + bnd * qpairs  # the band's first tile pair
-                    n = T.min(qpairs, T.min(per_thread - bnd * qpairs, tq - q0))
-                    if n > 0:
-                        for ph, kc, r in T.grid(phases, kc_n, n * 32 + halo):
-                            split_row(x, sp, ph, kc, r, q0 * 32 + r)
-                        for obp, kb, qp in T.grid(ob_pairs, k_blocks, n):
-                            tile_pair(sp, wp, ec, res, out, part, acc, qp * 32, (q0 + qp) * 32, obp, kb, qp)
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
-        else:
+        claimed = T.alloc_buffer((work,), "int32")  # an item's flag: taken by some thread
+        for i in range(work):
+            claimed[i] = 0
+        if not banded:
             sp = T.alloc_buffer((2, phases, kc_n, rows, 32), "uint16")
             for sel, ph, kc, r, j in T.grid(2, phases, kc_n, rows - grid_rows, 32):  # past the grid: zeros
                 sp[sel, ph, kc, grid_rows + r, j] = T.uint16(0)
@@ -326,20 +334,34 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
                     for gx in range(gw):
                         split_row(x, sp, kcy // kc_n % phases, kcy % kc_n, kcy // (kc_n * phases) * gw + gx,
                                   kcy // (kc_n * phases) * gw + gx)
-            for th in T.parallel(nthreads):
-                cfg = T.alloc_buffer((64,), "uint8", scope="local")
-                acc = T.alloc_buffer((4, 16, 16), "float32", scope="local")
-                part = T.alloc_buffer((qpairs * 1024,), "float32")
-                tile_config(cfg)
-                # items run range by range (a thread's split rows stay in its cache), blocks inside
-                for item in range(th * chunk, T.min(work, th * chunk + chunk)):
-                    for kb, qp in T.grid(k_blocks, T.min(qpairs, qt // 2 - item // ob_pairs * qpairs)):
-                        tile_pair(sp, wp, ec, res, out, part, acc, (item // ob_pairs * qpairs + qp) * 32,
-                                  (item // ob_pairs * qpairs + qp) * 32, item % ob_pairs, kb, qp)
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
+        for th in T.parallel(nthreads):
+            cfg = T.alloc_buffer((64,), "uint8", scope="local")
+            acc = T.alloc_buffer((4, 16, 16), "float32", scope="local")
+            part = T.alloc_buffer((qpairs * 1024,), "float32")
+            going = T.alloc_buffer((1,), "int32", scope="local")
+            if banded:
+                sp = T.alloc_buffer((2, phases, kc_n, buf_rows, 32), "uint16")  # this thread's band, split
+            tile_config(cfg)
+            # its own range forward, then the others' from their ends (a thread slowed by the host's
+            # other tenants leaves its last items to the rest): a walk stops at an item already taken
+            for s, j in T.grid(nthreads, chunk):
+                if j == 0:
+                    going[0] = 1
+                if going[0] == 1 and j < T.min(chunk, work - (th + s) % nthreads * chunk):
+                    item = T.Select(s == 0, th * chunk + j,
+                                    (th + s) % nthreads * chunk + T.min(chunk, work - (th + s) % nthreads * chunk) - 1 - j)
+                    if claimed[item] == 0:
+                        claimed[item] = 1
+                        run_item(x, sp, wp, ec, res, out, part, acc, item)
+                    else:
+                        going[0] = 0
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
 
     return conv if epilogue.residual else _drop_param(conv, "res")
 
+
+# Work items per thread at least, so that a thread the host slows can leave some to the others
+ITEMS_PER_THREAD = 4
 
 # A band's split input (per thread): a few hundred KB stays in a core's L2 beside the weights' K block
 BAND_BYTES = 256 * 1024

@@ -216,6 +216,20 @@ def test_bottleneck_matches_ort(tmp_path):
 ])
 def test_kernel_matches_float64(c, o, hw, k, stride, residual, banded):
     """The kernel against a float64 conv, with one shared split pass and with a split per band."""
+    check_kernel(c, o, hw, k, stride, residual, banded, threads=2)
+
+
+@needs_amx
+@pytest.mark.parametrize("banded", [False, True])
+def test_kernel_items_taken_by_other_threads(banded):
+    """Compiled for 5 threads, run by a pool of fewer: the first threads to run take the items of the
+    ranges whose threads have not started (walking them from their ends), so every item is still
+    computed once and the result holds, run after run."""
+    for _ in range(2):
+        check_kernel(512, 64, 27, 1, 1, True, banded, threads=5)
+
+
+def check_kernel(c, o, hw, k, stride, residual, banded, threads):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
     w = (rng.standard_normal((o, c, k, k)) / np.sqrt(c * k * k)).astype(np.float32)
@@ -227,8 +241,8 @@ def test_kernel_matches_float64(c, o, hw, k, stride, residual, banded):
     if residual:
         want = want + res
     want = np.maximum(want, 0)
-    func = amx_kernel.amx_conv_func(c, hw, hw, o, k, stride, pad, epilogue=amx_kernel.Epilogue.bias(residual, True), threads=2,
-                                    banded=banded)
+    func = amx_kernel.amx_conv_func(c, hw, hw, o, k, stride, pad, epilogue=amx_kernel.Epilogue.bias(residual, True),
+                                    threads=threads, banded=banded)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=get_target("x86").target)
     blk = lambda a: np.ascontiguousarray(a.reshape(1, a.shape[1] // 16, 16, *a.shape[2:]).transpose(0, 1, 3, 4, 2))  # noqa: E731
     args = [blk(x), amx_kernel.pack_weight(w), bias.reshape(1, o // 16, 16)] + ([blk(res)] if residual else [])
