@@ -27,7 +27,7 @@ than scheduled:
 * the work: items (bands, or pairs of output blocks x ranges of tile pairs), at least
   ``ITEMS_PER_THREAD`` a thread. Each thread runs its own range of items, then takes what is left of
   the others' from their ends, flagging each item it takes. On a shared host one core often runs at
-  half speed for seconds (its AMX unit busy with a neighbour's work); with fixed ranges every conv
+  half speed for seconds (slowed by the host's other tenants); with fixed ranges every conv
   then waited for the slow core (ResNet-50, same-run A/B in such minutes: 0.83-0.94 of ORT with fixed
   ranges, 0.62-0.84 with taking). Two threads may take the same item at the same moment; both then
   compute it and store the same values (an item only stores final outputs), so that race is benign.
@@ -345,11 +345,12 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
             # its own range forward, then the others' from their ends (a thread slowed by the host's
             # other tenants leaves its last items to the rest): a walk stops at an item already taken
             for s, j in T.grid(nthreads, chunk):
+                r = (th + s) % nthreads  # the range walked
+                size = T.min(chunk, work - r * chunk)
                 if j == 0:
                     going[0] = 1
-                if going[0] == 1 and j < T.min(chunk, work - (th + s) % nthreads * chunk):
-                    item = T.Select(s == 0, th * chunk + j,
-                                    (th + s) % nthreads * chunk + T.min(chunk, work - (th + s) % nthreads * chunk) - 1 - j)
+                if going[0] == 1 and j < size:
+                    item = r * chunk + T.Select(s == 0, j, size - 1 - j)
                     if claimed[item] == 0:
                         claimed[item] = 1
                         run_item(x, sp, wp, ec, res, out, part, acc, item)

@@ -223,8 +223,8 @@ def test_kernel_matches_float64(c, o, hw, k, stride, residual, banded):
 @pytest.mark.parametrize("banded", [False, True])
 def test_kernel_items_taken_by_other_threads(banded):
     """Compiled for 5 threads, run by a pool of fewer: the first threads to run take the items of the
-    ranges whose threads have not started (walking them from their ends), so every item is still
-    computed once and the result holds, run after run."""
+    ranges whose threads have not started (walking them from their ends); no item may be left out,
+    run after run."""
     for _ in range(2):
         check_kernel(512, 64, 27, 1, 1, True, banded, threads=5)
 
