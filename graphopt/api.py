@@ -224,7 +224,9 @@ def tune(
     from graphopt.backends.compile import fused_module
     from graphopt.backends.targets import get_target
     from graphopt.backends.tuning import tune_module
+    from graphopt.backends.tuning.tuner import require_tune_extra
 
+    require_tune_extra(trials=trials, rpc=rpc)  # before minutes of lowering
     spec = get_target(target)
     mod = fused_module(_as_model(model, input_shapes_for(model, input_shapes)), spec, opt_level=opt_level)
     return tune_module(

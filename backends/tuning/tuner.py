@@ -30,6 +30,22 @@ from graphopt.backends.tuning.records import ScheduleRecords
 from graphopt.backends.tuning.search import Measurer, ScheduleReport, search_module
 from graphopt.errors import UsageError
 
+# What tuning needs beyond the default install (pip install 'graphopt[tune]'): MetaSchedule's cost model
+# (xgboost), its local runner's worker processes (psutil, cloudpickle) and the RPC tracker client (tornado).
+TUNE_EXTRA = {"xgboost": "MetaSchedule's cost model", "psutil": "the measuring workers",
+              "cloudpickle": "the measuring workers", "tornado": "RPC measurement on a board"}
+
+
+def require_tune_extra(*, trials: int, rpc: str | None) -> None:
+    """Refuse, naming the extra to install, when a package that this tuning run needs is missing."""
+    import importlib.util
+
+    needed = ["psutil", "cloudpickle"] + (["xgboost"] if trials > 0 else []) + (["tornado"] if rpc else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        what = ", ".join(f"{name} ({TUNE_EXTRA[name]})" for name in missing)
+        raise UsageError(f"tuning needs the 'tune' extra: pip install 'graphopt[tune]' (missing: {what})")
+
 
 @dataclasses.dataclass
 class TaskReport:
@@ -109,6 +125,7 @@ def tune_module(
 
     if trials < 0 or search_candidates < 0:
         raise UsageError(f"--trials and --search-candidates must be >= 0, got {trials}, {search_candidates}")
+    require_tune_extra(trials=trials, rpc=rpc)
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     d = Path(db_dir) if db_dir else default_db_dir()
     db = open_database(d)
