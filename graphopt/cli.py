@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import traceback
 
 from graphopt.errors import GraphoptError
@@ -57,7 +59,35 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"graphopt: warning: {message}\n"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every ``finally`` (temp files, temp dirs) runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code. Ctrl-C (130) and SIGTERM (143) anywhere, start-up
+    included, print one line and clean up after themselves."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     import warnings
 
     warnings.formatwarning = _one_line_warning  # warnings for users, not source locations
@@ -74,9 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split("\n")[0:1]) or type(e).__name__
         print(f"graphopt {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `graphopt ... | head`: the reader left; not an error of ours
         import os
 
@@ -87,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         else:
             print(
-                f"graphopt {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                f"graphopt {args.command}: internal error: {type(e).__name__}: {' '.join(str(e).split())} (rerun with --debug for the traceback)",
                 file=sys.stderr,
             )
         return 1

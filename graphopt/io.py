@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 import onnx_ir as ir
@@ -39,6 +41,7 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
         raise ModelLoadError(f"{p}: not a valid ONNX file (truncated or not a protobuf model): {_first_line(e)}") from None
     if not proto.HasField("graph") or (not proto.opset_import and not proto.graph.node):
         raise ModelLoadError(f"{p}: not a valid ONNX file (no graph or opset_import)")
+    _check_external_data(proto, p)
     if check:
         _check(proto, p)
     try:
@@ -66,6 +69,61 @@ def _check(proto: onnx.ModelProto, p: Path) -> None:
         onnx.checker.check_model(str(p))
     except Exception as e:  # ValidationError, and C++ errors surfacing as others
         raise ModelLoadError(f"{p}: fails onnx.checker: {_one_line(e)}") from None
+
+
+def _graphs(graph: onnx.GraphProto):
+    """The graph and every subgraph under it (If/Loop/Scan bodies)."""
+    todo = [graph]
+    while todo:
+        g = todo.pop()
+        yield g
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("g"):
+                    todo.append(a.g)
+                todo.extend(a.graphs)
+
+
+def _check_external_data(proto: onnx.ModelProto, p: Path) -> None:
+    """Every external tensor's file exists inside the model's directory and holds offset + length
+    bytes (length defaults to what the tensor's dtype and dims need): name the file and the tensor."""
+    for g in _graphs(proto.graph):
+        for t in (*g.initializer, *(s.values for s in g.sparse_initializer)):
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            loc = info.get("location", "")
+            where = f"{p}: tensor '{t.name}' external data '{loc}'"
+            target = p.parent / loc
+            if not loc or os.path.isabs(loc) or os.path.normpath(loc).split(os.sep)[0] == "..":
+                raise ModelLoadError(f"{where}: the location must be a file name relative to the model's directory")
+            if not target.is_file():
+                raise ModelLoadError(f"{where}: no such file beside the model")
+            try:
+                offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+            except ValueError:
+                raise ModelLoadError(f"{where}: offset/length are not integers") from None
+            if length < 0:
+                length = _tensor_nbytes(t)
+            size = target.stat().st_size
+            if offset < 0 or (length is not None and offset + length > size):
+                raise ModelLoadError(f"{where}: needs bytes {offset}..{offset + (length or 0)} but the file "
+                                     f"has {size} (truncated or wrong offset/length)")
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int | None:
+    """Bytes a fixed-size tensor holds (None for strings and unknown dtypes)."""
+    try:
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    except (KeyError, ValueError, TypeError):
+        return None
+    if np_dtype.kind in "OUS":
+        return None
+    count = 1
+    for d in t.dims:
+        count *= d
+    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
+    return (count * bits + 7) // 8 if bits else count * np_dtype.itemsize
 
 
 def _node_label(node: onnx.NodeProto, index: int) -> str:
@@ -204,20 +262,29 @@ def _external_data_files(model: ir.Model) -> set[Path]:
     return files
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file via temp file + rename in the same directory, with the permissions a plain
-    ``open(path, "w")`` would give (``mkstemp`` makes it private to the user)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file through ``write(f)`` into a temp file in the same directory, then rename it over
+    ``path``, with the permissions a plain ``open(path, "w")`` would give (``mkstemp`` makes it private
+    to the user). On any error or interrupt the temp file is removed and ``path`` is left as it was."""
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".graphopt-", dir=out.parent if str(out.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".graphopt-", dir=out.parent if str(out.parent) else ".")
+    except OSError as e:
+        raise GraphoptError(f"{out}: cannot write in {out.parent}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as e:  # disk full, permissions, a directory in the way: the user's to fix
+        raise GraphoptError(f"{out}: cannot write: {e.strerror or e}") from None
+    finally:
+        if os.path.lexists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
 def current_umask() -> int:

@@ -34,6 +34,7 @@ _KINDS = (
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
     (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISREG, "a regular file"),
 )
 
 
@@ -150,3 +151,26 @@ def model_files(path: str | os.PathLike) -> list[Path]:
                 graphs.extend([a.g] if a.HasField("g") else [])
                 graphs.extend(a.graphs)
     return files
+
+
+def files_read_by(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The files the commands' positional inputs read: a model file and its external data, or every
+    file of a bundle directory (a bundled model's name, which is not a path, reads nothing local)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(f for f in p.rglob("*") if f.is_file())
+        elif p.is_file():
+            files.extend(model_files(p))
+    return files
+
+
+def check_output_files(options: dict[str, str | os.PathLike | None], *,
+                       protected: Iterable[str | os.PathLike] = ()) -> None:
+    """``check_output_file`` for every ``{option: path}`` given (None: option not used), after
+    refusing two options that name the same path."""
+    protected = list(protected)
+    check_distinct(options)
+    for option, path in options.items():
+        if path is not None:
+            check_output_file(path, option, protected=protected)

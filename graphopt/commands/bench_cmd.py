@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from graphopt import io, outputs
 from graphopt.commands.common import add_input_shape, add_opt_level, table
 
 
@@ -36,6 +37,8 @@ def _fmt(v, nd=2):
 def run(args: argparse.Namespace) -> int:
     from graphopt.bench import bench, plot
 
+    outputs.check_output_files({"--json": args.json, "--plot": args.plot, "--markdown": args.markdown},
+                               protected=outputs.files_read_by(args.models))
     results = bench(
         args.models, threads=args.threads, target=args.target,
         against=None if args.against == "none" else "ort", input_shapes=list(args.input_shape),
@@ -62,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
             print(table([[p["function"], _fmt(p["ms"], 3), f"{100 * p['share']:.1f}%", p["calls"]]
                          for p in r["profile"][: args.top]], ["function", "ms", "share", "calls"]))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        io.atomic_write_text(args.json, json.dumps(results, indent=2))
     if args.plot:
         plot(results, args.plot)
     if args.markdown:
@@ -72,6 +74,6 @@ def run(args: argparse.Namespace) -> int:
 
         from graphopt.bench import markdown
 
-        with open(args.markdown, "w") as f:
-            f.write(markdown(results, "graphopt " + " ".join(shlex.quote(a) for a in sys.argv[1:]), top=args.top))
+        command = "graphopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        io.atomic_write_text(args.markdown, markdown(results, command, top=args.top))
     return 0

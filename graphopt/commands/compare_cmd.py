@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from graphopt import io
+from graphopt import io, outputs
 from graphopt.commands.common import add_input_shape, table
 from graphopt.errors import UsageError
 
@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.runs < 1 or args.threads < 1:
         raise UsageError("--runs and --threads must be >= 1")
+    outputs.check_output_files({"--json": args.json}, protected=outputs.files_read_by(args.models))
     rows = compare(args.models, input_shapes=args.input_shape or None, runs=args.runs,
                    threads=args.threads, opt_level=args.opt_level)
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from graphopt import io
+from graphopt import io, outputs
 from graphopt.commands.common import add_opt_level
 
 
@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from graphopt.conformance import run_conformance
+
+    outputs.check_output_files({"--json": args.json})
 
     def progress(r, done, total):
         if args.verbose:

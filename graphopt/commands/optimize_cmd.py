@@ -4,9 +4,8 @@ import argparse
 import json
 from pathlib import Path
 
-from graphopt import api, io
+from graphopt import api, io, outputs
 from graphopt.commands.common import add_input_shape, add_opt_level, split_names, table
-from graphopt.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,14 +29,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="print no table")
 
 
+def _check_paths(args: argparse.Namespace, out: Path, check_dir: str | None) -> Path:
+    """Every path this command writes, checked before any work; returns the model file to read."""
+    files = {"-o": args.output, "--report": args.report, "--plot": args.plot}
+    dirs = {"--check-dir": check_dir, "--dump-ir": args.dump_ir}
+    outputs.check_distinct({**files, **dirs})
+    for option, path in files.items():
+        if path is not None:
+            outputs.check_output_file(path, option)
+    for option, path in dirs.items():
+        if path is not None:
+            outputs.check_output_dir(path, option)
+    src = api.resolve_model_path(args.model)
+    reads = outputs.model_files(src)
+    if len(reads) > 1:  # external weights: the output's own weights go beside it (io.save)
+        files["-o (its external data)"] = str(out.parent / (out.name + ".data"))
+    for option, path in files.items():
+        if path is not None:
+            outputs.check_output_file(path, option, protected=reads)
+    return src
+
+
 def run(args: argparse.Namespace) -> int:
-    src, out = Path(args.model), Path(args.output)
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise UsageError(f"-o {out}: refusing to overwrite the input model")
+    out = Path(args.output)
+    check_dir = args.check_dir or (str(out.parent / (out.stem + ".check")) if args.check else None)
+    src = _check_paths(args, out, check_dir)
     disable = [n for d in args.disable for n in split_names(d)]
     force = [n for d in args.force for n in split_names(d)]
     passes = split_names(args.passes) if args.passes else None
-    check_dir = args.check_dir or (str(out.parent / (out.stem + ".check")) if args.check else None)
     instruments = []
     if args.dump_ir:
         from graphopt.pipeline import DumpInstrument
@@ -50,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     )
     api.save(res.model, out)
     report = res.report()
-    report.update({"model": str(src), "output": str(out), "opt_level": args.opt_level})
+    report.update({"model": str(Path(args.model)), "output": str(out), "opt_level": args.opt_level})
     if args.report:
         io.atomic_write_text(args.report, json.dumps(report, indent=2))
     if args.plot:
@@ -63,5 +82,5 @@ def run(args: argparse.Namespace) -> int:
         if rows:
             print(table(rows, ["pass", "ms", "modified", "nodes", "param bytes"]))
         last_nodes = res.records[-1].nodes if res.records else res.initial_nodes
-        print(f"{src} -> {out}: nodes {res.initial_nodes} -> {last_nodes}")
+        print(f"{Path(args.model)} -> {out}: nodes {res.initial_nodes} -> {last_nodes}")
     return 0

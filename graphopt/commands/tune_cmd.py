@@ -4,7 +4,7 @@ import argparse
 import json
 import logging
 
-from graphopt import api, io
+from graphopt import api, io, outputs
 from graphopt.commands.common import add_input_shape, add_opt_level, table
 
 
@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    outputs.check_output_files({"--json": args.json}, protected=outputs.files_read_by([args.model]))
     if not args.verbose:
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     report = api.tune(
