@@ -19,6 +19,8 @@ BUILTIN_PASSES: dict[str, tuple[str, str, str]] = {
     "fold_weight_reparam": (_P + "fold_weight_reparam", "FoldWeightReparamPass", "fold weight-norm g*v/||v|| and Mul/Div/Add chains on constant weights"),
     "canonical_dtypes": (_P + "canonical_dtypes", "CanonicalDtypesPass", "store fp64/fp16 weights in the compute dtype where exact"),
     "weight_statistics": (_P + "weight_statistics", "WeightStatisticsPass", "annotate weights with per-tensor and per-channel min/max"),
+    # compression
+    "convert_weights": (_P + "convert_weights", "ConvertWeightsPass", "store float32 weights as fp16/bf16 with a Cast back (compute stays float32)"),
     # folding and simplification
     "constant_folding": (_P + "constant_folding", "ConstantFoldingPass", "fold constant subgraphs, shape subgraphs included, bounded by output size"),
     "merge_chains": (_P + "merge_chains", "MergeChainsPass", "merge Transpose/Reshape chains, cancel Squeeze/Unsqueeze pairs"),
