@@ -42,13 +42,14 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
-def _lstat(path: Path) -> os.stat_result | None:
+def _lstat(path: Path, option: str) -> os.stat_result | None:
     try:
         return os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # new path (or a file in the way: _check_parent says)
         return None
-    except NotADirectoryError:  # a path component is a file
-        return None
+    except (OSError, ValueError) as e:  # name too long, a NUL byte, no permission to look
+        raise UsageError(f"{option} {path!s}: cannot be used as an output path: "
+                         f"{getattr(e, 'strerror', None) or e}") from None
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -64,8 +65,11 @@ def _check_parent(path: Path, option: str) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     try:
         st = os.stat(parent)
-    except OSError:
+    except FileNotFoundError:
         raise UsageError(f"{option} {path}: directory {parent} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{option} {path}: directory {parent} cannot be reached: "
+                         f"{getattr(e, 'strerror', None) or e}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{option} {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
@@ -83,7 +87,7 @@ def check_output_file(path: str | os.PathLike, option: str, *,
                       protected: Iterable[str | os.PathLike] = ()) -> Path:
     """Refuse (UsageError naming ``option`` and ``path``) a path graphopt must not write a file to."""
     out = Path(path)
-    st = _lstat(out)
+    st = _lstat(out, option)
     if st is not None and stat.S_ISLNK(st.st_mode):
         raise UsageError(f"{option} {out}: is a symbolic link; graphopt does not write through links")
     if st is not None and not stat.S_ISREG(st.st_mode):
@@ -99,7 +103,7 @@ def check_output_dir(path: str | os.PathLike, option: str, *,
     """Refuse an output directory that is a link or a non-directory, or a new one under a missing or
     read-only parent; an existing real directory must itself be writable."""
     out = Path(path)
-    st = _lstat(out)
+    st = _lstat(out, option)
     if st is not None and stat.S_ISLNK(st.st_mode):
         raise UsageError(f"{option} {out}: is a symbolic link; graphopt does not write through links")
     if st is None:

@@ -30,6 +30,8 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     if head == _NPY_MAGIC:
         raise UsageError(f"--inputs {path}: not an .npz (it is a .npy array file); "
                          "save the inputs with numpy.savez(path, name=array, ...)")
+    if not head.startswith(b"PK"):
+        raise UsageError(f"--inputs {path}: not an .npz (not a zip archive of arrays)")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
