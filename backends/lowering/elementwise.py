@@ -8,6 +8,7 @@ import numpy as np
 from tvm import relax
 
 from graphopt.backends.lowering import helpers as H
+from graphopt.backends.lowering import nan_minmax as NM
 from graphopt.backends.lowering.rules import OpRule
 
 R = relax.op
@@ -63,7 +64,7 @@ _UNARY = {
     "IsNaN": R.isnan,
     "Not": R.logical_not,
     "BitwiseNot": R.bitwise_not,
-    "Relu": lambda x: R.maximum(x, _s(x, 0)),
+    "Relu": NM.relu,
     "Sigmoid": R.sigmoid,
     "Softplus": _softplus,
     "Softsign": lambda x: R.divide(x, R.add(R.abs(x), _s(x, 1.0))),
@@ -113,13 +114,13 @@ def lower_celu(ctx, ins):
     x = ins[0]
     alpha = ctx.attr("alpha", 1.0)
     neg = R.multiply(_s(x, alpha), R.subtract(R.exp(R.divide(x, _s(x, alpha))), _s(x, 1.0)))
-    return R.add(R.maximum(x, _s(x, 0)), R.minimum(_s(x, 0), neg))
+    return R.add(NM.relu(x), R.minimum(_s(x, 0), neg))
 
 
 def hard_sigmoid(x, alpha, beta):
-    """max(0, min(1, alpha·x + beta))."""
+    """max(0, min(1, alpha·x + beta)), NaN kept."""
     y = R.add(R.multiply(x, _s(x, alpha)), _s(x, beta))
-    return R.minimum(R.maximum(y, _s(x, 0.0)), _s(x, 1.0))
+    return NM.clip(y, _s(x, 0.0), _s(x, 1.0))
 
 
 def lower_hard_sigmoid(ctx, ins):
@@ -188,17 +189,29 @@ def lower_clip_6(ctx, ins):
     x = ins[0]
     lo = ctx.attr("min", float(np.finfo(np.float32).min))
     hi = ctx.attr("max", float(np.finfo(np.float32).max))
-    return R.minimum(R.maximum(x, _s(x, lo)), _s(x, hi))
+    return NM.clip(x, _s(x, lo), _s(x, hi))
+
+
+def _type_bound(x, high: bool):
+    """The bound of an omitted Clip input: the dtype's largest / lowest finite value (ONNX's default,
+    and ORT clamps ±inf to it), or nothing to do for an integer input."""
+    dtype = H.dtype_of(x)
+    if not H.is_float(dtype):
+        return None
+    import ml_dtypes
+
+    info = ml_dtypes.finfo(H.numpy_dtype(dtype))
+    return _s(x, float(info.max if high else info.min))
 
 
 def lower_clip_11(ctx, ins):
+    """NaN is kept and a NaN bound ignored (ORT: ``x < lo ? lo : x``); an omitted bound is the
+    dtype's finite limit, so ±inf become ±FLT_MAX as in ORT."""
     x = ins[0]
-    out = x
-    if len(ins) > 1 and ins[1] is not None:
-        out = R.maximum(out, ins[1])
-    if len(ins) > 2 and ins[2] is not None:
-        out = R.minimum(out, ins[2])
-    return out
+    lo = ins[1] if len(ins) > 1 and ins[1] is not None else _type_bound(x, high=False)
+    hi = ins[2] if len(ins) > 2 and ins[2] is not None else _type_bound(x, high=True)
+    out = x if lo is None else NM.clip_low(x, lo)
+    return out if hi is None else NM.clip_high(out, hi)
 
 
 # ------------------------------------------------------------------ binary ops
@@ -283,7 +296,7 @@ def _variadic(fn):
     def lower(ctx, ins):
         out = ins[0]
         for x in ins[1:]:
-            out = fn(out, x)
+            out = fn(ctx.emit(out) if out is not ins[0] else out, x)
         return out
 
     return lower
@@ -361,8 +374,8 @@ RULES = (
     OpRule("Pow", lower_pow),
     OpRule("Mod", lower_mod, since=10),
     OpRule("BitShift", lower_bitshift, since=11),
-    OpRule("Max", _variadic(R.maximum)),
-    OpRule("Min", _variadic(R.minimum)),
+    OpRule("Max", _variadic(NM.maximum)),
+    OpRule("Min", _variadic(NM.minimum)),
     OpRule("Sum", _variadic(R.add)),
     OpRule("Mean", lower_mean, kind="decomposed"),
     OpRule("Where", lower_where, since=9),

@@ -15,6 +15,7 @@ from __future__ import annotations
 from tvm import relax
 
 from graphopt.backends.lowering import elementwise, nn, tensor
+from graphopt.backends.lowering import nan_minmax as NM
 from graphopt.backends.lowering.rules import OpRule
 
 op = relax.op
@@ -23,11 +24,11 @@ DOMAIN = "com.microsoft"
 
 # activation -> (x, params) -> expr; params as ONNX Runtime's attributes give them
 ACTIVATIONS = {
-    "Relu": lambda x, p: op.nn.relu(x),
+    "Relu": lambda x, p: NM.relu(x),  # max(0, x): NaN kept, as ORT's FusedConv
     "LeakyRelu": lambda x, p: op.nn.leakyrelu(x, p[0] if p else 0.01),
     "Sigmoid": lambda x, p: op.sigmoid(x),
     "Tanh": lambda x, p: op.tanh(x),
-    "Clip": lambda x, p: op.clip(x, p[0], p[1]),
+    "Clip": lambda x, p: NM.clip(x, p[0], p[1]),
     "HardSigmoid": lambda x, p: elementwise.hard_sigmoid(x, *(p or (0.2, 0.5))),
 }
 

@@ -6,6 +6,7 @@ import numpy as np
 from tvm import relax, te, tirx
 
 from graphopt.backends.lowering import helpers as H
+from graphopt.backends.lowering import nan_minmax as NM
 from graphopt.backends.lowering.rules import OpRule
 
 R = relax.op
@@ -53,11 +54,13 @@ def _empty_value(x, value):
 
 
 def _te_reduce_inf(x, axes, keepdims: bool, is_max: bool):
-    """Max/min whose identity is -inf/+inf (TVM's own start from the lowest finite value, so the max of
-    an all -inf row came out as -3.4e38 instead of -inf)."""
+    """Max/min as ONNX Runtime's reduce kernels answer them: NaN when the first element of the
+    reduced set is NaN, every later NaN skipped (see ``nan_minmax``); identity -inf/+inf (TVM's
+    own starts from the lowest finite value: an all -inf row came out as -3.4e38)."""
+    inf = tirx.const(np.inf, x.dtype)
     init = tirx.const(-np.inf if is_max else np.inf, x.dtype)
-    combine = (lambda a, b: tirx.Max(a, b)) if is_max else (lambda a, b: tirx.Min(a, b))
-    reducer = te.comm_reducer(combine, lambda t: init, name="max_inf" if is_max else "min_inf")
+    pick = NM.tir_max if is_max else NM.tir_min  # NaN-propagating: carries the first element's NaN
+    reducer = te.comm_reducer(pick, lambda t: init, name="max_inf" if is_max else "min_inf")
     shape = list(x.shape)
     raxes = {a: te.reduce_axis((0, shape[a]), name=f"k{a}") for a in axes}
     out_shape = [1 if a in raxes else d for a, d in enumerate(shape) if keepdims or a not in raxes]
@@ -72,7 +75,11 @@ def _te_reduce_inf(x, axes, keepdims: bool, is_max: bool):
                 full.append(raxes[a])
             else:
                 full.append(next(it))
-        return reducer(x[tuple(full)], axis=list(raxes.values()))
+        v = x[tuple(full)]
+        first = tirx.all(*[k.var == 0 for k in raxes.values()])
+        # a NaN after the first element is replaced by the identity (skipped)
+        v = tirx.Select(tirx.Or(first, v <= inf), v, init)
+        return reducer(v, axis=list(raxes.values()))
 
     return te.compute(out_shape, body, name="reduce_max" if is_max else "reduce_min")
 

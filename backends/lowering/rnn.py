@@ -12,6 +12,7 @@ import numpy as np
 from tvm import relax
 
 from graphopt.backends.lowering import helpers
+from graphopt.backends.lowering import nan_minmax as NM
 from graphopt.backends.lowering.helpers import scalar
 from graphopt.backends.lowering.rules import OpRule
 
@@ -30,12 +31,12 @@ def _act(name: str, alpha: float | None, beta: float | None, dtype: str):
     table = {
         "Sigmoid": lambda x: op.sigmoid(x),
         "Tanh": lambda x: op.tanh(x),
-        "Relu": lambda x: op.nn.relu(x),
+        "Relu": lambda x: op.maximum(s(x, 0.0), x),  # constant first: NaN kept (nan_minmax)
         "Affine": lambda x: op.add(op.multiply(x, s(x, 1.0 if a is None else a)), s(x, 0.0 if b is None else b)),
         "LeakyRelu": lambda x: op.where(op.less(x, s(x, 0.0)), op.multiply(x, s(x, 0.01 if a is None else a)), x),
         "ThresholdedRelu": lambda x: op.where(op.greater(x, s(x, 1.0 if a is None else a)), x, s(x, 0.0)),
         "ScaledTanh": lambda x: op.multiply(s(x, 1.0 if a is None else a), op.tanh(op.multiply(x, s(x, 1.0 if b is None else b)))),
-        "HardSigmoid": lambda x: op.clip(op.add(op.multiply(x, s(x, 0.2 if a is None else a)), s(x, 0.5 if b is None else b)), 0.0, 1.0),
+        "HardSigmoid": lambda x: NM.clip(op.add(op.multiply(x, s(x, 0.2 if a is None else a)), s(x, 0.5 if b is None else b)), s(x, 0.0), s(x, 1.0)),
         "Elu": lambda x: op.where(op.less(x, s(x, 0.0)), op.multiply(s(x, 1.0 if a is None else a), op.subtract(op.exp(x), s(x, 1.0))), x),
         "Softsign": lambda x: op.divide(x, op.add(op.abs(x), s(x, 1.0))),
         "Softplus": lambda x: op.log(op.add(op.exp(x), s(x, 1.0))),
