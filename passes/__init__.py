@@ -21,6 +21,7 @@ BUILTIN_PASSES: dict[str, tuple[str, str, str]] = {
     "weight_statistics": (_P + "weight_statistics", "WeightStatisticsPass", "annotate weights with per-tensor and per-channel min/max"),
     # compression
     "convert_weights": (_P + "convert_weights", "ConvertWeightsPass", "store float32 weights as fp16/bf16 with a Cast back (compute stays float32)"),
+    "quantize_weights": (_P + "quantize_weights", "QuantizeWeightsPass", "weight-only block-wise int4/int8 for MatMul/Gemm (DequantizeLinear, or MatMulNBits for ORT)"),
     # folding and simplification
     "constant_folding": (_P + "constant_folding", "ConstantFoldingPass", "fold constant subgraphs, shape subgraphs included, bounded by output size"),
     "merge_chains": (_P + "merge_chains", "MergeChainsPass", "merge Transpose/Reshape chains, cancel Squeeze/Unsqueeze pairs"),
