@@ -97,6 +97,7 @@ class CompiledModule:
     schedules: bool = True
     frontend: str = "graphopt"
     tuning_db_sha256: str | None = None
+    bundle_digest: str | None = None  # set by save()
     _runner: Any = dataclasses.field(default=None, repr=False)
 
     @property
@@ -131,10 +132,13 @@ class CompiledModule:
         return call_checked(self.runner(), args, kwargs)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the bundle directory (atomically); returns its path."""
-        from graphopt.backends.bundle import export
+        """Write the bundle directory (atomically); returns its path. ``bundle_digest`` then holds its
+        digest (``sha256:`` + the manifest's hash), which ``--expect-digest`` pins."""
+        from graphopt.backends.bundle import bundle_digest, export
 
-        return export(self, directory)
+        path = export(self, directory)
+        self.bundle_digest = bundle_digest(path)
+        return path
 
 
 def sha256_file(path: str | os.PathLike) -> str:

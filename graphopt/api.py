@@ -166,10 +166,16 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
 ):
     """Optimize, lower to Relax, compile for ``target``; returns a callable module.
 
-    With ``output``, the bundle directory is written there (atomically) as well.
+    With ``output``, the bundle directory is written there (atomically) as well: a new or empty
+    directory, or a bundle graphopt wrote (anything else is refused before compiling); the result's
+    ``bundle_digest`` is then the bundle's digest.
     """
     from graphopt.backends.compile import compile_model
 
+    if output is not None:  # a destination graphopt must not replace is refused before minutes of work
+        from graphopt.backends.bundle import check_destination
+
+        check_destination(output)
     source = None if isinstance(model, ir.Model) else resolve_model_path(model)
     m = _as_model(model, input_shapes_for(model, input_shapes))
     return compile_model(
@@ -183,15 +189,16 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
     )
 
 
-def load_bundle(path: str | os.PathLike, *, verify: bool = True):
-    """Load a compiled bundle directory (sha256 of every file checked unless ``verify=False``).
+def load_bundle(path: str | os.PathLike, *, verify: bool = True, digest: str | None = None):
+    """Load a compiled bundle directory (sha256 of every file checked unless ``verify=False``;
+    ``digest="sha256:..."`` refuses a bundle whose manifest.json hashes differently, see docs/bundles.md).
 
     The result is callable with numpy arrays (positional in input order, or by name) and returns
     a dict output name -> array; wrong names, dtypes or shapes raise a GraphoptError naming the input.
     """
     from graphopt.backends.bundle import load_bundle as _load
 
-    return _load(path, verify=verify)
+    return _load(path, verify=verify, digest=digest)
 
 
 def parse_opt_level(text: str) -> int:

@@ -8,7 +8,9 @@ Layout::
     loader.py       a standalone loader (TVM + numpy + standard library only)
 
 ``export`` writes into a temporary directory beside the destination and renames it into place, so an
-interrupted export never leaves a half-written bundle. ``load_bundle`` checks every file's hash.
+interrupted export never leaves a half-written bundle; it replaces only a bundle graphopt wrote.
+``load_bundle`` checks every file's hash; ``bundle_digest`` (the manifest's sha256) pins a bundle.
+What the loader trusts and refuses: docs/bundles.md.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ class BundleError(GraphoptError):
 
 
 def call_checked(runner: _loader.Runner, args, kwargs) -> dict[str, np.ndarray]:
-    """Run with the loader's input checks turned into graphopt errors."""
+    """Run with the loader's input checks (and a manifest that does not describe the library) turned
+    into graphopt errors."""
     try:
         return runner(*args, **kwargs)
-    except _loader.InputError as e:
+    except (_loader.InputError, _loader.BundleError) as e:
         raise BundleError(str(e)) from None
 
 
@@ -87,25 +90,66 @@ def _write_files(compiled, tmp: Path) -> dict:
     }
 
 
+def _not_ours(dest: Path) -> str | None:
+    """Why ``dest`` is not a bundle graphopt wrote, or None when it is one: manifest.json an object of
+    format graphopt-bundle, and nothing beside it but the regular files its ``files`` table lists."""
+    try:
+        manifest = json.loads((dest / _loader.MANIFEST).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        manifest = None
+    ours = isinstance(manifest, dict) and manifest.get("format") == _loader.FORMAT
+    listed = manifest.get("files") if ours and isinstance(manifest.get("files"), dict) else {}
+    foreign = [e.name + ("/" if e.is_dir(follow_symlinks=False) else "")
+               for e in sorted(os.scandir(dest), key=lambda e: e.name)
+               if not (e.name in listed or e.name == _loader.MANIFEST) or not e.is_file(follow_symlinks=False)]
+    if foreign:
+        return "it holds " + ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    return None if ours else f"its {_loader.MANIFEST} is not one graphopt writes"
+
+
+def check_destination(directory: str | os.PathLike, option: str = "-o") -> Path:
+    """Refuse (UsageError naming ``option``) a bundle destination graphopt must not write or replace:
+    a link, a non-directory, the current directory or one of its parents, a non-empty directory that
+    is not a bundle graphopt wrote, or a path whose nearest existing parent cannot be written."""
+    dest = Path(directory)
+    if dest.is_symlink():
+        raise UsageError(f"{option} {dest}: is a symbolic link; name the bundle directory itself")
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"{option} {dest}: exists and is not a directory")
+    cwd, real = Path.cwd().resolve(), dest.resolve()
+    if real == cwd or real in cwd.parents:
+        raise UsageError(f"{option} {dest}: is the current directory or one of its parents; refusing to replace it")
+    if dest.is_dir() and any(dest.iterdir()):
+        why = _not_ours(dest)
+        if why:
+            raise UsageError(f"{option} {dest}: not a bundle graphopt wrote ({why}); refusing to replace it")
+    parent = real.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {dest}: directory {parent} is not writable")
+    return dest
+
+
 def export(compiled, directory: str | os.PathLike) -> Path:
     """Write ``compiled`` (a CompiledModule) as a bundle directory, atomically; returns the path.
 
-    An existing bundle at ``directory`` is replaced; any other existing non-empty directory or file is
-    left alone and reported.
+    Only an empty directory or a bundle graphopt wrote is replaced (``check_destination``); a failure
+    to write (permissions, a full disk) is a BundleError naming the directory.
     """
-    dest = Path(directory)
-    if dest.exists() and not dest.is_dir():
-        raise UsageError(f"-o {dest}: exists and is not a directory")
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / _loader.MANIFEST).exists():
-        raise UsageError(f"-o {dest}: a non-empty directory that is not a graphopt bundle; refusing to overwrite it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    dest = check_destination(directory)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    except OSError as e:
+        raise BundleError(f"-o {dest}: cannot write in {dest.parent} ({e.strerror})") from None
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a bundle is an ordinary directory
     try:
         manifest = _write_files(compiled, tmp)
         text = json.dumps(manifest, indent=2, default=str)
-        (tmp / _loader.MANIFEST).write_text(text + "\n")
+        (tmp / _loader.MANIFEST).write_text(text + "\n", encoding="utf-8")
         old = None
+        check_destination(dest)  # again: the compile took a while
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
             os.rmdir(old)
@@ -113,10 +157,30 @@ def export(compiled, directory: str | os.PathLike) -> Path:
         os.replace(tmp, dest)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise BundleError(f"-o {dest}: cannot write the bundle ({e.strerror or e})") from None
         raise
     return dest
+
+
+def check_digests(paths, digests) -> None:
+    """Refuse (BundleError) unless the bundle directories among ``paths`` have ``digests``, in order
+    (no digests: nothing to check)."""
+    bundles = [p for p in paths if os.path.isdir(p)]
+    if digests and len(digests) != len(bundles):
+        raise UsageError(f"--expect-digest given {len(digests)} times for {len(bundles)} bundle directories")
+    for path, digest in zip(bundles, digests):
+        try:
+            _loader.read_manifest(os.fspath(path), digest)
+        except _loader.BundleError as e:
+            raise BundleError(str(e)) from None
+
+
+def bundle_digest(directory: str | os.PathLike) -> str:
+    """The bundle's digest, ``sha256:`` + the hash of its manifest.json: pin it with ``--expect-digest``."""
+    return _loader.manifest_digest(os.fspath(directory))
 
 
 class BundleModule:
@@ -147,14 +211,15 @@ class BundleModule:
         return call_checked(self.runner, args, kwargs)
 
 
-def load_bundle(directory: str | os.PathLike, *, verify: bool = True) -> BundleModule:
-    """Load a bundle directory; hashes are checked against the manifest unless ``verify=False``."""
+def load_bundle(directory: str | os.PathLike, *, verify: bool = True, digest: str | None = None) -> BundleModule:
+    """Load a bundle directory; hashes are checked against the manifest unless ``verify=False``;
+    ``digest`` (``sha256:HEX``) pins the manifest itself (see docs/bundles.md)."""
     d = Path(directory)
     try:
-        runner = _loader.load(str(d), verify=verify)
+        runner = _loader.load(str(d), verify=verify, digest=digest)
     except _loader.BundleError as e:
         raise BundleError(str(e)) from None
     return BundleModule(runner, d)
 
 
-__all__ = ["BundleError", "BundleModule", "export", "load_bundle"]
+__all__ = ["BundleError", "BundleModule", "bundle_digest", "check_destination", "check_digests", "export", "load_bundle"]

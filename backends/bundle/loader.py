@@ -2,35 +2,58 @@
 
 A copy of this file is written into every bundle, so a deployment can run it without graphopt::
 
-    python3 BUNDLE/loader.py BUNDLE --inputs in.npz -o out.npz
+    python3 BUNDLE/loader.py BUNDLE --inputs in.npz -o out.npz [--expect-digest sha256:HEX]
 
 From Python::
 
     import loader
-    model = loader.load("BUNDLE")          # checks the sha256 of every file against manifest.json
+    model = loader.load("BUNDLE", digest="sha256:...")   # digest: optional, pins manifest.json
     outputs = model(x=np.zeros((1, 3, 224, 224), np.float32))   # dict: output name -> array
 
+What the loader trusts (docs/bundles.md has the whole model):
+
+* ``manifest.json`` is the root. Its sha256 is the bundle's *digest*, printed by ``graphopt compile``;
+  with ``digest=`` (``--expect-digest``) a manifest that hashes differently is refused, and since the
+  manifest holds the sha256 of every other file, the pinned digest fixes the whole bundle. Without a
+  pinned digest the hashes catch corruption and partial edits, not a forgery: whoever can write the
+  directory can rewrite the manifest too.
+* Every file the loader opens (the library, the params file) must be listed in the manifest's
+  ``files`` table with its sha256, under a plain file name (no ``/``, no ``..``, not absolute) that
+  resolves to a regular file directly inside the bundle directory (a symbolic link leading out of
+  it is refused). ``verify=False`` skips the hashing only: names, listing, the manifest's types and
+  the library's ELF size check still apply.
+* Files are hashed, then opened: a writer changing the directory while it loads is not defended
+  against (keep bundle directories writable only by their owner).
+
+Anything refused raises ``BundleError`` with one line naming the file and field; the command exits 2.
 Exit codes of the command: 0 success, 2 a bad bundle or bad inputs (one line saying which), 1 other errors.
 """
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import hashlib
 import json
 import os
 import platform
+import queue
+import struct
 import sys
+import tempfile
+import threading
+import weakref
 
 import numpy as np
 
 MANIFEST = "manifest.json"
 FORMAT = "graphopt-bundle"
 FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 class BundleError(Exception):
-    """The bundle is missing a file, was modified, or was built for another machine."""
+    """The bundle is missing a file, was modified, is malformed, or was built for another machine."""
 
 
 class InputError(ValueError):
@@ -43,6 +66,24 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _is_sha256(text) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def parse_digest(text) -> str:
+    """``sha256:HEX`` (or the bare 64 hex digits) -> lower-case hex; anything else is a BundleError."""
+    t = text.strip().lower() if isinstance(text, str) else ""
+    t = t[len("sha256:"):] if t.startswith("sha256:") else t
+    if not _is_sha256(t):
+        raise BundleError(f"expected digest {text!r} is not 'sha256:' followed by 64 hex digits")
+    return t
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:limit]
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -80,11 +121,69 @@ def use_physical_cores() -> None:
         os.environ["TVM_NUM_THREADS"] = str(physical_cores())
 
 
+class _CallThread:
+    """One long-lived thread that runs every call handed to it, one at a time, in arrival order.
+
+    TVM's runtime keeps a pool of worker threads per calling thread and never frees it: calls made
+    from a new thread each time would add threads and memory without bound. Started on first use
+    (again after a fork); stopped when its owner is garbage-collected (``stop``)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._start_lock = threading.Lock()
+        self._pid = None
+
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue) -> None:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            fn, args, box, done = job
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as e:  # handed back to the caller, raised there
+                box.append((False, e))
+            done.release()
+            del job, fn, args, box, done  # hold no reference to the owner between calls
+
+    def _ensure_started(self) -> None:
+        with self._start_lock:
+            if self._pid != os.getpid():
+                threading.Thread(target=self._serve, args=(self._jobs,), name="graphopt-bundle-calls",
+                                 daemon=True).start()
+                self._pid = os.getpid()
+
+    def run(self, fn, *args):
+        if self._pid != os.getpid():
+            self._ensure_started()
+        done = _thread.allocate_lock()
+        done.acquire()
+        box: list = []
+        self._jobs.put((fn, args, box, done))
+        done.acquire()
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
 class Runner:
     """A compiled model on a device: ``runner(*arrays, **named_arrays) -> {output name: array}``.
 
     ``inputs``/``outputs`` are ``[(name, shape, dtype)]``; ``params`` are the weights passed after
     the data inputs (empty when they are embedded in the library).
+
+    Threads: a runner may be called from any thread, concurrently. Inputs are checked on the caller's
+    thread; the model itself runs on one thread the runner owns, one call at a time in arrival order
+    (TVM's VM is not re-entrant, and each call already uses every core TVM was given). So however many
+    threads call it, the process keeps one calling thread and one TVM worker pool per runner: calling
+    from a fresh thread each time does not grow the thread count or memory. That thread stops when the
+    runner is garbage-collected. ``vm`` is TVM's VM itself, for callers that time it on their own
+    thread (and accept TVM's pool per calling thread).
     """
 
     def __init__(self, module, inputs, outputs, params, device) -> None:
@@ -96,7 +195,10 @@ class Runner:
         self.outputs = [(n, None if s is None else tuple(s), str(d)) for n, s, d in outputs]
         self.device = device
         self.vm = relax.VirtualMachine(module, device)
+        self._main = self.vm["main"]
         self._params = [tvm.runtime.tensor(_contiguous(np.asarray(p)), device) for p in params]
+        self._calls = _CallThread()
+        weakref.finalize(self, self._calls.stop)
 
     @property
     def input_names(self) -> list[str]:
@@ -133,42 +235,185 @@ class Runner:
         return arrays
 
     def __call__(self, *args, **kwargs) -> dict:
+        return self._calls.run(self._run, self.check_inputs(args, kwargs))
+
+    def _run(self, arrays: list[np.ndarray]) -> dict:
         import tvm
 
-        arrays = self.check_inputs(args, kwargs)
         tensors = [tvm.runtime.tensor(a, self.device) for a in arrays]
-        result = self.vm["main"](*tensors, *self._params)
+        try:
+            result = self._main(*tensors, *self._params)
+        except Exception as e:  # inputs matched the declared shapes: the declaration is wrong
+            raise BundleError(f"the library failed on inputs of the shapes and dtypes its manifest declares "
+                              f"({_first_line(e)}); the manifest does not describe this library") from None
         values = [result] if hasattr(result, "numpy") else list(result)
         if len(values) != len(self.outputs):
-            raise BundleError(f"the model returned {len(values)} outputs, the manifest lists {len(self.outputs)}")
+            raise BundleError(f"the library returned {len(values)} outputs, the manifest lists "
+                              f"{len(self.outputs)}; the manifest does not describe this library")
         return {name: v.numpy() for (name, _, _), v in zip(self.outputs, values)}
 
 
-def read_manifest(directory: str) -> dict:
+# --- the manifest: read, pinned, checked for type before any use ---------------------------------
+
+_MISSING = object()
+
+
+def _need(path: str, field: str, value, ok: bool, expected: str) -> None:
+    if value is _MISSING:
+        raise BundleError(f"{path}: lacks the field '{field}' ({expected})")
+    if not ok:
+        text = json.dumps(value, default=str)
+        text = text if len(text) <= 40 else text[:37] + "..."
+        raise BundleError(f"{path}: field '{field}' must be {expected}, got {text}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_dtype(v) -> bool:
+    try:
+        return isinstance(v, str) and np.dtype(v).name == v
+    except Exception:  # TypeError, or SyntaxError for some malformed dtype strings
+        return False
+
+
+def _check_rows(path: str, field: str, rows, *, shape_optional: bool) -> None:
+    _need(path, field, rows, isinstance(rows, list) and (bool(rows) or field == "inputs"),
+          "a list of {name, shape, dtype}" + (", at least one" if field == "outputs" else ""))
+    for i, row in enumerate(rows):
+        where = f"{field}[{i}]"
+        _need(path, where, row, isinstance(row, dict), "an object {name, shape, dtype}")
+        _need(path, f"{where}.name", row.get("name", _MISSING), isinstance(row.get("name"), str), "a string")
+        shape = row.get("shape", _MISSING)
+        _need(path, f"{where}.shape", shape, (shape is None and shape_optional)
+              or (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)),
+              "a list of non-negative integers")
+        _need(path, f"{where}.dtype", row.get("dtype", _MISSING), _is_dtype(row.get("dtype")), "a numpy dtype name")
+    names = [r["name"] for r in rows]
+    if len(set(names)) != len(names):
+        raise BundleError(f"{path}: field '{field}' names an input or output twice")
+
+
+def check_manifest(m, path: str) -> None:
+    """Refuse (BundleError naming the field) a manifest whose fields do not have the expected types."""
+    if not isinstance(m, dict):
+        raise BundleError(f"{path}: not a graphopt bundle manifest (a JSON {type(m).__name__}, not an object)")
+    if m.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a graphopt bundle manifest (format is {m.get('format')!r})")
+    version = m.get("format_version", _MISSING)
+    _need(path, "format_version", version, _is_int(version), "an integer")
+    if version > FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {version} is newer than this loader ({FORMAT_VERSION})")
+    _need(path, "library", m.get("library", _MISSING), isinstance(m.get("library"), str), "a file name")
+    files = m.get("files", _MISSING)
+    _need(path, "files", files, isinstance(files, dict) and bool(files), "a non-empty table: file name -> sha256")
+    for name, digest in files.items():
+        _need(path, f"files.{name}", digest, _is_sha256(digest), "a sha256 (64 lower-case hex digits)")
+    params = m.get("params", _MISSING)
+    _need(path, "params", params, isinstance(params, dict), "an object {file, keys}")
+    pfile = params.get("file")
+    _need(path, "params.file", pfile, pfile is None or isinstance(pfile, str), "a file name or null")
+    if pfile:
+        keys = params.get("keys", _MISSING)
+        _need(path, "params.keys", keys, isinstance(keys, list) and all(isinstance(k, str) for k in keys),
+              "a list of array names")
+    _check_rows(path, "inputs", m.get("inputs", _MISSING), shape_optional=False)
+    _check_rows(path, "outputs", m.get("outputs", _MISSING), shape_optional=True)
+    target = m.get("target", {})
+    _need(path, "target", target, isinstance(target, dict), "an object")
+    inner = target.get("target", {})
+    _need(path, "target.target", inner, isinstance(inner, dict), "an object")
+    for key, ok in (("kind", isinstance(inner.get("kind", ""), str)), ("mtriple", isinstance(inner.get("mtriple", ""), str)),
+                    ("mattr", isinstance(inner.get("mattr", []), list))):
+        _need(path, f"target.target.{key}", inner.get(key), ok, "a string" if key != "mattr" else "a list")
+    for name in [m["library"], *([pfile] if pfile else [])]:
+        if name not in files:
+            raise BundleError(f"{path}: {name} is not listed in 'files' with its sha256 "
+                              "(every file the loader opens must be)")
+
+
+def read_manifest(directory: str, digest: str | None = None) -> dict:
+    """The bundle's manifest, checked for type; with ``digest``, refused unless its sha256 matches."""
+    expected = None if digest is None else parse_digest(digest)
     path = os.path.join(directory, MANIFEST)
     if not os.path.isdir(directory):
         raise BundleError(f"{directory}: not a bundle directory")
     if not os.path.isfile(path):
         raise BundleError(f"{directory}: no {MANIFEST} (not a graphopt bundle)")
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: unreadable manifest: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: not a graphopt bundle manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {manifest.get('format_version')} is newer than this loader ({FORMAT_VERSION})")
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise BundleError(f"{path}: cannot be read ({e.strerror})") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MB; not a graphopt bundle manifest")
+    actual = hashlib.sha256(data).hexdigest()
+    if expected is not None and actual != expected:
+        raise BundleError(f"{path}: digest sha256:{actual} differs from the expected sha256:{expected} "
+                          "(the bundle was modified or is not the one pinned)")
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise BundleError(f"{path}: not a graphopt bundle manifest (nested too deeply)") from None
+    check_manifest(manifest, path)
     return manifest
 
 
-def verify_files(directory: str, manifest: dict) -> None:
-    for name, digest in manifest.get("files", {}).items():
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            raise BundleError(f"{directory}: file {name} listed in the manifest is missing")
-        if sha256_file(path) != digest:
+def manifest_digest(directory: str) -> str:
+    """The bundle's digest: ``sha256:`` and the hash of its manifest.json's bytes."""
+    return "sha256:" + sha256_file(os.path.join(directory, MANIFEST))
+
+
+def bundle_file(directory: str, name, field: str = "files") -> str:
+    """The path of a file the manifest names: a plain file name resolving directly inside ``directory``."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise BundleError(f"{directory}: {field} names {name!r}, which is not a plain file name inside the bundle")
+    path = os.path.join(directory, name)
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(directory):
+        raise BundleError(f"{directory}: {name} is a symbolic link leading out of the bundle")
+    if not os.path.isfile(path):
+        raise BundleError(f"{directory}: file {name} listed in the manifest is missing (or not a regular file)")
+    return path
+
+
+def verify_files(directory: str, manifest: dict, *, hashes: bool = True) -> None:
+    """Every listed file must be a plain name inside the bundle and (with ``hashes``) match its sha256."""
+    for name, digest in manifest["files"].items():
+        path = bundle_file(directory, name)
+        if hashes and sha256_file(path) != digest:
             raise BundleError(f"{directory}: file {name} does not match its sha256 in the manifest (modified or corrupted)")
+
+
+def check_elf(path: str) -> None:
+    """Refuse an ELF library whose headers or segments reach past its end (a truncated file would
+    crash the dynamic loader with SIGBUS rather than fail)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+        wide = head[4:5] == b"\x02"
+        if head[:4] != b"\x7fELF" or len(head) < (64 if wide else 52) or head[4] not in (1, 2) or head[5] not in (1, 2):
+            raise BundleError(f"{path}: not an ELF shared library")
+        end = "<" if head[5] == 1 else ">"
+        fmt = end + ("QQQIHHHHHH" if wide else "IIIIHHHHHH")
+        _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _ = struct.unpack_from(fmt, head, 24)
+        if (phnum and phentsize < (56 if wide else 32)) or phoff + phnum * phentsize > size \
+                or (shoff and shoff + shnum * shentsize > size):
+            raise BundleError(f"{path}: truncated or corrupted ELF library (headers past its end)")
+        f.seek(phoff)
+        table = f.read(phnum * phentsize)
+    for i in range(phnum):
+        if wide:  # p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz
+            _, _, offset, _, _, filesz = struct.unpack_from(end + "IIQQQQ", table, i * phentsize)
+        else:  # p_type, p_offset, p_vaddr, p_paddr, p_filesz
+            _, offset, _, _, filesz = struct.unpack_from(end + "IIIII", table, i * phentsize)
+        if offset + filesz > size:
+            raise BundleError(f"{path}: truncated or corrupted ELF library (a segment ends past the file)")
 
 
 def _device(manifest: dict):
@@ -210,25 +455,78 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def load(directory: str, *, verify: bool = True) -> Runner:
-    """Load a bundle directory (checking every file's sha256 unless ``verify=False``)."""
+def _load_params(directory: str, manifest: dict) -> list[np.ndarray]:
+    pinfo = manifest["params"]
+    if not pinfo.get("file"):
+        return []
+    path = bundle_file(directory, pinfo["file"], "params.file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in pinfo["keys"] if k not in data.files]
+            if missing:
+                raise BundleError(f"{path}: lacks the array {missing[0]!r} that the manifest's params.keys lists")
+            return [data[k] for k in pinfo["keys"]]
+    except BundleError:
+        raise
+    except Exception as e:  # any failure to parse the archive: BadZipFile, zlib.error, ValueError, ...
+        raise BundleError(f"{path}: params file unreadable ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def load(directory: str, *, verify: bool = True, digest: str | None = None) -> Runner:
+    """Load a bundle directory: ``digest`` pins manifest.json's sha256; ``verify=False`` skips hashing
+    the other files (their names, listing and the manifest's types are still checked)."""
     import tvm
 
     directory = os.fspath(directory)
-    manifest = read_manifest(directory)
-    if verify:
-        verify_files(directory, manifest)
+    manifest = read_manifest(directory, digest)
+    verify_files(directory, manifest, hashes=verify)
     device = _device(manifest)
-    lib = tvm.runtime.load_module(os.path.join(directory, manifest.get("library", "lib.so")))
-    pinfo = manifest.get("params", {})
-    params = []
-    if pinfo.get("file"):
-        with np.load(os.path.join(directory, pinfo["file"]), allow_pickle=False) as data:
-            params = [data[k] for k in pinfo["keys"]]
+    lib_path = bundle_file(directory, manifest["library"], "library")
+    if sys.platform.startswith("linux"):
+        check_elf(lib_path)
+    try:
+        lib = tvm.runtime.load_module(lib_path)
+    except Exception as e:
+        raise BundleError(f"{lib_path}: the library cannot be loaded ({_first_line(e)})") from None
+    params = _load_params(directory, manifest)
     io = lambda rows: [(r["name"], r["shape"], r["dtype"]) for r in rows]  # noqa: E731
-    runner = Runner(lib, io(manifest["inputs"]), io(manifest["outputs"]), params, device)
+    try:
+        runner = Runner(lib, io(manifest["inputs"]), io(manifest["outputs"]), params, device)
+    except Exception as e:
+        raise BundleError(f"{lib_path}: not a compiled graphopt model ({_first_line(e)})") from None
     runner.manifest = manifest
     return runner
+
+
+def _read_inputs(path: str) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except OSError as e:
+        raise InputError(f"--inputs {path}: cannot be read ({e.strerror or e})") from None
+    except Exception as e:  # not a zip of .npy arrays (a .npy file has no context manager, no .files)
+        raise InputError(f"--inputs {path}: not a readable .npz file ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _check_output(path: str, protected: list[str]) -> None:
+    if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
+        raise InputError(f"-o {path}: not a regular file or a new path")
+    if any(os.path.exists(path) and os.path.exists(p) and os.path.samefile(path, p) for p in protected):
+        raise InputError(f"-o {path}: is one of the inputs or the bundle's files; refusing to overwrite it")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise InputError(f"-o {path}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
+
+
+def _write_outputs(path: str, arrays: dict, protected: list[str]) -> None:
+    _check_output(path, protected)
+    fd, tmp = tempfile.mkstemp(prefix=".loader-", suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def main(argv=None) -> int:
@@ -237,17 +535,17 @@ def main(argv=None) -> int:
     p.add_argument("--inputs", required=True, help=".npz with one array per model input (by name)")
     p.add_argument("-o", "--output", required=True, help=".npz to write the outputs to")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    p.add_argument("--expect-digest", metavar="sha256:HEX", help="refuse the bundle unless manifest.json has this sha256")
     args = p.parse_args(argv)
     try:
-        runner = load(args.bundle, verify=not args.no_verify)
-        with np.load(args.inputs, allow_pickle=False) as data:
-            inputs = {k: data[k] for k in data.files}
-        outputs = runner(**inputs)
-        tmp = args.output + ".tmp.npz"
-        np.savez(tmp, **outputs)
-        os.replace(tmp, args.output)
+        bundle_files = [os.path.join(args.bundle, n) for n in os.listdir(args.bundle)] if os.path.isdir(args.bundle) else []
+        protected = [args.inputs, *bundle_files]
+        _check_output(args.output, protected)
+        runner = load(args.bundle, verify=not args.no_verify, digest=args.expect_digest)
+        outputs = runner(**_read_inputs(args.inputs))
+        _write_outputs(args.output, outputs, protected)
     except (BundleError, InputError, OSError) as e:
-        print(f"loader: error: {e}", file=sys.stderr)
+        print(f"loader: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

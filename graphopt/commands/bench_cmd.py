@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true", help="time per fused function (slowest first)")
     p.add_argument("--frontend", default="graphopt", choices=["graphopt", "tvm"], help="lowering front end")
     p.add_argument("--top", type=int, default=8, help="kernels listed per model with --profile (default 8)")
+    p.add_argument("--expect-digest", action="append", default=[], metavar="sha256:HEX",
+                   help="the digest of each bundle among the models, in order (checked before timing)")
 
 
 def _fmt(v, nd=2):
@@ -37,6 +39,9 @@ def _fmt(v, nd=2):
 def run(args: argparse.Namespace) -> int:
     from graphopt.bench import bench, plot
 
+    from graphopt.backends.bundle import check_digests
+
+    check_digests(args.models, args.expect_digest)
     outputs.check_output_files({"--json": args.json, "--plot": args.plot, "--markdown": args.markdown},
                                protected=outputs.files_read_by(args.models))
     results = bench(

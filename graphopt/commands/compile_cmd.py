@@ -1,4 +1,7 @@
-"""``graphopt compile MODEL --target x86 -o BUNDLE``: optimize, lower, compile and write a bundle."""
+"""``graphopt compile MODEL --target x86 -o BUNDLE``: optimize, lower, compile and write a bundle.
+
+``-o`` is checked before the compile (a new or empty directory, or a bundle graphopt wrote); the
+bundle's digest (sha256 of its manifest.json) is printed, for ``run/bench/serve --expect-digest``."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from graphopt.commands.common import add_input_shape, add_opt_level, print_json,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=".onnx file, or a bundled model name such as light:resnet50")
     p.add_argument("--target", default="x86", help="x86 (this host), aarch64, cuda, or a JSON target dict")
-    p.add_argument("-o", "--output", required=True, help="bundle directory to write (atomically)")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to write (atomically; replaces only a bundle graphopt wrote)")
     add_opt_level(p)
     add_input_shape(p)
     p.add_argument("--tuning-db", metavar="DIR", help="apply tuned schedules from this MetaSchedule database")
@@ -27,12 +30,13 @@ def run(args: argparse.Namespace) -> int:
     )
     total = sum(compiled.timings.values())
     if args.json:
-        print_json({"bundle": args.output, "target": compiled.target.name, "timings": compiled.timings,
-                    "total_seconds": total})
+        print_json({"bundle": args.output, "digest": compiled.bundle_digest, "target": compiled.target.name,
+                    "timings": compiled.timings, "total_seconds": total})
         return 0
     rows = [[name, f"{sec:.3f}"] for name, sec in compiled.timings.items()]
     print(table(rows, ["stage", "seconds"]))
     where = "embedded" if compiled.embedded_params else "params.npz"
     print(f"{args.model} -> {args.output} ({compiled.target.name}, -O{args.opt_level}, weights {where}) "
           f"in {total:.2f} s")
+    print(f"digest {compiled.bundle_digest} (pin it: graphopt run --expect-digest ...)")
     return 0

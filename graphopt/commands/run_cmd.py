@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", required=True, help=".npz with one array per model input, keyed by input name")
     p.add_argument("-o", "--output", required=True, help=".npz to write the outputs to (keyed by output name)")
     p.add_argument("--no-verify", action="store_true", help="skip checking the bundle files' sha256")
+    p.add_argument("--expect-digest", metavar="sha256:HEX",
+                   help="refuse the bundle unless its digest (printed by compile) is this one")
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
@@ -59,7 +61,7 @@ def write_npz(f, arrays: dict[str, np.ndarray]) -> None:
 def run(args: argparse.Namespace) -> int:
     outputs.check_output_file(args.output, "-o", protected=[args.inputs, *_bundle_files(args.bundle)])
     inputs = read_npz(args.inputs)
-    module = api.load_bundle(args.bundle, verify=not args.no_verify)
+    module = api.load_bundle(args.bundle, verify=not args.no_verify, digest=args.expect_digest)
     results = module(**inputs)
     io.atomic_write(args.output, lambda f: write_npz(f, results))
     for name, value in results.items():

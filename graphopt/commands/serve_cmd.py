@@ -10,6 +10,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle directories (graphopt compile -o)")
     p.add_argument("--name", action="append", default=[],
                    help="model name for each bundle, in order (default: the directory name)")
+    p.add_argument("--expect-digest", action="append", default=[], metavar="sha256:HEX",
+                   help="each bundle's digest (printed by compile), in order: refuse a bundle that differs")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0 picks a free one)")
 
@@ -34,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
     names = args.name or [Path(b).resolve().name for b in args.bundles]
     if len(set(names)) != len(names):
         raise UsageError(f"model names must be unique, got {names} (use --name)")
-    models = {n: ModelEndpoint(n, api.load_bundle(b)) for n, b in zip(names, args.bundles)}
+    if args.expect_digest and len(args.expect_digest) != len(args.bundles):
+        raise UsageError(f"--expect-digest given {len(args.expect_digest)} times for {len(args.bundles)} bundles")
+    digests = args.expect_digest or [None] * len(args.bundles)
+    models = {n: ModelEndpoint(n, api.load_bundle(b, digest=d)) for n, b, d in zip(names, args.bundles, digests)}
     try:
         server = make_server(models, args.host, args.port)
     except OSError as e:

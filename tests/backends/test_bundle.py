@@ -159,7 +159,7 @@ def test_export_is_atomic_and_refuses_foreign_directories(built, tmp_path):
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
-    with pytest.raises(UsageError, match="not a graphopt bundle"):
+    with pytest.raises(UsageError, match=r"not a bundle graphopt wrote \(it holds keep.txt\)"):
         c.save(foreign)
     assert (foreign / "keep.txt").read_text() == "mine"
     target = tmp_path / "b"
