@@ -27,6 +27,7 @@ COMMANDS = {
     "serve": ("serve_cmd", "serve a bundle over the KServe v2 inference protocol"),
     "compare": ("compare_cmd", "compare graphopt -O3 (standard ONNX and --target-runtime ort) with onnxslim: node counts and ONNX Runtime latency"),
     "conformance": ("conformance_cmd", "run the ONNX node conformance cases through the compiler"),
+    "evaluate": ("evaluate_cmd", "score a model on rendered OCR text (ocr-rec, ocr-det), by cosine or your metric; write calibration data"),
 }
 
 
