@@ -42,6 +42,9 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     if not proto.HasField("graph") or (not proto.opset_import and not proto.graph.node):
         raise ModelLoadError(f"{p}: not a valid ONNX file (no graph or opset_import)")
     _check_external_data(proto, p)
+    bad_text = _invalid_utf8(proto, "model")
+    if bad_text:
+        raise ModelLoadError(f"{p}: {bad_text} is not valid UTF-8 text (a damaged file?)")
     if check:
         _check(proto, p)
     try:
@@ -109,6 +112,25 @@ def _check_external_data(proto: onnx.ModelProto, p: Path) -> None:
             if offset < 0 or (length is not None and offset + length > size):
                 raise ModelLoadError(f"{where}: needs bytes {offset}..{offset + (length or 0)} but the file "
                                      f"has {size} (truncated or wrong offset/length)")
+
+
+def _invalid_utf8(msg, where: str) -> str | None:
+    """The first string field (names, op types, attributes' strings excluded) that protobuf could
+    only read as bytes: onnx_ir cannot write such a model back."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    for field, value in msg.ListFields():
+        repeated = field.is_repeated
+        if field.type == F.TYPE_STRING:
+            for i, v in enumerate(value if repeated else [value]):
+                if isinstance(v, bytes):
+                    return f"{where}.{field.name}" + (f"[{i}]" if repeated else "")
+        elif field.type == F.TYPE_MESSAGE:
+            for i, v in enumerate(value if repeated else [value]):
+                found = _invalid_utf8(v, f"{where}.{field.name}" + (f"[{i}]" if repeated else ""))
+                if found:
+                    return found
+    return None
 
 
 def _tensor_nbytes(t: onnx.TensorProto) -> int | None:
