@@ -392,6 +392,10 @@ def _front_end(model: ir.Model, stage: _Stages, opt_level: int, frontend: str = 
             return _lower_with_tvm_frontend(model), passes
     from graphopt.backends import lowering
 
+    with stage("integer_ops"):  # QDQ groups to integer convs/matmuls (backends/lowering/qdq_fuse.py)
+        from graphopt.backends.lowering.qdq_fuse import fuse_qdq
+
+        fuse_qdq(model)
     with stage("check_supported"):
         lowering.check_supported(model)
     with stage("lower"):

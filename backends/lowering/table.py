@@ -15,6 +15,7 @@ from graphopt.backends.lowering import (
     losses,
     nn,
     ort_contrib,
+    qdq,
     quant,
     reduce,
     rnn,
@@ -38,6 +39,7 @@ RULES: tuple[OpRule, ...] = (
     *rnn.RULES,
     *control.RULES,
     *quant.RULES,
+    *qdq.RULES,
     *graphopt_ops.RULES,
     *ort_contrib.RULES,
 )

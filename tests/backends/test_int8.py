@@ -1,0 +1,183 @@
+"""Integer code for QDQ models: QDQ groups fused into QConv/QGemm, compiled, and checked against ONNX
+Runtime running the same QDQ model (which executes QDQ Conv as integer QLinearConv)."""
+
+from __future__ import annotations
+
+import collections
+import shutil
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from graphopt.backends.compile import _optimize, compile_model
+from graphopt.backends.lowering.qdq_fuse import fuse_qdq
+
+
+class _Reader:
+    """Calibration data for ``quantize_static``: ``n`` random inputs."""
+
+    def __init__(self, name, shape, n=6, seed=1):
+        rng = np.random.default_rng(seed)
+        self._data = iter([{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(n)])
+
+    def get_next(self):
+        return next(self._data, None)
+
+
+def quantize(float_path, q_path, name, shape, activation="QUInt8"):
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(float_path), str(q_path), _Reader(name, shape), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8)
+    return q_path
+
+
+# (in, out, kernel, stride, pad, groups, activation after the conv)
+NET = [(3, 16, 3, 2, 1, 1, "Relu"), (16, 24, 1, 1, 0, 1, "Relu"), (24, 24, 3, 1, 1, 24, None),
+       (24, 24, 3, 1, 1, 1, None), (24, 40, 1, 1, 0, 1, None), (40, 13, 5, 2, 2, 1, "Relu"), (13, 33, 3, 1, 0, 1, None)]
+
+
+def convnet(path, hw=13, gemm=False, seed=0):
+    """Convs with odd channel counts, strides, paddings, a depthwise conv, a residual Add, a Gemm."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, y = [], [], "x"
+    for i, (cin, cout, k, s, p, g, act) in enumerate(NET):
+        w = (rng.standard_normal((cout, cin // g, k, k)) / np.sqrt(cin // g * k * k)).astype(np.float32)
+        inits += [nh.from_array(w, f"w{i}"), nh.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), f"b{i}")]
+        nodes.append(h.make_node("Conv", [y, f"w{i}", f"b{i}"], [f"c{i}"], kernel_shape=[k, k], strides=[s, s],
+                                 pads=[p] * 4, group=g))
+        y = f"c{i}"
+        if act:
+            nodes.append(h.make_node(act, [y], [y + "a"]))
+            y += "a"
+        if i == 3:
+            nodes.append(h.make_node("Add", [y, "c1a"], ["res"]))
+            y = "res"
+    if gemm:
+        nodes.append(h.make_node("Flatten", [y], ["flat"]))
+        n_in = 33 * (((hw + 1) // 2 + 1) // 2 - 2) ** 2
+        inits += [nh.from_array((rng.standard_normal((10, n_in)) * 0.05).astype(np.float32), "gw"),
+                  nh.from_array(np.zeros(10, np.float32) + 0.1, "gb")]
+        nodes.append(h.make_node("Gemm", ["flat", "gw", "gb"], ["gemm"], transB=1))
+        y = "gemm"
+    graph = h.make_graph(nodes, "net", [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, hw, hw])],
+                         [h.make_tensor_value_info(y, TP.FLOAT, None)], inits)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def _ort(path, feeds):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _output_scale(q_path) -> float:
+    """The scale of the DequantizeLinear that produces the model's output (one quantum)."""
+    model = onnx.load(str(q_path))
+    out = model.graph.output[0].name
+    node = next(n for n in model.graph.node if out in n.output)
+    assert node.op_type == "DequantizeLinear"
+    return float(next(nh.to_array(t) for t in model.graph.initializer if t.name == node.input[1]))
+
+
+def _quanta(q_path, shape, compiled, seeds=(5, 6)):
+    worst = 0.0
+    for seed in seeds:
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        ref = _ort(q_path, {"x": x})[0]
+        got = compiled(x)[compiled.output_names[0]]
+        worst = max(worst, float(np.abs(ref - got).max()) / _output_scale(q_path))
+    return worst
+
+
+def _fused_ops(q_path):
+    model, _ = _optimize(ir.load(str(q_path)), 2)
+    fuse_qdq(model)
+    return collections.Counter(n.op_type for n in model.graph)
+
+
+@pytest.fixture(scope="module")
+def qnet(tmp_path_factory):
+    d = tmp_path_factory.mktemp("int8")
+    return quantize(convnet(d / "f.onnx", gemm=True), d / "q.onnx", "x", (1, 3, 13, 13))
+
+
+def test_every_qdq_conv_and_gemm_becomes_an_integer_op(qnet):
+    ops = _fused_ops(qnet)
+    assert ops["QConv"] == len(NET) and ops["QGemm"] == 1
+    assert ops["Conv"] == 0 and ops["Gemm"] == 0 and ops["Relu"] == 0
+    # the activations between fused ops stay quantized: no DequantizeLinear feeds a QConv's input
+    model, _ = _optimize(ir.load(str(qnet)), 2)
+    fuse_qdq(model)
+    for node in model.graph:
+        if node.op_type == "QConv":
+            producer = node.inputs[0].producer()
+            assert producer is None or producer.op_type != "DequantizeLinear"
+            assert node.inputs[1].const_value.dtype == ir.DataType.INT8
+
+
+def test_integer_net_matches_ort_on_the_qdq_model(qnet):
+    compiled = compile_model(ir.load(str(qnet)), target="x86")
+    assert _quanta(qnet, (1, 3, 13, 13), compiled) <= 1.0
+
+
+def test_int8_activations_and_clip(tmp_path):
+    """int8 (not uint8) activations, and a Clip(0, 6) between a Conv and its QuantizeLinear."""
+    path = convnet(tmp_path / "f.onnx")
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "Clip"
+            node.input.extend(["lo", "hi"])
+    model.graph.initializer.extend([nh.from_array(np.float32(0), "lo"), nh.from_array(np.float32(0.5), "hi")])
+    onnx.save(model, str(path))
+    q = quantize(path, tmp_path / "q.onnx", "x", (1, 3, 13, 13), activation="QInt8")
+    ops = _fused_ops(q)
+    assert ops["QConv"] == len(NET) and ops["Conv"] == 0
+    compiled = compile_model(ir.load(str(q)), target="x86")
+    assert _quanta(q, (1, 3, 13, 13), compiled) <= 1.0
+
+
+def test_unmatched_groups_stay_float(tmp_path):
+    """Asymmetric uint8 weights are not the int8 form: the conv stays float, and still matches."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    path = convnet(tmp_path / "f.onnx")
+    q = tmp_path / "q.onnx"
+    quantize_static(str(path), str(q), _Reader("x", (1, 3, 13, 13)), quant_format=QuantFormat.QDQ,
+                    per_channel=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8)
+    ops = _fused_ops(q)
+    assert ops["QConv"] == 0 and ops["Conv"] == len(NET)
+
+
+@pytest.mark.slow
+def test_rapidocr_cls_int8_matches_ort(tmp_path):
+    from graphopt import api
+    from graphopt.passes.opset_upgrade import try_upgrade
+
+    model = api.optimize(api.load("rapidocr:cls", input_shapes=["x:1,3,48,192"])).model  # shapes inferred
+    assert try_upgrade(model, 13)
+    ir.save(model, tmp_path / "f.onnx")
+    q = quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", "x", (1, 3, 48, 192))
+    ops = _fused_ops(q)
+    assert ops["QConv"] >= 50 and ops["Conv"] == 0
+    compiled = compile_model(ir.load(str(q)), target="x86")
+    x = np.random.default_rng(3).standard_normal((1, 3, 48, 192)).astype(np.float32)
+    ref, got = _ort(q, {"x": x})[0], compiled(x)[compiled.output_names[0]]
+    assert np.abs(ref - got).max() <= 1.0 / 255 + 1e-6  # one quantum of the softmax's uint8 output
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="needs gcc-aarch64-linux-gnu")
+def test_int8_bundle_cross_compiles_for_aarch64_dotprod(qnet, tmp_path):
+    target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
+    compile_model(ir.load(str(qnet)), target=target, output=tmp_path / "bundle")
+    lib = next((tmp_path / "bundle").glob("*.so"))
+    assert b"\xb7\x00" == lib.read_bytes()[18:20]  # ELF e_machine: EM_AARCH64
