@@ -22,6 +22,7 @@ BUILTIN_PASSES: dict[str, tuple[str, str, str]] = {
     # compression
     "convert_weights": (_P + "convert_weights", "ConvertWeightsPass", "store float32 weights as fp16/bf16 with a Cast back (compute stays float32)"),
     "quantize_weights": (_P + "quantize_weights", "QuantizeWeightsPass", "weight-only block-wise int4/int8 for MatMul/Gemm (DequantizeLinear, or MatMulNBits for ORT)"),
+    "equalize": (_P + "equalize", "EqualizePass", "cross-layer equalization of Conv -> Relu -> Conv weight ranges (exact)"),
     # folding and simplification
     "constant_folding": (_P + "constant_folding", "ConstantFoldingPass", "fold constant subgraphs, shape subgraphs included, bounded by output size"),
     "merge_chains": (_P + "merge_chains", "MergeChainsPass", "merge Transpose/Reshape chains, cancel Squeeze/Unsqueeze pairs"),

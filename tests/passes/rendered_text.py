@@ -29,3 +29,16 @@ def ctc_decode(logits: np.ndarray, chars: list[str]) -> str:
     best = logits.argmax(-1)[0]
     keep = (best != 0) & np.concatenate([[True], best[1:] != best[:-1]])
     return "".join(chars[i - 1] for i in best[keep] if i - 1 < len(chars))
+
+
+def render_page(lines=LINES, size: int = 640) -> np.ndarray:
+    """[1, 3, size, size] float32: the lines drawn on a white page, ImageNet-normalized (PP-OCR's
+    detection preprocessing)."""
+    font = ImageFont.truetype(FONT, 30)
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for i, text in enumerate(lines):
+        draw.text((30 + 15 * (i % 3), 40 + i * (size - 80) // len(lines)), text, fill=(20, 20, 20), font=font)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    x = (np.asarray(img, np.float64) / 255 - mean) / std
+    return x.transpose(2, 0, 1)[None].astype(np.float32)
