@@ -191,3 +191,16 @@ def test_cli_exit_codes_and_output(tmp_path, capsys):
     with np.load(calib) as z:
         assert z["x"].shape == (2, 1, 3, 48, 320)
     assert main(["evaluate", "--metric", "ocr-det", "--write-calibration", str(tmp_path), "--count", "1"]) == 2
+
+
+def test_cli_imports_a_module_metric_from_the_current_directory_and_never_writes_over_the_model(tmp_cwd, capsys):
+    (tmp_cwd / "scores.py").write_text("def half(run):\n    return 0.5\n")
+    assert main(["evaluate", "rapidocr:rec", "--metric", "scores:half", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["score"] == 0.5
+    assert main(["evaluate", "rapidocr:rec", "--metric", "no_such_module:f"]) == 2
+    assert "cannot import no_such_module" in capsys.readouterr().err
+    model = tmp_cwd / "rec.onnx"
+    model.write_bytes(resolve("rapidocr:rec").read_bytes())
+    before = model.read_bytes()
+    assert main(["evaluate", str(model), "--metric", "ocr-rec", "--write-calibration", str(model)]) == 2
+    assert "refusing to overwrite an input" in capsys.readouterr().err and model.read_bytes() == before
