@@ -68,13 +68,16 @@ def tir_min(a, b):
     return tirx.Select(a <= tirx.const(INF, _tir_dtype(a)), tirx.Min(a, b), a)
 
 
-def tir_max_skip_nan(acc, x):
-    """The combiner of ORT's reductions: ``x`` replaces ``acc`` only when greater (a NaN ``x`` never)."""
-    return tirx.Select(x > acc, x, acc)
+# ln of the largest float32: exp of anything above overflows to inf
+EXP_OVERFLOW = 88.72283935546875
 
 
-def tir_min_skip_nan(acc, x):
-    return tirx.Select(x < acc, x, acc)
+def exp_nonfinite(arg, e):
+    """``e`` (a clamped, polynomial exp of ``arg``, e.g. TVM's ``fast_exp``) with exp's answers for
+    NaN (NaN) and for an overflowing ``arg`` (inf) restored: ``arg <= EXP_OVERFLOW`` is false for
+    both, and ``arg + inf`` is then NaN or inf. One ordered compare, an add and a blend."""
+    dtype = _tir_dtype(arg)
+    return tirx.Select(arg <= tirx.const(EXP_OVERFLOW, dtype), e, arg + tirx.const(INF, dtype))
 
 
 # ---------------------------------------------------------------- Relax expressions

@@ -46,6 +46,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from graphopt.backends.bundle.loader import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA
+from graphopt.backends.lowering.nan_minmax import tir_max, tir_min
 
 TILE = 16  # rows of a tile; a row holds 32 bfloat16 (64 bytes)
 K_TILE = 32  # input channels per tile
@@ -109,9 +110,9 @@ _STEPS = {  # the elementwise ops an epilogue applies, on float32 lanes
     "subtract": lambda a, b: a - b,
     "multiply": lambda a, b: a * b,
     "divide": lambda a, b: a / b,
-    "maximum": tirx.max,
-    "minimum": tirx.min,
-    "relu": lambda a, _: tirx.max(a, tirx.const(0, "float32")),
+    "maximum": tir_max,  # NaN from either operand, as ORT's Max (a constant goes first: one vmaxps)
+    "minimum": tir_min,
+    "relu": lambda a, _: tir_max(tirx.const(0, "float32"), a),  # max(0, NaN) is NaN, as ORT's Relu
 }
 
 

@@ -8,9 +8,9 @@ vectorized exp. These legalizations use TVM's ``fast_exp`` instead (range reduct
 about 1e-7, within float32 rounding of the library's), which compiles to vector instructions.
 
 Only float32 is rewritten; other dtypes keep TVM's legalization. Inputs are clamped to
-[-88.38, 88.38] first: ``exp`` of a larger float32 overflows, so ``exp(x)`` for x > 88.38 gives
-2.4e38 where the library gives inf, and NaN inputs are not propagated. ``GRAPHOPT_FAST_MATH=0``
-turns this off. The compile pipeline adds ``legalize_map()`` to its LegalizeOps for CPU targets.
+[-88.38, 88.38] first (``exp`` of a larger float32 overflows); the result is then NaN for a NaN
+input and inf for one past float32's overflow (``nan_minmax.exp_nonfinite``, as the library and ONNX
+Runtime answer), 2.4e38 between 88.38 and 88.72. ``GRAPHOPT_FAST_MATH=0`` turns this off. The compile pipeline adds ``legalize_map()`` to its LegalizeOps for CPU targets.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 
 from tvm import te, tirx, topi
+
+from graphopt.backends.lowering.nan_minmax import exp_nonfinite
 
 from .softmax import softmax_te
 
@@ -35,15 +37,21 @@ def _default(bb, call):
     return call.op.get_attr(_DEFAULT_FLEGALIZE)(bb, call)
 
 
+def _exp_te(x: te.Tensor) -> te.Tensor:
+    """``fast_exp`` with NaN and overflow answered as ``exp`` answers them."""
+    e = topi.fast_exp(x)
+    return te.compute(x.shape, lambda *i: exp_nonfinite(x(*i), e(*i)), name="T_exp")
+
+
 def _sigmoid_te(x: te.Tensor) -> te.Tensor:
-    e = topi.fast_exp(topi.negative(x))
+    e = _exp_te(topi.negative(x))
     return te.compute(x.shape, lambda *i: 1.0 / (1.0 + e(*i)), name="T_sigmoid")
 
 
 def _legalize_exp(bb, call):
     if not _float32(call):
         return _default(bb, call)
-    return bb.call_te(topi.fast_exp, call.args[0], primfunc_name_hint="exp")
+    return bb.call_te(_exp_te, call.args[0], primfunc_name_hint="exp")
 
 
 def _legalize_sigmoid(bb, call):

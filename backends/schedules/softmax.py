@@ -24,6 +24,8 @@ import math
 
 from tvm import s_tir, te, tirx, topi
 
+from graphopt.backends.lowering.nan_minmax import exp_nonfinite
+
 from .analysis import get_block, int_extent
 from .features import RuleContext
 from .tiling import PARALLEL_MIN_WORK, _try
@@ -52,7 +54,7 @@ def softmax_te(x: te.Tensor, lanes: int) -> te.Tensor:
     mx = total(partial(x, "softmax_pmax", te.max), x, "softmax_max", te.max, tirx.max)
     delta = te.compute(x.shape, lambda *i: x(*i) - mx(*i[:-1]), name="softmax_delta")
     e = topi.fast_exp(delta)
-    e = te.compute(x.shape, lambda *i: e(*i), name="softmax_exp")
+    e = te.compute(x.shape, lambda *i: exp_nonfinite(delta(*i), e(*i)), name="softmax_exp")  # NaN kept
     s = total(partial(e, "softmax_psum", te.sum), e, "softmax_sum", te.sum, lambda a, b: a + b)
     inv = te.compute(tuple(lead), lambda *i: tirx.const(1.0, x.dtype) / s(*i), name="softmax_inv")
     return te.compute(x.shape, lambda *i: e(*i) * inv(*i[:-1]), name="softmax_norm")
