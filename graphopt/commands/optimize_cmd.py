@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from graphopt import api, io, outputs
+from graphopt.commands import compress_args
 from graphopt.commands.common import add_input_shape, add_opt_level, split_names, table
 
 
@@ -27,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", help="write the per-pass report as JSON")
     p.add_argument("--plot", help="draw node count and parameter bytes after each pass (PNG)")
     p.add_argument("--quiet", "-q", action="store_true", help="print no table")
+    compress_args.add_arguments(p)
 
 
 def _check_paths(args: argparse.Namespace, out: Path, check_dir: str | None) -> Path:
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     check_dir = args.check_dir or (str(out.parent / (out.stem + ".check")) if args.check else None)
     src = _check_paths(args, out, check_dir)
+    compression = compress_args.options(args)
     disable = [n for d in args.disable for n in split_names(d)]
     force = [n for d in args.force for n in split_names(d)]
     passes = split_names(args.passes) if args.passes else None
@@ -67,9 +70,12 @@ def run(args: argparse.Namespace) -> int:
         input_shapes=args.input_shape, check=args.check, check_dir=check_dir, instruments=instruments,
         target_runtime=args.target_runtime,
     )
+    compressed = compress_args.apply(compression, res, src, args)
     api.save(res.model, out)
     report = res.report()
     report.update({"model": str(Path(args.model)), "output": str(out), "opt_level": args.opt_level})
+    if compressed is not None:
+        report["compression"] = compressed
     if args.report:
         io.atomic_write_text(args.report, json.dumps(report, indent=2))
     if args.plot:
@@ -82,5 +88,7 @@ def run(args: argparse.Namespace) -> int:
         if rows:
             print(table(rows, ["pass", "ms", "modified", "nodes", "param bytes"]))
         last_nodes = res.records[-1].nodes if res.records else res.initial_nodes
+        if compressed is not None:
+            print(compress_args.summary(compressed))
         print(f"{Path(args.model)} -> {out}: nodes {res.initial_nodes} -> {last_nodes}")
     return 0
