@@ -101,6 +101,21 @@ def test_cosine_reads_real_inputs_from_npz(tmp_path):
         evaluate.resolve_metric("cosine", "rapidocr:rec", reference_path="rapidocr:rec", data=tmp_path / "wrong.npz")
 
 
+def test_cosine_on_a_model_without_an_image_input_asks_for_data(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["a"], ["b"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 16])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    with pytest.raises(GraphoptError, match="give its real inputs with --data"):
+        evaluate.resolve_metric("cosine", path, reference_path=path)
+    np.savez(tmp_path / "a.npz", a=np.random.default_rng(0).standard_normal((3, 1, 16)).astype(np.float32))
+    result = evaluate.evaluate(path, "cosine", reference_path=path, data=tmp_path / "a.npz")
+    assert result["samples"] == 3 and result["score"] == pytest.approx(1.0)
+
+
 def test_user_metric_callable_and_failures():
     def top_prob(run):
         _, x = ocr_rec.line_samples(1, 0, None, 48, 320)

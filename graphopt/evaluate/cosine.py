@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.errors import GraphoptError, UsageError
+from graphopt.errors import GraphoptError, ShapeError, UsageError
 from graphopt.evaluate.base import Metric, Run, image_input, load_proto, ort_runner, with_progress
 
 DEFAULT_SAMPLES = 16
@@ -48,7 +48,13 @@ def rendered_samples(proto, count: int, seed: int, input_shapes: Sequence[str] |
     from graphopt.evaluate import ocr_det, ocr_rec
 
     is_rec = any(p.key == "character" for p in proto.metadata_props)
-    name, shape = image_input(proto, input_shapes, ocr_rec.DEFAULT_HW if is_rec else ocr_det.DEFAULT_HW, "cosine")
+    try:
+        name, shape = image_input(proto, input_shapes, ocr_rec.DEFAULT_HW if is_rec else ocr_det.DEFAULT_HW,
+                                  "cosine")
+    except ShapeError as e:
+        if str(e).startswith("--input-shape"):
+            raise
+        raise UsageError(f"{e}; give its real inputs with --data FILE.npz") from None
     n, _, h, w = shape
     if is_rec:
         charset = set(ocr_rec.character_list(proto))
