@@ -14,9 +14,15 @@ The forms here, measured against ONNX Runtime 1.32 (CPUExecutionProvider):
   TVM lowers it to a call that is not vectorized (the loop became gathers and scatters), and TVM's
   simplifier folds ``a != a`` to false.
 * reductions (ReduceMax / ReduceMin): ORT's reduce kernels start from the first element and skip
-  every later NaN, so the answer is NaN exactly when the first element of the reduced set is NaN
-  (measured for rows of 3 to 100 along the inner, outer and a middle axis; ONNX's reference
-  implementation, numpy's ``maximum.reduce``, answers NaN for a NaN anywhere: graphopt follows ORT).
+  later NaNs, so the answer is NaN when the first element of the reduced set is NaN (measured for
+  rows of 3 to 100 along the inner, outer and a middle axis). graphopt answers exactly that. ORT
+  itself is not consistent beyond it: along a contiguous axis of 17-37 its vectorized kernel also
+  keeps some NaNs among the first four, or skips a first NaN in rows off a 16-byte boundary.
+  ONNX's reference implementation (numpy's ``maximum.reduce``) answers NaN for a NaN anywhere.
+* max pooling keeps TVM's fold ``m = m > x ? m : x`` over each window, which is how ORT's 2-D
+  pooling (MLAS) folds: a NaN survives unless a later value of its window replaces it. ORT's 1-D and
+  3-D pooling skip NaN, and GlobalMaxPool keeps a NaN only in the last position of 4+ elements;
+  an all -inf window answers -3.4e38 (TVM's and ORT's 1-D/3-D start), where ORT's 2-D answers -inf.
 """
 
 from __future__ import annotations

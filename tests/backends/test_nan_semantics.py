@@ -9,6 +9,7 @@ values match (infinities exactly). What ORT answers, and where graphopt differs 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -228,3 +229,17 @@ def test_conv_activation_fused(act):
 def test_amx_conv_relu_epilogue():
     """64-channel convs at 14x14 go to the AMX kernel, with the relu in its epilogue."""
     assert_like_ort(conv_chain(64, 14, 4, "Relu"), {"x": nan_image(64, 14)}, rtol=1e-4, atol=1e-3)
+
+
+def test_squeezenet_all_nan_input():
+    """The whole net on an all-NaN image answers NaN where ORT does (everywhere; it answered 0.001
+    when Relu turned NaN into 0)."""
+    from graphopt import api, models
+
+    feeds, _ = models.reference_data("light:squeezenet")
+    feeds = {k: np.full_like(v, NAN) for k, v in feeds.items()}
+    got = api.compile("light:squeezenet", target="x86", opt_level=2)(**feeds)
+    want = ort_run(onnx.load(str(models.resolve("light:squeezenet"))), feeds)
+    for g, w in zip(got.values(), want):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+        assert np.isnan(w).all()
