@@ -146,6 +146,38 @@ def optimize(
     )
 
 
+def quantize(
+    model: ir.Model | str | os.PathLike,
+    *,
+    quantize: str | None = "int8",
+    calibration: str | os.PathLike | None = None,
+    opt_level: int = 2,
+    input_shapes: dict | Sequence[str] | None = None,
+    target_runtime: str = "onnx",
+    **options: Any,
+):
+    """Optimize at ``opt_level``, then compress (``graphopt.compress``): returns a ``CompressResult``
+    (``.model`` and ``.report``, per layer what was done and, with a budget, which layers stayed float).
+
+    ``quantize``: ``"int8"`` (static QDQ, needs ``calibration``: a .npz or a folder of them),
+    ``"int8-dynamic"``, ``"int8-weights"``, ``"int4-weights"`` or None. ``options`` are the fields of
+    ``graphopt.compress.CompressOptions``: ``weights="fp16"|"bf16"``, ``method``, ``percentile``,
+    ``samples``, ``activation_type``, ``per_channel``, ``exclude``, ``equalize``, ``bias_correction``,
+    ``max_drop`` with ``metric`` (a name such as ``"ocr-rec"``/``"cosine"`` or a callable ``metric(run)``).
+    """
+    from graphopt.compress import CompressOptions, compress
+
+    try:
+        opts = CompressOptions(quantize=quantize, calibration=calibration, target_runtime=target_runtime, **options)
+    except TypeError as e:
+        raise UsageError(f"quantize: {e}") from None
+    opts.check()
+    source = None if isinstance(model, ir.Model) else resolve_model_path(model)
+    res = optimize(model, opt_level=opt_level, input_shapes=input_shapes, target_runtime=target_runtime)
+    shapes = list(input_shapes) if isinstance(input_shapes, (list, tuple)) else None
+    return compress(res.model, opts, source=source, input_shapes=shapes)
+
+
 def list_passes(registry: PassRegistry | None = None) -> list[dict[str, str]]:
     registry = registry or PassRegistry.default()
     return [{"name": p.name, "source": p.source, "description": p.description} for p in registry]
