@@ -112,7 +112,7 @@ def ort_runner(model: str | os.PathLike) -> Run:
 
     path = model_path(model)
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # its failures are reported as one GraphoptError line, not its log
     try:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT reports bad models as several exception types
