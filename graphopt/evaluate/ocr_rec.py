@@ -139,7 +139,7 @@ class RecMetric(Metric):
             raise GraphoptError(f"metric {self.name}: --samples must be at least 1, got {self.count}")
         self.seed = seed
         self.reference = reference
-        self._reference_run = ort_runner(reference) if reference is not None else None
+        self.reference_run = ort_runner(reference) if reference is not None else None
         self._reference_result: dict[str, Any] | None = None
         self._data: tuple[list[str], np.ndarray] | None = None
 
@@ -152,9 +152,9 @@ class RecMetric(Metric):
 
     def measure(self, run: Run, *, progress: bool = False) -> dict[str, Any]:
         result = self._measure(run, progress)
-        if self._reference_run is not None:
+        if self.reference_run is not None:
             if self._reference_result is None:
-                self._reference_result = self._measure(self._reference_run, False)
+                self._reference_result = self._measure(self.reference_run, False)
             ref = self._reference_result
             result["reference"] = {"model": str(self.reference), "score": ref["score"], "exact": ref["exact"]}
         return result
@@ -164,7 +164,7 @@ class RecMetric(Metric):
         batch = self.shape[0]
         predicted: list[str] = []
         for x, n in with_progress(batches(lines, batch), total=-(-len(lines) // batch), desc=self.name,
-                             enabled=progress):
+                                  enabled=progress):
             predicted += ctc_greedy_decode(first_output(run({self.input_name: x}), self.name), self.table)[:n]
         return score_lines(texts, predicted)
 
