@@ -22,6 +22,10 @@ bf16 needs ``Cast`` from bfloat16, which ONNX has since opset 13: an older model
 (``opset_upgrade.try_upgrade``) or refused with an error that says why. ONNX Runtime's CPU provider
 runs Cast from bfloat16 at opset 13 and later.
 
+With ``compute="fp16"`` (for targets that compute in fp16) the whole graph computes in fp16 instead,
+except the ops of ``half_compute.COMPUTE_FP32`` and ``keep_float32``, which run in float32 between
+Casts; inputs and outputs stay float32 (see ``half_compute``).
+
 Run it last: canonical dtypes and constant folding would undo it (they fold a Cast of a constant).
 """
 
@@ -93,10 +97,14 @@ def _rule_keeps(value: ir.Value) -> str | None:
 class ConvertWeightsPass(ir.passes.InPlacePass):
     """Store float32 weights as fp16/bf16 with a Cast to float32 after each (compute stays float32)."""
 
-    def __init__(self, dtype: str = "fp16", keep_float32: Iterable[str] = (), min_elements: int = 16) -> None:
+    def __init__(self, dtype: str = "fp16", keep_float32: Iterable[str] = (), min_elements: int = 16,
+                 compute: str = "float32") -> None:
         super().__init__()
         if dtype not in DTYPES:
             raise UsageError(f"weight dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        if compute not in ("float32", "fp16") or (compute == "fp16" and dtype != "fp16"):
+            raise UsageError(f"compute {compute!r} with {dtype} weights: expected compute float32, or fp16 with fp16")
+        self.compute = compute
         self.dtype = dtype
         self.keep_float32 = frozenset(keep_float32)
         self.min_elements = min_elements
@@ -146,6 +154,8 @@ class ConvertWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.converted, self.kept = [], {}
         self._check_keep_names(model)
+        if self.compute == "fp16":
+            return self._convert_compute(model)
         candidates = []
         for graph in graphs_of(model):
             if not isinstance(graph, ir.Graph):
@@ -169,6 +179,19 @@ class ConvertWeightsPass(ir.passes.InPlacePass):
             self._convert(graph, value, array)
         return ir.passes.PassResult(model, bool(self.converted))
 
+    def _convert_compute(self, model: ir.Model) -> ir.passes.PassResult:
+        from graphopt.passes.half_compute import convert_compute
+
+        def weight_ok(array: np.ndarray) -> bool:
+            overflow, error = rounding_loss(array, "fp16")
+            return not overflow and error <= MAX_RELATIVE_ERROR["fp16"]
+
+        before = sum(1 for n in model.graph if n.op_type == "Cast")
+        self.converted = convert_compute(model, self.keep_float32, weight_ok)
+        self.kept = {v.name: "read in float32" for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT}
+        changed = bool(self.converted) or sum(1 for n in model.graph if n.op_type == "Cast") != before
+        return ir.passes.PassResult(model, changed)
+
     def _convert(self, graph: ir.Graph, value: ir.Value, array: np.ndarray) -> None:
         name = value.name
         half = DTYPES[self.dtype]
@@ -189,6 +212,9 @@ class ConvertWeightsPass(ir.passes.InPlacePass):
         self.converted.append(name)
 
 
-def convert_weights(model: ir.Model, *, dtype: str, keep_float32: Iterable[str] = ()) -> ir.Model:
-    """Store the model's float32 weights as ``dtype`` ("fp16" or "bf16") in place; returns the model."""
-    return ConvertWeightsPass(dtype, keep_float32)(model).model
+def convert_weights(model: ir.Model, *, dtype: str, keep_float32: Iterable[str] = (),
+                    compute: str = "float32") -> ir.Model:
+    """Store the model's float32 weights as ``dtype`` ("fp16" or "bf16") in place; returns the model.
+
+    ``compute="fp16"`` (with fp16) makes the graph compute in fp16 too, except the ops kept float32."""
+    return ConvertWeightsPass(dtype, keep_float32, compute=compute)(model).model

@@ -161,3 +161,66 @@ def test_fp16_halves_ppocr_rec_and_reads_the_same_text(tmp_path):
     texts = [ctc_decode(b, chars) for b in before]
     assert texts == [t.replace(" ", "") for t in LINES]  # the fp32 model reads every line
     assert [ctc_decode(a, chars) for a in after] == texts
+
+
+def test_compute_fp16_keeps_normalization_and_interface_float32():
+    model = _model()
+    feeds = {"x": RNG.standard_normal((2, 64)).astype(np.float32)}
+    before = run_ort(model, feeds)[0]
+    p = ConvertWeightsPass("fp16", compute="fp16")
+    result = p(model)
+    verify(result.model)
+    graph = result.model.graph
+    dtype = {o.name: o.dtype for n in graph for o in n.outputs}
+    assert graph.inputs[0].dtype == graph.outputs[0].dtype == ir.DataType.FLOAT and graph.outputs[0].name == "y"
+    assert dtype["m"] == dtype["a"] == ir.DataType.FLOAT16  # MatMul and Add compute in fp16
+    ln = graph.node("ln")
+    assert ln.outputs[0].dtype == ir.DataType.FLOAT and ln.inputs[0].producer().op_type == "Cast"
+    assert {v.name for v in ln.inputs[1:]} == {"scale", "shift"} and "scale" in p.kept  # fp32 weights
+    # w_big overflows fp16 and w_tiny loses 4%: their MatMuls stay float32
+    assert dtype["m1"] == dtype["y"] == ir.DataType.FLOAT
+    assert set(p.converted) == {"w", "b"}
+    after = run_ort(result.model, feeds)[0]
+    assert after.dtype == np.float32 and _cosine(after, before) > 0.999
+    with pytest.raises(UsageError, match="compute"):
+        ConvertWeightsPass("bf16", compute="fp16")
+
+
+def test_compute_fp16_ppocr_rec_reads_the_same_text():
+    model = graphopt.optimize("rapidocr:rec", opt_level=2, input_shapes=["x:1,3,48,320"]).model
+    chars = model.metadata_props["character"].splitlines()
+    lines = [render_line(t) for t in LINES]
+    before = [run_ort(model, {"x": x})[0] for x in lines]
+    half = convert_weights(model, dtype="fp16", compute="fp16")
+    verify(half)
+    counts = collections.Counter(o.dtype for n in half.graph for o in n.outputs)
+    assert counts[ir.DataType.FLOAT16] > 3 * counts[ir.DataType.FLOAT]  # most of the graph computes in fp16
+    after = [run_ort(half, {"x": x})[0] for x in lines]
+    assert all(a.dtype == np.float32 for a in after)
+    assert min(_cosine(a, b) for a, b in zip(after, before)) >= 0.999
+    assert [ctc_decode(a, chars) for a in after] == [ctc_decode(b, chars) for b in before]
+
+
+def test_compute_fp16_retargets_constants_and_keeps_fixed_float_inputs():
+    """Resize's scales are tensor(float) at every opset: they stay fp32; ConstantOfShape's default
+    (float32 zeros) and Cast(to=FLOAT) are retargeted to fp16."""
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["r"], name="resize", mode="nearest"),
+             helper.make_node("Shape", ["r"], ["s"]),
+             helper.make_node("ConstantOfShape", ["s"], ["zeros"], name="zeros"),
+             helper.make_node("Cast", ["k"], ["kf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Add", ["r", "zeros"], ["z"]),
+             helper.make_node("Mul", ["z", "kf"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4]),
+                                       helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])],
+                          [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")])
+    model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = {"x": RNG.standard_normal((1, 2, 4, 4)).astype(np.float32), "k": np.array([3], np.int64)}
+    before = run_ort(model, feeds)[0]
+    half = convert_weights(model, dtype="fp16", compute="fp16")
+    verify(half)
+    assert half.graph.node("resize").inputs[2].dtype == ir.DataType.FLOAT
+    assert half.graph.node("resize").outputs[0].dtype == ir.DataType.FLOAT16
+    assert half.graph.node("zeros").attributes["value"].as_tensor().dtype == ir.DataType.FLOAT16
+    assert half.graph.node("cast").attributes.get_int("to") == TensorProto.FLOAT16
+    np.testing.assert_allclose(run_ort(half, feeds)[0], before, rtol=1e-3, atol=1e-3)
