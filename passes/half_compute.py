@@ -26,6 +26,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from graphopt.errors import UnsupportedError
+from graphopt.passes.rewrite_utils import const_array
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 COMPUTE_FP32 = frozenset(
@@ -86,8 +87,11 @@ def convert_compute(model: ir.Model, keep: frozenset[str], weight_ok: Callable[[
     slot_needs: dict[tuple[int, int], ir.DataType] = {}  # (node, input index) -> dtype it reads
     for node in graph:
         slots = _half_slots(node, opset) if _can_be_half(node, keep) else None
-        if slots is not None and all(weight_ok(v.const_value.numpy()) for v, half in zip(node.inputs, slots[0])
-                                     if half and v.const_value is not None):
+        value = node.attributes.get("value") if node.op_type in _RETARGETED else None
+        constants = [const_array(v) for v, half in zip(node.inputs, slots[0] if slots else ()) if half]
+        if value is not None and value.type == ir.AttributeType.TENSOR and value.as_tensor().dtype == F32:
+            constants.append(value.as_tensor().numpy())
+        if slots is not None and all(weight_ok(a) for a in constants if a is not None):
             half_nodes[id(node)] = slots[1]
         for i, v in enumerate(node.inputs):
             if v is not None and v.dtype == F32:

@@ -224,3 +224,17 @@ def test_compute_fp16_retargets_constants_and_keeps_fixed_float_inputs():
     assert half.graph.node("zeros").attributes["value"].as_tensor().dtype == ir.DataType.FLOAT16
     assert half.graph.node("cast").attributes.get_int("to") == TensorProto.FLOAT16
     np.testing.assert_allclose(run_ort(half, feeds)[0], before, rtol=1e-3, atol=1e-3)
+
+
+def test_compute_fp16_leaves_a_constant_that_overflows_float32():
+    g = helper.make_graph([helper.make_node("Constant", [], ["big"], name="big",
+                                            value=numpy_helper.from_array(np.full(4, 1e6, np.float32))),
+                           helper.make_node("Mul", ["x", "big"], ["m"], name="mul"),
+                           helper.make_node("Relu", ["m"], ["y"], name="relu")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    model = convert_weights(ir.serde.deserialize_model(helper.make_model(g)), dtype="fp16", compute="fp16")
+    assert model.graph.node("big").outputs[0].dtype == model.graph.node("mul").outputs[0].dtype == ir.DataType.FLOAT
+    assert model.graph.node("relu").outputs[0].dtype == ir.DataType.FLOAT16
+    x = np.array([1e-3, -2e-3, 3e-3, 0.0], np.float32)
+    np.testing.assert_allclose(run_ort(model, {"x": x})[0], np.maximum(x * 1e6, 0), rtol=1e-3)
