@@ -24,7 +24,8 @@ Two forms, chosen by ``target_runtime``:
   storing ``q + 2^(bits-1)``). A Gemm becomes MatMulNBits (+ Add of C) when ``transA=0``,
   ``alpha=1`` and ``beta=1``; any other Gemm takes the DequantizeLinear form.
 
-Weights with fewer than ``min_elements`` elements, not 2-D or not float32/float16 are left alone.
+Only the main graph is rewritten. Weights with fewer than ``min_elements`` elements, not 2-D or not
+float32/float16 are left alone.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def test_chain_through_depthwise_is_equalized_exactly(between):
     ([("HardSwish", {}, []), RELU], 14),
 ])
 def test_non_homogeneous_ops_stop_a_pair(between, opset):
-    model, p = _chain(between, opset), None
+    model = _chain(between, opset)
     w0 = model.graph.initializers["w0"].const_value.numpy().copy()
     result, p = _apply_exact(model)
     assert p.pairs == [("conv1", "conv2")]  # the second pair only
