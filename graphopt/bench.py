@@ -9,7 +9,12 @@ a plain dict (the JSON written by ``--json``)::
      "ratio": graphopt median / ORT median, "ratio_min": graphopt min / ORT min, "flops", "gflops": FLOPs / graphopt median,
      "ort_gflops", "compile_s", "schedules": {rule: functions}, "profile": [{"function", "ms", "share", "calls"}],
      "tuning_db", "default": {...} (with a database: the default schedules, same run), "ratio_default",
-     "tuning": {"functions", "searched", "candidates", "search_s", "metaschedule_trials"}}
+     "tuning": {"functions", "searched", "candidates", "search_s", "metaschedule_trials"},
+     "ort_float": {...} (with ``float_model``: ORT running the float model, same run), "ratio_float":
+     graphopt median / ORT float median, "ort_ratio_float": ORT median / ORT float median}
+
+Given a QDQ model and its float original (``float_model``), one run times graphopt's integer
+bundle, ORT on the same QDQ model (its int8 kernels) and ORT on the float model.
 
 graphopt and ORT take turns in blocks of runs (``interleaved``), so a slow spell of a shared machine
 falls on both.
@@ -211,6 +216,7 @@ def measure(
     opt_level: int = 2,
     frontend: str = "graphopt",
     tuning_db: str | None = None,
+    float_model: str | None = None,
 ) -> dict[str, Any]:
     """Compile (or load) ``model`` and time it in this process (``TVM_NUM_THREADS`` already set).
 
@@ -253,6 +259,10 @@ def measure(
         timers["default"] = _vm_timer(*_vm_args(default_runner, feeds), runner.device)
     if against == "ort" and onnx_path is not None:
         timers["ort"] = _ort_timer(onnx_path, feeds, threads)
+    if float_model is not None:  # the float original of a QDQ model, on ORT, in the same turns
+        from graphopt.api import resolve_model_path
+
+        timers["ort_float"] = _ort_timer(str(resolve_model_path(float_model)), feeds, threads)
     times = interleaved(timers, repeat, warmup)
     go = times["graphopt"]
     result: dict[str, Any] = {
@@ -278,6 +288,11 @@ def measure(
         result["ratio_min"] = round(result["graphopt"]["min_ms"] / result["ort"]["min_ms"], 3)
         if result["default"]:
             result["ratio_default"] = round(result["default"]["median_ms"] / result["ort"]["median_ms"], 3)
+    if "ort_float" in times:
+        result["ort_float"] = stats_ms(times["ort_float"])
+        result["ratio_float"] = round(result["graphopt"]["median_ms"] / result["ort_float"]["median_ms"], 3)
+        if result["ort"]:
+            result["ort_ratio_float"] = round(result["ort"]["median_ms"] / result["ort_float"]["median_ms"], 3)
     if result["flops"]:
         result["gflops"] = round(result["flops"] / (result["graphopt"]["median_ms"] * 1e6), 2)
         if result["ort"]:
@@ -319,6 +334,12 @@ def bench(models: list[str], *, threads: int | None = None, **options) -> list[d
     for m in models:
         if not (os.path.exists(m) or ":" in m):
             raise UsageError(f"{m}: no such file, bundle directory or model name")
+    float_model = options.get("float_model")
+    if float_model is not None:
+        if len(models) != 1:
+            raise UsageError(f"--float-model {float_model}: give exactly one (QDQ) model with it, got {len(models)}")
+        if not (os.path.isfile(float_model) or ":" in float_model):
+            raise UsageError(f"--float-model {float_model}: no such file or model name")
     return [_measure_in_child(m, threads=threads, **options) for m in models]
 
 

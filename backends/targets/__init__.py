@@ -137,7 +137,7 @@ def _x86() -> TargetSpec:
 
     amx = cpu_has_amx()
     if amx:  # LLVM may not know the CPU (this one's AMX machine reports itself as rocketlake)
-        config["mattr"] = ["+amx-tile", "+amx-bf16"]
+        config["mattr"] = ["+amx-tile", "+amx-bf16", "+amx-int8"]  # int8: QDQ convs (schedules/amx_int8.py)
     features = {"arch": "x86_64", "cores": cores, "vector_bits": _vector_bits(config), **_cache_sizes()}
     if amx:
         features["amx"] = True

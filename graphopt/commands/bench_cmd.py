@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true", help="time per fused function (slowest first)")
     p.add_argument("--frontend", default="graphopt", choices=["graphopt", "tvm"], help="lowering front end")
     p.add_argument("--top", type=int, default=8, help="kernels listed per model with --profile (default 8)")
+    p.add_argument("--float-model", metavar="MODEL",
+                   help="the float original of a QDQ model: also time it on ORT (graphopt int8, ORT int8 and "
+                        "ORT fp32 in one run)")
     p.add_argument("--expect-digest", action="append", default=[], metavar="sha256:HEX",
                    help="the digest of each bundle among the models, in order (checked before timing)")
 
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         against=None if args.against == "none" else "ort", input_shapes=list(args.input_shape),
         repeat=args.repeat, warmup=args.warmup, untuned=args.untuned, profile=args.profile, frontend=args.frontend,
         opt_level=args.opt_level, tuning_db=args.tuning_db,
+        **({"float_model": args.float_model} if args.float_model else {}),
     )
     rows = []
     tuned = args.tuning_db is not None
@@ -64,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
         names = ["default median ms", "default ratio", *(f"tuned {n}" for n in names)]
     print(table(rows, ["model", "target", "threads", *names, "ORT ms", "ratio", "ratio min",
                        "GFLOP/s", "ORT GFLOP/s", "compile s"]))
+    for r in results:
+        if r.get("ort_float"):
+            print(f"{r['model']}: graphopt {_fmt(r['graphopt']['median_ms'])} ms, ORT (same model) "
+                  f"{_fmt((r['ort'] or {}).get('median_ms'))} ms, ORT float model {_fmt(r['ort_float']['median_ms'])} ms; "
+                  f"graphopt / ORT float {_fmt(r['ratio_float'], 3)}, ORT / ORT float {_fmt(r.get('ort_ratio_float'), 3)}")
     for r in results:
         if r["profile"]:
             print(f"\n{r['model']}: time per function (share of the run)")

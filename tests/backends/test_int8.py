@@ -181,3 +181,56 @@ def test_int8_bundle_cross_compiles_for_aarch64_dotprod(qnet, tmp_path):
     compile_model(ir.load(str(qnet)), target=target, output=tmp_path / "bundle")
     lib = next((tmp_path / "bundle").glob("*.so"))
     assert b"\xb7\x00" == lib.read_bytes()[18:20]  # ELF e_machine: EM_AARCH64
+
+
+def _reference_qconv(x, w, corr, mult, k, s, p, zx, zy):
+    """numpy: the padded (with zx) uint8 input times int8 weights in int64, then the requantization."""
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (p, p), (p, p)), constant_values=zx)
+    oh, ow = (xp.shape[2] - k) // s + 1, (xp.shape[3] - k) // s + 1
+    acc = np.zeros((w.shape[0], oh, ow), np.int64)
+    for ky in range(k):
+        for kx in range(k):
+            patch = xp[0, :, ky:ky + s * oh:s, kx:kx + s * ow:s]
+            acc += np.einsum("chw,oc->ohw", patch, w[:, :, ky, kx].astype(np.int64))
+    v = (acc + corr[:, None, None]).astype(np.float32) * mult[:, None, None]
+    return np.clip(np.round(v) + zy, 0, 255).astype(np.uint8)[None]
+
+
+@pytest.mark.skipif(not __import__("graphopt.backends.bundle.loader", fromlist=["x"]).cpu_has_amx(),
+                    reason="needs a CPU with AMX")
+@pytest.mark.parametrize("c,h,w,o,k,s,p", [(64, 14, 14, 64, 3, 1, 1), (24, 13, 11, 40, 3, 2, 1),
+                                           (16, 9, 9, 13, 1, 1, 0), (72, 15, 15, 33, 1, 2, 0), (40, 13, 13, 96, 5, 2, 2)])
+def test_amx_int8_kernel_exact(c, h, w, o, k, s, p):
+    """Odd channel counts (padded to 64 in, 32 out), strides, paddings: exact against numpy."""
+    import tvm
+
+    from graphopt.backends.schedules.amx_int8 import pack_weight, padded_channels, qconv_func
+    from graphopt.backends.targets import get_target
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (1, c, h, w), dtype=np.uint8)
+    wt = rng.integers(-128, 128, (o, c, k, k), dtype=np.int8)
+    _, op_ = padded_channels(c, o)
+    corr, mult = np.zeros(op_, np.int32), np.zeros(op_, np.float32)
+    corr[:o], mult[:o] = rng.integers(-5000, 5000, o), rng.uniform(1e-5, 3e-4, o)
+    f = qconv_func(c, h, w, o, k, s, p, zx=7, zy=100, qmin=0, qmax=255, out_dtype="uint8", threads=2)
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=get_target("x86").target)
+    ref = _reference_qconv(x, wt, corr[:o], mult[:o], k, s, p, 7, 100)
+    out = tvm.runtime.tensor(np.zeros(ref.shape, np.uint8))
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x, pack_weight(wt), corr, mult)], out)
+    np.testing.assert_array_equal(out.numpy(), ref)
+
+
+def test_qdq_convs_run_on_amx_when_the_host_has_it(qnet):
+    from graphopt.backends.compile import _bind_params, _front_end, _relax_passes, _Stages
+    from graphopt.backends.schedules import int8_conv
+    from graphopt.backends.targets import get_target
+
+    spec = get_target("x86")
+    lowered, _ = _front_end(ir.load(str(qnet)), _Stages(), 2)
+    mod, _ = _bind_params(lowered, True)
+    mod = _relax_passes(mod, spec, winograd=True)
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    served = sum(n.startswith("amx_qconv2d") for n in names)
+    # input channels >= 16 and one group: convs 1, 3, 4, 5 (0 has 3 inputs, 2 is depthwise, 6 has 13)
+    assert served == (4 if int8_conv.available(spec) else 0)

@@ -1,0 +1,171 @@
+"""Integer convs (the ``QConv`` lowering of ``lowering/qdq.py``) onto AMX-INT8 kernels: a Relax rewrite.
+
+The lowering writes a quantized conv as
+
+    [pad(x_u8, zx)] -> conv2d(int32) -> add(corr) -> astype(float32) -> multiply(mult) -> round
+    -> add(zy) -> clip(qmin, qmax) -> astype(uint8 | int8)
+
+``rewrite_int8_conv`` replaces each such chain whose conv the AMX kernel serves (``why_not``) by one
+``call_tir`` to ``amx_int8.qconv_func`` (products and requantization in one pass, the padding done by
+its gather). Run before the blocked-layout choice: these convs stay NCHW (uint8 planes are a quarter
+of the float traffic; the kernel's gather puts channels innermost itself). Targets without AMX keep
+the generic integer conv2d (``GRAPHOPT_INT8_AMX=0`` forces that).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .amx_int8 import pack_weight, padded_channels, qconv_func
+from .amx_kernel import geometry
+
+log = logging.getLogger(__name__)
+_OP = {name: tvm.ir.Op.get(f"relax.{name}") for name in
+       ("nn.conv2d", "nn.pad", "add", "astype", "multiply", "round", "clip")}
+MIN_CHANNELS = 16  # below this the gather and the channel padding to 64 cost more than AMX saves
+
+
+def available(spec) -> bool:
+    features = getattr(spec, "features", None) or {}
+    return bool(features.get("amx")) and os.environ.get("GRAPHOPT_INT8_AMX", "1") != "0"
+
+
+def why_not(conv: relax.Call, weight: np.ndarray | None) -> str | None:
+    at = conv.attrs
+    x = conv.args[0].ty
+    if weight is None or weight.dtype != np.int8:
+        return "weight is not an int8 constant"
+    if x.dtype != "uint8" or at.data_layout != "NCHW" or at.kernel_layout != "OIHW" or int(at.groups) != 1:
+        return "not a uint8 NCHW conv with one group"
+    if [int(d) for d in at.dilation] != [1, 1]:
+        return "dilated"
+    n, c = int(x.shape[0]), int(x.shape[1])
+    o, _, kh, kw = weight.shape
+    if n != 1 or c < MIN_CHANNELS:
+        return f"batch {n} or {c} input channels"
+    s = [int(v) for v in at.strides]
+    if kh != kw or s[0] != s[1] or (kh > 1 and (kh % 2 == 0 or s[0] > 2)):
+        return f"{kh}x{kw} kernel with strides {s}"
+    return None
+
+
+class _Bindings:
+    def __init__(self, func: relax.Function):
+        self.value, self.uses = {}, Counter()
+        for block in func.body.blocks:
+            for b in block.bindings:
+                self.value[b.var] = b.value
+                for v in relax.analysis.free_vars(b.value):
+                    self.uses[v] += 1
+        for v in relax.analysis.free_vars(func.body.body):
+            self.uses[v] += 2
+
+    def call(self, expr, op: str, single_use: bool = True):
+        """The call ``expr`` binds when it is ``op`` (and used once), else None."""
+        if not isinstance(expr, relax.Var) or expr not in self.value or (single_use and self.uses[expr] != 1):
+            return None
+        value = self.value[expr]
+        return value if isinstance(value, relax.Call) and value.op.same_as(_OP[op]) else None
+
+    def constant(self, expr) -> np.ndarray | None:
+        while isinstance(expr, relax.Var) and expr in self.value:
+            expr = self.value[expr]
+        return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+def _prim(v) -> float:
+    return float(v.value.value if hasattr(v, "value") and hasattr(v.value, "value") else v.value)
+
+
+def _match(b: _Bindings, last: relax.Call):
+    """The chain ending at ``astype(uint8|int8)`` ``last``: a dict of its parts, or None."""
+    if not last.op.same_as(_OP["astype"]) or str(last.attrs.dtype) not in ("uint8", "int8"):
+        return None
+    steps, expr = [], last.args[0]
+    for op in ("clip", "add", "round", "multiply", "astype", "add", "nn.conv2d"):
+        call = b.call(expr, op)
+        if call is None:
+            return None
+        steps.append(call)
+        expr = call.args[0]
+    clip, add_zy, _, mul, _, add_c, conv = steps
+    zy, mult, corr = b.constant(add_zy.args[1]), b.constant(mul.args[1]), b.constant(add_c.args[1])
+    weight = b.constant(conv.args[1])
+    if zy is None or zy.size != 1 or mult is None or corr is None or corr.dtype != np.int32:
+        return None
+    why = why_not(conv, weight)
+    if why is not None:
+        log.debug("int8 conv %s not on AMX: %s", weight.shape if weight is not None else None, why)
+        return None
+    x, pad, zx = conv.args[0], 0, 0
+    padded = b.call(x, "nn.pad")
+    if padded is not None:
+        pw = [int(v) for v in padded.attrs.pad_width]
+        if pw[:4] != [0, 0, 0, 0] or len(set(pw[4:])) != 1 or str(padded.attrs.pad_mode) != "constant":
+            return None
+        x, pad, zx = padded.args[0], pw[4], int(_pad_value(padded))
+    o = weight.shape[0]
+    return {"x": x, "weight": weight, "pad": pad, "zx": zx, "zy": int(zy.reshape(())),
+            "corr": np.broadcast_to(corr.reshape(-1), (o,)), "mult": np.broadcast_to(mult.reshape(-1), (o,)),
+            "qmin": int(_prim(clip.args[1])), "qmax": int(_prim(clip.args[2])), "dtype": str(last.attrs.dtype),
+            "stride": int(conv.attrs.strides[0])}
+
+
+def _pad_value(pad: relax.Call) -> float:
+    if len(pad.args) > 1:
+        return _prim(pad.args[1])
+    return float(pad.attrs.pad_value)
+
+
+def _kernel_call(bb, m: dict, threads: int):
+    x_shape = [int(d) for d in m["x"].ty.shape]
+    _, c, h, w = x_shape
+    weight = m["weight"]
+    o, _, k, _ = weight.shape
+    if k == 1 and m["pad"]:
+        return None
+    g = geometry(h, w, k, m["stride"], m["pad"])
+    func = qconv_func(c, h, w, o, k, m["stride"], m["pad"], zx=m["zx"], zy=m["zy"], qmin=m["qmin"],
+                      qmax=m["qmax"], out_dtype=m["dtype"], threads=threads)
+    gvar = bb.add_func(func, "amx_qconv2d")
+    _, op_ = padded_channels(c, o)
+    corr = np.zeros(op_, np.int32)
+    mult = np.zeros(op_, np.float32)
+    corr[:o], mult[:o] = m["corr"], m["mult"]
+    args = [m["x"], relax.const(pack_weight(weight)), relax.const(corr), relax.const(mult)]
+    return relax.call_tir(gvar, args, relax.TensorType([1, o, g["oh"], g["ow"]], m["dtype"]))
+
+
+def rewrite_int8_conv(mod: tvm.IRModule, spec) -> tvm.IRModule:
+    """Every integer conv chain of ``mod`` the AMX-INT8 kernel serves, as a kernel call."""
+    threads = spec.features.get("cores", 1)
+    bb = relax.BlockBuilder(tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs))
+    total = 0
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, relax.Function):
+            continue
+        b = _Bindings(func)
+        replace = {}
+        for var, value in b.value.items():
+            if isinstance(value, relax.Call):
+                m = _match(b, value)
+                call = _kernel_call(bb, m, threads) if m is not None else None
+                if call is not None:
+                    replace[var] = call
+        if not replace:
+            continue
+        total += len(replace)
+        blocks = [type(block)([relax.VarBinding(x.var, replace[x.var]) if x.var in replace else x
+                               for x in block.bindings]) for block in func.body.blocks]
+        body = relax.SeqExpr(blocks, func.body.body)
+        bb.update_func(gv, relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
+    log.debug("%d int8 convs on AMX", total)
+    if not total:
+        return mod
+    return relax.transform.DeadCodeElimination()(relax.transform.Normalize()(bb.get()))
