@@ -10,23 +10,15 @@ From Python::
     model = loader.load("BUNDLE", digest="sha256:...")   # digest: optional, pins manifest.json
     outputs = model(x=np.zeros((1, 3, 224, 224), np.float32))   # dict: output name -> array
 
-What the loader trusts (docs/bundles.md has the whole model):
-
-* ``manifest.json`` is the root. Its sha256 is the bundle's *digest*, printed by ``graphopt compile``;
-  with ``digest=`` (``--expect-digest``) a manifest that hashes differently is refused, and since the
-  manifest holds the sha256 of every other file, the pinned digest fixes the whole bundle. Without a
-  pinned digest the hashes catch corruption and partial edits, not a forgery: whoever can write the
-  directory can rewrite the manifest too.
-* Every file the loader opens (the library, the params file) must be listed in the manifest's
-  ``files`` table with its sha256, under a plain file name (no ``/``, no ``..``, not absolute) that
-  resolves to a regular file directly inside the bundle directory (a symbolic link leading out of
-  it is refused). ``verify=False`` skips the hashing only: names, listing, the manifest's types and
-  the library's ELF size check still apply.
-* Files are hashed, then opened: a writer changing the directory while it loads is not defended
-  against (keep bundle directories writable only by their owner).
-
-Anything refused raises ``BundleError`` with one line naming the file and field; the command exits 2.
-Exit codes of the command: 0 success, 2 a bad bundle or bad inputs (one line saying which), 1 other errors.
+Trust (docs/bundles.md has the whole model): manifest.json's sha256 is the bundle's digest, printed
+by ``graphopt compile``; ``digest=`` refuses a manifest that hashes differently, and as the manifest
+holds the sha256 of every other file, a pinned digest fixes the whole bundle (unpinned, the hashes
+catch corruption and partial edits, not a forgery). Every file the loader opens must be listed in
+``files`` with its sha256, under a plain name that resolves to a regular file directly inside the
+bundle (no ``/``, ``..``, absolute path or link leading out). ``verify=False`` skips only the hashing.
+Files are hashed, then opened: a writer changing the directory meanwhile is not defended against.
+Anything refused is a ``BundleError`` (one line naming the file and field); the command exits 2
+(0 success, 2 a bad bundle or bad inputs, 1 other errors).
 """
 
 from __future__ import annotations
@@ -122,41 +114,32 @@ def use_physical_cores() -> None:
 
 
 class _CallThread:
-    """One long-lived thread that runs every call handed to it, one at a time, in arrival order.
-
-    TVM's runtime keeps a pool of worker threads per calling thread and never frees it: calls made
-    from a new thread each time would add threads and memory without bound. Started on first use
-    (again after a fork); stopped when its owner is garbage-collected (``stop``)."""
+    """One long-lived thread running the calls handed to it, one at a time in arrival order: TVM keeps
+    a worker pool per calling thread and never frees it. Started on first use (again in a forked
+    child); ``stop`` ends it (called when its runner is garbage-collected)."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._start_lock = threading.Lock()
-        self._pid = None
+        self._jobs, self._start_lock, self._pid = queue.SimpleQueue(), threading.Lock(), None
 
     @staticmethod
     def _serve(jobs: queue.SimpleQueue) -> None:
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
+        for job in iter(jobs.get, None):
             fn, args, box, done = job
             try:
                 box.append((True, fn(*args)))
-            except BaseException as e:  # handed back to the caller, raised there
+            except BaseException as e:  # raised again on the caller's thread
                 box.append((False, e))
             done.release()
-            del job, fn, args, box, done  # hold no reference to the owner between calls
-
-    def _ensure_started(self) -> None:
-        with self._start_lock:
-            if self._pid != os.getpid():
-                threading.Thread(target=self._serve, args=(self._jobs,), name="graphopt-bundle-calls",
-                                 daemon=True).start()
-                self._pid = os.getpid()
+            del job, fn, args, box, done  # hold no reference to the runner between calls
 
     def run(self, fn, *args):
         if self._pid != os.getpid():
-            self._ensure_started()
+            with self._start_lock:
+                if self._pid != os.getpid():
+                    self._thread = threading.Thread(target=self._serve, args=(self._jobs,), daemon=True,
+                                                    name="graphopt-bundle-calls")
+                    self._thread.start()
+                    self._pid = os.getpid()
         done = _thread.allocate_lock()
         done.acquire()
         box: list = []
@@ -321,12 +304,10 @@ def check_manifest(m, path: str) -> None:
     _check_rows(path, "inputs", m.get("inputs", _MISSING), shape_optional=False)
     _check_rows(path, "outputs", m.get("outputs", _MISSING), shape_optional=True)
     target = m.get("target", {})
-    _need(path, "target", target, isinstance(target, dict), "an object")
-    inner = target.get("target", {})
-    _need(path, "target.target", inner, isinstance(inner, dict), "an object")
-    for key, ok in (("kind", isinstance(inner.get("kind", ""), str)), ("mtriple", isinstance(inner.get("mtriple", ""), str)),
-                    ("mattr", isinstance(inner.get("mattr", []), list))):
-        _need(path, f"target.target.{key}", inner.get(key), ok, "a string" if key != "mattr" else "a list")
+    inner = target.get("target", {}) if isinstance(target, dict) else None
+    _need(path, "target.target", inner, isinstance(inner, dict) and isinstance(inner.get("kind", ""), str)
+          and isinstance(inner.get("mtriple", ""), str) and isinstance(inner.get("mattr", []), list),
+          "an object {kind: string, mtriple: string, mattr: list}")
     for name in [m["library"], *([pfile] if pfile else [])]:
         if name not in files:
             raise BundleError(f"{path}: {name} is not listed in 'files' with its sha256 "
@@ -508,18 +489,16 @@ def _read_inputs(path: str) -> dict:
         raise InputError(f"--inputs {path}: not a readable .npz file ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def _check_output(path: str, protected: list[str]) -> None:
-    if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
-        raise InputError(f"-o {path}: not a regular file or a new path")
-    if any(os.path.exists(path) and os.path.exists(p) and os.path.samefile(path, p) for p in protected):
+def _write_outputs(path: str, arrays: dict | None, protected: list[str]) -> None:
+    """Write ``arrays`` to ``path`` atomically (None: only check that the path may be written)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)) or not os.path.isdir(parent):
+        raise InputError(f"-o {path}: not a regular file or a new path in an existing directory")
+    if any(os.path.exists(p) and os.path.exists(path) and os.path.samefile(path, p) for p in protected):
         raise InputError(f"-o {path}: is one of the inputs or the bundle's files; refusing to overwrite it")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise InputError(f"-o {path}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
-
-
-def _write_outputs(path: str, arrays: dict, protected: list[str]) -> None:
-    _check_output(path, protected)
-    fd, tmp = tempfile.mkstemp(prefix=".loader-", suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
+    if arrays is None:
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".loader-", suffix=".npz", dir=parent)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -538,9 +517,9 @@ def main(argv=None) -> int:
     p.add_argument("--expect-digest", metavar="sha256:HEX", help="refuse the bundle unless manifest.json has this sha256")
     args = p.parse_args(argv)
     try:
-        bundle_files = [os.path.join(args.bundle, n) for n in os.listdir(args.bundle)] if os.path.isdir(args.bundle) else []
-        protected = [args.inputs, *bundle_files]
-        _check_output(args.output, protected)
+        listing = os.listdir(args.bundle) if os.path.isdir(args.bundle) else []
+        protected = [args.inputs, *(os.path.join(args.bundle, n) for n in listing)]
+        _write_outputs(args.output, None, protected)  # checked before any work
         runner = load(args.bundle, verify=not args.no_verify, digest=args.expect_digest)
         outputs = runner(**_read_inputs(args.inputs))
         _write_outputs(args.output, outputs, protected)
