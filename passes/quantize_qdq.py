@@ -76,6 +76,7 @@ class Plan:
     layers: list[ir.Node]
     tensors: dict[str, ir.Value]
     parent: dict[str, str]
+    fused: set[int] = dataclasses.field(default_factory=set)  # ids of activations fused into a layer
 
     def group(self, name: str) -> str:
         while self.parent[name] != name:
@@ -122,6 +123,7 @@ def plan(model: ir.Model, exclude: Iterable[str] = ()) -> Plan:
             if (len(uses) == 1 and not out.is_graph_output() and uses[0].node.op_type in FUSED_ACTIVATIONS
                     and not _excluded(uses[0].node, exclude)):
                 out = uses[0].node.outputs[0]
+                p.fused.add(id(uses[0].node))
             if not out.is_graph_output():
                 add(out)
         elif _is_residual(node):
@@ -140,7 +142,7 @@ def _share_scales(model: ir.Model, p: Plan, exclude: frozenset[str]) -> None:
     while changed:
         changed = False
         for node in model.graph:
-            if not _shares(node) or _excluded(node, exclude):
+            if not _shares(node) or _excluded(node, exclude) or id(node) in p.fused:
                 continue
             ins = node.inputs if node.op_type == "Concat" else node.inputs[:1]
             members = [v for v in (*ins, *node.outputs) if v is not None and v.dtype == FLOAT
@@ -218,15 +220,20 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         p = plan(model, self.exclude)
         if not p.layers:
             return ir.passes.PassResult(model, modified=False)
-        missing = [n for n in p.tensors if n not in self.ranges]
-        if missing:
+        covered = {p.group(n) for n in p.tensors if n in self.ranges}
+        missing = [n for n in p.tensors if p.group(n) not in covered]
+        if missing:  # a tensor may lack a range when another member of its scale group has one
             raise PassError(f"quantize_qdq: no calibrated range for tensor '{missing[0]}'", pass_name="quantize_qdq")
         opset, self.opset_note = qu.prepare_opset(model, per_channel=self.per_channel)
         per_channel = self.per_channel and opset >= qu.PER_CHANNEL_OPSET
         b = _Builder(model.graph)
         params = self._group_params(p, b)
+        # Layers left float read the float tensor, not a DequantizeLinear: ONNX Runtime quantizes the
+        # float weight of a Conv/Gemm whose input comes from a DequantizeLinear by itself.
+        quantized = {id(n) for n in p.layers}
+        floats = {id(n) for n in model.graph if n.op_type in LAYERS and id(n) not in quantized}
         for name, v in p.tensors.items():
-            self._insert_pair(model.graph, b, v, params[p.group(name)])
+            self._insert_pair(model.graph, b, v, params[p.group(name)], floats)
         done: dict = {}
         for node in p.layers:
             if node.op_type in LAYERS and len(node.inputs) > 1 and const_array(node.inputs[1]) is not None:
@@ -237,6 +244,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
     def _group_params(self, p: Plan, b: _Builder) -> dict[str, tuple[ir.Value, ir.Value, float]]:
         spans: dict[str, list[float]] = {}
         for name in p.tensors:
+            if name not in self.ranges:
+                continue
             lo, hi = self.ranges[name]
             span = spans.setdefault(p.group(name), [0.0, 0.0])
             span[0], span[1] = min(span[0], lo), max(span[1], hi)
@@ -246,9 +255,11 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             out[root] = (b.const(scale, f"{root}_scale"), b.const(zp, f"{root}_zero_point"), float(scale))
         return out
 
-    def _insert_pair(self, graph: ir.Graph, b: _Builder, v: ir.Value, param) -> None:
+    def _insert_pair(self, graph: ir.Graph, b: _Builder, v: ir.Value, param, floats: set[int]) -> None:
         scale, zp, _ = param
-        uses = list(v.uses())
+        uses = [u for u in v.uses() if id(u.node) not in floats]
+        if not uses:
+            return
         q = ir.node("QuantizeLinear", [v, scale, zp], name=b.name(f"{v.name}_QuantizeLinear"))
         q.outputs[0].name = b.name(f"{v.name}_quantized")
         q.outputs[0].type = ir.TensorType(zp.dtype)
