@@ -160,13 +160,14 @@ class Runner:
     ``inputs``/``outputs`` are ``[(name, shape, dtype)]``; ``params`` are the weights passed after
     the data inputs (empty when they are embedded in the library).
 
-    Threads: a runner may be called from any thread, concurrently. Inputs are checked on the caller's
-    thread; the model itself runs on one thread the runner owns, one call at a time in arrival order
-    (TVM's VM is not re-entrant, and each call already uses every core TVM was given). So however many
-    threads call it, the process keeps one calling thread and one TVM worker pool per runner: calling
-    from a fresh thread each time does not grow the thread count or memory. That thread stops when the
-    runner is garbage-collected. ``vm`` is TVM's VM itself, for callers that time it on their own
-    thread (and accept TVM's pool per calling thread).
+    Threads: a runner may be called from any thread, concurrently; calls run one at a time (TVM's VM
+    is not re-entrant, and each call already uses every core TVM was given). A call from the thread
+    that created the runner runs on that thread; a call from any other thread runs on one long-lived
+    thread the runner owns (inputs are checked on the caller's thread). TVM keeps a worker pool per
+    calling thread and never frees it, so this bounds the process to two calling threads and two pools
+    per runner however many threads call it: calling from a fresh thread each time does not grow the
+    thread count or memory. The owned thread stops when the runner is garbage-collected. ``vm`` is
+    TVM's VM itself, for callers that time it on their own thread.
     """
 
     def __init__(self, module, inputs, outputs, params, device) -> None:
@@ -180,7 +181,7 @@ class Runner:
         self.vm = relax.VirtualMachine(module, device)
         self._main = self.vm["main"]
         self._params = [tvm.runtime.tensor(_contiguous(np.asarray(p)), device) for p in params]
-        self._calls = _CallThread()
+        self._home, self._lock, self._calls = threading.current_thread(), threading.Lock(), _CallThread()
         weakref.finalize(self, self._calls.stop)
 
     @property
@@ -218,14 +219,18 @@ class Runner:
         return arrays
 
     def __call__(self, *args, **kwargs) -> dict:
-        return self._calls.run(self._run, self.check_inputs(args, kwargs))
+        arrays = self.check_inputs(args, kwargs)
+        if threading.current_thread() is self._home:
+            return self._run(arrays)
+        return self._calls.run(self._run, arrays)
 
     def _run(self, arrays: list[np.ndarray]) -> dict:
         import tvm
 
         tensors = [tvm.runtime.tensor(a, self.device) for a in arrays]
         try:
-            result = self._main(*tensors, *self._params)
+            with self._lock:
+                result = self._main(*tensors, *self._params)
         except Exception as e:  # inputs matched the declared shapes: the declaration is wrong
             raise BundleError(f"the library failed on inputs of the shapes and dtypes its manifest declares "
                               f"({_first_line(e)}); the manifest does not describe this library") from None
