@@ -270,3 +270,23 @@ def test_options_are_checked_before_any_work():
                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     with pytest.raises(UnsupportedError, match="no quantizable op"):
         compress(ir.serde.deserialize_model(helper.make_model(relu)), CompressOptions(quantize="int8-dynamic"))
+
+
+@pytest.mark.parametrize("args, dtype", [(["--weights", "fp16"], TensorProto.FLOAT16),
+                                         (["--quantize", "int8-weights"], TensorProto.INT8)])
+def test_cli_dispatches_weight_conversion_and_weight_only_quantization(tmp_path, capsys, args, dtype):
+    w = RNG.standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "m",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+                              [numpy_helper.from_array(w, "w")])
+    path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    code, _, err = _run(capsys, "optimize", path, "-o", out, *args)
+    assert code == 0, err
+    q = onnx.load(out)
+    assert dtype in {t.data_type for t in q.graph.initializer}
+    x = {"x": RNG.standard_normal((2, 64)).astype(np.float32)}
+    y = ort.InferenceSession(out.as_posix(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    ref = x["x"] @ w
+    assert float((y * ref).sum() / np.linalg.norm(y) / np.linalg.norm(ref)) > 0.9995
