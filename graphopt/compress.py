@@ -93,15 +93,18 @@ def copy_model(model: ir.Model) -> ir.Model:
 
 
 def name_nodes(model: ir.Model) -> None:
-    """Give every unnamed main-graph node a unique name (layers are excluded and reported by name)."""
+    """Give every main-graph node a unique name (layers are excluded and reported by name): unnamed
+    nodes and repeats of an earlier node's name get ``<op>_<index>``."""
     taken = {n.name for n in model.graph if n.name}
+    seen: set[str] = set()
     for i, node in enumerate(model.graph):
-        if not node.name:
+        if not node.name or node.name in seen:
             name = f"{node.op_type}_{i}"
             while name in taken:
                 name += "_"
             node.name = name
             taken.add(name)
+        seen.add(node.name)
 
 
 def ort_run(model: ir.Model) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:

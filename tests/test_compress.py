@@ -290,3 +290,16 @@ def test_cli_dispatches_weight_conversion_and_weight_only_quantization(tmp_path,
     y = ort.InferenceSession(out.as_posix(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     ref = x["x"] @ w
     assert float((y * ref).sum() / np.linalg.norm(y) / np.linalg.norm(ref)) > 0.9995
+
+
+def test_layers_get_unique_names_for_exclusion_and_the_report():
+    from graphopt.compress import name_nodes
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="same"), helper.make_node("Relu", ["a"], ["b"], name="same"),
+             helper.make_node("Relu", ["b"], ["y"])]
+    graph = helper.make_graph(nodes, "r", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = ir.serde.deserialize_model(helper.make_model(graph))
+    name_nodes(model)
+    names = [n.name for n in model.graph]
+    assert names[0] == "same" and len(set(names)) == 3 and all(names)
