@@ -157,17 +157,15 @@ class _CallThread:
 class Runner:
     """A compiled model on a device: ``runner(*arrays, **named_arrays) -> {output name: array}``.
 
-    ``inputs``/``outputs`` are ``[(name, shape, dtype)]``; ``params`` are the weights passed after
-    the data inputs (empty when they are embedded in the library).
+    ``inputs``/``outputs`` are ``[(name, shape, dtype)]``; ``params``: the weights passed after the
+    data inputs (empty when embedded in the library). ``vm`` is TVM's VM, for callers timing it.
 
-    Threads: a runner may be called from any thread, concurrently; calls run one at a time (TVM's VM
-    is not re-entrant, and each call already uses every core TVM was given). A call from the thread
-    that created the runner runs on that thread; a call from any other thread runs on one long-lived
-    thread the runner owns (inputs are checked on the caller's thread). TVM keeps a worker pool per
-    calling thread and never frees it, so this bounds the process to two calling threads and two pools
-    per runner however many threads call it: calling from a fresh thread each time does not grow the
-    thread count or memory. The owned thread stops when the runner is garbage-collected. ``vm`` is
-    TVM's VM itself, for callers that time it on their own thread.
+    Threads: callable from any thread, concurrently; calls run one at a time (TVM's VM is not
+    re-entrant, and a call already uses every core TVM was given). A call from the thread that created
+    the runner runs there; one from any other thread runs on one long-lived thread the runner owns
+    (stopped when the runner is garbage-collected). TVM keeps a worker pool per calling thread and
+    never frees it: this bounds the runner to two calling threads and two pools however many threads
+    call it, so calls from a fresh thread each time do not grow the thread count or memory.
     """
 
     def __init__(self, module, inputs, outputs, params, device) -> None:
@@ -393,12 +391,9 @@ def check_elf(path: str) -> None:
             raise BundleError(f"{path}: truncated or corrupted ELF library (headers past its end)")
         f.seek(phoff)
         table = f.read(phnum * phentsize)
-    for i in range(phnum):
-        if wide:  # p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz
-            _, _, offset, _, _, filesz = struct.unpack_from(end + "IIQQQQ", table, i * phentsize)
-        else:  # p_type, p_offset, p_vaddr, p_paddr, p_filesz
-            _, offset, _, _, filesz = struct.unpack_from(end + "IIIII", table, i * phentsize)
-        if offset + filesz > size:
+    word, (at_offset, at_filesz) = end + ("Q" if wide else "I"), ((8, 32) if wide else (4, 16))
+    for base in range(0, phnum * phentsize, phentsize):  # each segment's p_offset + p_filesz
+        if sum(struct.unpack_from(word, table, base + at)[0] for at in (at_offset, at_filesz)) > size:
             raise BundleError(f"{path}: truncated or corrupted ELF library (a segment ends past the file)")
 
 
