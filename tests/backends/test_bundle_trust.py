@@ -177,6 +177,8 @@ def test_digest_is_the_manifest_hash_and_pins_the_bundle(built, tmp_path, capsys
     assert not (tmp_path / "o2.npz").exists()
     with pytest.raises(loader.BundleError, match="differs from the expected"):
         loader.load(str(b), digest=digest)
+    with pytest.raises(BundleError, match="differs from the expected"):
+        api.load_bundle(b, digest=digest)
     assert api.load_bundle(bundle, digest=digest.upper().replace("SHA256:", "sha256:"))(x)["y"].shape == (1, 10)
 
 
@@ -422,6 +424,7 @@ def test_calls_from_fresh_threads_keep_threads_and_memory_bounded(built):
     _, model, bundle, _, x = built
     module = api.load_bundle(bundle)
     expected = module(x)["y"]
+    assert not hasattr(module.runner._calls, "_thread")  # the loading thread's calls run on it, no hand-off
     threads0, rss0 = _proc_status()
     results = []
     for _ in range(200):
