@@ -126,7 +126,9 @@ def check_destination(directory: str | os.PathLike, option: str = "-o") -> Path:
     parent = real.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
+        raise UsageError(f"{option} {dest}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {dest}: directory {parent} is not writable")
     return dest
 

@@ -151,6 +151,9 @@ def test_compile_refuses_an_unwritable_parent(tmp_path, capsys, no_compile):
         parent.chmod(0o555)
     _refused(*_cli(capsys, "compile", "light:squeezenet", "-o", parent / "bundle"),
              f"directory {parent} is not writable")
+    (tmp_path / "f").write_text("x")
+    _refused(*_cli(capsys, "compile", "light:squeezenet", "-o", tmp_path / "f" / "b"), f"{tmp_path / 'f'} is not a directory")
+    _refused(*_cli(capsys, "compile", "light:squeezenet", "-o", tmp_path / "f"), "exists and is not a directory")
     link = tmp_path / "link"
     link.symlink_to(tmp_path)
     _refused(*_cli(capsys, "compile", "light:squeezenet", "-o", link), "is a symbolic link")
