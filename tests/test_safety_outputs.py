@@ -347,3 +347,18 @@ def test_atomic_write_interrupted_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         io.atomic_write(tmp_path / "o.json", interrupted)
     assert listing(tmp_path) == set()
+
+
+# --- 7. other user mistakes that used to exit 0 or 1 ------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,part", [
+    (["bench", "MODEL", "--threads", "0", "--against", "none"], "--threads"),
+    (["bench", "MODEL", "--top", "-1", "--against", "none"], "--top"),
+    (["inspect", "MODEL", "--coverage", "--target", "bogus"], "bogus"),
+    (["conformance", "-j", "0", "-k", "test_relu"], "--jobs"),
+    (["conformance", "--timeout", "-1", "-k", "test_relu"], "--timeout"),
+])
+def test_bad_numbers_and_targets_are_usage_errors(argv, part, model, capsys):
+    code, _, err = run_cli(capsys, *[model if a == "MODEL" else a for a in argv])
+    assert_refused(code, err, part)

@@ -7,6 +7,7 @@ import json
 
 from graphopt import io, outputs
 from graphopt.commands.common import add_input_shape, add_opt_level, table
+from graphopt.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from graphopt.backends.bundle import check_digests
 
     check_digests(args.models, args.expect_digest)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if args.top < 0:
+        raise UsageError(f"--top must be at least 0, got {args.top}")
     outputs.check_output_files({"--json": args.json, "--plot": args.plot, "--markdown": args.markdown},
                                protected=outputs.files_read_by(args.models))
     results = bench(

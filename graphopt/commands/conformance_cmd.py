@@ -8,6 +8,7 @@ import sys
 
 from graphopt import io, outputs
 from graphopt.commands.common import add_opt_level
+from graphopt.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from graphopt.conformance import run_conformance
 
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"-j/--jobs must be at least 1, got {args.jobs}")
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     outputs.check_output_files({"--json": args.json})
 
     def progress(r, done, total):

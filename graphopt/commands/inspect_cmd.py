@@ -20,6 +20,10 @@ def _fmt_shape(shape) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.coverage:  # an unknown --target is the user's to fix, before the model is read
+        from graphopt.backends.targets import get_target
+
+        get_target(args.target)
     info = api.inspect(args.model, input_shapes=args.input_shape)
     if args.coverage:
         from graphopt.backends.lowering import coverage
