@@ -436,7 +436,7 @@ def test_calls_from_fresh_threads_keep_threads_and_memory_bounded(built):
         t.join()
     threads1, rss1 = _proc_status()
     assert len(results) == 200 and all(np.array_equal(r, expected) for r in results)
-    assert threads1 - threads0 <= 2, (threads0, threads1)  # TVM's pool per calling thread: was +400
+    assert threads1 - threads0 <= 4, (threads0, threads1)  # the runner's thread, its TVM pool, one exiting: was +400
     assert rss1 - rss0 < 60, (rss0, rss1)  # was about +0.6 MB a call
     # concurrent callers each get the answer for their own input
     xs = [x * (i + 1) for i in range(6)]
