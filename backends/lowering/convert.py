@@ -134,7 +134,7 @@ class _Lowerer:
         if value in self.consts:
             return self.consts[value]
         if value.const_value is not None:
-            arr = value.const_value.numpy()
+            arr = _storage(value.const_value.numpy())
             self.consts[value] = arr
             return arr
         return None
@@ -282,7 +282,7 @@ class _Lowerer:
                     self.consts[value] = helpers.const_value(expr)
             for init in graph.initializers.values():
                 if init.const_value is not None:
-                    self.consts[init] = init.const_value.numpy()
+                    self.consts[init] = _storage(init.const_value.numpy())
             self.lower_nodes(graph)
             return [self.expr_of(v) for v in graph.outputs]
         finally:
@@ -299,6 +299,15 @@ def _constant_attr(node: ir.Node) -> np.ndarray | None:
             arr = attr_value(attr) if dtype is None else np.array(attr_value(attr), dtype)
             return None if arr.dtype.kind in "OSU" else np.asarray(arr)
     return None
+
+
+_NARROW_STORAGE = {"int4": np.int8, "int2": np.int8, "uint4": np.uint8, "uint2": np.uint8}
+
+
+def _storage(arr: np.ndarray) -> np.ndarray:
+    """4- and 2-bit integer constants (ml_dtypes) held one value a byte, as ``helpers.NARROW_INTS`` says."""
+    storage = _NARROW_STORAGE.get(arr.dtype.name)
+    return arr.astype(storage) if storage is not None else arr
 
 
 def _dtype_str(arr: np.ndarray) -> str:
@@ -340,7 +349,7 @@ def lower(model: ir.Model) -> Lowered:
         low.env[v] = var
     for v in graph.inputs:  # an input with an initializer (IR < 4): its default is a weight
         if v.name in init_names and v not in low.env and v.const_value is None:
-            low.consts[v] = graph.initializers[v.name].const_value.numpy()
+            low.consts[v] = _storage(graph.initializers[v.name].const_value.numpy())
     with low.bb.function("main"):
         low.lower_nodes(graph)
         outs = [low.expr_of(v) for v in graph.outputs]

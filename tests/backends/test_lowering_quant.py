@@ -76,3 +76,34 @@ def test_dynamic_quantize_linear_against_ort():
     node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])
     model = make_model([node], [("x", F, [4, 9])], [("y", U8, None), ("s", F, None), ("z", U8, None)], opset=13)
     check_against_ort(model, {"x": _rng(5).uniform(-3, 7, (4, 9)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
+def test_weight_only_blockwise_matmul_compiles_and_matches_ort(bits, symmetric):
+    """int4/uint4 constants of block-wise DequantizeLinear (weight-only quantization) are held one value a
+    byte and dequantized in the compiled code: the bundle matches ORT on the same quantized model."""
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    import graphopt
+    from graphopt.passes.quantize_weights import quantize_weights
+
+    rng = _rng(3)
+    # 1.3 MB as float32: past -O2's 1 MiB folding bound, so the DequantizeLinear reaches the compiled code
+    w = (rng.standard_normal((512, 640)) * 0.05).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", F, [4, 512])], [helper.make_tensor_value_info("y", F, [4, 640])],
+        [onnx.numpy_helper.from_array(w, "w")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    quantize_weights(model, bits=bits, block_size=32, symmetric=symmetric)
+    proto = ir.serde.serialize_model(model)
+    x = rng.standard_normal((4, 512)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # no int8 MatMulNBits rewrite
+    expected = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    got = graphopt.compile(model, target="x86")(x)["y"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(got - x @ w).max() > 0  # the weights really were quantized
