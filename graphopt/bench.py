@@ -445,7 +445,9 @@ def plot(results: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_title(f"{results[0]['target']}, {results[0]['threads']} threads")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    from graphopt.io import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))  # never a half-written picture
     plt.close(fig)
     return Path(path)
 

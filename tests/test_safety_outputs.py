@@ -362,3 +362,38 @@ def test_atomic_write_interrupted_leaves_nothing(tmp_path):
 def test_bad_numbers_and_targets_are_usage_errors(argv, part, model, capsys):
     code, _, err = run_cli(capsys, *[model if a == "MODEL" else a for a in argv])
     assert_refused(code, err, part)
+
+
+# --- tune's database directory and bench's picture ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "missing_parent"])
+def test_tune_checks_its_database_directory_before_searching(tmp_path, capsys, kind):
+    db = tmp_path / "db"
+    if kind == "file":
+        db.write_text("keep")
+    elif kind == "symlink":
+        (tmp_path / "real").mkdir()
+        db.symlink_to(tmp_path / "real")
+    else:
+        db = tmp_path / "no" / "db"
+    onnx.save(good_model(), tmp_path / "m.onnx")
+    before = listing(tmp_path)
+    code, _, err = run_cli(capsys, "tune", tmp_path / "m.onnx", "--tuning-db", db)
+    assert_refused(code, err, "--tuning-db", str(db))
+    assert listing(tmp_path) == before
+
+
+def test_bench_plot_is_written_whole(tmp_path):
+    from graphopt.bench import plot
+
+    out = tmp_path / "b.png"
+    out.write_bytes(b"old picture")
+    result = {"model": "m.onnx", "graphopt": {"median_ms": 1.0}, "ort": {"median_ms": 2.0}, "target": "x86",
+              "threads": 2}
+    plot([result], out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert listing(tmp_path) == {"b.png"}  # no temporary file left beside it
+    with pytest.raises(KeyError):
+        plot([{**result, "graphopt": {}}], out)  # a failed plot keeps the old picture
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and listing(tmp_path) == {"b.png"}

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     outputs.check_output_files({"--json": args.json}, protected=outputs.files_read_by([args.model]))
+    if args.tuning_db:  # a directory graphopt adds records to: checked before minutes of search
+        outputs.check_output_dir(args.tuning_db, "--tuning-db")
     if not args.verbose:
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     report = api.tune(
