@@ -397,3 +397,13 @@ def test_bench_plot_is_written_whole(tmp_path):
     with pytest.raises(KeyError):
         plot([{**result, "graphopt": {}}], out)  # a failed plot keeps the old picture
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and listing(tmp_path) == {"b.png"}
+
+
+def test_bench_outputs_never_overwrite_the_float_model(tmp_path, capsys):
+    onnx.save(good_model(), tmp_path / "q.onnx")
+    onnx.save(good_model(), tmp_path / "f.onnx")
+    digest = sha256(tmp_path / "f.onnx")
+    code, _, err = run_cli(capsys, "bench", tmp_path / "q.onnx", "--float-model", tmp_path / "f.onnx",
+                           "--json", tmp_path / "f.onnx")
+    assert_refused(code, err, "--json", "is the same file as the input")
+    assert sha256(tmp_path / "f.onnx") == digest

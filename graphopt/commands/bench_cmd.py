@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 0:
         raise UsageError(f"--top must be at least 0, got {args.top}")
     outputs.check_output_files({"--json": args.json, "--plot": args.plot, "--markdown": args.markdown},
-                               protected=outputs.files_read_by(args.models))
+                               protected=outputs.files_read_by([*args.models, *([args.float_model] if args.float_model else [])]))
     results = bench(
         args.models, threads=args.threads, target=args.target,
         against=None if args.against == "none" else "ort", input_shapes=list(args.input_shape),
