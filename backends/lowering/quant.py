@@ -142,11 +142,15 @@ def _dequantize_linear(ctx, inputs):
 
 
 def _dynamic_quantize_linear(ctx, inputs):
+    """uint8 over [min(x, 0), max(x, 0)] as ONNX Runtime computes it: scale = range / 255, or 1 when the
+    range is empty (x all zeros: a scale of 0 would make every value and the zero point NaN);
+    zero point = saturate(round_half_even(0 - min / scale)); y = saturate(round_half_even(x / scale) + zp)."""
     x = inputs[0]
     zero = scalar(0.0, "float32")
-    hi = op.maximum(op.max(x), zero)
-    lo = op.minimum(op.min(x), zero)
-    scale = ctx.emit(op.divide(op.subtract(hi, lo), scalar(255.0, "float32")))
+    hi = ctx.emit(op.maximum(op.max(x), zero))
+    lo = ctx.emit(op.minimum(op.min(x), zero))
+    span = op.divide(op.subtract(hi, lo), scalar(255.0, "float32"))
+    scale = ctx.emit(op.where(op.equal(hi, lo), scalar(1.0, "float32"), span))
     zp = ctx.emit(_saturate(op.subtract(zero, op.divide(lo, scale)), "uint8"))
     y = _saturate(op.add(op.round(op.divide(x, scale)), op.astype(zp, "float32")), "uint8")
     return [y, scale, zp]
