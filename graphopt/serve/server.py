@@ -1,163 +1,114 @@
-"""A KServe v2 (Open Inference Protocol) HTTP/REST server for compiled bundles.
+"""Run the HTTP app on uvicorn and, with a gRPC port, the gRPC service beside it.
 
-Endpoints: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``,
-``GET /v2/models/{name}``, ``GET /v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``
-(JSON tensors: ``{"inputs": [{"name", "shape", "datatype", "data"}], "outputs": [{"name"}]}``).
-Requests are served by a thread pool; inference calls are serialized per model because the TVM
-VM is not re-entrant, and each call already uses every core it was given.
+``Server(...).run()`` blocks until SIGINT/SIGTERM: the listening sockets close first (new connections
+are refused), requests in flight are answered (up to ``drain_s``), then the model workers stop.
+``start()``/``stop()`` run it on a background thread instead (tests, embedding).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+import signal
+import socket
 import threading
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
+import uvicorn
 
-import graphopt
-
-# KServe v2 datatypes <-> numpy dtypes
-V2_TO_NP = {
-    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
-    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
-    "FP16": "float16", "FP32": "float32", "FP64": "float64",
-}
-NP_TO_V2 = {v: k for k, v in V2_TO_NP.items()}
-MAX_BODY_BYTES = 256 << 20
+from graphopt.errors import UsageError
+from graphopt.serve.app import make_app
+from graphopt.serve.repository import Repository
 
 
-class RequestError(Exception):
-    """A bad request: answered with HTTP 400 and ``{"error": message}``."""
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"--host {host} --port {port}: cannot listen: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
-class ModelEndpoint:
-    """One served model: its metadata and a lock around its VM."""
+class _Uvicorn(uvicorn.Server):
+    """Stops the gRPC server (no new calls, calls in flight finish) when HTTP starts to drain; a
+    SIGINT/SIGTERM it drained for is not raised again afterwards (a drained stop is a clean exit)."""
 
-    def __init__(self, name: str, module, version: str = "1") -> None:
-        self.name, self.module, self.version = name, module, version
-        self.lock = threading.Lock()
+    grpc_server = None
+    drain_s = 30.0
 
-    def metadata(self) -> dict:
-        def tensors(specs):
-            return [{"name": n, "datatype": NP_TO_V2.get(str(d), str(d)), "shape": list(s)} for n, s, d in specs]
-
-        return {
-            "name": self.name,
-            "versions": [self.version],
-            "platform": "graphopt_tvm",
-            "inputs": tensors(self.module.inputs),
-            "outputs": tensors(self.module.outputs),
-        }
-
-    def infer(self, request: dict) -> dict:
-        if not isinstance(request.get("inputs"), list):
-            raise RequestError("request needs an 'inputs' list")
-        specs = {n: (tuple(s), d) for n, s, d in self.module.inputs}
-        arrays = {}
-        for item in request["inputs"]:
-            name = item.get("name")
-            if name not in specs:
-                raise RequestError(f"unknown input {name!r} (model inputs: {', '.join(specs)})")
-            dtype = V2_TO_NP.get(item.get("datatype", ""))
-            if dtype is None:
-                raise RequestError(f"input {name!r}: unsupported datatype {item.get('datatype')!r}")
-            try:
-                arr = np.asarray(item.get("data"), dtype=dtype).reshape(item.get("shape"))
-            except (ValueError, TypeError) as e:
-                raise RequestError(f"input {name!r}: data does not fit shape {item.get('shape')}: {e}") from None
-            arrays[name] = arr
-        missing = [n for n in specs if n not in arrays]
-        if missing:
-            raise RequestError(f"missing inputs: {', '.join(missing)}")
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            with self.lock:
-                outputs = self.module(**arrays)
-        except graphopt.GraphoptError as e:
-            raise RequestError(str(e)) from None
-        wanted = [o.get("name") for o in request.get("outputs") or []] or list(outputs)
-        unknown = [w for w in wanted if w not in outputs]
-        if unknown:
-            raise RequestError(f"unknown outputs requested: {', '.join(map(str, unknown))}")
-        return {
-            "model_name": self.name,
-            "model_version": self.version,
-            "id": request.get("id", ""),
-            "outputs": [
-                {
-                    "name": n,
-                    "datatype": NP_TO_V2.get(str(outputs[n].dtype), str(outputs[n].dtype)),
-                    "shape": list(outputs[n].shape),
-                    "data": outputs[n].ravel().tolist(),
-                }
-                for n in wanted
-            ],
-        }
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    async def shutdown(self, sockets=None):
+        stopped = self.grpc_server.stop(self.drain_s) if self.grpc_server is not None else None
+        await super().shutdown(sockets)
+        if stopped is not None:
+            await asyncio.to_thread(stopped.wait, self.drain_s)
 
 
-def make_handler(models: dict[str, ModelEndpoint]):
-    class Handler(BaseHTTPRequestHandler):
-        server_version = f"graphopt/{graphopt.__version__}"
-        protocol_version = "HTTP/1.1"
+class Server:
+    def __init__(self, repo: Repository, *, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None,
+                 max_body_bytes: int = 64 << 20, drain_s: float = 30.0) -> None:
+        self.repo, self.host = repo, host
+        self._sock = listen(host, port)
+        self.port = self._sock.getsockname()[1]
+        self.grpc_port, grpc_server = None, None
+        if grpc_port is not None:
+            from graphopt.serve.grpc_service import make_grpc_server
 
-        def log_message(self, fmt, *args):  # quiet by default; errors still answered as JSON
-            pass
-
-        def _send(self, status: int, body: dict | None = None) -> None:
-            data = json.dumps(body if body is not None else {}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _model(self, parts: list[str]) -> ModelEndpoint | None:
-            m = models.get(parts[2]) if len(parts) > 2 else None
-            if m is None:
-                self._send(HTTPStatus.NOT_FOUND, {"error": f"no model named {parts[2] if len(parts) > 2 else ''!r}"})
-            return m
-
-        def do_GET(self) -> None:  # noqa: N802
-            parts = [p for p in self.path.split("?")[0].split("/") if p]
-            if parts in (["v2", "health", "live"], ["v2", "health", "ready"]):
-                return self._send(HTTPStatus.OK, {"live": True} if parts[2] == "live" else {"ready": True})
-            if parts == ["v2"]:
-                return self._send(HTTPStatus.OK, {"name": "graphopt", "version": graphopt.__version__, "extensions": []})
-            if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
-                m = self._model(parts)
-                if m is None:
-                    return None
-                if parts[3:] == ["ready"]:
-                    return self._send(HTTPStatus.OK, {"name": m.name, "ready": True})
-                if not parts[3:]:
-                    return self._send(HTTPStatus.OK, m.metadata())
-            return self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
-
-        def do_POST(self) -> None:  # noqa: N802
-            parts = [p for p in self.path.split("?")[0].split("/") if p]
-            if not (len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] == "infer"):
-                return self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
-            m = self._model(parts)
-            if m is None:
-                return None
-            length = int(self.headers.get("Content-Length") or 0)
-            if length <= 0 or length > MAX_BODY_BYTES:
-                return self._send(HTTPStatus.BAD_REQUEST, {"error": f"body length {length} out of range"})
+            where = f"[{host}]" if ":" in host else host
             try:
-                request = json.loads(self.rfile.read(length))
-                return self._send(HTTPStatus.OK, m.infer(request))
-            except json.JSONDecodeError as e:
-                return self._send(HTTPStatus.BAD_REQUEST, {"error": f"body is not JSON: {e}"})
-            except RequestError as e:
-                return self._send(HTTPStatus.BAD_REQUEST, {"error": str(e)})
-            except Exception as e:  # a bug: answer 500, keep serving
-                return self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
+                grpc_server, self.grpc_port = make_grpc_server(repo, f"{where}:{grpc_port}",
+                                                               max_message_bytes=max_body_bytes)
+            except OSError as e:
+                self._sock.close()
+                raise UsageError(f"--host {host} --grpc-port {grpc_port}: cannot listen ({e})") from None
+        config = uvicorn.Config(make_app(repo, max_body_bytes=max_body_bytes), log_level="warning",
+                                access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=drain_s,
+                                lifespan="off")
+        self._uvicorn = _Uvicorn(config)
+        self._uvicorn.grpc_server, self._uvicorn.drain_s = grpc_server, drain_s
+        self._thread: threading.Thread | None = None
 
-    return Handler
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
+    def run(self) -> None:
+        grpc_server = self._uvicorn.grpc_server
+        try:
+            if grpc_server is not None:
+                grpc_server.start()
+            self._uvicorn.run(sockets=[self._sock])
+        finally:
+            if grpc_server is not None:
+                grpc_server.stop(0)
+            self._sock.close()
+            self.repo.close()
 
-def make_server(models: dict[str, ModelEndpoint], host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), make_handler(models))
-    server.daemon_threads = True
-    return server
+    def start(self) -> Server:
+        self._thread = threading.Thread(target=self.run, name="graphopt-serve", daemon=True)
+        self._thread.start()
+        while not self._uvicorn.started and self._thread.is_alive():
+            self._thread.join(0.01)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
