@@ -5,6 +5,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from .analysis import int_extent, is_spatial_block
+from .elementwise import fold_into_consumers, vector_split, widest_bits
 from .features import CPUFeatures
 from .tiling import parallelize_outer
 
@@ -24,20 +25,15 @@ def schedule_injective(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
         total *= e
     if total == 0:
         return True  # no elements (a zero-length state): nothing to run, and a 0-lane vector fails to build
-    stmt = sch.get(block)
-    lanes = feats.lanes(stmt.writes[0].source.dtype.bits if stmt.writes else 32)
+    if fold_into_consumers(sch, block):  # a link of an elementwise chain: computed in its consumer
+        return True
+    lanes = feats.lanes(widest_bits(sch.get(block)))
+    k, vt = vector_split(exts, lanes)  # see elementwise.py: the tail-free vector width
+    if k > 1:
+        loops = [*loops[:-k], sch.fuse(*loops[-k:])]
     outer = list(loops)
-    inner_ext = exts[-1]
-    # a divisor of the inner extent near the lane count: no tail, no predicates (a predicated tail
-    # with a padding if_then_else measured 2x slower than scalar code)
-    # with at most one vector of lanes, or exactly two (odd widths like 19 lanes legalize badly)
-    vt = max((d for d in range(1, min(inner_ext, lanes) + 1) if inner_ext % d == 0), default=1)
-    if inner_ext % (2 * lanes) == 0:
-        vt = 2 * lanes
-    # odd widths (13, 19, 26 lanes) legalize into slow pieces: LLVM's own loop vectorizer, which
-    # keeps a scalar remainder, does better on those
     if vt >= max(2, lanes // 2) and vt & (vt - 1) == 0:
-        if vt < inner_ext:
+        if vt < int_extent(sch, loops[-1]):
             o, v = sch.split(loops[-1], [None, vt])
             outer = [*loops[:-1], o]
         else:

@@ -234,3 +234,41 @@ def test_qdq_convs_run_on_amx_when_the_host_has_it(qnet):
     served = sum(n.startswith("amx_qconv2d") for n in names)
     # input channels >= 16 and one group: convs 1, 3, 4, 5 (0 has 3 inputs, 2 is depthwise, 6 has 13)
     assert served == (4 if int8_conv.available(spec) else 0)
+
+
+def _residual_block(path, shape):
+    """Two quantized tensors, added, requantized, Relu, requantized (a ResNet residual in QDQ form)."""
+    q = [("a", 0.05, 128), ("b", 0.07, 120), ("s", 0.09, 128), ("r", 0.045, 0)]
+    inits = [t for n, s, z in q for t in (nh.from_array(np.float32(s), f"s_{n}"), nh.from_array(np.uint8(z), f"z_{n}"))]
+
+    def qdq(x, n):
+        return [h.make_node("QuantizeLinear", [x, f"s_{n}", f"z_{n}"], [f"{n}_q"]),
+                h.make_node("DequantizeLinear", [f"{n}_q", f"s_{n}", f"z_{n}"], [f"{n}_d"])]
+
+    nodes = qdq("a", "a") + qdq("b", "b") + [h.make_node("Add", ["a_d", "b_d"], ["sum"])] + qdq("sum", "s") + [
+        h.make_node("Relu", ["s_d"], ["relu"])] + qdq("relu", "r")
+    graph = h.make_graph(nodes, "res", [h.make_tensor_value_info(n, TP.FLOAT, shape) for n in "ab"],
+                         [h.make_tensor_value_info("r_d", TP.FLOAT, shape)], inits)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 13)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("shape", [(1, 48, 14, 14), (1, 16, 13, 56)])
+def test_qdq_glue_is_one_vector_loop(tmp_path, shape):
+    """The dequantize-add-quantize-relu-quantize chain is one vectorized loop (14-wide rows: vectors
+    over fused rows), exact against ONNX Runtime."""
+    from graphopt.backends.compile import fused_module
+    from graphopt.backends.schedules import apply_default_schedules
+    from graphopt.backends.targets import get_target
+
+    path = _residual_block(tmp_path / "r.onnx", shape)
+    mod = apply_default_schedules(fused_module(ir.load(str(path)), "x86"), get_target("x86"))
+    funcs = [f for gv, f in mod.functions_items() if gv.name_hint != "main" and hasattr(f, "body")]
+    assert len(funcs) == 1
+    text = funcs[0].script()
+    assert text.count("T.sblock(") - text.count('T.sblock("root")') == 1 and "T.vectorized" in text
+    compiled = compile_model(ir.load(str(path)), target="x86")
+    rng = np.random.default_rng(0)
+    feeds = {n: (rng.standard_normal(shape) * 4).astype(np.float32) for n in "ab"}
+    got = compiled(feeds["a"], feeds["b"])["r_d"]
+    np.testing.assert_allclose(got, _ort(path, feeds)[0], rtol=0, atol=0.045 * 1.001)
