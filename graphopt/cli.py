@@ -28,6 +28,8 @@ COMMANDS = {
     "loadtest": ("loadtest_cmd", "measure a running server's throughput and latency (loopback only)"),
     "compare": ("compare_cmd", "compare graphopt -O3 (standard ONNX and --target-runtime ort) with onnxslim: node counts and ONNX Runtime latency"),
     "conformance": ("conformance_cmd", "run the ONNX node conformance cases through the compiler"),
+    "targets": ("targets_cmd", "list the target presets (x86, aarch64, aarch64-dotprod, cuda) and what each assumes"),
+    "package": ("package_cmd", "pack a bundle into one .tar.gz for a device (library, params, manifest, loader)"),
     "evaluate": ("evaluate_cmd", "score a model on rendered OCR text (ocr-rec, ocr-det), by cosine or your metric; write calibration data"),
 }
 

@@ -170,13 +170,13 @@ class Runner:
 
     def __init__(self, module, inputs, outputs, params, device) -> None:
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # not tvm.relax: a runtime-only TVM has no compiler
 
         use_physical_cores()
         self.inputs = [(n, tuple(s), str(d)) for n, s, d in inputs]
         self.outputs = [(n, None if s is None else tuple(s), str(d)) for n, s, d in outputs]
         self.device = device
-        self.vm = relax.VirtualMachine(module, device)
+        self.vm = VirtualMachine(module, device)
         self._main = self.vm["main"]
         self._params = [tvm.runtime.tensor(_contiguous(np.asarray(p)), device) for p in params]
         self._home, self._lock, self._calls = threading.current_thread(), threading.Lock(), _CallThread()
@@ -406,13 +406,31 @@ def _device(manifest: dict):
         if not dev.exist:
             raise BundleError("bundle was built for CUDA but no CUDA GPU is visible")
         return dev
-    triple = str(target.get("mtriple", ""))
+    features = manifest.get("target", {}).get("features")
+    triple = str(target.get("mtriple", "")) or str(features.get("arch", "") if isinstance(features, dict) else "")
     if triple and triple.split("-")[0] != platform.machine():
         raise BundleError(f"bundle was built for {triple}; this machine is {platform.machine()}")
+    arm = arm_hwcap() if triple.startswith("aarch64") else 0
+    lacking = [f for f in target.get("mattr", []) if arm and f in ARM_HWCAP and not arm & ARM_HWCAP[f]]
+    if lacking:
+        raise BundleError(f"bundle was built for an Arm CPU with {', '.join(lacking)} and this CPU lacks "
+                          f"{'them' if len(lacking) > 1 else 'it'}; compile it for --target aarch64")
     if "+amx-bf16" in list(target.get("mattr", [])) and not cpu_has_amx():
         raise BundleError("bundle was built for a CPU with AMX-BF16 tiles (its convs use them) and this CPU "
                           "or kernel has none; compile it again with GRAPHOPT_AMX=0")
     return tvm.cpu(0)
+
+
+# aarch64 target features -> Linux AT_HWCAP bits (asimd, asimdhp, asimddp, sve)
+ARM_HWCAP = {"+neon": 1 << 1, "+fullfp16": 1 << 10, "+dotprod": 1 << 20, "+sve": 1 << 22}
+
+
+def arm_hwcap() -> int:
+    import ctypes
+
+    getauxval = ctypes.CDLL(None).getauxval
+    getauxval.restype = ctypes.c_ulong
+    return getauxval(16)  # AT_HWCAP
 
 
 # Linux hands out the AMX tile state on request: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)

@@ -144,11 +144,19 @@ def _x86() -> TargetSpec:
     return TargetSpec("x86", config, features=features)
 
 
+def _arm(name: str, mcpu: str, mattr: list[str], l1d_kb: int, l2_kb: int) -> TargetSpec:
+    config = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "mattr": mattr}
+    # NEON is 128 bits; cache sizes are the named core's (per core L1d, L2), not measured.
+    features = {"arch": "aarch64", "cores": 4, "vector_bits": 128, "l1d": l1d_kb * 1024, "l2": l2_kb * 1024}
+    return TargetSpec(name, config, features=features, cross_compiler=AARCH64_GCC)
+
+
 def _aarch64() -> TargetSpec:
-    config = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
-    # A generic Cortex-A class core: NEON is 128 bits; 64 KB L1d / 1 MB L2 are typical, not measured.
-    features = {"arch": "aarch64", "cores": 4, "vector_bits": 128, "l1d": 64 * 1024, "l2": 1024**2}
-    return TargetSpec("aarch64", config, features=features, cross_compiler=AARCH64_GCC)
+    return _arm("aarch64", "cortex-a72", ["+neon"], 32, 1024)
+
+
+def _aarch64_dotprod() -> TargetSpec:
+    return _arm("aarch64-dotprod", "cortex-a76", ["+neon", "+dotprod", "+fullfp16"], 64, 512)
 
 
 def _cuda() -> TargetSpec:
@@ -158,7 +166,18 @@ def _cuda() -> TargetSpec:
     return TargetSpec("cuda", config, host=host, features=features)
 
 
-PRESETS: dict[str, Callable[[], TargetSpec]] = {"x86": _x86, "aarch64": _aarch64, "cuda": _cuda}
+PRESETS: dict[str, Callable[[], TargetSpec]] = {
+    "x86": _x86, "aarch64": _aarch64, "cuda": _cuda, "aarch64-dotprod": _aarch64_dotprod,
+}
+
+# What each preset assumes about the machine that runs the bundle (``graphopt targets``).
+ASSUMES: dict[str, str] = {
+    "x86": "this host's CPU (LLVM's name for it, its cores and caches; AMX when present)",
+    "aarch64": "64-bit Arm with NEON (Cortex-A72: Raspberry Pi 4); 4 cores; aarch64-linux-gnu-gcc to link",
+    "aarch64-dotprod": "Arm v8.2 with NEON, sdot/udot and fp16 arithmetic (Cortex-A76: Raspberry Pi 5, "
+                       "Jetson Orin CPU); 4 cores; aarch64-linux-gnu-gcc to link",
+    "cuda": "an NVIDIA GPU with compute capability 8.0 (sm_80) and the CUDA driver",
+}
 
 
 def get_target(name_or_json: str | dict | TargetSpec) -> TargetSpec:
@@ -172,8 +191,11 @@ def get_target(name_or_json: str | dict | TargetSpec) -> TargetSpec:
     if isinstance(name_or_json, str):
         text = name_or_json.strip()
         if not text.startswith("{"):
+            if text not in PRESETS and text.split(" ", 1)[0] in RAW_KINDS:
+                return _from_dict(parse_raw(text))
             if text not in PRESETS:
-                raise UsageError(f"unknown target '{text}' (presets: {', '.join(PRESETS)}; or a JSON target dict)")
+                raise UsageError(f"unknown target '{text}' (presets: {', '.join(PRESETS)}; or a TVM target "
+                                 "such as 'llvm -mtriple=aarch64-linux-gnu -mattr=+neon' or a JSON target dict)")
             return PRESETS[text]()
         try:
             name_or_json = json.loads(text)
@@ -182,6 +204,23 @@ def get_target(name_or_json: str | dict | TargetSpec) -> TargetSpec:
     if not isinstance(name_or_json, dict):
         raise UsageError(f"target must be a preset name or a dict, got {type(name_or_json).__name__}")
     return _from_dict(dict(name_or_json))
+
+
+RAW_KINDS = ("llvm", "cuda", "c")
+_LIST_KEYS = ("mattr", "keys", "libs")
+
+
+def parse_raw(text: str) -> dict[str, Any]:
+    """A TVM target in its command-line form, ``llvm -mtriple=aarch64-linux-gnu -mattr=+neon,+dotprod``,
+    as the dict TVM 0.27 takes (it no longer parses the string itself)."""
+    kind, *options = text.split()
+    config: dict[str, Any] = {"kind": kind}
+    for option in options:
+        key, sep, value = option.lstrip("-").partition("=")
+        if not option.startswith("-") or not sep or not key or not value:
+            raise UsageError(f"target '{text}': '{option}' is not -key=value")
+        config[key] = value.split(",") if key in _LIST_KEYS else int(value) if value.isdigit() else value
+    return config
 
 
 def _from_dict(d: dict[str, Any]) -> TargetSpec:
@@ -197,7 +236,8 @@ def _from_dict(d: dict[str, Any]) -> TargetSpec:
             raise UsageError(f"target dict needs 'kind' or 'preset' (presets: {', '.join(PRESETS)})")
         host = {"kind": "llvm"} if d["kind"] == "cuda" else None
         cross = AARCH64_GCC if str(d.get("mtriple", "")).startswith("aarch64") and platform.machine() != "aarch64" else None
-        spec = TargetSpec(f"custom-{d['kind']}", d, host=host, cross_compiler=cross)
+        arch = {"arch": str(d["mtriple"]).split("-")[0]} if d.get("mtriple") else {}
+        spec = TargetSpec(f"custom-{d['kind']}", d, host=host, features=arch, cross_compiler=cross)
     try:
         spec.target  # noqa: B018 - validate now, with a clear message
     except Exception as e:
@@ -208,4 +248,4 @@ def _from_dict(d: dict[str, Any]) -> TargetSpec:
     return spec
 
 
-__all__ = ["PRESETS", "TargetSpec", "get_target"]
+__all__ = ["ASSUMES", "PRESETS", "TargetSpec", "get_target", "parse_raw"]

@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--top must be at least 0, got {args.top}")
     outputs.check_output_files({"--json": args.json, "--plot": args.plot, "--markdown": args.markdown},
                                protected=outputs.files_read_by([*args.models, *([args.float_model] if args.float_model else [])]))
+    from graphopt.commands import emulated
+
+    if emulated.wanted(args):  # aarch64 code on an x86 host: timed under qemu, NEON counted
+        return emulated.bench(args)
     results = bench(
         args.models, threads=args.threads, target=args.target,
         against=None if args.against == "none" else "ort", input_shapes=list(args.input_shape),
