@@ -54,7 +54,8 @@ def decode_infer(req) -> InferRequest:
         if raw:
             arr = from_bytes(raw[i], dtype, shape, where)
         elif t.datatype in CONTENTS:
-            arr = from_list(list(getattr(t.contents, CONTENTS[t.datatype])), dtype, shape, where)
+            field = CONTENTS[t.datatype]
+            arr = from_list(list(getattr(t.contents, field)), dtype, shape, where, f"contents.{field}")
         else:
             raise bad(f"{where}: {t.datatype} tensors must be sent in raw_input_contents")
         inputs.append(InferInput(t.name, t.datatype, arr))

@@ -70,27 +70,27 @@ def from_bytes(data: bytes, dtype: np.dtype, shape: tuple[int, ...], where: str)
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def from_list(data, dtype: np.dtype, shape: tuple[int, ...], where: str) -> np.ndarray:
+def from_list(data, dtype: np.dtype, shape: tuple[int, ...], where: str, field: str = "'data'") -> np.ndarray:
     """A tensor from JSON data (flat or nested, row-major); the element count must fit the shape."""
     kind = NP_TO_V2[dtype.name]
     if not isinstance(data, list):
-        raise bad(f"{where}: 'data' must be a list, got {type(data).__name__}")
+        raise bad(f"{where}: {field} must be a list, got {type(data).__name__}")
     try:
         flat = np.asarray(data).ravel()
     except (ValueError, TypeError, OverflowError) as e:
-        raise bad(f"{where}: 'data' is not a regular list of numbers ({' '.join(str(e).split()[:12])})") from None
+        raise bad(f"{where}: {field} is not a regular list of numbers ({' '.join(str(e).split()[:12])})") from None
     if flat.size:
         if flat.dtype.kind not in "biuf" or (flat.dtype.kind == "b") != (dtype.kind == "b"):
             want = "true/false" if dtype.kind == "b" else "numbers"
-            raise bad(f"{where}: 'data' must hold {want} for {kind}, got values of type {flat.dtype.name}")
+            raise bad(f"{where}: {field} must hold {want} for {kind}, got values of type {flat.dtype.name}")
         if dtype.kind in "iu":
             if flat.dtype.kind == "f":
-                raise bad(f"{where}: 'data' holds fractional numbers for the integer datatype {kind}")
+                raise bad(f"{where}: {field} holds fractional numbers for the integer datatype {kind}")
             info = np.iinfo(dtype)
             if int(flat.min()) < info.min or int(flat.max()) > info.max:
-                raise bad(f"{where}: 'data' holds values outside the range of {kind}")
+                raise bad(f"{where}: {field} holds values outside the range of {kind}")
     if flat.size != elements(shape):
-        raise bad(f"{where}: 'data' has {flat.size} elements, shape {list(shape)} needs {elements(shape)}")
+        raise bad(f"{where}: {field} has {flat.size} elements, shape {list(shape)} needs {elements(shape)}")
     return flat.astype(dtype).reshape(shape)
 
 
