@@ -32,14 +32,30 @@ def _scalar_bool(ctx, cond) -> relax.Expr:
 # ---------------------------------------------------------------- If
 
 
+def _lifted(ctx, branch: relax.SeqExpr, which: str) -> relax.Expr:
+    """A branch as a call of a private function of its own, taking the outer values it reads.
+
+    Inline branches are unsafe in TVM 0.27: StaticPlanBlockMemory plans both branches of a ``relax.If``
+    as one block, so a storage allocated inside the then-branch is reused by the else-branch, where it
+    was never allocated (the VM then dereferences a null storage: a segfault whenever the else-branch
+    runs). A function is planned on its own; what it returns is allocated for the caller.
+    """
+    branch = ctx.bb.normalize(branch)
+    params = list(relax.analysis.free_vars(branch))
+    fn = relax.utils.copy_with_new_vars(relax.Function(params, branch))
+    name = helpers.safe_name(f"{ctx.name}_{which}_{ctx._lowerer.next_id()}", "branch")
+    gv = ctx.bb.add_func(fn, name)
+    return relax.Call(gv, params)
+
+
 def _if(ctx, inputs):
     then_g, else_g = ctx.attr("then_branch"), ctx.attr("else_branch")
     value = ctx.const(0)
     if value is not None:
         return ctx.lower_graph(then_g if bool(np.asarray(value).reshape(-1)[0]) else else_g, [])
     cond = _scalar_bool(ctx, inputs[0])
-    then_b = ctx.lower_branch(then_g)
-    else_b = ctx.lower_branch(else_g)
+    then_b = _lifted(ctx, ctx.lower_branch(then_g), "then")
+    else_b = _lifted(ctx, ctx.lower_branch(else_g), "else")
     result = ctx.emit(relax.If(cond, then_b, else_b))
     n = len(then_g.outputs)
     if n == 1:

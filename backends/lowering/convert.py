@@ -337,6 +337,20 @@ def _reference_eval(node: ir.Node, opset: int, arrays: list[np.ndarray | None]) 
     return [np.asarray(next(it)) if o else None for o in outs]
 
 
+def _unique_names(weights: list[tuple[str, Any, np.ndarray]]) -> list[tuple[str, Any, np.ndarray]]:
+    """Weights keyed by value name, made unique: an If's two branches may each hold an initializer of the
+    same name (``params`` must keep one entry per weight parameter of ``main``)."""
+    seen: set[str] = set()
+    out = []
+    for name, var, arr in weights:
+        key, k = name, 1
+        while key in seen:
+            key, k = f"{name}__{k}", k + 1
+        seen.add(key)
+        out.append((key, var, arr))
+    return out
+
+
 def lower(model: ir.Model) -> Lowered:
     """Lower a whole model to a Relax IRModule (see :class:`Lowered`)."""
     check_supported(model)
@@ -355,7 +369,7 @@ def lower(model: ir.Model) -> Lowered:
         outs = [low.expr_of(v) for v in graph.outputs]
         out_exprs = [low.bb.emit(o) if isinstance(o, helpers.Constant) else o for o in outs]
         result = out_exprs[0] if len(out_exprs) == 1 else low.bb.emit(relax.Tuple(out_exprs))
-        weights = [(value.name, var, arr) for value, (var, arr) in low.weights.items()]
+        weights = _unique_names([(value.name, var, arr) for value, (var, arr) in low.weights.items()])
         params = in_vars + [var for _, var, _ in weights]
         low.bb.emit_func_output(result, params=params)
     mod = low.bb.get()
