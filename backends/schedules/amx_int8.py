@@ -54,9 +54,15 @@ def _dot(acc):
     return tirx.call_llvm_intrin("void", "llvm.x86.tdpbusd", _int8(acc), _int8(4 + acc // 2), _int8(6 + acc % 2))
 
 
+LAYOUTS = ("NCHW", "NHWC")
+
+
 def qconv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int, *, zx: int, zy: int,
-               qmin: int, qmax: int, out_dtype: str, threads: int):
-    """The PrimFunc ``(x, wp, corr, mult, out)`` of a batch-1 NCHW uint8 conv and its requantization."""
+               qmin: int, qmax: int, out_dtype: str, threads: int, in_layout: str = "NCHW",
+               out_layout: str = "NCHW"):
+    """The PrimFunc ``(x, wp, corr, mult, out)`` of a batch-1 uint8 conv and its requantization;
+    ``x`` and ``out`` are NCHW or NHWC (``in_layout``, ``out_layout``)."""
+    assert in_layout in LAYOUTS and out_layout in LAYOUTS
     g = geometry(h, w, k, stride, pad)
     oh, ow, gw, qt, rows = g["oh"], g["ow"], g["gw"], g["qt"], g["rows"]
     grid_h, phases = g["gh"], g["phases"]
@@ -96,30 +102,51 @@ def qconv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int, *,
     def shift(tap):
         return tap // k // ps * gw + tap % k // ps
 
+    x_shape = (1, c, h, w) if in_layout == "NCHW" else (1, h, w, c)
+    out_shape = (1, o, oh, ow) if out_layout == "NCHW" else (1, oh, ow, o)
+
+    def index(layout, ch, y, x_):
+        return (0, ch, y, x_) if layout == "NCHW" else (0, y, x_, ch)
+
     def requant(s, corr, mult, ch):
         v = T.Cast("float32", s + corr[ch]) * mult[ch]
         v = T.round(v) + T.float32(zy)
         return T.Cast(out_dtype, T.max(T.min(v, T.float32(qmax)), T.float32(qmin)))
 
     @T.prim_func(private=True)
-    def qconv(x: T.Buffer((1, c, h, w), "uint8"),
+    def qconv(x: T.Buffer(x_shape, "uint8"),
               wp: T.Buffer((ob_n, taps, kc_n, 16, 16, 4), "int8"),
               corr: T.Buffer((op_,), "int32"),
               mult: T.Buffer((op_,), "float32"),
-              out: T.Buffer((1, o, oh, ow), out_dtype)):
+              out: T.Buffer(out_shape, out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.flops": flops})
         sp = T.alloc_buffer((phases, kc_n, rows, 64), "uint8")
         for ph, kc, r, j in T.grid(phases, kc_n, rows - grid_rows, 64):
             sp[ph, kc, grid_rows + r, j] = T.uint8(zx)
         for th in T.parallel(threads):
             for kcy in range(th * split_chunk, T.min(split_work, th * split_chunk + split_chunk)):
-                for j, gx in T.grid(64, gw):
-                    if kcy % kc_n * 64 + j < c and inside(kcy // kc_n % phases, kcy // (kc_n * phases), gx):
-                        sp[kcy // kc_n % phases, kcy % kc_n, kcy // (kc_n * phases) * gw + gx, j] = x[
-                            0, kcy % kc_n * 64 + j, *source(kcy // kc_n % phases, kcy // (kc_n * phases), gx)]
-                    else:
-                        sp[kcy // kc_n % phases, kcy % kc_n, kcy // (kc_n * phases) * gw + gx, j] = T.Select(
-                            kcy % kc_n * 64 + j < c, T.uint8(zx), T.uint8(0))
+                if in_layout == "NHWC":  # channels innermost already: 64-byte copies
+                    for gx in range(gw):
+                        if inside(kcy // kc_n % phases, kcy // (kc_n * phases), gx) and kcy % kc_n * 64 + 64 <= c:
+                            for j in T.vectorized(64):
+                                sp[kcy // kc_n % phases, kcy % kc_n, kcy // (kc_n * phases) * gw + gx, j] = x[*index(
+                                    in_layout, kcy % kc_n * 64 + j, *source(kcy // kc_n % phases, kcy // (kc_n * phases), gx))]
+                        else:
+                            for j in range(64):
+                                if kcy % kc_n * 64 + j < c and inside(kcy // kc_n % phases, kcy // (kc_n * phases), gx):
+                                    sp[kcy // kc_n % phases, kcy % kc_n, kcy // (kc_n * phases) * gw + gx, j] = x[*index(
+                                        in_layout, kcy % kc_n * 64 + j, *source(kcy // kc_n % phases, kcy // (kc_n * phases), gx))]
+                                else:
+                                    sp[kcy // kc_n % phases, kcy % kc_n, kcy // (kc_n * phases) * gw + gx, j] = T.Select(
+                                        kcy % kc_n * 64 + j < c, T.uint8(zx), T.uint8(0))
+                else:
+                    for j, gx in T.grid(64, gw):
+                        if kcy % kc_n * 64 + j < c and inside(kcy // kc_n % phases, kcy // (kc_n * phases), gx):
+                            sp[kcy // kc_n % phases, kcy % kc_n, kcy // (kc_n * phases) * gw + gx, j] = x[*index(
+                                in_layout, kcy % kc_n * 64 + j, *source(kcy // kc_n % phases, kcy // (kc_n * phases), gx))]
+                        else:
+                            sp[kcy // kc_n % phases, kcy % kc_n, kcy // (kc_n * phases) * gw + gx, j] = T.Select(
+                                kcy % kc_n * 64 + j < c, T.uint8(zx), T.uint8(0))
         for th in T.parallel(nthreads):
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             acc = T.alloc_buffer((4, 16, 16), "int32", scope="local")
@@ -151,11 +178,24 @@ def qconv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int, *,
                     T.evaluate(_store(1, T.address_of(acc[1, 0, 0]), 64))
                     T.evaluate(_store(2, T.address_of(acc[2, 0, 0]), 64))
                     T.evaluate(_store(3, T.address_of(acc[3, 0, 0]), 64))
-                    for i, jn, l, rr in T.grid(2, 2, 16, 16):
-                        q = (item // ob_pairs * qpairs + qp) * 32 + i * 16 + rr
-                        ch = (item % ob_pairs * 2 + jn) * 16 + l
-                        if ch < o and q // gw < oh and q % gw < ow:
-                            out[0, ch, q // gw, q % gw] = requant(acc[i * 2 + jn, rr, l], corr, mult, ch)
+                    # the requantization, 16 output channels a vector (a row of an accumulator tile)
+                    for i, rr in T.grid(2, 16):
+                        if ((item // ob_pairs * qpairs + qp) * 32 + i * 16 + rr) // gw < oh and (
+                                (item // ob_pairs * qpairs + qp) * 32 + i * 16 + rr) % gw < ow:
+                            for jn in range(2):
+                                if (item % ob_pairs * 2 + jn) * 16 + 16 <= o:
+                                    for l in T.vectorized(16):
+                                        out[*index(out_layout, (item % ob_pairs * 2 + jn) * 16 + l,
+                                                   ((item // ob_pairs * qpairs + qp) * 32 + i * 16 + rr) // gw,
+                                                   ((item // ob_pairs * qpairs + qp) * 32 + i * 16 + rr) % gw)] = requant(
+                                            acc[i * 2 + jn, rr, l], corr, mult, (item % ob_pairs * 2 + jn) * 16 + l)
+                                else:
+                                    for l in range(16):
+                                        if (item % ob_pairs * 2 + jn) * 16 + l < o:
+                                            out[*index(out_layout, (item % ob_pairs * 2 + jn) * 16 + l,
+                                                       ((item // ob_pairs * qpairs + qp) * 32 + i * 16 + rr) // gw,
+                                                       ((item // ob_pairs * qpairs + qp) * 32 + i * 16 + rr) % gw)] = requant(
+                                                acc[i * 2 + jn, rr, l], corr, mult, (item % ob_pairs * 2 + jn) * 16 + l)
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
 
     return qconv

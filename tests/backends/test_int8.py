@@ -198,10 +198,13 @@ def _reference_qconv(x, w, corr, mult, k, s, p, zx, zy):
 
 @pytest.mark.skipif(not __import__("graphopt.backends.bundle.loader", fromlist=["x"]).cpu_has_amx(),
                     reason="needs a CPU with AMX")
-@pytest.mark.parametrize("c,h,w,o,k,s,p", [(64, 14, 14, 64, 3, 1, 1), (24, 13, 11, 40, 3, 2, 1),
-                                           (16, 9, 9, 13, 1, 1, 0), (72, 15, 15, 33, 1, 2, 0), (40, 13, 13, 96, 5, 2, 2)])
-def test_amx_int8_kernel_exact(c, h, w, o, k, s, p):
-    """Odd channel counts (padded to 64 in, 32 out), strides, paddings: exact against numpy."""
+@pytest.mark.parametrize("c,h,w,o,k,s,p,layouts", [
+    (64, 14, 14, 64, 3, 1, 1, "NCHW-NCHW"), (24, 13, 11, 40, 3, 2, 1, "NCHW-NCHW"), (16, 9, 9, 13, 1, 1, 0, "NCHW-NCHW"),
+    (72, 15, 15, 33, 1, 2, 0, "NCHW-NCHW"), (40, 13, 13, 96, 5, 2, 2, "NCHW-NCHW"), (64, 14, 14, 64, 3, 1, 1, "NHWC-NHWC"),
+    (72, 13, 11, 40, 3, 2, 1, "NHWC-NCHW"), (24, 9, 9, 33, 1, 1, 0, "NCHW-NHWC"), (130, 7, 7, 48, 1, 1, 0, "NHWC-NHWC")])
+def test_amx_int8_kernel_exact(c, h, w, o, k, s, p, layouts):
+    """Odd channel counts (padded to 64 in, 32 out; a partial block of 16 outputs takes the scalar
+    requantization), strides, paddings, NCHW or NHWC input and output: exact against numpy."""
     import tvm
 
     from graphopt.backends.schedules.amx_int8 import pack_weight, padded_channels, qconv_func
@@ -213,12 +216,16 @@ def test_amx_int8_kernel_exact(c, h, w, o, k, s, p):
     _, op_ = padded_channels(c, o)
     corr, mult = np.zeros(op_, np.int32), np.zeros(op_, np.float32)
     corr[:o], mult[:o] = rng.integers(-5000, 5000, o), rng.uniform(1e-5, 3e-4, o)
-    f = qconv_func(c, h, w, o, k, s, p, zx=7, zy=100, qmin=0, qmax=255, out_dtype="uint8", threads=2)
+    in_layout, out_layout = layouts.split("-")
+    f = qconv_func(c, h, w, o, k, s, p, zx=7, zy=100, qmin=0, qmax=255, out_dtype="uint8", threads=2,
+                   in_layout=in_layout, out_layout=out_layout)
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=get_target("x86").target)
     ref = _reference_qconv(x, wt, corr[:o], mult[:o], k, s, p, 7, 100)
-    out = tvm.runtime.tensor(np.zeros(ref.shape, np.uint8))
-    lib["main"](*[tvm.runtime.tensor(a) for a in (x, pack_weight(wt), corr, mult)], out)
-    np.testing.assert_array_equal(out.numpy(), ref)
+    nhwc = (0, 2, 3, 1)
+    out = tvm.runtime.tensor(np.zeros(ref.transpose(nhwc).shape if out_layout == "NHWC" else ref.shape, np.uint8))
+    x_in = np.ascontiguousarray(x.transpose(nhwc)) if in_layout == "NHWC" else x
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x_in, pack_weight(wt), corr, mult)], out)
+    np.testing.assert_array_equal(out.numpy(), ref.transpose(nhwc) if out_layout == "NHWC" else ref)
 
 
 def test_qdq_convs_run_on_amx_when_the_host_has_it(qnet):
