@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from graphopt.backends.targets import emulated_bundle
 
     if emulated_bundle.is_emulated(args.bundle):  # an aarch64 bundle on x86: its loader under qemu
-        print(f"note: running the aarch64 bundle {args.bundle} under qemu", file=sys.stderr)
         results = emulated_bundle.run_bundle(args.bundle, inputs, verify=not args.no_verify, digest=args.expect_digest)
+        print(f"note: the aarch64 bundle {args.bundle} ran under qemu", file=sys.stderr)
     else:
         module = api.load_bundle(args.bundle, verify=not args.no_verify, digest=args.expect_digest)
         results = module(**inputs)
