@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError, UsageError
+from graphopt.progress import wrap
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 DEFAULT_PERCENTILE = 99.999
@@ -300,12 +300,8 @@ def ort_session(model_bytes: bytes):
 
 
 def progress(items: Iterable, *, total: int, desc: str, enabled: bool) -> Iterable:
-    """``items`` behind a tqdm bar on a terminal; plain when not ``enabled`` or stderr is not a terminal."""
-    if not enabled or not sys.stderr.isatty():
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, desc=desc, unit="sample", leave=False, file=sys.stderr)
+    """``items`` behind a bar on a terminal (``graphopt.progress``)."""
+    return wrap(items, total=total, desc=desc, unit="sample", enabled=enabled)
 
 
 def run_outputs(model: ir.Model, names: Sequence[str], data: CalibrationSet, *, show: bool = False,

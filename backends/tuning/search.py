@@ -21,6 +21,7 @@ import shutil
 from collections.abc import Callable, Sequence
 
 from graphopt.backends.schedules import CPUFeatures, schedule_with_knobs
+from graphopt.progress import Bar
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +164,14 @@ def call_counts(mod) -> dict[str, int]:
 
 
 def search_module(mod, target, records, measure, *, max_candidates: int = 24, deadline: float | None = None,
-                  log: Callable[[str], None] = lambda s: None) -> list[ScheduleReport]:
+                  log: Callable[[str], None] = lambda s: None, bar: bool = False) -> list[ScheduleReport]:
     """Search the decisions of every fused function of ``mod`` that a rule with decisions schedules.
 
     Functions with a record for ``target`` (from any model, made with the decisions the rules offer
     now) are reused. The others are measured at
     their default schedule first, then searched in order of their share of the model's run time
     (run time x calls) until ``deadline`` (``time.perf_counter()``); each result is saved at once.
+    ``bar``: a progress bar over the functions on a terminal, ``log``'s lines printed above it.
     """
     import time
 
@@ -203,7 +205,17 @@ def search_module(mod, target, records, measure, *, max_candidates: int = 24, de
     defaults = measure([schedule_with_knobs(f, feats, c)[0] for _, f, c, _, _, _ in todo]) if todo else []
     order = sorted(zip(todo, defaults), key=lambda p: -(p[1] or 0) * p[0][3])
     log(f"schedule search: {len(unique)} functions, {len(reports)} reused, {len(order)} to search")
+    with Bar(len(order), desc="schedule search", unit="function", enabled=bar) as progress:
+        _search_in_order(order, target, feats, records, measure, max_candidates, deadline,
+                         progress.write if progress.active else log, progress, reports)
+    return reports
+
+
+def _search_in_order(order, target, feats, records, measure, max_candidates, deadline, log, progress, reports):
+    import time
+
     for (name, func, c, calls, space, start), default_secs in order:
+        progress.update()
         if deadline is not None and time.perf_counter() >= deadline:
             log("time budget reached; run again to continue from the database")
             break
@@ -218,7 +230,6 @@ def search_module(mod, target, records, measure, *, max_candidates: int = 24, de
         reports.append(rep)
         log(f"    {name[:48]:<48} x{calls:<3} {rep.default_ms:8.3f} -> {rep.best_ms:8.3f} ms "
             f"({r.candidates} candidates)")
-    return reports
 
 
 def _ms(secs):

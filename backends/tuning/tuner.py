@@ -29,6 +29,7 @@ from graphopt.backends.tuning.intrinsics import register_for
 from graphopt.backends.tuning.records import ScheduleRecords
 from graphopt.backends.tuning.search import Measurer, ScheduleReport, search_module
 from graphopt.errors import UsageError
+from graphopt.progress import Bar
 
 # What tuning needs beyond the default install (pip install 'graphopt[tune]'): MetaSchedule's cost model
 # (xgboost), its local runner's worker processes (psutil, cloudpickle) and the RPC tracker client (tornado).
@@ -130,6 +131,7 @@ def tune_module(
     d = Path(db_dir) if db_dir else default_db_dir()
     db = open_database(d)
     log = progress or (lambda s: None)
+    bar = progress is print  # the command line's default: bars on a terminal, its lines above them
     start = time.perf_counter()
     deadline = None if time_budget_s is None else start + time_budget_s
 
@@ -142,12 +144,12 @@ def tune_module(
     try:
         if search_candidates > 0:
             schedules = search_module(fused, target, ScheduleRecords(d), Measurer(target, runner, candidates),
-                                      max_candidates=search_candidates, deadline=deadline, log=log)
+                                      max_candidates=search_candidates, deadline=deadline, log=log, bar=bar)
         if trials > 0 and (deadline is None or time.perf_counter() < deadline):
             tasks, trials_run = _metaschedule(
                 fused, target, db, d, runner, trials=trials, per_task=max_trials_per_task,
                 trials_per_round=trials_per_round, deadline=deadline, candidates=candidates,
-                shares={r.name: r.share_ms for r in schedules}, log=log, start=start)
+                shares={r.name: r.share_ms for r in schedules}, log=log, start=start, bar=bar)
     finally:
         candidates.close()
     return TuneReport(str(d), str(target), tasks, trials_run, time.perf_counter() - start, schedules)
@@ -157,7 +159,7 @@ MAX_TASKS_PER_ROUND = 4  # short rounds: the trial rate is measured again before
 
 
 def _metaschedule(fused, target, db, d, runner, *, trials, per_task, trials_per_round, deadline, candidates,
-                  shares, log, start) -> tuple[list[TaskReport], int]:
+                  shares, log, start, bar=False) -> tuple[list[TaskReport], int]:
     """MetaSchedule's search on the tasks not yet tuned, the largest share of run time first.
 
     A round goes to the tasks that cover most of the run time (at most ``MAX_TASKS_PER_ROUND``); its
@@ -184,45 +186,48 @@ def _metaschedule(fused, target, db, d, runner, *, trials, per_task, trials_per_
         f"{len(todo)} to tune, up to {per_task} trials each")
     trials_run, rates = 0, []
     builder = metaschedule_builder(candidates)
-    while todo and trials_run < trials:
-        now = time.perf_counter()
-        if deadline is not None and now >= deadline:
-            log("time budget reached; run again to continue from the database")
-            break
-        room = trials - trials_run
-        if deadline is not None:
-            # a round cannot be stopped once started, and a new task's trials may cost more than the
-            # rate so far (ResNet-50 overran 20 minutes by 87 s with the full remainder): plan 3/4 of it
-            secs_per_trial = max(rates, default=2.0)
-            fits = int(0.75 * (deadline - now) / secs_per_trial)
-            if fits < min(8, room):  # a round has seconds of overhead: not worth it for a few trials
+    with Bar(trials, desc="MetaSchedule", unit="trial", enabled=bar) as progress:
+        log = progress.write if progress.active else log
+        while todo and trials_run < trials:
+            now = time.perf_counter()
+            if deadline is not None and now >= deadline:
                 log("time budget reached; run again to continue from the database")
                 break
-            room = min(room, fits)
-        batch = todo[: max(1, min(MAX_TASKS_PER_ROUND, room // trials_per_round))]
-        chunk = min(trials_per_round * len(batch), room)
-        contexts, weights = extracted_tasks_to_tune_contexts(
-            batch, str(d / "logs"), strategy=_strategy(per_task), num_threads="physical"
-        )
-        before = {t.task_name: best_seconds(db, t.dispatched[0])[1] for t in batch}
-        ms.tune_tasks(
-            tasks=contexts, task_weights=weights, work_dir=str(d / "logs"), max_trials_global=chunk,
-            max_trials_per_task=per_task, num_trials_per_iter=min(trials_per_round, 64),
-            builder=builder, runner=runner, database=db,
-        )
-        ran = 0
-        for t in batch:
-            best, n = best_seconds(db, t.dispatched[0])
-            r = reports[t.task_name]
-            ran += n - before[t.task_name]
-            r.trials, r.best_ms = n, None if best is None else best * 1e3
-        trials_run += max(ran, 1)
-        rates.append((time.perf_counter() - now) / max(ran, 1))
-        # done: enough trials, or none this round (the task's search space is exhausted)
-        done = {t.task_name for t in batch
-                if reports[t.task_name].trials >= per_task or reports[t.task_name].trials == before[t.task_name]}
-        todo = [t for t in todo if t.task_name not in done]
-        _print_progress(log, reports, trials_run, trials, time.perf_counter() - start)
+            room = trials - trials_run
+            if deadline is not None:
+                # a round cannot be stopped once started, and a new task's trials may cost more than the
+                # rate so far (ResNet-50 overran 20 minutes by 87 s with the full remainder): plan 3/4 of it
+                secs_per_trial = max(rates, default=2.0)
+                fits = int(0.75 * (deadline - now) / secs_per_trial)
+                if fits < min(8, room):  # a round has seconds of overhead: not worth it for a few trials
+                    log("time budget reached; run again to continue from the database")
+                    break
+                room = min(room, fits)
+            batch = todo[: max(1, min(MAX_TASKS_PER_ROUND, room // trials_per_round))]
+            chunk = min(trials_per_round * len(batch), room)
+            contexts, weights = extracted_tasks_to_tune_contexts(
+                batch, str(d / "logs"), strategy=_strategy(per_task), num_threads="physical"
+            )
+            before = {t.task_name: best_seconds(db, t.dispatched[0])[1] for t in batch}
+            ms.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=str(d / "logs"), max_trials_global=chunk,
+                max_trials_per_task=per_task, num_trials_per_iter=min(trials_per_round, 64),
+                builder=builder, runner=runner, database=db,
+            )
+            ran = 0
+            for t in batch:
+                best, n = best_seconds(db, t.dispatched[0])
+                r = reports[t.task_name]
+                ran += n - before[t.task_name]
+                r.trials, r.best_ms = n, None if best is None else best * 1e3
+            trials_run += max(ran, 1)
+            progress.update(max(ran, 1))
+            rates.append((time.perf_counter() - now) / max(ran, 1))
+            # done: enough trials, or none this round (the task's search space is exhausted)
+            done = {t.task_name for t in batch
+                    if reports[t.task_name].trials >= per_task or reports[t.task_name].trials == before[t.task_name]}
+            todo = [t for t in todo if t.task_name not in done]
+            _print_progress(log, reports, trials_run, trials, time.perf_counter() - start, bar=progress.active)
     return list(reports.values()), trials_run
 
 
@@ -251,10 +256,9 @@ def _fuse(mod, target):
         return relax.pipeline.zero_pipeline()(mod)
 
 
-def _print_progress(log, reports, done, total, elapsed) -> None:
-    width = 30
-    filled = int(width * min(done, total) / max(total, 1))
-    log(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} trials, {elapsed:.0f}s")
+def _print_progress(log, reports, done, total, elapsed, *, bar: bool = False) -> None:
+    if not bar:  # a log file gets the count as a line; a terminal has the bar
+        log(f"{done}/{total} trials, {elapsed:.0f}s")
     for r in sorted(reports.values(), key=lambda r: -(r.best_ms or 0) * r.weight):
         best = f"{r.best_ms:.3f} ms" if r.best_ms is not None else "-"
         log(f"    {r.name[:48]:<48} x{r.weight:<3g} {r.trials:>5} trials  best {best}{'  (reused)' if r.reused else ''}")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from graphopt import io, outputs
 from graphopt.commands.common import add_opt_level
 from graphopt.errors import UsageError
+from graphopt.progress import Bar
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,17 +36,21 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     outputs.check_output_files({"--json": args.json})
 
-    def progress(r, done, total):
-        if args.verbose:
-            print(f"[{done}/{total}] {r.name}: {r.status} {r.reason}".rstrip(), flush=True)
-        elif sys.stderr.isatty():
-            print(f"\r{done}/{total}", end="", file=sys.stderr, flush=True)
+    with Bar(None, desc="conformance", unit="case") as bar:
+        failed = 0
 
-    report = run_conformance(args.pattern, jobs=args.jobs, timeout=args.timeout, opt_level=args.opt_level,
-                             frontend=args.frontend, ort=args.ort, freeze=args.freeze,
-                             progress=progress)
-    if sys.stderr.isatty() and not args.verbose:
-        print(file=sys.stderr)
+        def progress(r, done, total):
+            nonlocal failed
+            bar.set_total(total)
+            failed += r.status != "passed"
+            if args.verbose:
+                bar.write(f"[{done}/{total}] {r.name}: {r.status} {r.reason}".rstrip())
+            bar.update()
+            bar.note(f"{failed} failed")
+
+        report = run_conformance(args.pattern, jobs=args.jobs, timeout=args.timeout, opt_level=args.opt_level,
+                                 frontend=args.frontend, ort=args.ort, freeze=args.freeze,
+                                 progress=progress)
     groups = report.failures_by_op()
     if groups:
         print("failures by op and reason:")

@@ -7,7 +7,6 @@ score in [0, 1], higher is better. ``measure(run)`` returns the score with its d
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import GraphoptError, ModelLoadError, ShapeError
+from graphopt.progress import wrap
 
 Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -96,14 +96,8 @@ def first_output(outputs: dict[str, np.ndarray], metric: str) -> np.ndarray:
 
 
 def with_progress(items: Iterable, *, total: int, desc: str, enabled: bool) -> Iterable:
-    """``items`` behind a tqdm bar when tqdm is installed, ``enabled`` and stderr is a terminal."""
-    if not enabled or not sys.stderr.isatty():
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, total=total, desc=desc, unit="batch", leave=False)
+    """``items`` behind a bar on a terminal (``graphopt.progress``)."""
+    return wrap(items, total=total, desc=desc, unit="batch", enabled=enabled)
 
 
 def ort_runner(model: str | os.PathLike) -> Run:
