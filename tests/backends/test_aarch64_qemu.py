@@ -244,3 +244,90 @@ def test_package_is_one_file_the_loader_runs(built, tmp_path, capsys):
     assert main(["package", str(tampered), "-o", str(tmp_path / "t.tar.gz")]) == 2
     assert "loader.py does not match its sha256" in capsys.readouterr().err
     assert not (tmp_path / "t.tar.gz").exists()
+
+
+def _squeezenet_with_features(path) -> str:
+    """light:squeezenet also returning its last conv map: its generated weights make the softmax output
+    uniform (1/1000 everywhere), which would match anything; the map (1000x13x13) does not."""
+    from graphopt.models import resolve
+
+    m = onnx.load(str(resolve("light:squeezenet")))
+    last_conv = [n for n in m.graph.node if n.op_type == "Conv"][-1].output[0]
+    m.graph.output.append(helper.make_tensor_value_info(last_conv, TensorProto.FLOAT, [1, 1000, 13, 13]))
+    onnx.save(m, path)
+    return last_conv
+
+
+@pytest.mark.slow
+def test_squeezenet_packaged_runs_under_qemu_and_matches_ort(tmp_path):
+    """light:squeezenet for aarch64, packaged, unpacked and run by its own loader.py under qemu (the
+    device-side CLI), against ORT on x86."""
+    _tools_present()
+    from graphopt.models import reference_data
+
+    model = tmp_path / "squeezenet.onnx"
+    feature = _squeezenet_with_features(model)
+    api.compile(str(model), target="aarch64", output=tmp_path / "b", opt_level=2)
+    assert main(["package", str(tmp_path / "b"), "-o", str(tmp_path / "sq.tar.gz")]) == 0
+    with tarfile.open(tmp_path / "sq.tar.gz") as tar:
+        tar.extractall(tmp_path / "device", filter="data")
+    feeds, _ = reference_data("light:squeezenet")
+    np.savez(tmp_path / "in.npz", **feeds)
+    unpacked = tmp_path / "device" / "sq"
+    proc = emulate.prepare().run([str(unpacked / "loader.py"), str(unpacked), "--inputs", str(tmp_path / "in.npz"),
+                                  "-o", str(tmp_path / "out.npz")], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, want = np.load(tmp_path / "out.npz"), _ort(str(model), feeds)
+    assert np.ptp(want[feature]) > 0.1 * np.abs(want[feature]).max()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow
+def test_rapidocr_rec_under_qemu_matches_ort(tmp_path):
+    _tools_present()
+    from graphopt import models
+    from graphopt.backends.targets.emulated_bundle import run_bundle
+
+    spec = "rapidocr:rec"
+    api.compile(spec, target="aarch64", output=tmp_path / "rec", opt_level=2,
+                input_shapes=models.default_input_shapes(spec))
+    feeds = models.random_inputs(spec)
+    got = run_bundle(str(tmp_path / "rec"), feeds, timeout=1800)
+    want = _ort(str(models.resolve(spec)), feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.slow
+def test_int8_qdq_model_runs_under_qemu(built, tmp_path):
+    """The static int8 (QDQ) form of the net, compiled for aarch64-dotprod, matches ORT on the QDQ model."""
+    from graphopt.backends.targets.emulated_bundle import run_bundle
+
+    model, _, _, feeds = built
+    calibration = tmp_path / "calibration.npz"
+    np.savez(calibration, x=np.random.default_rng(2).standard_normal((8, 1, 8, 20, 20)).astype(np.float32))
+    qdq = tmp_path / "net_int8.onnx"
+    assert main(["optimize", model, "--quantize", "int8", "--calibration", str(calibration), "-o", str(qdq)]) == 0
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(qdq).graph.node)
+    api.compile(str(qdq), target="aarch64-dotprod", output=tmp_path / "q", opt_level=2)
+    got, want = run_bundle(str(tmp_path / "q"), feeds), _ort(str(qdq), feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_bench_aarch64_reports_qemu_times_and_neon_without_a_ratio(built, tmp_path, capsys):
+    model, _, bundles, _ = built
+    report = tmp_path / "bench.json"
+    assert main(["bench", model, "--target", "aarch64", "--repeat", "2", "--warmup", "0", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "not device timings" in out and "ORT ms" not in out and "ratio" not in out.split("note:")[0]
+    (row,) = json.loads(report.read_text())
+    assert row["emulated"] and row["target"] == "aarch64" and row["qemu"]["median_ms"] > 0
+    convs = [k for k in row["kernels"] if "conv2d" in k["kernel"]]
+    assert convs and all(k["neon"] > 0 and k["vector_fma"] > 0 for k in convs)
+    assert main(["bench", str(bundles["aarch64"]), str(bundles["x86"])]) == 2
+    assert "bench it apart" in capsys.readouterr().err
+    assert main(["bench", str(bundles["aarch64"]), "--profile"]) == 2
+    assert "--profile is not available" in capsys.readouterr().err
