@@ -67,13 +67,27 @@ def widest_bits(stmt) -> int:
         ty = getattr(node, "ty", None)
         dtype = getattr(ty, "dtype", None)
         b = getattr(dtype, "bits", None)
-        if isinstance(b, int) and str(dtype) not in ("bool", "handle") and getattr(dtype, "lanes", 1) == 1:
+        # 64-bit integers are index arithmetic (a pad's bounds test), not the data
+        if isinstance(b, int) and str(dtype) not in ("bool", "handle", "int64") and getattr(dtype, "lanes", 1) == 1:
             bits.append(b)
 
     value = _value(stmt)
     if value is not None:
         _walk(value, visit)
     return max(bits)
+
+
+def has_branch(stmt) -> bool:
+    """Whether the block's value holds an ``if_then_else`` (a pad's bounds test)."""
+    value, found = _value(stmt), [False]
+
+    def visit(node):
+        if type(node).__name__ == "Call" and getattr(node.op, "name", "") in ("tirx.if_then_else", "prim.if_then_else"):
+            found[0] = True
+
+    if value is not None:
+        _walk(value, visit)
+    return found[0]
 
 
 def fold_into_consumers(sch: s_tir.Schedule, block) -> bool:
@@ -98,17 +112,18 @@ def fold_into_consumers(sch: s_tir.Schedule, block) -> bool:
     return True
 
 
-def vector_split(exts: list[int], lanes: int) -> tuple[int, int]:
+def vector_split(exts: list[int], lanes: int, fuse: bool = True) -> tuple[int, int]:
     """(trailing loops to fuse, vector width) for a nest with extents ``exts``.
 
     The innermost loop alone when it has a power-of-2 divisor of at least half the lanes (at most one
     vector, or exactly two: odd widths like 19 lanes legalize into slow pieces; a predicated tail
     measured 2x slower than scalar code); else the fewest trailing loops whose product the lanes
-    divide; else (1, the best divisor), which the caller leaves to LLVM's loop vectorizer.
+    divide (unless not ``fuse``: a pad's bounds test over fused rows measured slower than short
+    vectors); else (1, the best divisor).
     """
     inner = exts[-1]
     vt = 2 * lanes if inner % (2 * lanes) == 0 else max(d for d in _powers_of_two(lanes) if inner % d == 0)
-    if vt >= max(2, lanes // 2):
+    if vt >= max(2, lanes // 2) or not fuse:
         return 1, vt
     n = inner
     for k in range(2, len(exts) + 1):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from .analysis import int_extent, is_spatial_block
-from .elementwise import fold_into_consumers, vector_split, widest_bits
+from .elementwise import fold_into_consumers, has_branch, vector_split, widest_bits
 from .features import CPUFeatures
 from .tiling import parallelize_outer
 
@@ -28,7 +28,7 @@ def schedule_injective(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
     if fold_into_consumers(sch, block):  # a link of an elementwise chain: computed in its consumer
         return True
     lanes = feats.lanes(widest_bits(sch.get(block)))
-    k, vt = vector_split(exts, lanes)  # see elementwise.py: the tail-free vector width
+    k, vt = vector_split(exts, lanes, not has_branch(sch.get(block)))  # elementwise.py: tail-free vectors
     if k > 1:
         loops = [*loops[:-k], sch.fuse(*loops[-k:])]
     outer = list(loops)
