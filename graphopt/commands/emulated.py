@@ -38,7 +38,7 @@ def bench(args: argparse.Namespace) -> int:
     for key, option in UNSUPPORTED.items():
         if getattr(args, key, None):
             raise UsageError(f"{option} is not available for aarch64 code timed under qemu")
-    results = []
+    results, digests = [], iter(args.expect_digest)  # one per bundle directory, in order (checked already)
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-aarch64-") as tmp:
         for i, model in enumerate(args.models):
             bundle, compile_s = model, None
@@ -48,7 +48,7 @@ def bench(args: argparse.Namespace) -> int:
                                        input_shapes=list(args.input_shape), tuning_db=args.tuning_db,
                                        schedules=not args.untuned)
                 compile_s = round(sum(compiled.timings.values()), 2)
-            digest = args.expect_digest[i] if i < len(args.expect_digest) and bundle is model else None
+            digest = next(digests, None) if bundle is model else None
             timed = bench_bundle(bundle, repeat=args.repeat, warmup=args.warmup, threads=args.threads, digest=digest)
             with open(os.path.join(bundle, "manifest.json")) as f:
                 manifest = json.load(f)
