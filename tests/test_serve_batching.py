@@ -47,6 +47,17 @@ def test_worker_stacks_pads_and_splits():
     assert module.threads == {"graphopt-serve-w"}
 
 
+def test_worker_pads_to_the_smallest_compiled_batch():
+    buckets = {1: Recorder(), 2: Recorder(), 4: Recorder()}
+    worker = ModelWorker("w", buckets[4], max_batch=4, timeout_s=0.0, buckets=buckets)
+    for rows in (1, 3, 2, 4):
+        x = np.full((rows, 3), rows, np.float32)
+        np.testing.assert_array_equal(worker.submit({"x": x}, rows).result(10)["y"], 2 * x + 1)
+    worker.close()
+    assert {b: [c.shape[0] for c in r.calls] for b, r in buckets.items()} == {1: [1], 2: [2], 4: [4, 4]}
+    np.testing.assert_array_equal(buckets[4].calls[0][3], 0)  # the padding row
+
+
 def test_worker_without_batching_runs_each_request_alone():
     module = Recorder()
     worker = ModelWorker("w", module)

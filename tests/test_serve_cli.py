@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from graphopt.cli import main as _main
-from graphopt.serve.cache import cache_key, compiled_bundle
+from graphopt.serve.cache import cache_key, compiled_buckets, compiled_bundle
 from graphopt.serve.metrics import Metrics
 from tests.test_serve_support import call, inputs, json_infer, served, start, two_input_model
 
@@ -63,8 +63,8 @@ def model(tmp_path_factory):
     """The model, and a cache already holding its [2, ...] and batch-4 builds (what later starts load)."""
     d = tmp_path_factory.mktemp("cli")
     src, cache = two_input_model(d / "m.onnx"), d / "cache"
-    for kw in ({"input_shapes": ["x:2,4", "k:2,1"]}, {"max_batch": 4}):
-        compiled_bundle(src, cache_dir=cache, log=lambda s: None, **kw)
+    compiled_bundle(src, input_shapes=["x:2,4", "k:2,1"], cache_dir=cache, log=lambda s: None)
+    compiled_buckets(src, max_batch=4, cache_dir=cache, log=lambda s: None)
     return src, cache
 
 

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from graphopt.serve.cache import compiled_bundle
+from graphopt.serve.cache import compiled_buckets, compiled_bundle
 from graphopt.serve.metrics import Metrics
 from graphopt.serve.model import ServedModel
 from graphopt.serve.repository import Repository
@@ -50,9 +50,14 @@ def ort_run(path, feeds: dict) -> dict[str, np.ndarray]:
 
 def served(name: str, source, cache, metrics: Metrics, *, rows: int = 2, max_batch: int = 0,
            timeout_s: float = 0.0) -> ServedModel:
-    shapes = [] if max_batch else [f"x:{rows},4", f"k:{rows},1"]
-    module = compiled_bundle(str(source), input_shapes=shapes, max_batch=max_batch, cache_dir=cache, log=lambda s: None)
-    return ServedModel(name, module, max_batch=max_batch, batch_timeout_s=timeout_s, metrics=metrics)
+    """A served two_input_model: fixed ``rows``, or batched up to ``max_batch`` (every bucket compiled)."""
+    if max_batch:
+        buckets = compiled_buckets(str(source), max_batch=max_batch, cache_dir=cache, log=lambda s: None)
+        return ServedModel(name, buckets[max_batch], max_batch=max_batch, batch_timeout_s=timeout_s,
+                           metrics=metrics, buckets=buckets)
+    module = compiled_bundle(str(source), input_shapes=[f"x:{rows},4", f"k:{rows},1"], cache_dir=cache,
+                             log=lambda s: None)
+    return ServedModel(name, module, metrics=metrics)
 
 
 def start(models: list[ServedModel], metrics: Metrics, **kw) -> Server:

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=port_number, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
     p.add_argument("--grpc-port", type=port_number, default=None, help="also serve gRPC on this port (0: a free one)")
     p.add_argument("--max-batch", type=positive("--max-batch"), default=0, metavar="B",
-                   help="dynamic batching: stack requests up to B rows on axis 0 (ONNX models are compiled for B)")
+                   help="dynamic batching: stack requests up to B rows on axis 0 (ONNX models are compiled for "
+                        "B and the powers of two below it)")
     p.add_argument("--batch-timeout-ms", type=nonnegative("--batch-timeout-ms"), default=2.0, metavar="T",
                    help="with --max-batch: wait at most T ms for more requests after the first (default 2)")
     p.add_argument("--max-body-mb", type=positive("--max-body-mb", float), default=64.0, metavar="N",
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     names = _names(args)
     digests = args.expect_digest or [None] * len(args.bundles)
     require_extra()
-    from graphopt.serve.cache import compiled_bundle
+    from graphopt.serve.cache import compiled_buckets, compiled_bundle
     from graphopt.serve.metrics import Metrics
     from graphopt.serve.model import ServedModel
     from graphopt.serve.repository import Repository
@@ -106,15 +107,20 @@ def run(args: argparse.Namespace) -> int:
 
     metrics, models = Metrics(), []
     for name, source, digest in zip(names, args.bundles, digests):
+        buckets = None
         if Path(source).is_dir():
             module = api.load_bundle(source, digest=digest)
         elif digest is not None:
             raise UsageError(f"--expect-digest pins bundles; {source} is not a bundle directory")
         else:
-            module = compiled_bundle(source, target=args.target, opt_level=args.opt_level,
-                                     input_shapes=args.input_shape, max_batch=args.max_batch,
-                                     cache_dir=args.cache_dir, log=log)
-        models.append(ServedModel(name, module, max_batch=args.max_batch,
+            kw = {"target": args.target, "opt_level": args.opt_level, "input_shapes": args.input_shape,
+                  "cache_dir": args.cache_dir, "log": log}
+            if args.max_batch:
+                buckets = compiled_buckets(source, max_batch=args.max_batch, **kw)
+                module = buckets[args.max_batch]
+            else:
+                module = compiled_bundle(source, **kw)
+        models.append(ServedModel(name, module, max_batch=args.max_batch, buckets=buckets,
                                   batch_timeout_s=args.batch_timeout_ms / 1000, metrics=metrics))
     repo = Repository(models, metrics=metrics, api_key=args.api_key, request_timeout_s=args.request_timeout_s)
     try:

@@ -1,9 +1,10 @@
 """One worker thread per served model: requests queue up, run one batch at a time, results go back.
 
 Without batching (``max_batch`` 0) each request runs alone. With batching, the model was compiled
-for a fixed batch of ``max_batch`` rows on axis 0 of every input and output: requests arriving
-within ``timeout_s`` of the first one are stacked up to ``max_batch`` rows, padded with zeros to the
-compiled batch, run once, and each request gets back its own rows.
+for fixed batches (``buckets``: rows -> module, the largest ``max_batch``) on axis 0 of every input and
+output: requests arriving within ``timeout_s`` of the first one are stacked up to ``max_batch`` rows,
+padded with zeros to the smallest compiled batch that holds them, run once, and each request gets
+back its own rows.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ class ModelWorker:
     """
 
     def __init__(self, name: str, module, *, max_batch: int = 0, timeout_s: float = 0.0,
-                 on_batch: Callable[[int], None] | None = None,
+                 buckets: dict | None = None, on_batch: Callable[[int], None] | None = None,
                  on_queue: Callable[[int], None] | None = None) -> None:
         self.name, self.module = name, module
         self.max_batch, self.timeout_s = max_batch, timeout_s
+        self.buckets = dict(sorted((buckets or {max_batch: module}).items()))
         self._on_batch = on_batch or (lambda rows: None)
         self._on_queue = on_queue or (lambda delta: None)
         self._queue: queue.Queue = queue.Queue()
@@ -109,15 +111,16 @@ class ModelWorker:
             j.future.set_result(r)
 
     def _run_stacked(self, jobs: list[_Job]) -> list[dict[str, np.ndarray]]:
+        rows = sum(j.rows for j in jobs)
+        size = next(b for b in self.buckets if b >= rows)
         stacked = {}
         for name in jobs[0].arrays:
             parts = [j.arrays[name] for j in jobs]
-            rows = sum(p.shape[0] for p in parts)
-            pad = self.max_batch - rows
+            pad = size - rows
             if pad:
                 parts.append(np.zeros((pad, *parts[0].shape[1:]), dtype=parts[0].dtype))
             stacked[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        out = self.module(**stacked)
+        out = self.buckets[size](**stacked)
         results, start = [], 0
         for j in jobs:
             results.append({k: v[start:start + j.rows] for k, v in out.items()})

@@ -108,3 +108,13 @@ def compiled_bundle(source: str, *, target: str = "x86", opt_level: int = 2, inp
     else:
         api.compile(str(source), target=target, output=entry, opt_level=opt_level, input_shapes=list(input_shapes) or None)
     return api.load_bundle(entry)
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+    """The batches compiled for ``--max-batch``: powers of two below it, and itself."""
+    return sorted({*(1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch), max_batch})
+
+
+def compiled_buckets(source: str, *, max_batch: int, **kw) -> dict:
+    """{batch: loaded bundle} for every size of ``batch_sizes(max_batch)``, each compiled once into the cache."""
+    return {b: compiled_bundle(source, max_batch=b, **kw) for b in batch_sizes(max_batch)}

@@ -13,29 +13,37 @@ class ServedModel:
     """``module`` is a loaded bundle (``inputs``/``outputs`` as ``[(name, shape, dtype)]``, callable by name).
 
     With ``max_batch`` > 0, axis 0 of every input and output is the batch: the module must have been
-    compiled for exactly ``max_batch`` rows, and a request may send 1..max_batch rows.
+    compiled for exactly ``max_batch`` rows, and a request may send 1..max_batch rows; ``buckets``
+    (rows -> module) adds builds for smaller batches, so a small batch is not padded to the largest.
     """
 
     platform = "graphopt_tvm"
 
     def __init__(self, name: str, module, *, version: str = "1", max_batch: int = 0,
-                 batch_timeout_s: float = 0.0, metrics=None) -> None:
+                 batch_timeout_s: float = 0.0, metrics=None, buckets: dict | None = None) -> None:
         self.name, self.module, self.version, self.max_batch = name, module, version, max_batch
         self.inputs = [(n, tuple(s), str(d)) for n, s, d in module.inputs]
         self.outputs = [(n, None if s is None else tuple(s), str(d)) for n, s, d in module.outputs]
-        if max_batch:
-            self._check_batch_dims()
+        self.buckets = {**(buckets or {}), max_batch: module} if max_batch else {}
+        for size, m in self.buckets.items():
+            self._check_batch_dims(m, size)
         hooks = metrics.model_hooks(name) if metrics is not None else {}
-        self.worker = ModelWorker(name, module, max_batch=max_batch, timeout_s=batch_timeout_s, **hooks)
+        self.worker = ModelWorker(name, module, max_batch=max_batch, timeout_s=batch_timeout_s,
+                                  buckets=self.buckets, **hooks)
 
-    def _check_batch_dims(self) -> None:
-        for kind, rows in (("input", self.inputs), ("output", self.outputs)):
+    def _check_batch_dims(self, module, size: int) -> None:
+        for kind, rows in (("input", module.inputs), ("output", module.outputs)):
             for n, s, _ in rows:
-                if not s or s[0] != self.max_batch:
+                if not s or s[0] != size or tuple(s[1:]) != self._rest(kind, n):
                     raise UsageError(
                         f"model '{self.name}': {kind} '{n}' has shape {list(s) if s else s}, --max-batch "
-                        f"{self.max_batch} needs axis 0 of every input and output to be {self.max_batch} "
+                        f"{self.max_batch} needs axis 0 of every input and output to be {size} "
                         "(serve the .onnx model, or compile the bundle for that batch)")
+
+    def _rest(self, kind: str, name: str) -> tuple | None:
+        """The dims after the batch of the largest build's input or output ``name``."""
+        rows = self.inputs if kind == "input" else self.outputs
+        return next((tuple(s[1:]) if s else () for n, s, _ in rows if n == name), None)
 
     def _shape_text(self, shape) -> list:
         return [-1, *shape[1:]] if self.max_batch else list(shape)
