@@ -22,7 +22,7 @@ from graphopt.backends.targets import emulate
 from graphopt.errors import GraphoptError
 
 BENCH_SCRIPT = Path(__file__).with_name("aarch64_bench.py")
-NOTE = ("qemu timings: an x86 CPU emulating aarch64 instruction by instruction; they are not device "
+NOTE = ("qemu timings: aarch64 code translated to x86 code by qemu on this host; they are not device "
         "timings and no ratio against ONNX Runtime is given")
 
 
