@@ -119,7 +119,8 @@ def qconv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int, *,
               corr: T.Buffer((op_,), "int32"),
               mult: T.Buffer((op_,), "float32"),
               out: T.Buffer(out_shape, out_dtype)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.flops": flops})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.flops": flops,
+                     "graphopt.layouts": f"{in_layout}-{out_layout}"})
         sp = T.alloc_buffer((phases, kc_n, rows, 64), "uint8")
         for ph, kc, r, j in T.grid(phases, kc_n, rows - grid_rows, 64):
             sp[ph, kc, grid_rows + r, j] = T.uint8(zx)

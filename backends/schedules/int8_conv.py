@@ -22,6 +22,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from . import int8_layout
 from .amx_int8 import pack_weight, padded_channels, qconv_func
 from .amx_kernel import geometry
 
@@ -123,27 +124,28 @@ def _pad_value(pad: relax.Call) -> float:
     return float(pad.attrs.pad_value)
 
 
-def _kernel_call(bb, m: dict, threads: int):
-    x_shape = [int(d) for d in m["x"].ty.shape]
-    _, c, h, w = x_shape
+def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
+    _, c, h, w = (int(d) for d in m["x"].ty.shape)
     weight = m["weight"]
     o, _, k, _ = weight.shape
-    if k == 1 and m["pad"]:
-        return None
     g = geometry(h, w, k, m["stride"], m["pad"])
     func = qconv_func(c, h, w, o, k, m["stride"], m["pad"], zx=m["zx"], zy=m["zy"], qmin=m["qmin"],
-                      qmax=m["qmax"], out_dtype=m["dtype"], threads=threads)
+                      qmax=m["qmax"], out_dtype=m["dtype"], threads=threads, in_layout=in_layout,
+                      out_layout=out_layout)
     gvar = bb.add_func(func, "amx_qconv2d")
     _, op_ = padded_channels(c, o)
     corr = np.zeros(op_, np.int32)
     mult = np.zeros(op_, np.float32)
     corr[:o], mult[:o] = m["corr"], m["mult"]
-    args = [m["x"], relax.const(pack_weight(weight)), relax.const(corr), relax.const(mult)]
-    return relax.call_tir(gvar, args, relax.TensorType([1, o, g["oh"], g["ow"]], m["dtype"]))
+    args = [x, relax.const(pack_weight(weight)), relax.const(corr), relax.const(mult)]
+    shape = [1, o, g["oh"], g["ow"]] if out_layout == "NCHW" else [1, g["oh"], g["ow"], o]
+    return relax.call_tir(gvar, args, relax.TensorType(shape, m["dtype"]))
 
 
 def rewrite_int8_conv(mod: tvm.IRModule, spec) -> tvm.IRModule:
-    """Every integer conv chain of ``mod`` the AMX-INT8 kernel serves, as a kernel call."""
+    """Every integer conv chain of ``mod`` the AMX-INT8 kernel serves, as a kernel call; tensors
+    between such calls in NHWC where ``int8_layout.plan_nhwc`` finds it pays
+    (``GRAPHOPT_INT8_NHWC=0``: all NCHW)."""
     threads = spec.features.get("cores", 1)
     bb = relax.BlockBuilder(tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs))
     total = 0
@@ -151,18 +153,22 @@ def rewrite_int8_conv(mod: tvm.IRModule, spec) -> tvm.IRModule:
         if not isinstance(func, relax.Function):
             continue
         b = _Bindings(func)
-        replace = {}
+        kernels = {}
         for var, value in b.value.items():
             if isinstance(value, relax.Call):
                 m = _match(b, value)
-                call = _kernel_call(bb, m, threads) if m is not None else None
-                if call is not None:
-                    replace[var] = call
-        if not replace:
+                if m is not None and not (m["weight"].shape[2] == 1 and m["pad"]):
+                    kernels[var] = m
+        if not kernels:
             continue
-        total += len(replace)
-        blocks = [type(block)([relax.VarBinding(x.var, replace[x.var]) if x.var in replace else x
-                               for x in block.bindings]) for block in func.body.blocks]
+        total += len(kernels)
+        nhwc = int8_layout.plan_nhwc(b.value, kernels) if os.environ.get("GRAPHOPT_INT8_NHWC", "1") != "0" else set()
+        log.debug("%d of %d int8 tensors in NHWC", len(nhwc), len(b.value))
+
+        def call(m, x, in_layout, out_layout):
+            return _kernel_call(bb, m, threads, x, in_layout, out_layout)
+
+        blocks = [type(block)(int8_layout.rewrite_block(block, kernels, nhwc, call)) for block in func.body.blocks]
         body = relax.SeqExpr(blocks, func.body.body)
         bb.update_func(gv, relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
     log.debug("%d int8 convs on AMX", total)

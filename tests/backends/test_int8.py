@@ -241,6 +241,21 @@ def test_qdq_convs_run_on_amx_when_the_host_has_it(qnet):
     served = sum(n.startswith("amx_qconv2d") for n in names)
     # input channels >= 16 and one group: convs 1, 3, 4, 5 (0 has 3 inputs, 2 is depthwise, 6 has 13)
     assert served == (4 if int8_conv.available(spec) else 0)
+    if served:  # conv 3's output reaches conv 4 through the residual add (elementwise): NHWC between them
+        layouts = collections.Counter(str(f.attrs["graphopt.layouts"]) for gv, f in mod.functions_items()
+                                      if gv.name_hint.startswith("amx_qconv2d"))
+        assert layouts["NHWC-NHWC"] + layouts["NCHW-NHWC"] >= 1 and layouts["NHWC-NHWC"] + layouts["NHWC-NCHW"] >= 1
+
+
+def test_nchw_and_nhwc_plans_agree(qnet, monkeypatch):
+    """The same QDQ net with every int8 tensor NCHW, and with the NHWC plan: identical outputs."""
+    x = np.random.default_rng(9).standard_normal((1, 3, 13, 13)).astype(np.float32)
+    outs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("GRAPHOPT_INT8_NHWC", flag)
+        compiled = compile_model(ir.load(str(qnet)), target="x86")
+        outs.append(compiled(x)[compiled.output_names[0]])
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def _residual_block(path, shape):
