@@ -45,7 +45,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
     """Remove ``ratio`` of the output channels of every prunable channel group."""
 
     def __init__(self, ratio: float, *, overrides: Mapping[str, float] | None = None, exclude: Iterable[str] = (),
-                 norm: str = "l2", multiple: int = 4):
+                 norm: str = "l2", multiple: int = 4, data=None, show: bool = False):
         super().__init__()
         check_ratio(ratio, "--prune channels")
         for name, r in (overrides or {}).items():
@@ -54,6 +54,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             raise UsageError(f"--prune channels: norm {norm!r}: expected l1 or l2")
         self.ratio, self.overrides, self.exclude = ratio, dict(overrides or {}), frozenset(exclude)
         self.norm, self.multiple = norm, max(int(multiple), 1)
+        self.data, self.show = data, show  # calibration samples: importance weighted by activations
         self.rows: list[dict] = []
         self.kept: dict[str, dict[str, np.ndarray]] = {}
 
@@ -67,14 +68,36 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             if name not in names:
                 raise UsageError(f"--prune channels: layer {name} is not a node of the model")
 
-    def _importance(self, cg: ChannelGroups) -> dict[int, np.ndarray]:
+    def _activation_rms(self, model: ir.Model, cg: ChannelGroups, edits: list[Edit]) -> dict[str, np.ndarray]:
+        """Per-channel root mean square of each consumer's input over the calibration data."""
+        from graphopt.calibration import run_outputs
+
+        axes = {e.node.inputs[0].name: e.layout.axis for e in edits}
+        sums: dict[str, np.ndarray] = {}
+        count = 0
+        for values in run_outputs(model, list(axes), self.data, show=self.show, desc="channel importance"):
+            count += 1
+            for name, x in values.items():
+                sq = np.moveaxis(x.astype(np.float64) ** 2, axes[name], 0).reshape(x.shape[axes[name]], -1).mean(1)
+                sums[name] = sq + sums.get(name, 0)
+        return {name: np.sqrt(s / max(count, 1)) for name, s in sums.items()}
+
+    def _importance(self, model: ir.Model, cg: ChannelGroups) -> dict[int, np.ndarray]:
+        """Per root group, a score per channel. Without data: the weights' norms in every layer that
+        produces or reads the channel. With calibration data: in every layer that reads it, the norm of
+        the weights that read the channel times the channel's RMS activation there (what removing it
+        costs that layer's output, ignoring correlations)."""
         imp = {g.gid: np.zeros(g.size) for g in cg.roots()}
-        for e in cg.edits:
-            weight_like = e.kind == "const" and e.index == 1 and e.node.op_type in ("Conv", "ConvTranspose", "Gemm",
-                                                                                     "MatMul")
-            if not weight_like:
-                continue
+        edits = [e for e in cg.edits if e.kind == "const" and e.index == 1 and e.role in ("in", "out", "param")
+                 and e.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+        rms = None
+        if self.data is not None:
+            edits = [e for e in edits if e.role == "in"]
+            rms = self._activation_rms(model, cg, edits)
+        for e in edits:
             v = channel_norms(const_array(e.node.inputs[1]), e.axis, self.norm)
+            if rms is not None:
+                v = v * rms[e.node.inputs[0].name]
             v = v / max(v.mean(), 1e-12)
             pos = 0
             for gid, a, b in e.layout.segments:
@@ -95,7 +118,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         for e in cg.edits:
             if e.node.name in self.exclude or e.node.op_type in self.exclude:
                 cg.block(e.layout, f"{e.node.name} excluded")
-        imp = self._importance(cg)
+        imp = self._importance(model, cg)
         keep, self.rows = {}, []
         for g in cg.roots():
             ratios = [self.overrides[n] for n in g.layers if n in self.overrides]
