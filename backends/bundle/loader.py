@@ -426,11 +426,15 @@ ARM_HWCAP = {"+neon": 1 << 1, "+fullfp16": 1 << 10, "+dotprod": 1 << 20, "+sve":
 
 
 def arm_hwcap() -> int:
+    """Linux's AT_HWCAP for this process (0: unknown, the features are then not checked)."""
     import ctypes
 
-    getauxval = ctypes.CDLL(None).getauxval
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return 0
     getauxval.restype = ctypes.c_ulong
-    return getauxval(16)  # AT_HWCAP
+    return getauxval(16)
 
 
 # Linux hands out the AMX tile state on request: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
