@@ -1,7 +1,9 @@
 """Compression after the -O pipeline: weight conversion, quantization and the accuracy budget.
 
-Order (``compress``): [equalize] -> calibrate -> insert QDQ (or dynamic / weight-only) ->
-[bias correction] -> [budget: sensitivity scan and fallback] -> [fp16/bf16 weights].
+Order (``compress``): [equalize] -> [prune (+ reconstruct), with its own budget fallback] ->
+calibrate -> insert QDQ (or dynamic / weight-only) -> [bias correction] -> [budget: sensitivity
+scan and fallback] -> [fp16/bf16 weights]. Pruning and quantization answer to one budget: both
+measure their drop against the unpruned float model (``graphopt.pruning``).
 
 * ``quantize="int8"``: static QDQ from calibration data (``passes/quantize_qdq.py``).
 * ``quantize="int8-dynamic"``: DynamicQuantizeLinear + MatMulInteger (``passes/quantize_dynamic.py``).
@@ -47,6 +49,9 @@ class CompressOptions:
     block_size: int = 32
     target_runtime: str = "onnx"
     progress: bool = False
+    prune: str | None = None  # "channels:R[:l1|l2]" or "magnitude:R[:l1|l2][:global|layer]"
+    prune_layers: tuple[str, ...] = ()  # "NAME=R" per-layer ratios
+    reconstruct: bool = False
 
     def check(self) -> None:
         """Option errors, before any work."""
@@ -65,8 +70,13 @@ class CompressOptions:
             raise UsageError(f"--activation-type {self.activation_type}: expected uint8 or int8")
         if self.quantize == "int8" and self.calibration is None:
             raise UsageError("--quantize int8 needs --calibration FILE.npz|DIR (sample inputs for the ranges)")
-        if self.calibration is not None and self.quantize != "int8":
-            raise UsageError("--calibration is used only by --quantize int8")
+        spec = self.prune_spec()
+        if self.prune_layers and spec is None:
+            raise UsageError("--prune-layer needs --prune")
+        if self.reconstruct and (spec is None or spec.kind != "channels" or self.calibration is None):
+            raise UsageError("--reconstruct applies to --prune channels:R and needs --calibration")
+        if self.calibration is not None and self.quantize != "int8" and (spec is None or spec.kind != "channels"):
+            raise UsageError("--calibration is used only by --quantize int8 and --prune channels")
         if self.samples is not None and self.samples < 1:
             raise UsageError(f"--calibration-samples {self.samples}: must be at least 1")
         if self.max_drop is not None:
@@ -74,12 +84,21 @@ class CompressOptions:
                 raise UsageError(f"--max-drop {self.max_drop}: must be between 0 and 1 (exclusive)")
             if self.metric is None:
                 raise UsageError("--max-drop needs --metric (the score the budget is measured in)")
-            if self.quantize not in ("int8", "int8-dynamic"):
-                raise UsageError("--max-drop applies to --quantize int8 or int8-dynamic")
+            if self.quantize not in ("int8", "int8-dynamic") and spec is None:
+                raise UsageError("--max-drop applies to --quantize int8 or int8-dynamic and to --prune")
         elif self.metric is not None:
             raise UsageError("--metric is used only with --max-drop")
         if self.bias_correction and self.quantize != "int8":
             raise UsageError("--bias-correction applies to --quantize int8")
+
+
+    def prune_spec(self):
+        """The parsed ``--prune`` spec, or None."""
+        if self.prune is None:
+            return None
+        from graphopt.pruning import parse_spec
+
+        return parse_spec(self.prune, self.prune_layers)
 
 
 @dataclasses.dataclass
@@ -205,9 +224,10 @@ def _weight_bytes(model: ir.Model, names: set[str]) -> dict[str, int]:
     return out
 
 
-def budget_fallback(q: Quantizer, metric, max_drop: float) -> tuple[ir.Model, dict[str, Any]]:
-    """Keep the most sensitive layers float until the metric is within ``max_drop`` of the float model."""
-    base = score(metric, q.float_model, "float")
+def budget_fallback(q: Quantizer, metric, max_drop: float, base: float | None = None) -> tuple[ir.Model, dict[str, Any]]:
+    """Keep the most sensitive layers float until the metric is within ``max_drop`` of the float model
+    (``base``: the float score, when the float model here is already pruned)."""
+    base = score(metric, q.float_model, "float") if base is None else base
     model = q.build()
     full = score(metric, model, "quantized")
     info: dict[str, Any] = {"float": base, "all_quantized": full, "max_drop": max_drop, "kept_float": []}
@@ -263,11 +283,14 @@ def compress(model: ir.Model, opts: CompressOptions, *, source: str | os.PathLik
 
         model = equalize(model)
         report["equalized"] = True
+    metric = resolve(opts.metric, source, input_shapes)
+    base = None
+    if opts.prune is not None:
+        model, report["prune"], base = _prune(model, opts, metric)
     if opts.quantize in ("int8", "int8-dynamic"):
-        metric = resolve(opts.metric, source, input_shapes)
         q = Quantizer(model, opts, source)
         if opts.max_drop is not None:
-            model, report["budget"] = budget_fallback(q, metric, opts.max_drop)
+            model, report["budget"] = budget_fallback(q, metric, opts.max_drop, base)
         else:
             model = q.build()
         report.update(q.notes)
@@ -284,6 +307,22 @@ def compress(model: ir.Model, opts: CompressOptions, *, source: str | os.PathLik
 
         model = convert_weights(model, dtype=opts.weights)
     return CompressResult(model, report)
+
+
+def _prune(model: ir.Model, opts: CompressOptions, metric) -> tuple[ir.Model, dict[str, Any], float | None]:
+    """Pruning before quantization; the float model's score (the one budget both steps answer to)."""
+    from graphopt import pruning
+
+    spec = opts.prune_spec()
+    data = None
+    if opts.calibration is not None:
+        from graphopt.calibration import load_calibration
+
+        data = load_calibration(opts.calibration, model, limit=opts.samples)
+    base = score(metric, model, "float") if opts.max_drop is not None else None
+    pruned, report = pruning.prune(model, spec, exclude=opts.exclude, data=data, reconstruct=opts.reconstruct,
+                                   metric=metric, max_drop=opts.max_drop, base=base, show=opts.progress)
+    return pruned, report, base
 
 
 def _layer_rows(q: Quantizer, budget: dict | None, model: ir.Model) -> list[dict[str, Any]]:

@@ -44,7 +44,7 @@ class PruneMagnitudePass(ir.passes.InPlacePass):
         self.norm, self.scope = norm, scope
         self.rows: list[dict] = []
 
-    def _layers(self, model: ir.Model) -> list[tuple[ir.Node, np.ndarray]]:
+    def layers(self, model: ir.Model) -> list[tuple[ir.Node, np.ndarray]]:
         names = {n.name for n in model.graph}
         ops = {n.op_type for n in model.graph}
         for name in self.exclude:
@@ -69,7 +69,7 @@ class PruneMagnitudePass(ir.passes.InPlacePass):
         return float(a.mean() if self.norm == "l1" else np.sqrt((a ** 2).mean())) or 1.0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        layers = self._layers(model)
+        layers = self.layers(model)
         thresholds: dict[str, float] = {}
         pool = [(n, w) for n, w in layers if n.name not in self.overrides]
         if self.scope == "global" and pool and self.ratio > 0:

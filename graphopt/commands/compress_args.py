@@ -1,4 +1,4 @@
-"""The compression options of ``graphopt optimize`` (quantization, weight conversion, accuracy budget)."""
+"""The compression options of ``graphopt optimize`` (pruning, quantization, weight conversion, accuracy budget)."""
 
 from __future__ import annotations
 
@@ -36,14 +36,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-drop", type=float, metavar="X",
                    help="accuracy budget: keep the most sensitive layers float until --metric is within X "
                         "(0 < X < 1) of the float model's")
+    g.add_argument("--prune", metavar="KIND:R",
+                   help="channels:R removes R (0 <= R < 1) of the output channels of every prunable channel group "
+                        "(FLOPs drop for real); magnitude:R zeroes the smallest R of each layer's weights (smaller "
+                        "only after gzip). Options: :l1|:l2 importance norm, magnitude :global|:layer")
+    g.add_argument("--prune-layer", action="append", default=[], metavar="NAME=R",
+                   help="a layer's own pruning ratio (repeatable)")
+    g.add_argument("--reconstruct", action="store_true",
+                   help="after --prune channels, refit each pruned layer by least squares to the unpruned model's "
+                        "outputs on --calibration data")
     g.add_argument("--metric", metavar="NAME",
                    help="score for --max-drop: ocr-rec, ocr-det, cosine, or MODULE:FUNCTION")
 
 
 def options(args: argparse.Namespace) -> CompressOptions | None:
     """The compression the command line asks for (checked), or None when it asks for none."""
-    wanted = (args.quantize, args.weights, args.calibration, args.max_drop, args.metric)
-    if all(v is None for v in wanted) and not (args.equalize or args.bias_correction):
+    wanted = (args.quantize, args.weights, args.calibration, args.max_drop, args.metric, args.prune)
+    if all(v is None for v in wanted) and not (args.equalize or args.bias_correction or args.reconstruct
+                                               or args.prune_layer):
         return None
     opts = CompressOptions(
         quantize=args.quantize, weights=args.weights, calibration=args.calibration,
@@ -52,14 +62,40 @@ def options(args: argparse.Namespace) -> CompressOptions | None:
         exclude=tuple(n for e in args.exclude for n in split_names(e)), equalize=args.equalize,
         bias_correction=args.bias_correction, max_drop=args.max_drop, metric=args.metric,
         target_runtime=getattr(args, "target_runtime", "onnx"), progress=not getattr(args, "quiet", False),
+        prune=args.prune, prune_layers=tuple(args.prune_layer), reconstruct=args.reconstruct,
     )
     opts.check()
     return opts
 
 
+def _prune_summary(p: dict) -> list[str]:
+    lines = []
+    if p["kind"] == "channels":
+        rows = [[r["group"], len(r["layers"]), f"{r['channels']} -> {r['kept']}", r["status"][:60],
+                 f"{r['sensitivity']:.4f}" if "sensitivity" in r else ""] for r in p["layers"]]
+        lines.append(table(rows, ["group (first layer)", "layers", "channels", "done", "drop alone"]))
+    else:
+        rows = [[r["layer"], r["op"], f"{r['share']:.1%}", r["status"],
+                 f"{r['sensitivity']:.4f}" if "sensitivity" in r else ""] for r in p["layers"]]
+        lines.append(table(rows, ["layer", "op", "zeroed", "done", "drop alone"]))
+    f = p["flops"]
+    if f.get("reduction") is not None:
+        lines.append(f"FLOPs {f['before']:,} -> {f['after']:,} ({f['reduction']:.1%} fewer)")
+    if "gzip_bytes" in p:
+        g = p["gzip_bytes"]
+        lines.append(f"sparsity {p['sparsity']:.1%}; gzip size {g['before']:,} -> {g['after']:,} B ({p['note']})")
+    b = p.get("budget")
+    if b:
+        n = len(b["restored"])
+        lines.append(f"metric: float {b['float']:.4f}, all pruned {b['all_pruned']:.4f}, final {b['final']:.4f} "
+                     f"(max drop {b['max_drop']}: {'within' if b['within_budget'] else 'NOT within'} budget, "
+                     f"{n} group{'s' if n != 1 else ''}/layer{'s' if n != 1 else ''} left unpruned)")
+    return lines
+
+
 def summary(report: dict) -> str:
     """The per-layer table and the budget line for the terminal."""
-    lines = []
+    lines = _prune_summary(report["prune"]) if "prune" in report else []
     rows = [[r["layer"], r["op"], r["status"],
              f"{r['sensitivity']:.4f}" if "sensitivity" in r else "",
              r.get("float_weight_bytes", "")] for r in report.get("layers", [])]
