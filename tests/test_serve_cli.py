@@ -83,6 +83,17 @@ def test_onnx_is_compiled_once_then_loaded_from_the_cache(model):
                 key(opt_level=2, max_batch=4), key(opt_level=2, input_shapes=["x:5,4"])}) == 5
 
 
+def test_a_bundle_is_served_as_it_is_with_its_digest_pinned(model):
+    from graphopt.backends.bundle import bundle_digest
+
+    src, cache = model
+    bundle = compiled_bundle(src, input_shapes=["x:2,4", "k:2,1"], cache_dir=cache, log=lambda s: None).directory
+    s = Serving(bundle, "--name", "b", "--expect-digest", bundle_digest(bundle), "--grpc-port", "0")
+    status, body = s.post("/v2/models/b/infer", json_infer(inputs(2)))
+    code, err = s.stop()
+    assert status == 200 and code == 0 and "compiling" not in err, body
+
+
 def test_sigterm_drains_requests_in_flight(model):
     src, cache = model
     s = Serving(src, "--cache-dir", cache, "--max-batch", "4", "--batch-timeout-ms", "1500")
