@@ -24,6 +24,7 @@ from tvm import relax
 
 from . import int8_layout
 from .amx_int8 import pack_weight, padded_channels, qconv_func
+from .int8_im2col import MIN_WINDOW, im2col_func, im2col_weight, output_size
 from .amx_kernel import geometry
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,12 @@ def why_not(conv: relax.Call, weight: np.ndarray | None) -> str | None:
         return "dilated"
     n, c = int(x.shape[0]), int(x.shape[1])
     o, _, kh, kw = weight.shape
-    if n != 1 or c < MIN_CHANNELS:
-        return f"batch {n} or {c} input channels"
     s = [int(v) for v in at.strides]
-    if kh != kw or s[0] != s[1] or (kh > 1 and (kh % 2 == 0 or s[0] > 2)):
+    if n != 1 or kh != kw or s[0] != s[1]:
+        return f"batch {n}, {kh}x{kw} kernel with strides {s}"
+    if c < MIN_CHANNELS:  # a first conv: its window as channels (int8_im2col.py)
+        return None if c * kh * kw >= MIN_WINDOW else f"{c} input channels, {kh}x{kw} kernel"
+    if kh > 1 and (kh % 2 == 0 or s[0] > 2):
         return f"{kh}x{kw} kernel with strides {s}"
     return None
 
@@ -125,11 +128,21 @@ def _pad_value(pad: relax.Call) -> float:
 
 
 def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
+    """(the kernel call of match ``m`` reading ``x``, bindings to put before it)."""
     _, c, h, w = (int(d) for d in m["x"].ty.shape)
-    weight = m["weight"]
+    weight, pre = m["weight"], []
     o, _, k, _ = weight.shape
-    g = geometry(h, w, k, m["stride"], m["pad"])
-    func = qconv_func(c, h, w, o, k, m["stride"], m["pad"], zx=m["zx"], zy=m["zy"], qmin=m["qmin"],
+    stride, pad = m["stride"], m["pad"]
+    if c < MIN_CHANNELS:  # window as channels: a 1x1 conv over the im2col tensor (NHWC)
+        oh, ow = output_size(h, w, k, stride, pad)
+        cols = relax.DataflowVar("im2col", relax.TensorType([1, oh, ow, k * k * c], "uint8"))
+        gather = bb.add_func(im2col_func(c, h, w, k, stride, pad, threads=threads, in_layout=in_layout), "im2col_u8")
+        zp = relax.const(np.full(1, m["zx"], np.uint8))
+        pre.append(relax.VarBinding(cols, relax.call_tir(gather, [x, zp], cols.ty)))
+        x, in_layout, weight = cols, "NHWC", im2col_weight(weight)
+        c, h, w, k, stride, pad = k * k * c, oh, ow, 1, 1, 0
+    g = geometry(h, w, k, stride, pad)
+    func = qconv_func(c, h, w, o, k, stride, pad, zx=m["zx"], zy=m["zy"], qmin=m["qmin"],
                       qmax=m["qmax"], out_dtype=m["dtype"], threads=threads, in_layout=in_layout,
                       out_layout=out_layout)
     gvar = bb.add_func(func, "amx_qconv2d")
@@ -139,7 +152,7 @@ def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
     corr[:o], mult[:o] = m["corr"], m["mult"]
     args = [x, relax.const(pack_weight(weight)), relax.const(corr), relax.const(mult)]
     shape = [1, o, g["oh"], g["ow"]] if out_layout == "NCHW" else [1, g["oh"], g["ow"], o]
-    return relax.call_tir(gvar, args, relax.TensorType(shape, m["dtype"]))
+    return relax.call_tir(gvar, args, relax.TensorType(shape, m["dtype"])), pre
 
 
 def rewrite_int8_conv(mod: tvm.IRModule, spec) -> tvm.IRModule:
@@ -157,7 +170,7 @@ def rewrite_int8_conv(mod: tvm.IRModule, spec) -> tvm.IRModule:
         for var, value in b.value.items():
             if isinstance(value, relax.Call):
                 m = _match(b, value)
-                if m is not None and not (m["weight"].shape[2] == 1 and m["pad"]):
+                if m is not None and not (m["weight"].shape[2] == 1 and m["pad"] and m["weight"].shape[1] >= MIN_CHANNELS):
                     kernels[var] = m
         if not kernels:
             continue

@@ -100,15 +100,17 @@ def substitute(expr, mapping: dict):
 
 
 def rewrite_block(block, kernels: dict, nhwc: set, kernel_call) -> list:
-    """The bindings of ``block`` with kernel calls (``kernel_call(m, x, in_layout, out_layout)``)
-    and the vars of ``nhwc`` in NHWC; every other use of an NHWC var reads a transpose back."""
+    """The bindings of ``block`` with kernel calls (``kernel_call(m, x, in_layout, out_layout)``: the
+    call and bindings to put before it) and the vars of ``nhwc`` in NHWC; every other use of an NHWC
+    var reads a transpose back."""
     out, now, back = [], {}, {}
     for binding in block.bindings:
         var, value = binding.var, binding.value
         if var in kernels:
             m = kernels[var]
             x, in_layout = (now[m["x"]], "NHWC") if m["x"] in now else (back.get(m["x"], m["x"]), "NCHW")
-            value = kernel_call(m, x, in_layout, "NHWC" if var in nhwc else "NCHW")
+            value, pre = kernel_call(m, x, in_layout, "NHWC" if var in nhwc else "NCHW")
+            out += pre
         elif var in nhwc:
             value = relax.Call(value.op, [now.get(a, a) if isinstance(a, relax.Var) else a for a in value.args],
                                value.attrs, value.ty_args)

@@ -228,6 +228,37 @@ def test_amx_int8_kernel_exact(c, h, w, o, k, s, p, layouts):
     np.testing.assert_array_equal(out.numpy(), ref.transpose(nhwc) if out_layout == "NHWC" else ref)
 
 
+@pytest.mark.skipif(not __import__("graphopt.backends.bundle.loader", fromlist=["x"]).cpu_has_amx(),
+                    reason="needs a CPU with AMX")
+@pytest.mark.parametrize("c,h,w,o,k,s,p", [(3, 23, 19, 64, 7, 2, 3), (13, 9, 9, 33, 3, 1, 0), (3, 12, 40, 16, 3, 2, 1)])
+def test_amx_int8_im2col_exact(c, h, w, o, k, s, p):
+    """Few input channels: the window as channels (im2col, zero point outside the input), then the
+    kernel as a 1x1 conv: exact against numpy."""
+    import tvm
+
+    from graphopt.backends.schedules.amx_int8 import pack_weight, padded_channels, qconv_func
+    from graphopt.backends.schedules.int8_im2col import im2col_func, im2col_weight, output_size
+    from graphopt.backends.targets import get_target
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (1, c, h, w), dtype=np.uint8)
+    wt = rng.integers(-128, 128, (o, c, k, k), dtype=np.int8)
+    kk, (oh, ow) = k * k * c, output_size(h, w, k, s, p)
+    _, op_ = padded_channels(kk, o)
+    corr, mult = np.zeros(op_, np.int32), np.zeros(op_, np.float32)
+    corr[:o], mult[:o] = rng.integers(-5000, 5000, o), rng.uniform(1e-5, 3e-4, o)
+    target = get_target("x86").target
+    build = lambda f: tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target)  # noqa: E731
+    cols = tvm.runtime.tensor(np.zeros((1, oh, ow, kk), np.uint8))
+    zp = tvm.runtime.tensor(np.full(1, 9, np.uint8))
+    build(im2col_func(c, h, w, k, s, p, threads=2))["main"](tvm.runtime.tensor(x), zp, cols)
+    conv = build(qconv_func(kk, oh, ow, o, 1, 1, 0, zx=9, zy=100, qmin=0, qmax=255, out_dtype="uint8", threads=2,
+                            in_layout="NHWC"))
+    out = tvm.runtime.tensor(np.zeros((1, o, oh, ow), np.uint8))
+    conv["main"](cols, *[tvm.runtime.tensor(a) for a in (pack_weight(im2col_weight(wt)), corr, mult)], out)
+    np.testing.assert_array_equal(out.numpy(), _reference_qconv(x, wt, corr[:o], mult[:o], k, s, p, 9, 100))
+
+
 def test_qdq_convs_run_on_amx_when_the_host_has_it(qnet):
     from graphopt.backends.compile import _bind_params, _front_end, _relax_passes, _Stages
     from graphopt.backends.schedules import int8_conv
@@ -239,8 +270,8 @@ def test_qdq_convs_run_on_amx_when_the_host_has_it(qnet):
     mod = _relax_passes(mod, spec, winograd=True)
     names = [gv.name_hint for gv in mod.get_global_vars()]
     served = sum(n.startswith("amx_qconv2d") for n in names)
-    # input channels >= 16 and one group: convs 1, 3, 4, 5 (0 has 3 inputs, 2 is depthwise, 6 has 13)
-    assert served == (4 if int8_conv.available(spec) else 0)
+    # one group: all but the depthwise conv 2 (0 and 6, with 3 and 13 input channels, through im2col)
+    assert served == (6 if int8_conv.available(spec) else 0)
     if served:  # conv 3's output reaches conv 4 through the residual add (elementwise): NHWC between them
         layouts = collections.Counter(str(f.attrs["graphopt.layouts"]) for gv, f in mod.functions_items()
                                       if gv.name_hint.startswith("amx_qconv2d"))
