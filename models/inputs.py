@@ -1,8 +1,11 @@
 """Inputs for real models: the light models' reference data, and realistic random inputs.
 
 ``random_inputs`` picks values by what an input usually carries: images in [-1, 1), audio in
-[-0.5, 0.5), recurrent state small and centred, a sample rate of 16000, integer ids small and
-non-negative. Dynamic dims take the given (or the catalogue's default) shape, else 1.
+[-0.5, 0.5), recurrent state small and centred, a sample rate of 16000, attention masks of ones,
+token_type_ids zero, other integer ids small and non-negative. A catalogued model (named, or its
+cached file, as ``graphopt bench`` passes it) uses its entry's ``values`` first: token ids within
+its vocabulary, audio in [-1, 1], a branch flag. Dynamic dims take the given (or the catalogue's
+default) shape, else 1.
 """
 
 from __future__ import annotations
@@ -59,6 +62,19 @@ def _graph_inputs(model) -> list[tuple[str, np.dtype, list[int | None]]]:
     return rows
 
 
+def _hinted(kind: str, dtype: np.dtype, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    """A value of a catalogue ``values`` kind (see ``ModelEntry.values``)."""
+    if kind.startswith("ids:"):
+        return rng.integers(0, int(kind[4:]), size=shape).astype(dtype)
+    if kind in ("ones", "true"):
+        return np.ones(shape, dtype=dtype)
+    if kind in ("zeros", "false"):
+        return np.zeros(shape, dtype=dtype)
+    if kind == "audio":
+        return rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
+    raise ValueError(f"unknown input kind {kind!r}")
+
+
 def _value(name: str, dtype: np.dtype, shape: list[int], rng: np.random.Generator) -> np.ndarray:
     lname = name.lower().rsplit("/", 1)[-1]
     if dtype == np.bool_:
@@ -66,6 +82,10 @@ def _value(name: str, dtype: np.dtype, shape: list[int], rng: np.random.Generato
     if np.issubdtype(dtype, np.integer):
         if lname == "sr" and not shape:
             return np.array(16000, dtype=dtype)
+        if lname.endswith("attention_mask"):
+            return np.ones(shape, dtype=dtype)
+        if lname == "token_type_ids":
+            return np.zeros(shape, dtype=dtype)
         return rng.integers(0, 8, size=shape).astype(dtype)
     if not np.issubdtype(dtype, np.floating):
         return np.zeros(shape, dtype=dtype)
@@ -92,10 +112,14 @@ def random_inputs(
     """
     from graphopt.models import CATALOG, resolve
 
+    hints: dict[str, str] = {}
     if isinstance(model, (str, os.PathLike)):
         spec = str(model)
-        if input_shapes is None and spec in CATALOG:
-            input_shapes = list(CATALOG[spec].input_shapes)
+        entry = CATALOG.get(spec) or _entry_of_cached_file(Path(spec))
+        if entry is not None:
+            hints = dict(entry.values)
+            if input_shapes is None:
+                input_shapes = list(entry.input_shapes)
         path = resolve(spec) if spec in CATALOG else Path(spec)
         model = onnx.load(str(path), load_external_data=False)
     fixed = _parse_shapes(input_shapes)
@@ -103,8 +127,30 @@ def random_inputs(
     feeds = {}
     for name, dtype, dims in _graph_inputs(model):
         shape = list(fixed.get(name, [1 if d is None else d for d in dims]))
-        feeds[name] = _value(name, dtype, shape, rng)
+        kind = hints.get(name)
+        feeds[name] = _hinted(kind, dtype, shape, rng) if kind else _value(name, dtype, shape, rng)
     return feeds
+
+
+def _entry_of_cached_file(path: Path):
+    """The catalogue entry whose cached file ``path`` is (a model in graphopt's cache), else None."""
+    from graphopt.models import CATALOG, cache_dir
+    from graphopt.models.ort_format import converted_name
+
+    try:
+        if path.parent.resolve() != cache_dir().resolve():
+            return None
+    except OSError:
+        return None
+    for entry in CATALOG.values():
+        if entry.package is None:
+            continue
+        names = {entry.file_name}
+        if entry.file_name.endswith(".ort"):
+            names.add(converted_name(entry.file_name, entry.sha256))
+        if path.name in names:
+            return entry
+    return None
 
 
 def light_reference_data(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -211,3 +211,31 @@ def ort_to_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         kv = model.MetadataProps(j)
         proto.metadata_props.add(key=_s(kv.Key()), value=_s(kv.Value()))
     return proto
+
+
+def converted_name(ort_name: str, sha256: str) -> str:
+    """The cache file name of an ``.ort`` model's ONNX form (the source's digest in it: never stale)."""
+    stem = ort_name[: -len(".ort")] if ort_name.endswith(".ort") else ort_name
+    return f"{stem}.{sha256[:12]}.onnx"
+
+
+def cached_onnx(ort_path: Path, sha256: str) -> Path:
+    """The ONNX form of a (verified) cached ``.ort`` model beside it, converted on first use and written
+    atomically (two processes converting at once write the same bytes; the last rename wins)."""
+    out = ort_path.with_name(converted_name(ort_path.name, sha256))
+    if out.exists():
+        return out
+    import tempfile
+
+    data = ort_to_onnx(ort_path).SerializeToString()
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out

@@ -25,6 +25,8 @@ from graphopt import models
 
 # -O3 folds the weights these generate at run time (ConstantOfShape ...): hundreds of MB each.
 SLOW = {"light:bvlc_alexnet", "light:vgg19", "light:zfnet512"}
+# transformers with real weights (34-92 MB each): minutes of -O3 and ORT runs (tests/test_transformer_models.py)
+SLOW |= {"t5:encoder", "t5:decoder", "vit:s", "moonshine:encoder", "moonshine:decoder"}
 
 
 def _session(source) -> ort.InferenceSession:
