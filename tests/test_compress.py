@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import api, cli
-from graphopt.compress import CompressOptions, compress
+from graphopt.compress import CompressOptions, compress, ort_run
 from graphopt.errors import GraphoptError, UnsupportedError
 
 RNG = np.random.default_rng(5)
@@ -303,3 +303,116 @@ def test_layers_get_unique_names_for_exclusion_and_the_report():
     name_nodes(model)
     names = [n.name for n in model.graph]
     assert names[0] == "same" and len(set(names)) == 3 and all(names)
+
+
+# pruning (--prune channels|magnitude, --reconstruct, one budget with --quantize)
+
+def _conv_proto(sensitive_c1: bool = True) -> onnx.ModelProto:
+    """x[1,3,8,8] -> c1 (3x3, 8) -> Relu -> c2 (1x1, 8) -> Relu -> c3 (1x1, 4) -> y. Half of c2's channels
+    are dead (zero weights in and out), so pruning them costs nothing; every c1 channel matters."""
+    rng = np.random.default_rng(11)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((8, 8, 1, 1)).astype(np.float32)
+    w3 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
+    w2[4:], w3[:, 4:] = 0, 0
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"),
+                                                         (np.full(8, 0.1, np.float32), "b1"))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h1"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["h2"], name="c2"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3"], ["y"], name="c3")]
+    graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+CONV_FEEDS = [{"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(6)]
+
+
+def _conv_cosine(reference: onnx.ModelProto):
+    sess = ort.InferenceSession(reference.SerializeToString(), providers=["CPUExecutionProvider"])
+    refs = [sess.run(None, f)[0] for f in CONV_FEEDS]
+
+    def metric(run):
+        ys = [run(f)["y"] for f in CONV_FEEDS]
+        return max(0.0, float(np.mean([(r * y).sum() / np.linalg.norm(r) / np.linalg.norm(y) for r, y in zip(refs, ys)])))
+
+    return metric
+
+
+@pytest.fixture
+def convs(tmp_path):
+    path = tmp_path / "convs.onnx"
+    onnx.save(_conv_proto(), path)
+    calib = tmp_path / "ccalib.npz"
+    np.savez(calib, x=np.stack([f["x"] for f in CONV_FEEDS]))
+    return path, calib
+
+
+def test_prune_budget_restores_the_sensitive_group_then_quantizes_within_the_same_budget():
+    proto = _conv_proto()
+    metric = _conv_cosine(proto)
+    model = api.optimize(ir.serde.deserialize_model(proto)).model
+    calib = _tmp_npz({"x": np.stack([f["x"] for f in CONV_FEEDS])})
+    opts = CompressOptions(prune="channels:0.5", quantize="int8", calibration=calib, method="minmax",
+                           max_drop=0.02, metric=metric)
+    res = compress(model, opts)
+    p = res.report["prune"]
+    assert p["budget"]["all_pruned"] < 0.98  # pruning c1 costs more than the budget
+    assert p["budget"]["restored"] == ["c1"] and p["budget"]["within_budget"]
+    assert p["budget"]["sensitivity"]["c1"] > 0.02 > abs(p["budget"]["sensitivity"]["c2"])
+    rows = {r["group"]: r for r in p["layers"]}
+    assert rows["c1"]["status"] == "kept (budget)" and rows["c2"]["status"] == "pruned" and rows["c2"]["kept"] == 4
+    assert 0 < p["flops"]["reduction"] < 1
+    assert res.report["budget"]["float"] == pytest.approx(1.0, abs=1e-5)  # quantization measured against unpruned
+    assert 1.0 - metric(ort_run(res.model)) <= 0.02
+
+
+def test_cli_prune_reconstruct_and_quantize(convs, tmp_path, capsys):
+    path, calib = convs
+    before = _sha(path)
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    code, stdout, err = _run(capsys, "optimize", path, "-o", out, "--prune", "channels:0.5", "--reconstruct",
+                             "--calibration", calib, "--quantize", "int8", "--report", report)
+    assert code == 0, err
+    assert _sha(path) == before
+    q = onnx.load(out)
+    onnx.checker.check_model(q, full_check=True)
+    y = ort.InferenceSession(out.as_posix(), providers=["CPUExecutionProvider"]).run(None, CONV_FEEDS[0])[0]
+    assert y.shape == (1, 4, 8, 8)
+    p = json.loads(report.read_text())["compression"]["prune"]
+    assert {r["group"]: r["kept"] for r in p["layers"]} == {"c1": 4, "c2": 4, "c3": 4}
+    assert p["reconstructed"] == 2 and p["flops"]["reduction"] > 0.3  # c2 and c3 lost input channels: refitted
+    assert "8 -> 4" in stdout and "FLOPs" in stdout
+
+
+def test_cli_magnitude_reports_the_compressed_size(convs, tmp_path, capsys):
+    path, _ = convs
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    code, stdout, err = _run(capsys, "optimize", path, "-o", out, "--prune", "magnitude:0.6:global", "--report", report)
+    assert code == 0, err
+    p = json.loads(report.read_text())["compression"]["prune"]
+    assert p["gzip_bytes"]["after"] < p["gzip_bytes"]["before"] and 0.55 < p["sparsity"] < 0.65
+    assert "no CPU runtime runs the model faster" in stdout
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--prune", "channels:1.0"], "ratio 1.0 is outside [0, 1)"),
+    (["--prune", "channels:-0.2"], "outside [0, 1)"),
+    (["--prune", "shuffle:0.3"], "expected channels:R or magnitude:R"),
+    (["--prune", "channels:0.3:global"], "unknown option 'global'"),
+    (["--prune", "channels:0.3", "--exclude", "nosuch"], "--exclude nosuch: no node or op type"),
+    (["--prune", "channels:0.3", "--prune-layer", "nosuch=0.1"], "layer nosuch is not a node"),
+    (["--prune", "channels:0.3", "--prune-layer", "c1=2"], "outside [0, 1)"),
+    (["--prune", "channels:0.3", "--reconstruct"], "--reconstruct applies to --prune channels:R and needs --calibration"),
+    (["--prune", "channels:0.3", "--exclude", "Conv"], "no layer can be pruned"),
+    (["--prune-layer", "c1=0.2"], "--prune-layer needs --prune"),
+])
+def test_prune_bad_input_exits_2_with_one_line(convs, tmp_path, capsys, args, expect):
+    path, _ = convs
+    out = tmp_path / "p.onnx"
+    code, _, err = _run(capsys, "optimize", path, "-o", out, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and expect in lines[0], err
+    assert not out.exists()
