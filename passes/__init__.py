@@ -36,4 +36,7 @@ BUILTIN_PASSES: dict[str, tuple[str, str, str]] = {
     "quantize_qdq": (_P + "quantize_qdq", "QuantizeQDQPass", "static int8 QDQ around Conv/MatMul/Gemm from calibrated ranges (per-channel weights, int32 bias)"),
     "quantize_dynamic": (_P + "quantize_dynamic", "QuantizeDynamicPass", "int8-dynamic: MatMul/Gemm as DynamicQuantizeLinear + MatMulInteger, LSTM/GRU weights int8"),
     "bias_correction": (_P + "bias_correction", "BiasCorrectionPass", "shift int8 layers' biases by their mean error on calibration data"),
+    "prune_channels": (_P + "prune_channels", "PruneChannelsPass", "remove the least important output channels of every channel dependency group (ratio), with every consumer"),
+    "prune_magnitude": (_P + "prune_magnitude", "PruneMagnitudePass", "zero the smallest weights of Conv/Gemm/MatMul layers (per layer or global); shapes stay"),
+    "reconstruct": (_P + "reconstruct", "ReconstructPass", "refit pruned layers by ridge least squares to the unpruned model's outputs on calibration data"),
 }
