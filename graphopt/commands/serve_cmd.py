@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' except on /v2/health (default: $GRAPHOPT_API_KEY)")
     p.add_argument("--request-timeout-s", type=positive("--request-timeout-s", float), default=60.0,
                    help="longest wait for a model's answer, queue included (default 60; then 503)")
+    p.add_argument("--threads", type=positive("--threads"), default=None, metavar="N",
+                   help="threads each model call uses (default: $TVM_NUM_THREADS, else every physical core); "
+                        "fewer than the cores leaves room for the server on a busy host")
     p.add_argument("--target", default="x86", help="compile target for ONNX models (default x86)")
     add_opt_level(p)
     add_input_shape(p)
@@ -96,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     names = _names(args)
     digests = args.expect_digest or [None] * len(args.bundles)
     require_extra()
+    if args.threads:  # read by TVM when its thread pool starts, at the first model call
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
     from graphopt.serve.cache import compiled_buckets, compiled_bundle
     from graphopt.serve.metrics import Metrics
     from graphopt.serve.model import ServedModel
