@@ -174,6 +174,9 @@ def prune(model: ir.Model, spec: PruneSpec, *, exclude=(), data=None, reconstruc
         (out, p, rp), report["budget"] = budget_fallback(pruner, metric, max_drop, base)
     else:
         out, p, rp = pruner.build()
+    from graphopt.passes.parameter_sharing import ParameterSharingPass
+
+    ParameterSharingPass()(out)  # weights that were one tensor before pruning are one again
     restored = set(report.get("budget", {}).get("restored", []))
     sens = report.get("budget", {}).get("sensitivity", {})
     rows = []
