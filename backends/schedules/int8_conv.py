@@ -22,7 +22,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from . import int8_layout
+from . import int8_dwconv, int8_layout
 from .amx_int8 import pack_weight, padded_channels, qconv_func
 from .int8_im2col import MIN_WINDOW, im2col_func, im2col_weight, output_size
 from .amx_kernel import geometry
@@ -43,8 +43,8 @@ def why_not(conv: relax.Call, weight: np.ndarray | None) -> str | None:
     x = conv.args[0].ty
     if weight is None or weight.dtype != np.int8:
         return "weight is not an int8 constant"
-    if x.dtype != "uint8" or at.data_layout != "NCHW" or at.kernel_layout != "OIHW" or int(at.groups) != 1:
-        return "not a uint8 NCHW conv with one group"
+    if x.dtype != "uint8" or at.data_layout != "NCHW" or at.kernel_layout != "OIHW":
+        return "not a uint8 NCHW conv"
     if [int(d) for d in at.dilation] != [1, 1]:
         return "dilated"
     n, c = int(x.shape[0]), int(x.shape[1])
@@ -52,6 +52,9 @@ def why_not(conv: relax.Call, weight: np.ndarray | None) -> str | None:
     s = [int(v) for v in at.strides]
     if n != 1 or kh != kw or s[0] != s[1]:
         return f"batch {n}, {kh}x{kw} kernel with strides {s}"
+    if int(at.groups) != 1:  # depthwise: 16 channels a vector (int8_dwconv.py)
+        depthwise = int(at.groups) == c == o and weight.shape[1] == 1
+        return None if depthwise and int8_dwconv.served(c, kh, s[0]) else f"{int(at.groups)} groups"
     if c < MIN_CHANNELS:  # a first conv: its window as channels (int8_im2col.py)
         return None if c * kh * kw >= MIN_WINDOW else f"{c} input channels, {kh}x{kw} kernel"
     if kh > 1 and (kh % 2 == 0 or s[0] > 2):
@@ -118,7 +121,7 @@ def _match(b: _Bindings, last: relax.Call):
     return {"x": x, "weight": weight, "pad": pad, "zx": zx, "zy": int(zy.reshape(())),
             "corr": np.broadcast_to(corr.reshape(-1), (o,)), "mult": np.broadcast_to(mult.reshape(-1), (o,)),
             "qmin": int(_prim(clip.args[1])), "qmax": int(_prim(clip.args[2])), "dtype": str(last.attrs.dtype),
-            "stride": int(conv.attrs.strides[0])}
+            "stride": int(conv.attrs.strides[0]), "depthwise": int(conv.attrs.groups) != 1}
 
 
 def _pad_value(pad: relax.Call) -> float:
@@ -133,6 +136,15 @@ def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
     weight, pre = m["weight"], []
     o, _, k, _ = weight.shape
     stride, pad = m["stride"], m["pad"]
+    if m["depthwise"]:
+        func = int8_dwconv.dwconv_func(c, h, w, k, stride, pad, zx=m["zx"], zy=m["zy"], qmin=m["qmin"], qmax=m["qmax"],
+                                       out_dtype=m["dtype"], threads=threads, in_layout=in_layout,
+                                       out_layout=out_layout)
+        args = [x, relax.const(int8_dwconv.pack_weight(weight)), relax.const(np.ascontiguousarray(m["corr"], np.int32)),
+                relax.const(np.ascontiguousarray(m["mult"], np.float32))]
+        oh, ow = output_size(h, w, k, stride, pad)
+        shape = [1, o, oh, ow] if out_layout == "NCHW" else [1, oh, ow, o]
+        return relax.call_tir(bb.add_func(func, "dw_qconv2d"), args, relax.TensorType(shape, m["dtype"])), pre
     if c < MIN_CHANNELS:  # window as channels: a 1x1 conv over the im2col tensor (NHWC)
         oh, ow = output_size(h, w, k, stride, pad)
         cols = relax.DataflowVar("im2col", relax.TensorType([1, oh, ow, k * k * c], "uint8"))
@@ -170,7 +182,8 @@ def rewrite_int8_conv(mod: tvm.IRModule, spec) -> tvm.IRModule:
         for var, value in b.value.items():
             if isinstance(value, relax.Call):
                 m = _match(b, value)
-                if m is not None and not (m["weight"].shape[2] == 1 and m["pad"] and m["weight"].shape[1] >= MIN_CHANNELS):
+                if m is not None and not (m["weight"].shape[2] == 1 and m["pad"] and not m["depthwise"]
+                                          and m["weight"].shape[1] >= MIN_CHANNELS):
                     kernels[var] = m
         if not kernels:
             continue

@@ -43,11 +43,11 @@ NET = [(3, 16, 3, 2, 1, 1, "Relu"), (16, 24, 1, 1, 0, 1, "Relu"), (24, 24, 3, 1,
        (24, 24, 3, 1, 1, 1, None), (24, 40, 1, 1, 0, 1, None), (40, 13, 5, 2, 2, 1, "Relu"), (13, 33, 3, 1, 0, 1, None)]
 
 
-def convnet(path, hw=13, gemm=False, seed=0):
+def convnet(path, hw=13, gemm=False, seed=0, net=NET):
     """Convs with odd channel counts, strides, paddings, a depthwise conv, a residual Add, a Gemm."""
     rng = np.random.default_rng(seed)
     inits, nodes, y = [], [], "x"
-    for i, (cin, cout, k, s, p, g, act) in enumerate(NET):
+    for i, (cin, cout, k, s, p, g, act) in enumerate(net):
         w = (rng.standard_normal((cout, cin // g, k, k)) / np.sqrt(cin // g * k * k)).astype(np.float32)
         inits += [nh.from_array(w, f"w{i}"), nh.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), f"b{i}")]
         nodes.append(h.make_node("Conv", [y, f"w{i}", f"b{i}"], [f"c{i}"], kernel_shape=[k, k], strides=[s, s],
@@ -66,7 +66,7 @@ def convnet(path, hw=13, gemm=False, seed=0):
                   nh.from_array(np.zeros(10, np.float32) + 0.1, "gb")]
         nodes.append(h.make_node("Gemm", ["flat", "gw", "gb"], ["gemm"], transB=1))
         y = "gemm"
-    graph = h.make_graph(nodes, "net", [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, hw, hw])],
+    graph = h.make_graph(nodes, "net", [h.make_tensor_value_info("x", TP.FLOAT, [1, net[0][0], hw, hw])],
                          [h.make_tensor_value_info(y, TP.FLOAT, None)], inits)
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 13)]), str(path))
     return path
@@ -325,3 +325,59 @@ def test_qdq_glue_is_one_vector_loop(tmp_path, shape):
     feeds = {n: (rng.standard_normal(shape) * 4).astype(np.float32) for n in "ab"}
     got = compiled(feeds["a"], feeds["b"])["r_d"]
     np.testing.assert_allclose(got, _ort(path, feeds)[0], rtol=0, atol=0.045 * 1.001)
+
+
+# pointwise, depthwise 3x3, residual, depthwise 5x5 stride 2 (16 channels a vector), pointwise: PP-OCR's pattern
+DW_NET = [(16, 32, 1, 1, 0, 1, "Relu"), (32, 32, 3, 1, 1, 32, "Relu"), (32, 48, 1, 1, 0, 1, None),
+          (48, 32, 1, 1, 0, 1, None), (32, 32, 5, 2, 2, 32, "Relu"), (32, 32, 1, 1, 0, 1, None)]
+
+
+def test_depthwise_convs_run_nhwc_and_match_ort(tmp_path):
+    from graphopt.backends.compile import fused_module
+    from graphopt.backends.schedules import int8_conv
+    from graphopt.backends.targets import get_target
+
+    q = quantize(convnet(tmp_path / "f.onnx", hw=11, net=DW_NET), tmp_path / "q.onnx", "x", (1, 16, 11, 11))
+    compiled = compile_model(ir.load(str(q)), target="x86")
+    worst = 0.0
+    for seed in (5, 6):
+        x = np.random.default_rng(seed).standard_normal((1, 16, 11, 11)).astype(np.float32)
+        worst = max(worst, float(np.abs(_ort(q, {"x": x})[0] - compiled(x)[compiled.output_names[0]]).max()))
+    assert worst <= _output_scale(q) * 1.001
+    if int8_conv.available(get_target("x86")):
+        mod = fused_module(ir.load(str(q)), "x86")
+        layouts = {gv.name_hint: str(f.attrs["graphopt.layouts"]) for gv, f in mod.functions_items()
+                   if gv.name_hint.startswith(("dw_qconv2d", "amx_qconv2d"))}
+        assert sum(n.startswith("dw_") for n in layouts) == 2
+        assert list(layouts.values()).count("NHWC-NHWC") >= 3  # pointwise -> depthwise -> pointwise in NHWC
+
+
+@pytest.mark.parametrize("c,h,w,k,s,p,layouts", [(32, 9, 11, 3, 1, 1, "NHWC-NHWC"), (48, 13, 12, 5, 2, 2, "NCHW-NHWC"),
+                                                 (16, 7, 5, 3, 2, 0, "NHWC-NCHW")])
+def test_depthwise_kernel_exact(c, h, w, k, s, p, layouts):
+    """Windows leaving the input read the zero point; strides, layouts: exact against numpy."""
+    import tvm
+
+    from graphopt.backends.schedules.int8_dwconv import dwconv_func, pack_weight
+    from graphopt.backends.targets import get_target
+
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (1, c, h, w), dtype=np.uint8)
+    wt = rng.integers(-128, 128, (c, 1, k, k), dtype=np.int8)
+    corr, mult = rng.integers(-5000, 5000, c).astype(np.int32), rng.uniform(1e-4, 1e-3, c).astype(np.float32)
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (p, p), (p, p)), constant_values=7)
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    acc = sum(xp[0, :, ky:ky + s * oh:s, kx:kx + s * ow:s] * wt[:, 0, ky, kx].astype(np.int64)[:, None, None]
+              for ky in range(k) for kx in range(k))
+    ref = np.clip(np.round((acc + corr[:, None, None]).astype(np.float32) * mult[:, None, None]) + 100, 0, 255)
+    ref = ref.astype(np.uint8)[None]
+    in_layout, out_layout = layouts.split("-")
+    nhwc = (0, 2, 3, 1)
+    f = dwconv_func(c, h, w, k, s, p, zx=7, zy=100, qmin=0, qmax=255, out_dtype="uint8", threads=2,
+                    in_layout=in_layout, out_layout=out_layout)
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=get_target("x86").target)
+    expected = ref.transpose(nhwc) if out_layout == "NHWC" else ref
+    out = tvm.runtime.tensor(np.zeros(expected.shape, np.uint8))
+    x_in = np.ascontiguousarray(x.transpose(nhwc)) if in_layout == "NHWC" else x
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x_in, pack_weight(wt), corr, mult)], out)
+    np.testing.assert_array_equal(out.numpy(), expected)

@@ -1,0 +1,76 @@
+"""Integer depthwise convs (uint8 activations x int8 weights -> int32, requantized), 16 channels a vector.
+
+PP-OCR's backbones alternate AMX pointwise convs with depthwise 3x3/5x5 convs; left to the generic
+integer conv2d those ran NCHW and scalar, and forced the pointwise convs around them to NCHW (their
+slow layout: a byte transpose in the gather and a scatter in the requantization). ``dwconv_func``
+computes a batch-1 depthwise conv channels-innermost: per output position, each tap adds
+``int32(x[iy, ix, c:c+16]) * w[tap, c:c+16]`` to 16 accumulators (the zero point ``zx`` where the
+window leaves the input, so ``corr`` = bias - zx·Σw as for every QConv), then the same
+requantization as the AMX kernel. Input and output are NHWC or NCHW (NCHW reads strided bytes:
+correct, slower); channels must be a multiple of 16 (``served``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+LANES = 16
+
+
+def served(c: int, k: int, stride: int) -> bool:
+    return c % LANES == 0 and k % 2 == 1 and stride in (1, 2)
+
+
+def pack_weight(w: np.ndarray) -> np.ndarray:
+    """``[C, 1, k, k]`` int8 → ``[k·k, C]`` int32 (a tap's 16 channels one vector load)."""
+    c, _, kh, kw = w.shape
+    return np.ascontiguousarray(w.reshape(c, kh * kw).T.astype(np.int32))
+
+
+def dwconv_func(c: int, h: int, w: int, k: int, stride: int, pad: int, *, zx: int, zy: int, qmin: int,
+                qmax: int, out_dtype: str, threads: int, in_layout: str = "NHWC", out_layout: str = "NHWC"):
+    """The PrimFunc ``(x, wp [k·k, C] int32, corr [C] int32, mult [C] float32, out)``."""
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    taps, blocks = k * k, c // LANES
+    chunk = math.ceil(oh / threads)
+    x_shape = (1, c, h, w) if in_layout == "NCHW" else (1, h, w, c)
+    out_shape = (1, c, oh, ow) if out_layout == "NCHW" else (1, oh, ow, c)
+
+    def index(layout, ch, y, x_):
+        return (0, ch, y, x_) if layout == "NCHW" else (0, y, x_, ch)
+
+    def inside(oy, ox, tap):
+        y, x_ = oy * stride + tap // k - pad, ox * stride + tap % k - pad
+        return tirx.all(0 <= y, y < h, 0 <= x_, x_ < w)
+
+    def pixel(x, oy, ox, tap, ch):
+        y, x_ = oy * stride + tap // k - pad, ox * stride + tap % k - pad
+        v = x[index(in_layout, ch, T.max(T.min(y, h - 1), 0), T.max(T.min(x_, w - 1), 0))]
+        return T.Cast("int32", T.Select(inside(oy, ox, tap), v, T.uint8(zx)))
+
+    def requant(s, corr, mult, ch):
+        v = T.round(T.Cast("float32", s + corr[ch]) * mult[ch]) + T.float32(zy)
+        return T.Cast(out_dtype, T.max(T.min(v, T.float32(qmax)), T.float32(qmin)))
+
+    @T.prim_func(private=True)
+    def dwconv(x: T.Buffer(x_shape, "uint8"), wp: T.Buffer((taps, c), "int32"), corr: T.Buffer((c,), "int32"),
+               mult: T.Buffer((c,), "float32"), out: T.Buffer(out_shape, out_dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.flops": 2 * c * taps * oh * ow,
+                     "graphopt.layouts": f"{in_layout}-{out_layout}"})
+        for th in T.parallel(threads):
+            acc = T.alloc_buffer((LANES,), "int32", scope="local")
+            for oy in range(th * chunk, T.min(oh, th * chunk + chunk)):
+                for ox, cb in T.grid(ow, blocks):
+                    for l in T.vectorized(LANES):
+                        acc[l] = 0
+                    for tap in range(taps):
+                        for l in T.vectorized(LANES):
+                            acc[l] = acc[l] + pixel(x, oy, ox, tap, cb * LANES + l) * wp[tap, cb * LANES + l]
+                    for l in T.vectorized(LANES):
+                        out[*index(out_layout, cb * LANES + l, oy, ox)] = requant(acc[l], corr, mult, cb * LANES + l)
+
+    return dwconv
