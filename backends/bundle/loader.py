@@ -418,6 +418,9 @@ def _device(manifest: dict):
     if "+amx-bf16" in list(target.get("mattr", [])) and not cpu_has_amx():
         raise BundleError("bundle was built for a CPU with AMX-BF16 tiles (its convs use them) and this CPU "
                           "or kernel has none; compile it again with GRAPHOPT_AMX=0")
+    if "+amx-int8" in list(target.get("mattr", [])) and not cpu_has_amx("int8"):
+        raise BundleError("bundle was built for a CPU with AMX-INT8 tiles (its integer convs use them) and this "
+                          "CPU or kernel has none; compile it again on this host")
     return tvm.cpu(0)
 
 
@@ -441,14 +444,14 @@ def arm_hwcap() -> int:
 SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
-def cpu_has_amx() -> bool:
-    """AMX-BF16 in /proc/cpuinfo and the tile state granted by Linux (arch_prctl ARCH_REQ_XCOMP_PERM)."""
+def cpu_has_amx(kind: str = "bf16") -> bool:
+    """AMX-BF16 (or ``kind`` "int8") in /proc/cpuinfo and the tile state granted by Linux (arch_prctl)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         return False
-    if "amx_tile" not in flags or "amx_bf16" not in flags:
+    if "amx_tile" not in flags or f"amx_{kind}" not in flags:
         return False
     import ctypes
 

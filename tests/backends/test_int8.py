@@ -381,3 +381,19 @@ def test_depthwise_kernel_exact(c, h, w, k, s, p, layouts):
     x_in = np.ascontiguousarray(x.transpose(nhwc)) if in_layout == "NHWC" else x
     lib["main"](*[tvm.runtime.tensor(a) for a in (x_in, pack_weight(wt), corr, mult)], out)
     np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_int8_bundle_refuses_a_cpu_without_amx_int8(qnet, tmp_path, monkeypatch):
+    """A bundle built with AMX-INT8 kernels loads only where the CPU has AMX-INT8: one line, not SIGILL."""
+    import json
+
+    from graphopt.backends.bundle import loader
+    from graphopt.backends.bundle import BundleError, load_bundle
+
+    compile_model(ir.load(str(qnet)), target="x86", output=tmp_path / "b")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest["target"]["target"]["mattr"] = ["+amx-tile", "+amx-int8"]
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(loader, "cpu_has_amx", lambda kind="bf16": kind != "int8")
+    with pytest.raises(BundleError, match="AMX-INT8"):
+        load_bundle(tmp_path / "b", verify=False)
