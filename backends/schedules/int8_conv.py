@@ -29,7 +29,7 @@ from .amx_kernel import geometry
 
 log = logging.getLogger(__name__)
 _OP = {name: tvm.ir.Op.get(f"relax.{name}") for name in
-       ("nn.conv2d", "nn.pad", "add", "astype", "multiply", "round", "clip")}
+       ("nn.conv2d", "matmul", "nn.pad", "add", "astype", "multiply", "round", "clip")}
 MIN_CHANNELS = 16  # below this the gather and the channel padding to 64 cost more than AMX saves
 
 
@@ -97,6 +97,8 @@ def _match(b: _Bindings, last: relax.Call):
     steps, expr = [], last.args[0]
     for op in ("clip", "add", "round", "multiply", "astype", "add", "nn.conv2d"):
         call = b.call(expr, op)
+        if call is None and op == "nn.conv2d":
+            call = b.call(expr, "matmul")
         if call is None:
             return None
         steps.append(call)
@@ -106,6 +108,17 @@ def _match(b: _Bindings, last: relax.Call):
     weight = b.constant(conv.args[1])
     if zy is None or zy.size != 1 or mult is None or corr is None or corr.dtype != np.int32:
         return None
+    parts = {"zy": int(zy.reshape(())), "qmin": int(_prim(clip.args[1])), "qmax": int(_prim(clip.args[2])),
+             "dtype": str(last.attrs.dtype)}
+    if conv.op.same_as(_OP["matmul"]):  # a QGemm: a 1x1 conv over a 1 x M grid of K channels, NHWC
+        x_shape = int8_layout.shape_of(conv.args[0])
+        if weight is None or weight.dtype != np.int8 or weight.ndim != 2 or x_shape is None or len(x_shape) < 2 \
+                or conv.args[0].ty.dtype != "uint8" or x_shape[-1] != weight.shape[0]:
+            return None
+        n = weight.shape[1]
+        return {**parts, "x": conv.args[0], "weight": np.ascontiguousarray(weight.T)[:, :, None, None], "pad": 0,
+                "zx": 0, "stride": 1, "depthwise": False, "matmul": True,
+                "corr": np.broadcast_to(corr.reshape(-1), (n,)), "mult": np.broadcast_to(mult.reshape(-1), (n,))}
     why = why_not(conv, weight)
     if why is not None:
         log.debug("int8 conv %s not on AMX: %s", weight.shape if weight is not None else None, why)
@@ -118,10 +131,9 @@ def _match(b: _Bindings, last: relax.Call):
             return None
         x, pad, zx = padded.args[0], pw[4], int(_pad_value(padded))
     o = weight.shape[0]
-    return {"x": x, "weight": weight, "pad": pad, "zx": zx, "zy": int(zy.reshape(())),
+    return {**parts, "x": x, "weight": weight, "pad": pad, "zx": zx,
             "corr": np.broadcast_to(corr.reshape(-1), (o,)), "mult": np.broadcast_to(mult.reshape(-1), (o,)),
-            "qmin": int(_prim(clip.args[1])), "qmax": int(_prim(clip.args[2])), "dtype": str(last.attrs.dtype),
-            "stride": int(conv.attrs.strides[0]), "depthwise": int(conv.attrs.groups) != 1}
+            "stride": int(conv.attrs.strides[0]), "depthwise": int(conv.attrs.groups) != 1, "matmul": False}
 
 
 def _pad_value(pad: relax.Call) -> float:
@@ -132,6 +144,8 @@ def _pad_value(pad: relax.Call) -> float:
 
 def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
     """(the kernel call of match ``m`` reading ``x``, bindings to put before it)."""
+    if m["matmul"]:
+        return _gemm_call(bb, m, threads, x)
     _, c, h, w = (int(d) for d in m["x"].ty.shape)
     weight, pre = m["weight"], []
     o, _, k, _ = weight.shape
@@ -167,6 +181,23 @@ def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
     return relax.call_tir(gvar, args, relax.TensorType(shape, m["dtype"])), pre
 
 
+def _gemm_call(bb, m: dict, threads: int, x):
+    """A QGemm ``[..., M, K] x [K, N]`` as the kernel's 1x1 conv of K channels over a 1 x M grid (NHWC)."""
+    shape = int8_layout.shape_of(m["x"])
+    rows, k, n = int(np.prod(shape[:-1])), shape[-1], m["weight"].shape[0]
+    flat = relax.DataflowVar("gemm_rows", relax.TensorType([1, 1, rows, k], "uint8"))
+    res = relax.DataflowVar("gemm_out", relax.TensorType([1, 1, rows, n], m["dtype"]))
+    func = qconv_func(k, 1, rows, n, 1, 1, 0, zx=0, zy=m["zy"], qmin=m["qmin"], qmax=m["qmax"], out_dtype=m["dtype"],
+                      threads=threads, in_layout="NHWC", out_layout="NHWC")
+    _, np_ = padded_channels(k, n)
+    corr, mult = np.zeros(np_, np.int32), np.zeros(np_, np.float32)
+    corr[:n], mult[:n] = m["corr"], m["mult"]
+    args = [flat, relax.const(pack_weight(m["weight"])), relax.const(corr), relax.const(mult)]
+    pre = [relax.VarBinding(flat, relax.op.reshape(x, [1, 1, rows, k])),
+           relax.VarBinding(res, relax.call_tir(bb.add_func(func, "amx_qgemm"), args, res.ty))]
+    return relax.op.reshape(res, [*shape[:-1], n]), pre
+
+
 def rewrite_int8_conv(mod: tvm.IRModule, spec) -> tvm.IRModule:
     """Every integer conv chain of ``mod`` the AMX-INT8 kernel serves, as a kernel call; tensors
     between such calls in NHWC where ``int8_layout.plan_nhwc`` finds it pays
@@ -182,8 +213,8 @@ def rewrite_int8_conv(mod: tvm.IRModule, spec) -> tvm.IRModule:
         for var, value in b.value.items():
             if isinstance(value, relax.Call):
                 m = _match(b, value)
-                if m is not None and not (m["weight"].shape[2] == 1 and m["pad"] and not m["depthwise"]
-                                          and m["weight"].shape[1] >= MIN_CHANNELS):
+                pointwise_padded = m is not None and m["weight"].shape[2] == 1 and m["pad"] and not m["depthwise"]
+                if m is not None and not (pointwise_padded and m["weight"].shape[1] >= MIN_CHANNELS):
                     kernels[var] = m
         if not kernels:
             continue

@@ -62,8 +62,8 @@ def plan_nhwc(bindings: dict, kernels: dict) -> set:
             v = parent[v]
         return v
 
-    for var in kernels:
-        if isinstance(var, relax.DataflowVar):
+    for var, m in kernels.items():
+        if isinstance(var, relax.DataflowVar) and not m.get("matmul"):  # (a QGemm's rows are no image)
             parent[var] = var
     for var, value in bindings.items():
         if var in kernels or not isinstance(var, relax.DataflowVar) or not isinstance(value, relax.Call):

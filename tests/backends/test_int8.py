@@ -272,6 +272,7 @@ def test_qdq_convs_run_on_amx_when_the_host_has_it(qnet):
     served = sum(n.startswith("amx_qconv2d") for n in names)
     # one group: all but the depthwise conv 2 (0 and 6, with 3 and 13 input channels, through im2col)
     assert served == (6 if int8_conv.available(spec) else 0)
+    assert sum(n.startswith("amx_qgemm") for n in names) == (1 if served else 0)  # the Gemm: a 1x1 conv of rows
     if served:  # conv 3's output reaches conv 4 through the residual add (elementwise): NHWC between them
         layouts = collections.Counter(str(f.attrs["graphopt.layouts"]) for gv, f in mod.functions_items()
                                       if gv.name_hint.startswith("amx_qconv2d"))
