@@ -224,7 +224,8 @@ def _weight_bytes(model: ir.Model, names: set[str]) -> dict[str, int]:
     return out
 
 
-def budget_fallback(q: Quantizer, metric, max_drop: float, base: float | None = None) -> tuple[ir.Model, dict[str, Any]]:
+def budget_fallback(q: Quantizer, metric, max_drop: float,
+                    base: float | None = None) -> tuple[ir.Model, dict[str, Any]]:
     """Keep the most sensitive layers float until the metric is within ``max_drop`` of the float model
     (``base``: the float score, when the float model here is already pruned)."""
     base = score(metric, q.float_model, "float") if base is None else base

@@ -176,7 +176,7 @@ class ChannelGroups:
             handler = self._reduce
         out = handler(node, ins) if handler else None
         if out is None:
-            for i, layout in enumerate(ins):
+            for layout in ins:
                 self.block(layout, f"{node.op_type} {node.name} reads it")
             out = []
         for value, layout in zip(node.outputs, out):
@@ -287,7 +287,7 @@ class ChannelGroups:
         group = _int_attr(node, "group", 1)
         c_in = w.shape[0] if transpose else w.shape[1] * group
         c_out = w.shape[1] * group if transpose else w.shape[0]
-        if group > 1 and group == c_in == c_out and (transpose and w.shape[1] == 1 or not transpose and w.shape[1] == 1):
+        if group > 1 and group == c_in == c_out and w.shape[1] == 1:  # depthwise
             if ins[0] is None:
                 return []
             self._edit("const", node, ins[0], index=1, axis=0)
@@ -434,8 +434,10 @@ class ChannelGroups:
         return [out]
 
     def _op_Flatten(self, node, ins):
-        return [self._reshaped(node, ins)] if ins[0] is not None and self._reshaped(node, ins) else \
-            (None if ins[0] is not None else [])
+        if ins[0] is None:
+            return []
+        out = self._reshaped(node, ins)
+        return None if out is None else [out]
 
     _op_Squeeze = _op_Flatten
     _op_Unsqueeze = _op_Flatten
