@@ -8,10 +8,13 @@ compiler for aarch64) and whether code built for it can run on this machine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
+import re
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -159,15 +162,93 @@ def _aarch64_dotprod() -> TargetSpec:
     return _arm("aarch64-dotprod", "cortex-a76", ["+neon", "+dotprod", "+fullfp16"], 64, 512)
 
 
-def _cuda() -> TargetSpec:
-    config = {"kind": "cuda", "arch": "sm_80", "max_num_threads": 1024, "thread_warp_size": 32}
+# CUDA presets: compute capability -> (GPUs it names, tensor-core input types). Every one of them
+# has fp16 tensor cores; sm_80 and later add tf32 and bf16.
+CUDA_ARCHS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sm_75": ("Turing: T4, RTX 20xx", ("fp16",)),
+    "sm_80": ("Ampere: A100, A30", ("fp16", "bf16", "tf32")),
+    "sm_86": ("Ampere: A10, A40, RTX 30xx", ("fp16", "bf16", "tf32")),
+    "sm_89": ("Ada: L4, L40, RTX 40xx", ("fp16", "bf16", "tf32")),
+    "sm_90": ("Hopper: H100, H200", ("fp16", "bf16", "tf32")),
+}
+CUDA_DEFAULT_ARCH = "sm_80"
+_SHARED_MEMORY = 48 * 1024  # static shared memory per block, the same on every arch listed
+
+
+@functools.lru_cache(maxsize=1)
+def local_gpu_arch() -> tuple[str, str] | None:
+    """(``sm_XY``, GPU name) of the first GPU ``nvidia-smi`` reports, or None without one."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=compute_cap,name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = out.strip().splitlines()[0] if out.strip() else ""
+    cap, _, name = first.partition(",")
+    major, dot, minor = cap.strip().partition(".")
+    if not (dot and major.isdigit() and minor.isdigit()):
+        return None
+    return f"sm_{major}{minor}", name.strip()
+
+
+@functools.lru_cache(maxsize=1)
+def nvcc_archs() -> tuple[str, ...] | None:
+    """The ``sm_XY`` archs this machine's nvcc builds (``nvcc --list-gpu-arch``), None without nvcc."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    archs = tuple("sm_" + w.split("_", 1)[1] for w in out.split() if w.startswith("compute_"))
+    return archs or None
+
+
+def check_cuda_arch(arch: Any) -> str:
+    """``arch`` if code can be built for it here, else UsageError (one line: what nvcc builds)."""
+    text = str(arch)
+    m = re.fullmatch(r"sm_(\d+)[af]?", text)
+    if m is None:
+        raise UsageError(f"CUDA arch '{text}' is not of the form sm_XY (e.g. {', '.join(CUDA_ARCHS)})")
+    built = nvcc_archs()
+    base = f"sm_{m.group(1)}"
+    if built is not None and base not in built:
+        raise UsageError(f"CUDA arch '{text}' cannot be built by this nvcc (it builds {', '.join(built)})")
+    if built is None and int(m.group(1)) < 75:
+        raise UsageError(f"CUDA arch '{text}' is older than graphopt supports (sm_75 and later)")
+    return text
+
+
+def _cuda_spec(name: str, arch: str, chosen: str) -> TargetSpec:
+    config = {"kind": "cuda", "arch": arch, "max_num_threads": 1024, "thread_warp_size": 32,
+              "max_shared_memory_per_block": _SHARED_MEMORY}
     host = {"kind": "llvm", "mcpu": _host_cpu()}
-    features = {"arch": "sm_80", "warp_size": 32, "max_threads_per_block": 1024, "shared_memory": 48 * 1024}
-    return TargetSpec("cuda", config, host=host, features=features)
+    gpus, tensor_cores = CUDA_ARCHS.get(arch.rstrip("af"), ("", ("fp16",)))
+    features = {"arch": arch, "warp_size": 32, "max_threads_per_block": 1024, "shared_memory": _SHARED_MEMORY,
+                "tensor_cores": list(tensor_cores), "gpus": gpus, "arch_from": chosen}
+    return TargetSpec(name, config, host=host, features=features)
+
+
+def _cuda() -> TargetSpec:
+    """The local GPU's arch (``nvidia-smi``) when there is one, else sm_80; ``arch_from`` says which."""
+    local = local_gpu_arch()
+    if local is None:
+        return _cuda_spec("cuda", CUDA_DEFAULT_ARCH, f"default {CUDA_DEFAULT_ARCH}: no GPU reported by nvidia-smi")
+    arch, gpu = local
+    return _cuda_spec("cuda", check_cuda_arch(arch), f"nvidia-smi: {gpu} ({arch})")
+
+
+def _cuda_preset(arch: str) -> Callable[[], TargetSpec]:
+    return lambda: _cuda_spec(f"cuda-{arch.replace('_', '')}", check_cuda_arch(arch), f"preset {arch}")
 
 
 PRESETS: dict[str, Callable[[], TargetSpec]] = {
     "x86": _x86, "aarch64": _aarch64, "cuda": _cuda, "aarch64-dotprod": _aarch64_dotprod,
+    **{f"cuda-{arch.replace('_', '')}": _cuda_preset(arch) for arch in CUDA_ARCHS},
 }
 
 # What each preset assumes about the machine that runs the bundle (``graphopt targets``).
@@ -176,8 +257,12 @@ ASSUMES: dict[str, str] = {
     "aarch64": "64-bit Arm with NEON (Cortex-A72: Raspberry Pi 4); 4 cores; aarch64-linux-gnu-gcc to link",
     "aarch64-dotprod": "Arm v8.2 with NEON, sdot/udot and fp16 arithmetic (Cortex-A76: Raspberry Pi 5, "
                        "Jetson Orin CPU); 4 cores; aarch64-linux-gnu-gcc to link",
-    "cuda": "an NVIDIA GPU with compute capability 8.0 (sm_80) and the CUDA driver",
+    "cuda": "this machine's NVIDIA GPU (its compute capability from nvidia-smi), sm_80 when none is visible",
+    **{f"cuda-{arch.replace('_', '')}": f"an NVIDIA GPU of compute capability {arch[3:-1]}.{arch[-1]} ({gpus}); "
+       f"tensor cores: {'/'.join(tc)}" for arch, (gpus, tc) in CUDA_ARCHS.items()},
 }
+CUDA_RUNTIME_NOTE = ("CUDA bundles carry CUDA C source that TVM compiles for the GPU when the bundle is loaded: "
+                     "the device needs the CUDA driver and nvcc or the cuda-bindings package (NVRTC)")
 
 
 def get_target(name_or_json: str | dict | TargetSpec) -> TargetSpec:
@@ -238,6 +323,9 @@ def _from_dict(d: dict[str, Any]) -> TargetSpec:
         cross = AARCH64_GCC if str(d.get("mtriple", "")).startswith("aarch64") and platform.machine() != "aarch64" else None
         arch = {"arch": str(d["mtriple"]).split("-")[0]} if d.get("mtriple") else {}
         spec = TargetSpec(f"custom-{d['kind']}", d, host=host, features=arch, cross_compiler=cross)
+    if spec.kind == "cuda":
+        arch = check_cuda_arch(spec.config.get("arch", CUDA_DEFAULT_ARCH))
+        spec = dataclasses.replace(spec, features={**spec.features, "arch": arch})
     try:
         spec.target  # noqa: B018 - validate now, with a clear message
     except Exception as e:
@@ -248,4 +336,5 @@ def _from_dict(d: dict[str, Any]) -> TargetSpec:
     return spec
 
 
-__all__ = ["ASSUMES", "PRESETS", "TargetSpec", "get_target", "parse_raw"]
+__all__ = ["ASSUMES", "CUDA_ARCHS", "PRESETS", "TargetSpec", "check_cuda_arch", "get_target", "local_gpu_arch",
+           "parse_raw"]
