@@ -131,7 +131,7 @@ def test_bad_batches_get_400_then_a_good_one_succeeds(batched, body, fragment):
     np.testing.assert_allclose(decode_reply(headers, reply)["y"], ort_run(src, inputs(3))["y"], rtol=1e-5, atol=1e-6)
 
 
-def test_health_and_metadata_answer_while_a_request_waits(batched):
+def test_health_metadata_and_refusals_answer_while_a_request_waits(batched):
     server, _ = batched
     pending = concurrent.futures.ThreadPoolExecutor(1).submit(
         call, server, "POST", "/v2/models/slow/infer", json_infer(inputs(1)))
@@ -143,4 +143,6 @@ def test_health_and_metadata_answer_while_a_request_waits(batched):
     assert not pending.done() and took < 0.5
     depth = call(server, "GET", "/metrics")[2].decode()
     assert 'graphopt_queue_depth{model="slow"} 1.0' in depth  # waiting for its batch to fill
+    bad = call(server, "POST", "/v2/models/slow/infer", b'{"inputs": [')  # refused without touching it
+    assert bad[0] == 400 and not pending.done()
     assert pending.result(10)[0] == 200

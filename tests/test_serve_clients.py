@@ -3,11 +3,14 @@ serving real models: light SqueezeNet (default suite) and PP-OCRv4 rec (slow); o
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
+from tritonclient.utils import InferenceServerException
 
 from graphopt.models import resolve
 from graphopt.serve.cache import compiled_bundle
@@ -47,6 +50,28 @@ def _check(server, spec, name, shape, seeds=(0, 1)):
     finally:
         http.close()
         grpc.close()
+
+
+def test_squeezenet_bad_inputs_through_tritonclient_then_good(squeezenet):
+    """What a stock client shows for refused requests, over both protocols; the next call succeeds."""
+    for mod, address in ((th, f"127.0.0.1:{squeezenet.port}"), (tg, f"127.0.0.1:{squeezenet.grpc_port}")):
+        client = mod.InferenceServerClient(address)
+        try:
+            cases = [("data_0", [1, 3, 224, 200], "FP32", "shape [1, 3, 224, 200], model 'squeezenet' takes"),
+                     ("data_0", [1, 3, 224, 224], "FP64", "datatype FP64"),
+                     ("image", [1, 3, 224, 224], "FP32", "no input 'image'")]
+            for name, shape, dtype, fragment in cases:
+                i = mod.InferInput(name, shape, dtype)
+                i.set_data_from_numpy(np.zeros(shape, {"FP32": np.float32, "FP64": np.float64}[dtype]))
+                with pytest.raises(InferenceServerException, match=re.escape(fragment)):
+                    client.infer("squeezenet", [i])
+                with pytest.raises(InferenceServerException, match="no model named 'squeezenet2'"):
+                    client.infer("squeezenet2", [i])
+                good = mod.InferInput("data_0", [1, 3, 224, 224], "FP32")
+                good.set_data_from_numpy(np.ones((1, 3, 224, 224), np.float32))
+                assert client.infer("squeezenet", [good]).as_numpy("softmaxout_1").shape == (1, 1000, 1, 1)
+        finally:
+            client.close()
 
 
 @pytest.fixture(scope="module")
