@@ -202,3 +202,33 @@ def test_api_key_guards_everything_but_health(env):
         np.testing.assert_allclose(decode_reply(reply_headers, body)["y"], ort_run(src, inputs(2))["y"], rtol=1e-5, atol=1e-6)
     finally:
         guarded.stop()
+
+
+def test_mutated_requests_never_get_a_5xx(env):
+    """200 seeded mutations of a valid binary request (bytes flipped, cut, header length moved): each is
+    answered 200 or 4xx, never 5xx, and the server keeps serving."""
+    server, src, _ = env
+    body, headers = binary_infer(inputs(2), binary_data_output=True)
+    n = int(headers["Inference-Header-Content-Length"])
+    rng = np.random.default_rng(0)
+    statuses = set()
+    for _ in range(200):
+        b, h = bytearray(body), dict(headers)
+        kind = rng.integers(4)
+        if kind == 0:
+            for pos in rng.integers(0, len(b), rng.integers(1, 4)):
+                b[pos] = int(rng.integers(256))
+        elif kind == 1:
+            b = b[:rng.integers(0, len(b))]
+        elif kind == 2:
+            h["Inference-Header-Content-Length"] = str(n + int(rng.integers(-20, 20)))
+        else:
+            pos = int(rng.integers(0, n))
+            b[pos:pos] = bytes(rng.choice(list(b'{}[]",:0-e.'), 3))
+        status, _, reply = call(server, "POST", INFER, bytes(b), h)
+        assert status == 200 or 400 <= status < 500, reply
+        if status != 200:
+            assert json.loads(reply)["error"]
+        statuses.add(status)
+    assert statuses - {200}  # most mutations are refused
+    _good(server, src)
