@@ -2,7 +2,9 @@
 
 Stages, each timed (``CompiledModule.timings``) and named in errors:
 
-1. ``check_shapes``: every graph input must have a static shape (else a ShapeError naming the dims).
+1. ``check_shapes``: every graph input must have a static shape, or symbolic dims named in
+   ``dim_bounds`` (``--max seq=256``: kept symbolic in Relax, bounded for memory planning and checked
+   by the loader); else a ShapeError naming the dims.
 2. ``optimize``: graphopt's ordered pipeline at ``opt_level`` (folds shape subgraphs to constants).
 3. ``check_supported`` then ``lower``: the op table, failing early with every unsupported op listed.
 4. ``bind_params``: weights become constants of the module when they are small (embedded in the
@@ -97,6 +99,7 @@ class CompiledModule:
     schedules: bool = True
     frontend: str = "graphopt"
     tuning_db_sha256: str | None = None
+    dim_bounds: dict[str, int] = dataclasses.field(default_factory=dict)  # symbolic dim -> largest value
     bundle_digest: str | None = None  # set by save()
     _runner: Any = dataclasses.field(default=None, repr=False)
 
@@ -122,7 +125,8 @@ class CompiledModule:
             from graphopt.backends.bundle.loader import Runner
 
             self._runner = Runner(
-                self.executable, self.inputs, self.outputs, list(self.params.values()), self.target.device()
+                self.executable, self.inputs, self.outputs, list(self.params.values()), self.target.device(),
+                bounds=self.dim_bounds,
             )
         return self._runner
 
@@ -154,23 +158,45 @@ def _data_inputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if v.name not in inits]
 
 
-def check_static_shapes(model: ir.Model) -> None:
-    """Every data input needs a fully static shape; the error names each dynamic dim."""
+def check_static_shapes(model: ir.Model, dim_bounds: dict[str, int] | None = None) -> None:
+    """Every data input needs a fully static shape, or symbolic dims bounded in ``dim_bounds``; the
+    error names each dynamic dim."""
+    bounds = dict(dim_bounds or {})
+    for name, bound in bounds.items():
+        if not (isinstance(bound, int) and not isinstance(bound, bool) and bound >= 1):
+            raise UsageError(f"--max {name}={bound}: the bound must be a positive integer")
+    used = {d.value for v in _data_inputs(model) if v.shape is not None for d in v.shape if not isinstance(d, int)}
+    unused = sorted(set(bounds) - used)
+    if unused:
+        raise UsageError(f"--max {unused[0]}: no input has a dim named '{unused[0]}' "
+                         f"(symbolic dims: {', '.join(sorted(n for n in used if n)) or 'none'})")
     problems, examples = [], []
     for v in _data_inputs(model):
         if v.shape is None:
             problems.append(f"'{v.name}' has no shape")
             examples.append(f"{v.name}:1,3,224,224")
             continue
-        dyn = [f"dim {i} ({getattr(d, 'value', None) or '?'})" for i, d in enumerate(v.shape) if not isinstance(d, int)]
+        dyn = [f"dim {i} ({getattr(d, 'value', None) or '?'})" for i, d in enumerate(v.shape)
+               if not isinstance(d, int) and getattr(d, "value", None) not in bounds]
         if dyn:
             problems.append(f"'{v.name}' {', '.join(dyn)}")
             examples.append(f"{v.name}:" + ",".join(str(d) if isinstance(d, int) else "1" for d in v.shape))
     if problems:
         raise ShapeError(
             "compiling needs static input shapes; dynamic: " + "; ".join(problems)
-            + " (fix them with --input-shape, e.g. " + " ".join(f"--input-shape {e}" for e in examples) + ")"
+            + " (fix them with --input-shape, e.g. " + " ".join(f"--input-shape {e}" for e in examples)
+            + ", or name a dim and bound it: --input-shape x:1,seq --max seq=512)"
         )
+
+
+def _bound_symbolic_dims(mod, bounds: dict[str, int]):
+    """Record each symbolic dim's bound on ``main`` (memory is then planned for the largest shapes)."""
+    if not bounds:
+        return mod
+    main = mod["main"].with_attr("tir_var_upper_bound", {k: int(v) for k, v in bounds.items()})
+    main = main.with_attr("tir_non_negative_var", list(bounds))
+    mod["main"] = main
+    return mod
 
 
 def _optimize(model: ir.Model, opt_level: int) -> tuple[ir.Model, list[str]]:
@@ -331,12 +357,15 @@ def compile_model(
     source_path: str | os.PathLike | None = None,
     embed_params: bool | None = None,
     frontend: str = "graphopt",
+    dim_bounds: dict[str, int] | None = None,
 ) -> CompiledModule:
     """Optimize, lower and compile ``model`` for ``target``; with ``output``, also write the bundle.
 
     ``embed_params``: None = embed weights in the library when they total at most 100 MB.
     ``frontend="tvm"`` lowers with TVM's own ONNX importer instead of graphopt's op table
     (to compare the two; graphopt's passes still run first).
+    ``dim_bounds``: the largest value of each symbolic input dim (``{"seq": 256}``); those dims stay
+    symbolic, one library serves every value up to the bound.
     """
     if frontend not in FRONTENDS:
         raise UsageError(f"frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
@@ -349,11 +378,13 @@ def compile_model(
         open_database(tuning_db, create=False)  # a missing database is reported before any work
         tuning_db_sha256 = database_hash(tuning_db)
     stage = _Stages()
-    lowered, passes = _front_end(model, stage, opt_level, frontend)
+    bounds = dict(dim_bounds or {})
+    lowered, passes = _front_end(model, stage, opt_level, frontend, bounds)
     with stage("bind_params"):
         total = sum(int(np.asarray(a).nbytes) for a in lowered.params.values())
         embed = total <= EMBED_LIMIT_BYTES if embed_params is None else embed_params
         mod, params = _bind_params(lowered, embed)
+        mod = _bound_symbolic_dims(mod, bounds)
     with stage("relax"):
         mod = _relax_passes(mod, spec, winograd=schedules)
     choices = None
@@ -367,7 +398,7 @@ def compile_model(
     compiled = CompiledModule(
         executable=executable,
         target=spec,
-        inputs=[(n, tuple(int(d) for d in s), str(d)) for n, s, d in lowered.inputs],
+        inputs=[(n, tuple(d if isinstance(d, str) else int(d) for d in s), str(dt)) for n, s, dt in lowered.inputs],
         outputs=[(n, tuple(s) if s is not None else None, str(d)) for n, s, d in lowered.outputs],
         params={k: np.asarray(v) for k, v in params.items()},
         passes=passes,
@@ -378,6 +409,7 @@ def compile_model(
         schedules=schedules,
         frontend=frontend,
         tuning_db_sha256=tuning_db_sha256 if tuning_db is not None else None,
+        dim_bounds=bounds,
     )
     if output is not None:
         with stage("export"):
@@ -385,10 +417,11 @@ def compile_model(
     return compiled
 
 
-def _front_end(model: ir.Model, stage: _Stages, opt_level: int, frontend: str = "graphopt"):
+def _front_end(model: ir.Model, stage: _Stages, opt_level: int, frontend: str = "graphopt",
+               dim_bounds: dict[str, int] | None = None):
     """Shapes checked, passes run, ops checked and lowered: (Lowered, names of passes that changed the model)."""
     with stage("check_shapes"):
-        check_static_shapes(model)
+        check_static_shapes(model, dim_bounds)
     with stage("optimize"):
         model, passes = _optimize(model, opt_level)
     if frontend == "tvm":

@@ -195,8 +195,12 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
     input_shapes: dict | Sequence[str] | None = None,
     tuning_db: str | os.PathLike | None = None,
     schedules: bool = True,
+    dim_bounds: dict[str, int] | None = None,
 ):
     """Optimize, lower to Relax, compile for ``target``; returns a callable module.
+
+    ``dim_bounds``: the largest value of each dim ``input_shapes`` names (``input_ids:1,seq`` with
+    ``{"seq": 256}``): those dims stay symbolic and one bundle serves every value up to the bound.
 
     With ``output``, the bundle directory is written there (atomically) as well: a new or empty
     directory, or a bundle graphopt wrote (anything else is refused before compiling); the result's
@@ -218,6 +222,7 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
         tuning_db=tuning_db,
         schedules=schedules,
         source_path=source,
+        dim_bounds=dim_bounds,
     )
 
 

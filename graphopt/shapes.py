@@ -48,7 +48,8 @@ def parse_input_shapes(specs: Sequence[str] | Mapping[str, Sequence[int]] | None
     """``["x:1,3,224,224", "mask:1,128"]`` (or ``{"x": [1, 3, 224, 224]}``) -> ``{"x": [1, 3, 224, 224]}``.
 
     The name is everything before the last ``:`` (so ``input:0:1,3`` names ``input:0``); an empty dim
-    list (``sr:``) is a scalar.
+    list (``sr:``) is a scalar. A dim may be a name (``input_ids:1,seq``): it stays symbolic, shared by
+    every input that names it (compiling then needs its bound, ``--max seq=N``).
     """
     if not specs:
         return {}
@@ -59,12 +60,26 @@ def parse_input_shapes(specs: Sequence[str] | Mapping[str, Sequence[int]] | None
     for name, dims in items:
         if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
             raise ShapeError(f"input shape for '{name}': expected a list of ints, got {dims!r}")
-        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
-            raise ShapeError(f"input shape for '{name}': dims must be non-negative integers, got {list(dims)}")
+        if not all(_dim_name(d) or (isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0)
+                   for d in dims):
+            raise ShapeError(f"input shape for '{name}': dims must be non-negative integers or names, got {list(dims)}")
         if name in out:
             raise ShapeError(f"input shape for '{name}' is given twice")
-        out[name] = [int(d) for d in dims]
+        out[name] = [d if isinstance(d, str) else int(d) for d in dims]
     return out
+
+
+_DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _dim_name(d) -> bool:
+    """A symbolic dim given by name (``seq``): an identifier."""
+    return isinstance(d, str) and bool(_DIM_NAME.match(d))
+
+
+def symbolic_dims(shapes: Mapping[str, Sequence[int | str]]) -> list[str]:
+    """The dim names ``parse_input_shapes`` left symbolic, in order of first use."""
+    return list(dict.fromkeys(d for dims in shapes.values() for d in dims if isinstance(d, str)))
 
 
 def _parse_one(spec: str) -> tuple[str, list[int]]:
@@ -79,8 +94,11 @@ def _parse_one(spec: str) -> tuple[str, list[int]]:
     dims = []
     for part in dims_text.split(","):
         part = part.strip()
+        if _dim_name(part):
+            dims.append(part)
+            continue
         if not part.isdigit():
-            raise ShapeError(f"input shape '{spec}': dim '{part}' is not a non-negative integer")
+            raise ShapeError(f"input shape '{spec}': dim '{part}' is neither a non-negative integer nor a name")
         dims.append(int(part))
     return name, dims
 
@@ -102,6 +120,8 @@ def specialize(model: ir.Model, specs) -> ir.Model:
                     f"input '{name}': declared with rank {len(declared)} {_fmt(declared)}, got {len(dims)} dims {dims}"
                 )
             for i, (d, n) in enumerate(zip(declared, dims)):
+                if _known(d) and isinstance(n, str):
+                    raise ShapeError(f"input '{name}': dim {i} is declared {d}, it cannot be the symbolic '{n}'")
                 if _known(d) and d != n:
                     raise ShapeError(f"input '{name}': dim {i} is declared {d}, got {n} ({_fmt(declared)} vs {dims})")
                 if _named(d):
@@ -109,10 +129,10 @@ def specialize(model: ir.Model, specs) -> ir.Model:
                         raise ShapeError(
                             f"input '{name}': dim {i} is '{d.value}', already fixed to {bindings[d.value]} by another input, got {n}"
                         )
-        v.shape = ir.Shape(dims)
+        v.shape = ir.Shape([ir.SymbolicDim(n) if isinstance(n, str) else n for n in dims])
     for v in model.graph.inputs:  # other inputs sharing a symbolic dim with a fixed one
         if v.name not in shapes and v.shape is not None:
-            v.shape = ir.Shape([bindings.get(d.value, d) if _named(d) else d for d in v.shape])
+            v.shape = ir.Shape([_bound_dim(bindings.get(d.value, d)) if _named(d) else d for d in v.shape])
     _forget_stale_shapes(model)
     infer_shapes(model)
     if before is None:
@@ -185,6 +205,10 @@ def _forget_stale_shapes(model: ir.Model) -> None:
             d.HasField("dim_value") and _known(mine) and d.dim_value != mine for d, mine in zip(dims, v.shape)
         ):
             v.shape = None
+
+
+def _bound_dim(d):
+    return ir.SymbolicDim(d) if isinstance(d, str) else d
 
 
 def _named(d) -> bool:

@@ -36,7 +36,7 @@ def test_parse_specs():
     [
         (["x"], "input shape 'x': expected NAME:D0,D1"),
         ([":1,2"], "input shape ':1,2'"),
-        (["x:1,a,3"], "input shape 'x:1,a,3': dim 'a'"),
+        (["x:1,a-b,3"], "input shape 'x:1,a-b,3': dim 'a-b'"),  # a name must be an identifier
         (["x:1,-3"], "dim '-3'"),
         (["x:1,,3"], "dim ''"),
         (["x:1", "x:2"], "'x' is given twice"),

@@ -84,6 +84,7 @@ def _write_files(compiled, tmp: Path) -> dict:
         "source": {"path": compiled.source_path, "sha256": compiled.source_sha256},
         "inputs": _rows(compiled.inputs),
         "outputs": _rows(compiled.outputs),
+        **({"dim_bounds": dict(compiled.dim_bounds)} if getattr(compiled, "dim_bounds", None) else {}),
         "params": params,
         "timings": {k: round(v, 4) for k, v in compiled.timings.items()},
         "files": {name: _loader.sha256_file(str(tmp / name)) for name in files},

@@ -168,12 +168,13 @@ class Runner:
     call it, so calls from a fresh thread each time do not grow the thread count or memory.
     """
 
-    def __init__(self, module, inputs, outputs, params, device) -> None:
+    def __init__(self, module, inputs, outputs, params, device, bounds=None) -> None:
         import tvm
         from tvm.runtime.vm import VirtualMachine  # not tvm.relax: a runtime-only TVM has no compiler
 
         use_physical_cores()
         self.inputs = [(n, tuple(s), str(d)) for n, s, d in inputs]
+        self.bounds = dict(bounds or {})  # symbolic dim name -> largest value the library serves
         self.outputs = [(n, None if s is None else tuple(s), str(d)) for n, s, d in outputs]
         self.device = device
         self.vm = VirtualMachine(module, device)
@@ -206,15 +207,26 @@ class Runner:
         missing = [n for n in names if n not in given]
         if missing:
             raise InputError(f"missing input '{missing[0]}' (the model's inputs: {', '.join(names)})")
-        arrays = []
+        arrays, seen = [], {}
         for name, shape, dtype in self.inputs:
             a = np.asarray(given[name])
             if a.dtype.name != dtype:
                 raise InputError(f"input '{name}': dtype {a.dtype.name}, expected {dtype}")
-            if tuple(a.shape) != tuple(shape):
+            if a.ndim != len(shape) or any(not isinstance(d, str) and n != d for n, d in zip(a.shape, shape)):
                 raise InputError(f"input '{name}': shape {_shape_text(a.shape)}, expected {_shape_text(shape)}")
+            for i, (n, d) in enumerate(zip(a.shape, shape)):
+                if isinstance(d, str):
+                    self._check_symbolic(name, i, d, int(n), seen)
             arrays.append(_contiguous(a))
         return arrays
+
+    def _check_symbolic(self, name: str, axis: int, dim: str, n: int, seen: dict) -> None:
+        bound = self.bounds.get(dim)
+        if n < 1 or (bound is not None and n > bound):
+            raise InputError(f"input '{name}': dim {axis} ({dim}) is {n}, the bundle serves {dim} from 1 to {bound}")
+        first = seen.setdefault(dim, (name, n))
+        if first[1] != n:
+            raise InputError(f"input '{name}': dim {axis} ({dim}) is {n}, but input '{first[0]}' has {dim}={first[1]}")
 
     def __call__(self, *args, **kwargs) -> dict:
         arrays = self.check_inputs(args, kwargs)
@@ -273,8 +285,8 @@ def _check_rows(path: str, field: str, rows, *, shape_optional: bool) -> None:
         _need(path, f"{where}.name", row.get("name", _MISSING), isinstance(row.get("name"), str), "a string")
         shape = row.get("shape", _MISSING)
         _need(path, f"{where}.shape", shape, (shape is None and shape_optional)
-              or (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)),
-              "a list of non-negative integers")
+              or (isinstance(shape, list) and all((_is_int(d) and d >= 0) or isinstance(d, str) for d in shape)),
+              "a list of non-negative integers or dim names")
         _need(path, f"{where}.dtype", row.get("dtype", _MISSING), _is_dtype(row.get("dtype")), "a numpy dtype name")
     names = [r["name"] for r in rows]
     if len(set(names)) != len(names):
@@ -306,6 +318,13 @@ def check_manifest(m, path: str) -> None:
               "a list of array names")
     _check_rows(path, "inputs", m.get("inputs", _MISSING), shape_optional=False)
     _check_rows(path, "outputs", m.get("outputs", _MISSING), shape_optional=True)
+    bounds = m.get("dim_bounds", {})
+    _need(path, "dim_bounds", bounds, isinstance(bounds, dict) and all(_is_int(b) and b >= 1 for b in bounds.values()),
+          "an object {dim name: positive integer}")
+    for row in m["inputs"]:
+        for d in row["shape"]:
+            if isinstance(d, str) and d not in bounds:
+                raise BundleError(f"{path}: input '{row['name']}' has the symbolic dim '{d}' but 'dim_bounds' has no bound for it")
     target = m.get("target", {})
     inner = target.get("target", {}) if isinstance(target, dict) else None
     _need(path, "target.target", inner, isinstance(inner, dict) and isinstance(inner.get("kind", ""), str)
@@ -497,7 +516,8 @@ def load(directory: str, *, verify: bool = True, digest: str | None = None) -> R
     params = _load_params(directory, manifest)
     io = lambda rows: [(r["name"], r["shape"], r["dtype"]) for r in rows]  # noqa: E731
     try:
-        runner = Runner(lib, io(manifest["inputs"]), io(manifest["outputs"]), params, device)
+        runner = Runner(lib, io(manifest["inputs"]), io(manifest["outputs"]), params, device,
+                        bounds=manifest.get("dim_bounds"))
     except Exception as e:
         raise BundleError(f"{lib_path}: not a compiled graphopt model ({_first_line(e)})") from None
     runner.manifest = manifest

@@ -351,6 +351,15 @@ def _unique_names(weights: list[tuple[str, Any, np.ndarray]]) -> list[tuple[str,
     return out
 
 
+def _named_shape(expr) -> tuple | None:
+    """A Relax tensor's shape: ints, a symbolic dim's name (``seq``), None for other expressions."""
+    shape, values = helpers.shape_of(expr), helpers.dims_of(expr)
+    if shape is None or values is None:
+        return shape
+    return tuple(d if d is not None else (v.name if isinstance(v, tvm.tirx.Var) else None)
+                 for d, v in zip(shape, values))
+
+
 def lower(model: ir.Model) -> Lowered:
     """Lower a whole model to a Relax IRModule (see :class:`Lowered`)."""
     check_supported(model)
@@ -377,9 +386,9 @@ def lower(model: ir.Model) -> Lowered:
     mod["main"] = mod["main"].with_attr("num_input", len(in_vars))
     mod = relax.transform.Normalize()(mod)
     outputs = [
-        (v.name, helpers.shape_of(e) or (), helpers.dtype_of(e)) for v, e in zip(graph.outputs, out_exprs)
+        (v.name, _named_shape(e) or (), helpers.dtype_of(e)) for v, e in zip(graph.outputs, out_exprs)
     ]
-    inputs = [(v.name, helpers.shape_of(var), helpers.dtype_of(var)) for v, var in zip(data_inputs, in_vars)]
+    inputs = [(v.name, _named_shape(var), helpers.dtype_of(var)) for v, var in zip(data_inputs, in_vars)]
     return Lowered(
         mod=mod,
         params={name: arr for name, _, arr in weights},
