@@ -50,11 +50,11 @@ def why_not(conv: relax.Call, weight: np.ndarray | None) -> str | None:
     n, c = int(x.shape[0]), int(x.shape[1])
     o, _, kh, kw = weight.shape
     s = [int(v) for v in at.strides]
+    if int(at.groups) != 1:  # depthwise: 16 channels a vector (int8_dwconv.py), strides (2, 1) too
+        depthwise = int(at.groups) == c == o and weight.shape[1] == 1 and n == 1 and kh == kw
+        return None if depthwise and int8_dwconv.served(c, kh, s) else f"{int(at.groups)} groups"
     if n != 1 or kh != kw or s[0] != s[1]:
         return f"batch {n}, {kh}x{kw} kernel with strides {s}"
-    if int(at.groups) != 1:  # depthwise: 16 channels a vector (int8_dwconv.py)
-        depthwise = int(at.groups) == c == o and weight.shape[1] == 1
-        return None if depthwise and int8_dwconv.served(c, kh, s[0]) else f"{int(at.groups)} groups"
     if c < MIN_CHANNELS:  # a first conv: its window as channels (int8_im2col.py)
         return None if c * kh * kw >= MIN_WINDOW else f"{c} input channels, {kh}x{kw} kernel"
     if kh > 1 and (kh % 2 == 0 or s[0] > 2):
@@ -133,7 +133,8 @@ def _match(b: _Bindings, last: relax.Call):
     o = weight.shape[0]
     return {**parts, "x": x, "weight": weight, "pad": pad, "zx": zx,
             "corr": np.broadcast_to(corr.reshape(-1), (o,)), "mult": np.broadcast_to(mult.reshape(-1), (o,)),
-            "stride": int(conv.attrs.strides[0]), "depthwise": int(conv.attrs.groups) != 1, "matmul": False}
+            "stride": int(conv.attrs.strides[0]), "strides": tuple(int(v) for v in conv.attrs.strides),
+            "depthwise": int(conv.attrs.groups) != 1, "matmul": False}
 
 
 def _pad_value(pad: relax.Call) -> float:
@@ -151,12 +152,12 @@ def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
     o, _, k, _ = weight.shape
     stride, pad = m["stride"], m["pad"]
     if m["depthwise"]:
-        func = int8_dwconv.dwconv_func(c, h, w, k, stride, pad, zx=m["zx"], zy=m["zy"], qmin=m["qmin"], qmax=m["qmax"],
+        func = int8_dwconv.dwconv_func(c, h, w, k, m["strides"], pad, zx=m["zx"], zy=m["zy"], qmin=m["qmin"], qmax=m["qmax"],
                                        out_dtype=m["dtype"], threads=threads, in_layout=in_layout,
                                        out_layout=out_layout)
         args = [x, relax.const(int8_dwconv.pack_weight(weight)), relax.const(np.ascontiguousarray(m["corr"], np.int32)),
                 relax.const(np.ascontiguousarray(m["mult"], np.float32))]
-        oh, ow = output_size(h, w, k, stride, pad)
+        oh, ow = ((h + 2 * pad - k) // m["strides"][0] + 1, (w + 2 * pad - k) // m["strides"][1] + 1)
         shape = [1, o, oh, ow] if out_layout == "NCHW" else [1, oh, ow, o]
         return relax.call_tir(bb.add_func(func, "dw_qconv2d"), args, relax.TensorType(shape, m["dtype"])), pre
     if c < MIN_CHANNELS:  # window as channels: a 1x1 conv over the im2col tensor (NHWC)

@@ -21,8 +21,8 @@ from tvm.script import tirx as T
 LANES = 16
 
 
-def served(c: int, k: int, stride: int) -> bool:
-    return c % LANES == 0 and k % 2 == 1 and stride in (1, 2)
+def served(c: int, k: int, strides) -> bool:
+    return c % LANES == 0 and k % 2 == 1 and all(s in (1, 2) for s in strides)
 
 
 def pack_weight(w: np.ndarray) -> np.ndarray:
@@ -31,10 +31,12 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(c, kh * kw).T.astype(np.int32))
 
 
-def dwconv_func(c: int, h: int, w: int, k: int, stride: int, pad: int, *, zx: int, zy: int, qmin: int,
+def dwconv_func(c: int, h: int, w: int, k: int, stride, pad: int, *, zx: int, zy: int, qmin: int,
                 qmax: int, out_dtype: str, threads: int, in_layout: str = "NHWC", out_layout: str = "NHWC"):
-    """The PrimFunc ``(x, wp [k·k, C] int32, corr [C] int32, mult [C] float32, out)``."""
-    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    """The PrimFunc ``(x, wp [k·k, C] int32, corr [C] int32, mult [C] float32, out)``; ``stride`` an
+    int or (vertical, horizontal) (PP-OCR rec halves its height only: (2, 1))."""
+    sy, sx = (stride, stride) if isinstance(stride, int) else stride
+    oh, ow = (h + 2 * pad - k) // sy + 1, (w + 2 * pad - k) // sx + 1
     taps, blocks = k * k, c // LANES
     chunk = math.ceil(oh / threads)
     x_shape = (1, c, h, w) if in_layout == "NCHW" else (1, h, w, c)
@@ -44,11 +46,11 @@ def dwconv_func(c: int, h: int, w: int, k: int, stride: int, pad: int, *, zx: in
         return (0, ch, y, x_) if layout == "NCHW" else (0, y, x_, ch)
 
     def inside(oy, ox, tap):
-        y, x_ = oy * stride + tap // k - pad, ox * stride + tap % k - pad
+        y, x_ = oy * sy + tap // k - pad, ox * sx + tap % k - pad
         return tirx.all(0 <= y, y < h, 0 <= x_, x_ < w)
 
     def pixel(x, oy, ox, tap, ch):
-        y, x_ = oy * stride + tap // k - pad, ox * stride + tap % k - pad
+        y, x_ = oy * sy + tap // k - pad, ox * sx + tap % k - pad
         v = x[index(in_layout, ch, T.max(T.min(y, h - 1), 0), T.max(T.min(x_, w - 1), 0))]
         return T.Cast("int32", T.Select(inside(oy, ox, tap), v, T.uint8(zx)))
 

@@ -50,7 +50,8 @@ def convnet(path, hw=13, gemm=False, seed=0, net=NET):
     for i, (cin, cout, k, s, p, g, act) in enumerate(net):
         w = (rng.standard_normal((cout, cin // g, k, k)) / np.sqrt(cin // g * k * k)).astype(np.float32)
         inits += [nh.from_array(w, f"w{i}"), nh.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), f"b{i}")]
-        nodes.append(h.make_node("Conv", [y, f"w{i}", f"b{i}"], [f"c{i}"], kernel_shape=[k, k], strides=[s, s],
+        strides = list(s) if isinstance(s, tuple) else [s, s]
+        nodes.append(h.make_node("Conv", [y, f"w{i}", f"b{i}"], [f"c{i}"], kernel_shape=[k, k], strides=strides,
                                  pads=[p] * 4, group=g))
         y = f"c{i}"
         if act:
@@ -330,7 +331,8 @@ def test_qdq_glue_is_one_vector_loop(tmp_path, shape):
 
 # pointwise, depthwise 3x3, residual, depthwise 5x5 stride 2 (16 channels a vector), pointwise: PP-OCR's pattern
 DW_NET = [(16, 32, 1, 1, 0, 1, "Relu"), (32, 32, 3, 1, 1, 32, "Relu"), (32, 48, 1, 1, 0, 1, None),
-          (48, 32, 1, 1, 0, 1, None), (32, 32, 5, 2, 2, 32, "Relu"), (32, 32, 1, 1, 0, 1, None)]
+          (48, 32, 1, 1, 0, 1, None), (32, 32, 5, 2, 2, 32, "Relu"), (32, 32, 1, 1, 0, 1, None),
+          (32, 32, 3, (2, 1), 1, 32, None), (32, 16, 1, 1, 0, 1, None)]
 
 
 def test_depthwise_convs_run_nhwc_and_match_ort(tmp_path):
@@ -349,12 +351,12 @@ def test_depthwise_convs_run_nhwc_and_match_ort(tmp_path):
         mod = fused_module(ir.load(str(q)), "x86")
         layouts = {gv.name_hint: str(f.attrs["graphopt.layouts"]) for gv, f in mod.functions_items()
                    if gv.name_hint.startswith(("dw_qconv2d", "amx_qconv2d"))}
-        assert sum(n.startswith("dw_") for n in layouts) == 2
+        assert sum(n.startswith("dw_") for n in layouts) == 3
         assert list(layouts.values()).count("NHWC-NHWC") >= 3  # pointwise -> depthwise -> pointwise in NHWC
 
 
 @pytest.mark.parametrize("c,h,w,k,s,p,layouts", [(32, 9, 11, 3, 1, 1, "NHWC-NHWC"), (48, 13, 12, 5, 2, 2, "NCHW-NHWC"),
-                                                 (16, 7, 5, 3, 2, 0, "NHWC-NCHW")])
+                                                 (16, 7, 5, 3, 2, 0, "NHWC-NCHW"), (32, 12, 10, 5, (2, 1), 2, "NHWC-NHWC")])
 def test_depthwise_kernel_exact(c, h, w, k, s, p, layouts):
     """Windows leaving the input read the zero point; strides, layouts: exact against numpy."""
     import tvm
@@ -367,8 +369,9 @@ def test_depthwise_kernel_exact(c, h, w, k, s, p, layouts):
     wt = rng.integers(-128, 128, (c, 1, k, k), dtype=np.int8)
     corr, mult = rng.integers(-5000, 5000, c).astype(np.int32), rng.uniform(1e-4, 1e-3, c).astype(np.float32)
     xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (p, p), (p, p)), constant_values=7)
-    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-    acc = sum(xp[0, :, ky:ky + s * oh:s, kx:kx + s * ow:s] * wt[:, 0, ky, kx].astype(np.int64)[:, None, None]
+    sy, sx = (s, s) if isinstance(s, int) else s
+    oh, ow = (h + 2 * p - k) // sy + 1, (w + 2 * p - k) // sx + 1
+    acc = sum(xp[0, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx] * wt[:, 0, ky, kx].astype(np.int64)[:, None, None]
               for ky in range(k) for kx in range(k))
     ref = np.clip(np.round((acc + corr[:, None, None]).astype(np.float32) * mult[:, None, None]) + 100, 0, 255)
     ref = ref.astype(np.uint8)[None]
