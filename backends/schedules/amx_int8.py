@@ -6,14 +6,17 @@ splitting as in the bfloat16 kernel (``amx_kernel.py``), a quarter of its tile p
 
 ``qconv_func`` returns one PrimFunc ``(x, wp, corr, mult, out)``, written out rather than scheduled:
 
-* the gather: the NCHW uint8 input, padded with its zero point ``zx``, becomes ``[phases, C/64, rows,
-  64]``, a row per position of the padded grid (``amx_kernel.geometry``: a 3x3 tap is an offset of
-  ``ky·GW + kx`` rows, a strided odd kernel reads ``stride²`` phase grids, a strided 1x1 gathers its
-  positions); input channels past C are 0 (their weights are 0 too);
+* the gather: the NCHW or NHWC uint8 input, padded with its zero point ``zx``, becomes ``[phases,
+  C/64, rows, 64]``, a row per position of the padded grid (``amx_kernel.geometry``: a 3x3 tap is an
+  offset of ``ky·GW + kx`` rows, a strided odd kernel reads ``stride²`` phase grids, a strided 1x1
+  gathers its positions); input channels past C are 0 (their weights are 0 too). From NHWC a row is
+  a 64-byte copy, from NCHW a byte transpose;
 * the products: per 32 output channels x 32 grid positions, four accumulator tiles over every
-  (tap, 64 input channels); then the requantization on the way out to NCHW uint8/int8:
+  (tap, 64 input channels); then the requantization on the way out to NCHW or NHWC uint8/int8,
+  16 output channels (a tile row) a vector:
   ``clamp(round(float(acc + corr[o]) · mult[o]) + zy, qmin, qmax)`` (``corr`` is the bias with the
-  zero-point correction, as in ``lowering/qdq.py``);
+  zero-point correction, as in ``lowering/qdq.py``); to NHWC the 16 results are one store, to NCHW
+  16 byte stores;
 * the work: (pair of output blocks, range of tile pairs) items, split evenly between threads.
 
 The weight is packed once, at compile time (``pack_weight``): ``[O/16, taps, C/64, 16, 16, 4]``.

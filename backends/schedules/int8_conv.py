@@ -1,15 +1,23 @@
-"""Integer convs (the ``QConv`` lowering of ``lowering/qdq.py``) onto AMX-INT8 kernels: a Relax rewrite.
+"""Integer convs and matmuls (the ``QConv``/``QGemm`` lowering of ``lowering/qdq.py``) onto kernels:
+a Relax rewrite.
 
 The lowering writes a quantized conv as
 
     [pad(x_u8, zx)] -> conv2d(int32) -> add(corr) -> astype(float32) -> multiply(mult) -> round
     -> add(zy) -> clip(qmin, qmax) -> astype(uint8 | int8)
 
-``rewrite_int8_conv`` replaces each such chain whose conv the AMX kernel serves (``why_not``) by one
-``call_tir`` to ``amx_int8.qconv_func`` (products and requantization in one pass, the padding done by
-its gather). Run before the blocked-layout choice: these convs stay NCHW (uint8 planes are a quarter
-of the float traffic; the kernel's gather puts channels innermost itself). Targets without AMX keep
-the generic integer conv2d (``GRAPHOPT_INT8_AMX=0`` forces that).
+(a QGemm the same with ``matmul``). ``rewrite_int8_conv`` replaces each such chain that a kernel
+serves (``why_not``) by one ``call_tir``, products and requantization in one pass, the padding done
+by its gather:
+
+* group-1 convs: ``amx_int8.qconv_func`` (AMX-INT8); fewer than 16 input channels (a first conv)
+  through ``int8_im2col`` (the window as channels);
+* depthwise convs: ``int8_dwconv.dwconv_func`` (16 channels a vector);
+* QGemm: the AMX kernel as a 1x1 conv over a 1 x M grid.
+
+``int8_layout.plan_nhwc`` then keeps the tensors between kernels channels-last where that saves
+the kernels' transposes. Run before the blocked-layout choice. Targets without AMX keep the generic
+integer conv2d/matmul (``GRAPHOPT_INT8_AMX=0`` forces that; ``GRAPHOPT_INT8_NHWC=0`` keeps NCHW).
 """
 
 from __future__ import annotations
