@@ -391,6 +391,11 @@ def compile_model(
     if tuning_db is not None:
         with stage("tuning_db"):
             mod, choices = _apply_tuning_db(mod, spec, tuning_db)
+    if bounds and schedules and not spec.is_gpu:  # functions over a symbolic dim: rules that need no extent
+        with stage("symbolic_schedules"):
+            from graphopt.backends.schedules.symbolic import schedule_symbolic
+
+            mod = schedule_symbolic(mod, spec)
     with stage("schedules"):
         mod = _apply_schedules(mod, spec, schedules, choices)
     with stage("build"):

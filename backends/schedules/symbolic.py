@@ -1,0 +1,205 @@
+"""Schedules for PrimFuncs with a symbolic extent (a sequence length left symbolic, ``--max seq=N``).
+
+graphopt's CPU rules plan tiles from static extents (divisors, work estimates) and skip a function
+whose loops are symbolic, which would then run as serial scalar loops. This module serves those
+functions with rules that need no extent to be known; splits of a symbolic loop are predicated (the
+last tile is partial), so one schedule is correct for every value up to the bound:
+
+* contractions (matmul, batch matmul, attention's QK^T and PV): the output's innermost axis
+  vectorized (``lanes`` wide), a second output axis register-tiled (``REG_TILE`` rows, unrolled),
+  reduction loops between the outer tiles and the register tile, an accumulator in ``local`` memory
+  written back once per tile with the elementwise epilogue (bias, GELU, residual add) inlined into it,
+  the outer tile loops fused and parallel (the same plan as ``tiling.apply_contraction``);
+* functions with several reductions over rows (softmax, layer norm): TVM's dlight CPU ``Reduction`` rule;
+* every other block: loops fused, split into vectors, the outer part parallel (elementwise, gathers,
+  transposes), or spatial loops parallel outside serial reduction loops (row reductions).
+
+``schedule_symbolic(mod, spec)`` schedules only the functions with a symbolic extent and marks them
+scheduled, so ``apply_default_schedules`` keeps its static rules for the rest (the fast path).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tvm import s_tir, tirx
+
+from .analysis import buffer_uses, coefficient, is_reduction_block, is_spatial_block, root_blocks
+from .features import CPUFeatures, features_of
+
+log = logging.getLogger(__name__)
+
+REG_TILE = 4  # rows of a contraction tile: each vector load of the right operand feeds this many FMAs
+
+
+def has_symbolic_extent(func: tirx.PrimFunc) -> bool:
+    """True when a loop of ``func`` has an extent that is not a constant."""
+    sch = s_tir.Schedule(func)
+    try:
+        blocks = root_blocks(sch)
+    except Exception:  # noqa: BLE001 - no root block: hand-written TIR (cumsum), scheduled as written
+        return False
+    return any(not isinstance(sch.get(lp).extent, tirx.IntImm) for b in blocks for lp in sch.get_loops(b))
+
+
+def _axes(sch: s_tir.Schedule, block):
+    """[(iter var, loop, static extent or None, is reduction)] when each loop binds one iterator in order."""
+    from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
+
+    realize = get_sblockrealize(sch, block)
+    loops, stmt = sch.get_loops(block), sch.get(block)
+    if len(loops) != len(stmt.iter_vars):
+        return None
+    out = []
+    for loop, iv, value in zip(loops, stmt.iter_vars, realize.iter_values):
+        lp = sch.get(loop)
+        if not isinstance(value, tirx.Var) or not value.same_as(lp.loop_var):
+            return None
+        if iv.iter_type not in (tirx.IterVar.DataPar, tirx.IterVar.CommReduce):
+            return None
+        ext = lp.extent
+        out.append((iv.var, loop, int(ext) if isinstance(ext, tirx.IntImm) else None,
+                    iv.iter_type == tirx.IterVar.CommReduce))
+    return out
+
+
+def _split(sch, loop, extent: int | None, tile: int):
+    """(outer, inner) loops of ``loop`` split by ``tile``; a tile the extent does not need is not split."""
+    if extent is not None and extent <= tile:
+        return None, loop
+    return sch.split(loop, [None, tile])
+
+
+def schedule_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
+    """Tile one contraction block (see the module docstring); False when it is not one."""
+    from .tiling import _inline_epilogue, _try
+
+    axes = _axes(sch, block)
+    stmt = sch.get(block)
+    if axes is None or len(stmt.writes) != 1 or not stmt.writes[0].region or len(stmt.reads) < 2:
+        return False
+    spatial = [a for a in axes if not a[3]]
+    reds = [a[1] for a in axes if a[3]]
+    if not spatial or not reds:
+        return False
+    last = stmt.writes[0].region[-1].min
+    vec = next((a for a in spatial if coefficient(last, a[0]) == 1), None)
+    if vec is None:
+        return False
+    vec_reads = [r for r in stmt.reads if buffer_uses(r, vec[0])]
+    if any(coefficient(r.region[-1].min, vec[0]) != 1 for r in vec_reads):
+        return False  # an operand that moves with the vector axis but not contiguously: generic code
+    lanes = feats.lanes(stmt.writes[0].source.dtype.bits)
+    cands = [a for a in spatial if a is not vec and (a[2] is None or a[2] > 1)]
+    reuse = [a for a in cands if not any(buffer_uses(r, a[0]) for r in vec_reads)]
+    reg = (reuse or cands or [None])[-1]
+    outer = []
+    for a in spatial:
+        if a is vec:
+            o, v_i = _split(sch, a[1], a[2], lanes)
+        elif a is reg:
+            o, u_i = _split(sch, a[1], a[2], REG_TILE)
+        else:
+            o = a[1]
+        if o is not None:
+            outer.append(o)
+    inner = ([u_i] if reg is not None else []) + [v_i]
+    if not outer:
+        return False
+    sch.reorder(*outer, *reds, *inner)
+    wb = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(wb, outer[-1], preserve_unit_loops=True)
+    _inline_epilogue(sch, wb)
+    if feats.cores > 1:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    _try(sch.vectorize, v_i)
+    if reg is not None:
+        _try(sch.unroll, u_i)
+    init = sch.decompose_reduction(block, reds[0])
+    for b in (init, wb):
+        loops = sch.get_loops(b)
+        if sch.get(loops[-1]).kind != tirx.ForKind.VECTORIZED:
+            _try(sch.vectorize, loops[-1])
+    return True
+
+
+def schedule_block(sch: s_tir.Schedule, block, feats: CPUFeatures) -> None:
+    """Parallel outer loops and a vectorized inner loop (spatial), or parallel rows with serial
+    reduction loops inside (a lone reduction); a block whose loops are already scheduled is left."""
+    loops = sch.get_loops(block)
+    if not loops or any(sch.get(lp).kind != tirx.ForKind.SERIAL for lp in loops):
+        return
+    if is_spatial_block(sch, block):
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        lanes = feats.lanes(32)
+        outer, inner = sch.split(fused, [None, lanes])
+        try:
+            sch.vectorize(inner)
+        except Exception:  # noqa: BLE001 - e.g. a data-dependent index: scalar inner loop
+            pass
+        if feats.cores > 1:
+            sch.parallel(outer)
+        return
+    axes = _axes(sch, block)
+    if axes is None:
+        return
+    spatial, reds = [a[1] for a in axes if not a[3]], [a[1] for a in axes if a[3]]
+    if spatial and feats.cores > 1:
+        sch.reorder(*spatial, *reds)
+        sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+
+
+def schedule_function(func: tirx.PrimFunc, feats: CPUFeatures) -> tuple[tirx.PrimFunc, str]:
+    """The scheduled function and the rule that took it (``dlight.cpu.Reduction``, ``contraction``, ``generic``)."""
+    from . import _inline_data_movement
+
+    sch = s_tir.Schedule(func)
+    reductions = [b for b in root_blocks(sch) if is_reduction_block(sch, b)]
+    if len(reductions) >= 2:
+        from tvm.s_tir.dlight.cpu import Reduction
+
+        try:
+            new = Reduction().apply(func, feats.target, False)
+        except Exception as e:  # noqa: BLE001 - not a row normalization
+            log.debug("dlight Reduction failed: %s", e)
+            new = None
+        if new is not None:
+            return new.mod["main"], "dlight.cpu.Reduction"
+    rule = "generic"
+    _inline_data_movement(sch)
+    for block in [b for b in root_blocks(sch) if is_reduction_block(sch, b)]:
+        try:
+            if schedule_contraction(sch, block, feats):
+                rule = "contraction"
+        except Exception as e:  # noqa: BLE001 - left to the generic schedule below
+            log.debug("contraction schedule failed: %s", e)
+    for block in root_blocks(sch):
+        try:
+            schedule_block(sch, block, feats)
+        except Exception as e:  # noqa: BLE001 - stays serial; still correct
+            log.debug("block %s left unscheduled: %s", sch.get(block).name_hint, e)
+    return sch.mod["main"], rule
+
+
+def schedule_symbolic(mod, target_spec, report: dict | None = None):
+    """Schedule (and mark scheduled) every PrimFunc of ``mod`` with a symbolic extent; ``report``
+    receives ``{function: rule}``. Other functions are returned untouched."""
+    feats = features_of(target_spec)
+    if feats.target is not None and feats.target.kind.name != "llvm":
+        return mod
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or not has_symbolic_extent(func):
+            continue
+        if func.attrs and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1:
+            continue
+        new, rule = schedule_function(func, feats)
+        updates[gv] = new.with_attr("tirx.is_scheduled", True)
+        if report is not None:
+            report[gv.name_hint] = rule
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod.update_func(gv, func)
+    return mod
