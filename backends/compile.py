@@ -316,13 +316,11 @@ def _apply_schedules(mod, spec: TargetSpec, schedules: bool, choices=None):
         from graphopt.backends.schedules import apply_default_schedules
 
         mod = apply_default_schedules(mod, spec, choices=choices)
-    if spec.is_gpu:  # GPU code must be bound to threads: TVM's generic rules take what is left
-        from tvm.s_tir import dlight as dl
+    if spec.is_gpu:  # GPU code must be bound to threads: graphopt's GPU rules, then TVM's dlight rules
+        from graphopt.backends.schedules.gpu_rules import apply_gpu_schedules
 
         with spec.target:
-            mod = dl.ApplyDefaultSchedule(
-                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
-            )(mod)
+            mod = apply_gpu_schedules(mod, spec.target)
     return mod
 
 
