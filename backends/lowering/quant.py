@@ -156,12 +156,14 @@ def _dynamic_quantize_linear(ctx, inputs):
     return [y, scale, zp]
 
 
-def _minus_zero_point(x: relax.Expr, zp, per_row_axis: int | None = None, rank: int | None = None) -> relax.Expr:
-    """x - zp in int32; a 1-D zp of more than one value applies along ``per_row_axis``."""
-    xi = op.astype(x, "int32")
+def _minus_zero_point(x: relax.Expr, zp, per_row_axis: int | None = None, rank: int | None = None,
+                      dtype: str = "int32") -> relax.Expr:
+    """x - zp in ``dtype`` (int32, or float32: exact for 8-bit values); a 1-D zp of more than one value
+    applies along ``per_row_axis``."""
+    xi = op.astype(x, dtype)
     if zp is None:
         return xi
-    z = op.astype(zp, "int32")
+    z = op.astype(zp, dtype)
     zshape = helpers.static_shape(zp)
     if per_row_axis is not None and zshape and helpers.numel(zshape) > 1:
         z = op.reshape(z, [helpers.numel(zshape) if i == per_row_axis else 1 for i in range(rank)])
@@ -175,10 +177,34 @@ def _int_conv(ctx, x, x_zp, w, w_zp) -> relax.Expr:
     return nn.conv(ctx, xi, wi, out_dtype="int32")
 
 
-def _int_matmul(ctx, a, a_zp, b, b_zp) -> relax.Expr:
+# float32 holds every integer of magnitude up to 2**24 exactly
+_FLOAT32_EXACT = 1 << 24
+
+
+def _exact_in_float32(ctx, a, b_index: int, b_zp_index: int) -> bool:
+    """Whether a float32 matmul gives the int32 product exactly: ``b`` and its zero point are constants
+    and every partial sum stays an integer below 2**24 in magnitude, in any summation order. With 8-bit
+    ``a``, |a - a_zp| <= 255, so the bound is 255 times the largest column sum of |b - b_zp|."""
+    if helpers.dtype_of(a) not in ("uint8", "int8"):
+        return False
+    b = ctx.const(b_index)
+    zp = ctx.const(b_zp_index) if ctx.has_input(b_zp_index) else np.zeros((), np.int64)
+    if b is None or zp is None or b.ndim < 2 or zp.size not in (1, b.shape[-1]):
+        return False
+    centered = np.abs(b.astype(np.int64) - zp.astype(np.int64).reshape(-1 if zp.size > 1 else ()))
+    return 255 * int(centered.sum(axis=-2).max(initial=0)) < _FLOAT32_EXACT
+
+
+def _int_matmul(ctx, a, a_zp, b, b_zp, exact_float: bool = False) -> relax.Expr:
+    """The int32 product of (a - a_zp) and (b - b_zp). With ``exact_float`` (see ``_exact_in_float32``) it
+    is computed as a float32 matmul, which the float matmul schedules serve, and converted back: the
+    same integers."""
     a_rank, b_rank = helpers.rank_of(a), helpers.rank_of(b)
-    ai = _minus_zero_point(a, a_zp, per_row_axis=a_rank - 2 if a_rank >= 2 else None, rank=a_rank)
-    bi = _minus_zero_point(b, b_zp, per_row_axis=b_rank - 1, rank=b_rank)
+    dtype = "float32" if exact_float else "int32"
+    ai = _minus_zero_point(a, a_zp, per_row_axis=a_rank - 2 if a_rank >= 2 else None, rank=a_rank, dtype=dtype)
+    bi = _minus_zero_point(b, b_zp, per_row_axis=b_rank - 1, rank=b_rank, dtype=dtype)
+    if exact_float:
+        return op.astype(op.matmul(ctx.emit(ai), ctx.emit(bi), out_dtype="float32"), "int32")
     return op.matmul(ctx.emit(ai), ctx.emit(bi), out_dtype="int32")
 
 
@@ -191,7 +217,8 @@ def _conv_integer(ctx, inputs):
 
 
 def _matmul_integer(ctx, inputs):
-    return _int_matmul(ctx, inputs[0], _optional(inputs, 2), inputs[1], _optional(inputs, 3))
+    exact = _exact_in_float32(ctx, inputs[0], 1, 3)
+    return _int_matmul(ctx, inputs[0], _optional(inputs, 2), inputs[1], _optional(inputs, 3), exact_float=exact)
 
 
 def _requantize(ctx, acc, multiplier, y_zp, out_dtype):

@@ -275,3 +275,21 @@ def test_int8_dynamic_quantized_model_compiled_matches_ort():
     got = compiled(x)
     for name in ("h", "y2"):
         np.testing.assert_allclose(np.asarray(got[name]), want[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,w,float_path", [(518, 127, True), (519, 127, False), (600, -128, False)],
+                         ids=["at_2_24", "past_2_24", "far_past"])
+def test_matmul_integer_of_constant_weights_exact_in_float32_or_int32(k, w, float_path):
+    """A constant int8 weight whose partial sums stay below 2**24 (255 * column sum of |w|) runs as a float32
+    matmul (the float schedules serve it); past the bound it stays int32. Both exact, at the extremes:
+    |a - a_zp| = 255 everywhere, every weight at the type's end."""
+    from graphopt.backends.lowering.convert import lower
+    import onnx_ir as ir
+
+    inits = {"b": np.full((k, 8), w, np.int8), "az": np.array(255, np.uint8)}
+    node = helper.make_node("MatMulInteger", ["a", "b", "az"], ["y"])
+    model = make_model([node], [("a", U8, [4, k])], [("y", I32, None)], inits, opset=13)
+    got = check_against_ort(model, {"a": np.zeros((4, k), np.uint8)})
+    assert int(np.abs(got["y"]).max()) == 255 * k * abs(w)
+    script = lower(ir.serde.deserialize_model(model)).mod["main"].script()
+    assert ('out_dtype="float32"' in script) == float_path
