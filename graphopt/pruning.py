@@ -3,7 +3,8 @@ channel or magnitude pass, teacher-guided reconstruction, and the ``--max-drop``
 lowers the pruning of the most sensitive layers until the metric is within budget.
 
 Spec: ``channels:R`` or ``magnitude:R`` with ``R`` in [0, 1), then optional ``:l1``/``:l2`` (the
-importance norm) and, for magnitude, ``:global``/``:layer``; per-layer ratios come as
+importance norm), for channels ``:mN`` (kept widths a multiple of N, default 16) and, for
+magnitude, ``:global``/``:layer``; per-layer ratios come as
 ``--prune-layer NAME=R``. Channel groups are named by their first producing layer; a per-layer ratio
 given to any layer of a group applies to the group.
 """
@@ -28,6 +29,7 @@ class PruneSpec:
     norm: str = "l2"
     scope: str = "layer"
     layers: tuple[tuple[str, float], ...] = ()  # per-layer ratios
+    multiple: int = 16  # channels: kept widths rounded up to a multiple of this (see prune_channels)
 
 
 def _ratio(text: str, what: str) -> float:
@@ -47,15 +49,17 @@ def parse_spec(text: str, layer_ratios=()) -> PruneSpec:
         raise UsageError(f"--prune {text}: expected channels:R or magnitude:R (R in [0, 1)), "
                          "optionally :l1|:l2 and, for magnitude, :global|:layer")
     ratio = _ratio(parts[1], f"--prune {text}")
-    norm, scope = "l2", "layer"
+    norm, scope, multiple = "l2", "layer", 16
     for opt in parts[2:]:
         if opt in ("l1", "l2"):
             norm = opt
         elif opt in ("global", "layer") and parts[0] == "magnitude":
             scope = opt
+        elif parts[0] == "channels" and opt[:1] == "m" and opt[1:].isdigit() and int(opt[1:]) >= 1:
+            multiple = int(opt[1:])
         else:
             raise UsageError(f"--prune {text}: unknown option {opt!r} (l1, l2" +
-                             (", global, layer)" if parts[0] == "magnitude" else ")"))
+                             (", global, layer)" if parts[0] == "magnitude" else ", mN: widths a multiple of N)"))
     layers = []
     for item in layer_ratios:
         name, sep, r = str(item).rpartition("=")
@@ -64,7 +68,7 @@ def parse_spec(text: str, layer_ratios=()) -> PruneSpec:
         layers.append((name, _ratio(r, f"--prune-layer {item}")))
     if not any(layers) and ratio == 0.0:
         raise UsageError(f"--prune {text}: ratio 0 and no --prune-layer prunes nothing")
-    return PruneSpec(parts[0], ratio, norm, scope, tuple(layers))
+    return PruneSpec(parts[0], ratio, norm, scope, tuple(layers), multiple)
 
 
 def gzip_size(model: ir.Model) -> int:
@@ -102,7 +106,8 @@ class Pruner:
             from graphopt.passes.prune_channels import PruneChannelsPass
 
             return PruneChannelsPass(self.spec.ratio, overrides=layer_ratios, exclude=self.exclude,
-                                     norm=self.spec.norm, data=self.data, show=self.show)
+                                     norm=self.spec.norm, multiple=self.spec.multiple, data=self.data,
+                                     show=self.show)
         from graphopt.passes.prune_magnitude import PruneMagnitudePass
 
         return PruneMagnitudePass(self.spec.ratio, overrides=layer_ratios, exclude=self.exclude,

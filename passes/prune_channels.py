@@ -5,7 +5,9 @@ removed, with every consumer changed to match, so FLOPs, size and latency drop i
 (through BatchNorm, activations, depthwise convs, residual Adds, Concat, Split/Slice, Resize,
 Reshape with known shapes). Each group that nothing blocks loses ``ratio`` of its channels (a
 per-layer ratio from ``overrides`` wins, the smallest when several layers of a group have one);
-the kept count is rounded up to a multiple of ``multiple`` (vector-friendly widths). A channel's
+the kept count of a group whose width is a multiple of ``multiple`` (16: the fp32 lanes of AVX-512,
+graphopt's blocked channel layout) is rounded up to one, so vector-friendly widths stay so; other
+groups round to a multiple of 4. A channel's
 importance is the L1 or L2 norm of its weights in every layer that produces or reads it, each
 layer's norms divided by their mean so no layer dominates by scale, summed over the group.
 Groups whose channels reach a graph output keep them (output shapes never change); layers named in
@@ -45,7 +47,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
     """Remove ``ratio`` of the output channels of every prunable channel group."""
 
     def __init__(self, ratio: float, *, overrides: Mapping[str, float] | None = None, exclude: Iterable[str] = (),
-                 norm: str = "l2", multiple: int = 4, data=None, show: bool = False):
+                 norm: str = "l2", multiple: int = 16, data=None, show: bool = False):
         super().__init__()
         check_ratio(ratio, "--prune channels")
         for name, r in (overrides or {}).items():
@@ -106,9 +108,12 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         return imp
 
     def _keep_count(self, size: int, ratio: float) -> int:
+        """Channels kept: rounded up to ``multiple`` when ``size`` is a multiple of it (a width that fills
+        vector registers stays one), else to a multiple of 4 (or of ``multiple`` when smaller)."""
         keep = size - int(math.floor(size * ratio + 1e-9))
+        step = self.multiple if size % self.multiple == 0 else min(4, self.multiple)
         if keep < size:
-            keep = min(size, int(math.ceil(keep / self.multiple)) * self.multiple)
+            keep = min(size, int(math.ceil(keep / step)) * step)
         return max(keep, 1)
 
     def plan(self, model: ir.Model) -> tuple[ChannelGroups, dict[int, np.ndarray]]:

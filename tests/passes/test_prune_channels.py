@@ -159,6 +159,17 @@ def test_unknown_reshape_blocks_its_group():
     assert p.rows[0]["blocked"].startswith("Reshape")
 
 
+def test_kept_widths_stay_multiples_of_the_vector_block():
+    p = PruneChannelsPass(0.2)  # multiple 16: graphopt's blocked layout on AVX-512
+    assert [p._keep_count(n, 0.2) for n in (240, 480, 128, 64, 60, 10)] == [192, 384, 112, 64, 48, 8]
+    assert PruneChannelsPass(0.2, multiple=8)._keep_count(128, 0.2) == 104
+    from graphopt.pruning import parse_spec
+
+    assert parse_spec("channels:0.2:m8:l1").multiple == 8 and parse_spec("channels:0.2").multiple == 16
+    with pytest.raises(UsageError, match="unknown option 'm0'"):
+        parse_spec("channels:0.2:m0")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"ratio": 1.0}, "outside [0, 1)"),
     ({"ratio": -0.1}, "outside [0, 1)"),
