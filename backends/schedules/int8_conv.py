@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 _OP = {name: tvm.ir.Op.get(f"relax.{name}") for name in
        ("nn.conv2d", "matmul", "nn.pad", "add", "astype", "multiply", "round", "clip")}
 MIN_CHANNELS = 16  # below this the gather and the channel padding to 64 cost more than AMX saves
+# multiply-adds below which a kernel runs on one thread: waking the pool costs microseconds, and on a
+# loaded host a descheduled worker stalls the call for milliseconds (PP-OCRv4 rec's squeeze-excite
+# convs and 40-row matmuls do 14k-2M)
+SERIAL_MACS = {"amx": 1 << 23, "depthwise": 1 << 19}
+
+
+def _threads(threads: int, macs: int, kind: str) -> int:
+    return threads if macs >= SERIAL_MACS[kind] else 1
 
 
 def available(spec) -> bool:
@@ -160,12 +168,12 @@ def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
     o, _, k, _ = weight.shape
     stride, pad = m["stride"], m["pad"]
     if m["depthwise"]:
-        func = int8_dwconv.dwconv_func(c, h, w, k, m["strides"], pad, zx=m["zx"], zy=m["zy"], qmin=m["qmin"], qmax=m["qmax"],
-                                       out_dtype=m["dtype"], threads=threads, in_layout=in_layout,
-                                       out_layout=out_layout)
+        oh, ow = ((h + 2 * pad - k) // m["strides"][0] + 1, (w + 2 * pad - k) // m["strides"][1] + 1)
+        func = int8_dwconv.dwconv_func(c, h, w, k, m["strides"], pad, zx=m["zx"], zy=m["zy"], qmin=m["qmin"],
+                                       qmax=m["qmax"], out_dtype=m["dtype"], in_layout=in_layout, out_layout=out_layout,
+                                       threads=_threads(threads, c * k * k * oh * ow, "depthwise"))
         args = [x, relax.const(int8_dwconv.pack_weight(weight)), relax.const(np.ascontiguousarray(m["corr"], np.int32)),
                 relax.const(np.ascontiguousarray(m["mult"], np.float32))]
-        oh, ow = ((h + 2 * pad - k) // m["strides"][0] + 1, (w + 2 * pad - k) // m["strides"][1] + 1)
         shape = [1, o, oh, ow] if out_layout == "NCHW" else [1, oh, ow, o]
         return relax.call_tir(bb.add_func(func, "dw_qconv2d"), args, relax.TensorType(shape, m["dtype"])), pre
     if c < MIN_CHANNELS:  # window as channels: a 1x1 conv over the im2col tensor (NHWC)
@@ -177,8 +185,9 @@ def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
         x, in_layout, weight = cols, "NHWC", im2col_weight(weight)
         c, h, w, k, stride, pad = k * k * c, oh, ow, 1, 1, 0
     g = geometry(h, w, k, stride, pad)
+    macs = c * o * k * k * g["oh"] * g["ow"]
     func = qconv_func(c, h, w, o, k, stride, pad, zx=m["zx"], zy=m["zy"], qmin=m["qmin"],
-                      qmax=m["qmax"], out_dtype=m["dtype"], threads=threads, in_layout=in_layout,
+                      qmax=m["qmax"], out_dtype=m["dtype"], threads=_threads(threads, macs, "amx"), in_layout=in_layout,
                       out_layout=out_layout)
     gvar = bb.add_func(func, "amx_qconv2d")
     _, op_ = padded_channels(c, o)
@@ -197,7 +206,7 @@ def _gemm_call(bb, m: dict, threads: int, x):
     flat = relax.DataflowVar("gemm_rows", relax.TensorType([1, 1, rows, k], "uint8"))
     res = relax.DataflowVar("gemm_out", relax.TensorType([1, 1, rows, n], m["dtype"]))
     func = qconv_func(k, 1, rows, n, 1, 1, 0, zx=0, zy=m["zy"], qmin=m["qmin"], qmax=m["qmax"], out_dtype=m["dtype"],
-                      threads=threads, in_layout="NHWC", out_layout="NHWC")
+                      threads=_threads(threads, rows * k * n, "amx"), in_layout="NHWC", out_layout="NHWC")
     _, np_ = padded_channels(k, n)
     corr, mult = np.zeros(np_, np.int32), np.zeros(np_, np.float32)
     corr[:n], mult[:n] = m["corr"], m["mult"]
