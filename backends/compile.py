@@ -393,7 +393,7 @@ def compile_model(
         with stage("symbolic_schedules"):
             from graphopt.backends.schedules.symbolic import schedule_symbolic
 
-            mod = schedule_symbolic(mod, spec)
+            mod = schedule_symbolic(mod, spec, bounds)
     with stage("schedules"):
         mod = _apply_schedules(mod, spec, schedules, choices)
     with stage("build"):

@@ -377,8 +377,8 @@ def layer_norm(ctx, x, scale, bias, axis: int, epsilon: float, stash_float: bool
     dtype = helpers.dtype_of(x)
     rank = helpers.rank_of(x)
     axes = list(range(helpers.norm_axis(axis, rank), rank))
-    shape = helpers.static_shape(x)
-    if not need_stats and dtype in ("float32", "float64") and shape is not None:
+    shape = helpers.shape_of(x)  # leading dims may be symbolic (a sequence length): normalized ones static
+    if not need_stats and dtype in ("float32", "float64") and shape is not None and all(shape[a] for a in axes):
         norm_shape = [shape[a] for a in axes]
 
         def full(t):

@@ -35,6 +35,7 @@ from graphopt.backends.constants import bound_constant, rewrite_relax_functions
 log = logging.getLogger(__name__)
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 MIN_COLUMNS = 16  # narrower weights (a handful of outputs) stay as they are
+PAD_ROWS = 8  # a symbolic row count is computed in whole tiles of this many rows (schedules/symbolic.py)
 MAX_PADDING = 0.25  # zero columns, as a share of N, above which packing does more work than it saves
 
 
@@ -49,12 +50,17 @@ def pack_weight(w: np.ndarray, lanes: int) -> np.ndarray:
 
 def packed_matmul_te(x: te.Tensor, wp: te.Tensor, n: int) -> te.Tensor:
     """``x [..., M, K]`` times the packed weight ``wp [NB, K, L]``: ``[..., M, n]``."""
-    *lead, m, k = (int(d) for d in x.shape)
+    *lead, m, k = (int(d) if isinstance(d, tirx.IntImm) else d for d in x.shape)  # M may be symbolic
     nb, _, lanes = (int(d) for d in wp.shape)
     rk = te.reduce_axis((0, k), "rk")
+    if isinstance(m, int):
+        rows, row = m, lambda r: r
+    else:  # a symbolic M: rows padded to a whole register tile (the row index clamped: in bounds, no branch)
+        rows = tirx.floordiv(m + PAD_ROWS - 1, PAD_ROWS) * PAD_ROWS
+        row = lambda r: tirx.min(r, m - 1)  # noqa: E731
     mm = te.compute(
-        (*lead, m, nb, lanes),
-        lambda *i: te.sum(x[(*i[:-2], rk)] * wp[i[-2], rk, i[-1]], axis=rk),
+        (*lead, rows, nb, lanes),
+        lambda *i: te.sum(x[(*i[:-3], row(i[-3]), rk)] * wp[i[-2], rk, i[-1]], axis=rk),
         name="packed_matmul",
     )
     return te.compute(
@@ -68,8 +74,8 @@ def why_not(call: relax.Call, w, lanes: int) -> str | None:
         return "the weight is not a constant"
     x = call.args[0]
     shape = x.ty.shape if hasattr(x.ty, "shape") and x.ty.shape is not None else None
-    if shape is None or not all(isinstance(d, tirx.IntImm) for d in shape) or len(shape) < 2:
-        return "the input shape is not static"
+    if shape is None or len(shape) < 2 or not isinstance(shape[-1], tirx.IntImm):
+        return "the input's last dim (K) is not static"
     if x.ty.dtype != "float32" or w.ty.dtype != "float32" or len(w.ty.shape) != 2:
         return "not a float32 matrix times a 2-D weight"
     if str(call.attrs.out_dtype) not in ("", "None", "void", "float32"):

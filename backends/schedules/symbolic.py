@@ -29,7 +29,8 @@ from .features import CPUFeatures, features_of
 
 log = logging.getLogger(__name__)
 
-REG_TILE = 4  # rows of a contraction tile: each vector load of the right operand feeds this many FMAs
+PARALLEL_MIN = 1 << 18  # iterations of a function's largest nest, at the dims' bounds, below which it stays serial
+REG_TILE = 8  # rows of a contraction tile: each vector load of the right operand feeds this many FMAs
 
 
 def has_symbolic_extent(func: tirx.PrimFunc) -> bool:
@@ -58,19 +59,49 @@ def _axes(sch: s_tir.Schedule, block):
         if iv.iter_type not in (tirx.IterVar.DataPar, tirx.IterVar.CommReduce):
             return None
         ext = lp.extent
-        out.append((iv.var, loop, int(ext) if isinstance(ext, tirx.IntImm) else None,
+        out.append((iv.var, loop, int(ext) if isinstance(ext, tirx.IntImm) else ext,
                     iv.iter_type == tirx.IterVar.CommReduce))
     return out
 
 
-def _split(sch, loop, extent: int | None, tile: int):
+def _tile(extent, tile: int) -> int | None:
+    """The tile to split an axis by without a predicate: for a static extent the largest divisor up
+    to ``tile``; for a symbolic one ``tile`` when it provably divides it (rows padded to a whole tile,
+    ``packed_matmul.py``), else None (a split would leave a partial tile and a branch in the kernel)."""
+    import tvm
+
+    if isinstance(extent, int):
+        return max(d for d in range(1, min(tile, extent) + 1) if extent % d == 0)
+    return tile if tvm.sym.Analyzer().can_prove(tirx.floormod(extent, tile) == 0) else None
+
+
+def work_at_bound(sch: s_tir.Schedule, bounds: dict[str, int]) -> int:
+    """Iterations of the largest block nest (multiply-adds of a contraction) with every symbolic dim
+    at its bound (unbounded ones counted as 1). Small nests stay serial, as in the static rules: a
+    parallel launch costs more than a small kernel, and far more on a loaded machine."""
+    import tvm
+
+    ana = tvm.sym.Analyzer()
+    best = 0
+    for b in root_blocks(sch):
+        n = 1
+        for iv in sch.get(b).iter_vars:
+            ext = iv.dom.extent
+            for v in tirx.analysis.undefined_vars(ext, []):
+                ana.bind(v, tvm.ir.Range(1, bounds.get(v.name, 1) + 1))
+            n *= max(1, int(ana.const_int_bound(ext).max_value))
+        best = max(best, n)
+    return best
+
+
+def _split(sch, loop, extent, tile: int):
     """(outer, inner) loops of ``loop`` split by ``tile``; a tile the extent does not need is not split."""
-    if extent is not None and extent <= tile:
+    if isinstance(extent, int) and extent <= tile:
         return None, loop
     return sch.split(loop, [None, tile])
 
 
-def schedule_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
+def schedule_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, parallel: bool = True) -> bool:
     """Tile one contraction block (see the module docstring); False when it is not one."""
     from .tiling import _inline_epilogue, _try
 
@@ -90,15 +121,21 @@ def schedule_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool
     if any(coefficient(r.region[-1].min, vec[0]) != 1 for r in vec_reads):
         return False  # an operand that moves with the vector axis but not contiguously: generic code
     lanes = feats.lanes(stmt.writes[0].source.dtype.bits)
-    cands = [a for a in spatial if a is not vec and (a[2] is None or a[2] > 1)]
+    # register tile: an axis the vector loads do not move with, split without a partial tile
+    cands = [a for a in spatial if a is not vec and (_tile(a[2], REG_TILE) or 1) > 1]
     reuse = [a for a in cands if not any(buffer_uses(r, a[0]) for r in vec_reads)]
     reg = (reuse or cands or [None])[-1]
-    outer = []
+    # a vector axis with partial tiles (attention's key axis): its tile loop stays serial, outside the
+    # parallel loop, so that TVM's loop partitioning splits off the last tile and the rest has no branch
+    vt = _tile(vec[2], lanes) if isinstance(vec[2], int) else (_tile(vec[2], lanes) or lanes)
+    outer, tail = [], None
     for a in spatial:
         if a is vec:
-            o, v_i = _split(sch, a[1], a[2], lanes)
+            o, v_i = _split(sch, a[1], a[2], vt)
+            if o is not None and _tile(a[2], vt) is None:
+                tail, o = o, None
         elif a is reg:
-            o, u_i = _split(sch, a[1], a[2], REG_TILE)
+            o, u_i = _split(sch, a[1], a[2], _tile(a[2], REG_TILE))
         else:
             o = a[1]
         if o is not None:
@@ -106,11 +143,11 @@ def schedule_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool
     inner = ([u_i] if reg is not None else []) + [v_i]
     if not outer:
         return False
-    sch.reorder(*outer, *reds, *inner)
+    sch.reorder(*outer, *([tail] if tail is not None else []), *reds, *inner)
     wb = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(wb, outer[-1], preserve_unit_loops=True)
+    sch.reverse_compute_at(wb, tail if tail is not None else outer[-1], preserve_unit_loops=True)
     _inline_epilogue(sch, wb)
-    if feats.cores > 1:
+    if parallel and feats.cores > 1:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
     _try(sch.vectorize, v_i)
     if reg is not None:
@@ -123,7 +160,7 @@ def schedule_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool
     return True
 
 
-def schedule_block(sch: s_tir.Schedule, block, feats: CPUFeatures) -> None:
+def schedule_block(sch: s_tir.Schedule, block, feats: CPUFeatures, parallel: bool = True) -> None:
     """Parallel outer loops and a vectorized inner loop (spatial), or parallel rows with serial
     reduction loops inside (a lone reduction); a block whose loops are already scheduled is left."""
     loops = sch.get_loops(block)
@@ -137,25 +174,28 @@ def schedule_block(sch: s_tir.Schedule, block, feats: CPUFeatures) -> None:
             sch.vectorize(inner)
         except Exception:  # noqa: BLE001 - e.g. a data-dependent index: scalar inner loop
             pass
-        if feats.cores > 1:
+        if parallel and feats.cores > 1:
             sch.parallel(outer)
         return
     axes = _axes(sch, block)
     if axes is None:
         return
     spatial, reds = [a[1] for a in axes if not a[3]], [a[1] for a in axes if a[3]]
-    if spatial and feats.cores > 1:
+    if spatial and parallel and feats.cores > 1:
         sch.reorder(*spatial, *reds)
         sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
 
 
-def schedule_function(func: tirx.PrimFunc, feats: CPUFeatures) -> tuple[tirx.PrimFunc, str]:
-    """The scheduled function and the rule that took it (``dlight.cpu.Reduction``, ``contraction``, ``generic``)."""
+def schedule_function(func: tirx.PrimFunc, feats: CPUFeatures, bounds: dict[str, int] | None = None
+                      ) -> tuple[tirx.PrimFunc, str]:
+    """The scheduled function and the rule that took it (``dlight.cpu.Reduction``, ``contraction``,
+    ``generic``; ``serial`` appended when the nest is small at the bounds)."""
     from . import _inline_data_movement
 
     sch = s_tir.Schedule(func)
+    parallel = work_at_bound(sch, bounds or {}) >= PARALLEL_MIN
     reductions = [b for b in root_blocks(sch) if is_reduction_block(sch, b)]
-    if len(reductions) >= 2:
+    if len(reductions) >= 2 and parallel:
         from tvm.s_tir.dlight.cpu import Reduction
 
         try:
@@ -169,21 +209,21 @@ def schedule_function(func: tirx.PrimFunc, feats: CPUFeatures) -> tuple[tirx.Pri
     _inline_data_movement(sch)
     for block in [b for b in root_blocks(sch) if is_reduction_block(sch, b)]:
         try:
-            if schedule_contraction(sch, block, feats):
+            if schedule_contraction(sch, block, feats, parallel):
                 rule = "contraction"
         except Exception as e:  # noqa: BLE001 - left to the generic schedule below
             log.debug("contraction schedule failed: %s", e)
     for block in root_blocks(sch):
         try:
-            schedule_block(sch, block, feats)
+            schedule_block(sch, block, feats, parallel)
         except Exception as e:  # noqa: BLE001 - stays serial; still correct
             log.debug("block %s left unscheduled: %s", sch.get(block).name_hint, e)
-    return sch.mod["main"], rule
+    return sch.mod["main"], rule if parallel else f"{rule} (serial)"
 
 
-def schedule_symbolic(mod, target_spec, report: dict | None = None):
-    """Schedule (and mark scheduled) every PrimFunc of ``mod`` with a symbolic extent; ``report``
-    receives ``{function: rule}``. Other functions are returned untouched."""
+def schedule_symbolic(mod, target_spec, bounds: dict[str, int] | None = None, report: dict | None = None):
+    """Schedule (and mark scheduled) every PrimFunc of ``mod`` with a symbolic extent (``bounds``: the
+    largest value of each symbolic dim, by name); ``report`` receives ``{function: rule}``. Other functions are returned untouched."""
     feats = features_of(target_spec)
     if feats.target is not None and feats.target.kind.name != "llvm":
         return mod
@@ -193,7 +233,7 @@ def schedule_symbolic(mod, target_spec, report: dict | None = None):
             continue
         if func.attrs and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1:
             continue
-        new, rule = schedule_function(func, feats)
+        new, rule = schedule_function(func, feats, bounds)
         updates[gv] = new.with_attr("tirx.is_scheduled", True)
         if report is not None:
             report[gv.name_hint] = rule
