@@ -205,6 +205,34 @@ def test_instance_norm_over_half_a_million_values_is_accurate():
     assert np.abs(got - exact).max() <= max(2 * ort_err, 1e-6), (np.abs(got - exact).max(), ort_err)
 
 
+@pytest.mark.parametrize("attrs", [
+    {"kernel_shape": [127], "strides": [64]},  # Moonshine's audio stem
+    {"kernel_shape": [7], "strides": [3], "pads": [2, 4], "dilations": [2]},
+    {"kernel_shape": [3], "group": 4, "auto_pad": "SAME_UPPER"},
+], ids=["stem", "pads_dilations", "grouped_same"])
+def test_conv1d_compiled_matches_ort(attrs):
+    """1-D convolutions run as 2-D convs of height 1 (so the conv2d schedules serve them): strides, pads,
+    dilations, groups and auto_pad as ORT computes them, through graphopt.compile."""
+    import onnx_ir as ir
+
+    import graphopt
+
+    rng = np.random.default_rng(6)
+    c, o, length = (1, 32, 4000) if attrs["kernel_shape"] == [127] else (8, 12, 61)
+    k, g = attrs["kernel_shape"][0], attrs.get("group", 1)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", F, [1, c, length])],
+                              [helper.make_tensor_value_info("y", F, None)],
+                              [numpy_helper.from_array(rng.standard_normal((o, c // g, k)).astype(np.float32) * 0.1, "w"),
+                               numpy_helper.from_array(rng.standard_normal(o).astype(np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.uniform(-1, 1, (1, c, length)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = np.asarray(graphopt.compile(ir.serde.deserialize_model(model), target="x86")(x)["y"])
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- the real models (slow)
 
 
