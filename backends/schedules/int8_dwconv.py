@@ -4,9 +4,9 @@ PP-OCR's backbones alternate AMX pointwise convs with depthwise 3x3/5x5 convs; l
 integer conv2d those ran NCHW and scalar, and forced the pointwise convs around them to NCHW (their
 slow layout: a byte transpose in the gather and a scatter in the requantization). ``dwconv_func``
 computes a batch-1 depthwise conv channels-innermost: per output position, each tap adds
-``int32(x[iy, ix, c:c+16]) * w[tap, c:c+16]`` to 16 accumulators (the zero point ``zx`` where the
-window leaves the input, so ``corr`` = bias - zx·Σw as for every QConv), then the same
-requantization as the AMX kernel. Input and output are NHWC or NCHW (NCHW reads strided bytes:
+``x[iy, ix, c:c+16] * w[tap, c:c+16]`` (int16 products, exact for u8 x s8) to int32 accumulators,
+a tap's bounds test shared by all channels (the zero point ``zx`` where the window leaves the input,
+so ``corr`` = bias - zx·Σw as for every QConv), then the same requantization as the AMX kernel. Input and output are NHWC or NCHW (NCHW reads strided bytes:
 correct, slower); channels must be a multiple of 16 (``served``).
 """
 
@@ -26,14 +26,14 @@ def served(c: int, k: int, strides) -> bool:
 
 
 def pack_weight(w: np.ndarray) -> np.ndarray:
-    """``[C, 1, k, k]`` int8 → ``[k·k, C]`` int32 (a tap's 16 channels one vector load)."""
+    """``[C, 1, k, k]`` int8 → ``[k·k, C]`` int16 (a tap's 16 channels one vector load)."""
     c, _, kh, kw = w.shape
-    return np.ascontiguousarray(w.reshape(c, kh * kw).T.astype(np.int32))
+    return np.ascontiguousarray(w.reshape(c, kh * kw).T.astype(np.int16))
 
 
 def dwconv_func(c: int, h: int, w: int, k: int, stride, pad: int, *, zx: int, zy: int, qmin: int,
                 qmax: int, out_dtype: str, threads: int, in_layout: str = "NHWC", out_layout: str = "NHWC"):
-    """The PrimFunc ``(x, wp [k·k, C] int32, corr [C] int32, mult [C] float32, out)``; ``stride`` an
+    """The PrimFunc ``(x, wp [k·k, C] int16, corr [C] int32, mult [C] float32, out)``; ``stride`` an
     int or (vertical, horizontal) (PP-OCR rec halves its height only: (2, 1))."""
     sy, sx = (stride, stride) if isinstance(stride, int) else stride
     oh, ow = (h + 2 * pad - k) // sy + 1, (w + 2 * pad - k) // sx + 1
@@ -52,27 +52,31 @@ def dwconv_func(c: int, h: int, w: int, k: int, stride, pad: int, *, zx: int, zy
     def pixel(x, oy, ox, tap, ch):
         y, x_ = oy * sy + tap // k - pad, ox * sx + tap % k - pad
         v = x[index(in_layout, ch, T.max(T.min(y, h - 1), 0), T.max(T.min(x_, w - 1), 0))]
-        return T.Cast("int32", T.Select(inside(oy, ox, tap), v, T.uint8(zx)))
+        return T.Cast("int16", T.Select(inside(oy, ox, tap), v, T.uint8(zx)))
 
     def requant(s, corr, mult, ch):
         v = T.round(T.Cast("float32", s + corr[ch]) * mult[ch]) + T.float32(zy)
         return T.Cast(out_dtype, T.max(T.min(v, T.float32(qmax)), T.float32(qmin)))
 
     @T.prim_func(private=True)
-    def dwconv(x: T.Buffer(x_shape, "uint8"), wp: T.Buffer((taps, c), "int32"), corr: T.Buffer((c,), "int32"),
+    def dwconv(x: T.Buffer(x_shape, "uint8"), wp: T.Buffer((taps, c), "int16"), corr: T.Buffer((c,), "int32"),
                mult: T.Buffer((c,), "float32"), out: T.Buffer(out_shape, out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.flops": 2 * c * taps * oh * ow,
                      "graphopt.layouts": f"{in_layout}-{out_layout}"})
         for th in T.parallel(threads):
-            acc = T.alloc_buffer((LANES,), "int32", scope="local")
+            acc = T.alloc_buffer((c,), "int32", scope="local")
             for oy in range(th * chunk, T.min(oh, th * chunk + chunk)):
-                for ox, cb in T.grid(ow, blocks):
-                    for l in T.vectorized(LANES):
-                        acc[l] = 0
-                    for tap in range(taps):
+                for ox in range(ow):
+                    for cb in range(blocks):
                         for l in T.vectorized(LANES):
-                            acc[l] = acc[l] + pixel(x, oy, ox, tap, cb * LANES + l) * wp[tap, cb * LANES + l]
-                    for l in T.vectorized(LANES):
-                        out[*index(out_layout, cb * LANES + l, oy, ox)] = requant(acc[l], corr, mult, cb * LANES + l)
+                            acc[cb * LANES + l] = 0
+                    for tap, cb in T.grid(taps, blocks):  # a tap's bounds test once for every channel
+                        for l in T.vectorized(LANES):  # u8 x s8 fits int16 (|255 x -128| < 2^15)
+                            acc[cb * LANES + l] = acc[cb * LANES + l] + T.Cast(
+                                "int32", pixel(x, oy, ox, tap, cb * LANES + l) * wp[tap, cb * LANES + l])
+                    for cb in range(blocks):
+                        for l in T.vectorized(LANES):
+                            out[*index(out_layout, cb * LANES + l, oy, ox)] = requant(
+                                acc[cb * LANES + l], corr, mult, cb * LANES + l)
 
     return dwconv
