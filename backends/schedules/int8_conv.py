@@ -69,13 +69,22 @@ def why_not(conv: relax.Call, weight: np.ndarray | None) -> str | None:
     if int(at.groups) != 1:  # depthwise: 16 channels a vector (int8_dwconv.py), strides (2, 1) too
         depthwise = int(at.groups) == c == o and weight.shape[1] == 1 and n == 1 and kh == kw
         return None if depthwise and int8_dwconv.served(c, kh, s) else f"{int(at.groups)} groups"
-    if n != 1 or kh != kw or s[0] != s[1]:
-        return f"batch {n}, {kh}x{kw} kernel with strides {s}"
-    if c < MIN_CHANNELS:  # a first conv: its window as channels (int8_im2col.py)
-        return None if c * kh * kw >= MIN_WINDOW else f"{c} input channels, {kh}x{kw} kernel"
-    if kh > 1 and (kh % 2 == 0 or s[0] > 2):
-        return f"{kh}x{kw} kernel with strides {s}"
+    if n != 1:
+        return f"batch {n}"
+    if c * kh * kw < MIN_WINDOW:
+        return f"{c} input channels, {kh}x{kw} kernel"
+    # other kernels, strides (a first conv's 3 channels, PP-OCR's 1x3 neck) go through im2col
     return None
+
+
+def _im2col(m: dict) -> bool:
+    """Whether the conv of match ``m`` takes the window as channels (int8_im2col.py): few input
+    channels, or a kernel/stride/padding the shifted-tap products do not serve."""
+    _, c, kh, kw = m["weight"].shape
+    (sy, sx), (ph, pw) = m["strides"], m["pads"]
+    if c < MIN_CHANNELS or kh != kw or sy != sx or ph != pw:
+        return True
+    return (kh == 1 and ph > 0) or (kh > 1 and (kh % 2 == 0 or sy > 2))
 
 
 class _Bindings:
@@ -139,17 +148,20 @@ def _match(b: _Bindings, last: relax.Call):
     if why is not None:
         log.debug("int8 conv %s not on AMX: %s", weight.shape if weight is not None else None, why)
         return None
-    x, pad, zx = conv.args[0], 0, 0
+    x, pads, zx = conv.args[0], (0, 0), 0
     padded = b.call(x, "nn.pad")
-    if padded is not None:
+    if padded is not None:  # [0, 0, 0, 0, top, bottom, left, right]: symmetric per axis
         pw = [int(v) for v in padded.attrs.pad_width]
-        if pw[:4] != [0, 0, 0, 0] or len(set(pw[4:])) != 1 or str(padded.attrs.pad_mode) != "constant":
+        if pw[:4] != [0, 0, 0, 0] or pw[4] != pw[5] or pw[6] != pw[7] or str(padded.attrs.pad_mode) != "constant":
             return None
-        x, pad, zx = padded.args[0], pw[4], int(_pad_value(padded))
+        x, pads, zx = padded.args[0], (pw[4], pw[6]), int(_pad_value(padded))
+    if int(conv.attrs.groups) != 1 and pads[0] != pads[1]:
+        return None
+    pad = pads[0]
     o = weight.shape[0]
     return {**parts, "x": x, "weight": weight, "pad": pad, "zx": zx,
             "corr": np.broadcast_to(corr.reshape(-1), (o,)), "mult": np.broadcast_to(mult.reshape(-1), (o,)),
-            "stride": int(conv.attrs.strides[0]), "strides": tuple(int(v) for v in conv.attrs.strides),
+            "stride": int(conv.attrs.strides[0]), "strides": tuple(int(v) for v in conv.attrs.strides), "pads": pads,
             "depthwise": int(conv.attrs.groups) != 1, "matmul": False}
 
 
@@ -176,14 +188,15 @@ def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
                 relax.const(np.ascontiguousarray(m["mult"], np.float32))]
         shape = [1, o, oh, ow] if out_layout == "NCHW" else [1, oh, ow, o]
         return relax.call_tir(bb.add_func(func, "dw_qconv2d"), args, relax.TensorType(shape, m["dtype"])), pre
-    if c < MIN_CHANNELS:  # window as channels: a 1x1 conv over the im2col tensor (NHWC)
-        oh, ow = output_size(h, w, k, stride, pad)
-        cols = relax.DataflowVar("im2col", relax.TensorType([1, oh, ow, k * k * c], "uint8"))
-        gather = bb.add_func(im2col_func(c, h, w, k, stride, pad, threads=threads, in_layout=in_layout), "im2col_u8")
+    if _im2col(m):  # window as channels: a 1x1 conv over the im2col tensor (NHWC)
+        kernel = weight.shape[2:]
+        oh, ow = output_size(h, w, kernel, m["strides"], m["pads"])
+        cols = relax.DataflowVar("im2col", relax.TensorType([1, oh, ow, kernel[0] * kernel[1] * c], "uint8"))
+        func = im2col_func(c, h, w, kernel, m["strides"], m["pads"], threads=threads, in_layout=in_layout)
         zp = relax.const(np.full(1, m["zx"], np.uint8))
-        pre.append(relax.VarBinding(cols, relax.call_tir(gather, [x, zp], cols.ty)))
+        pre.append(relax.VarBinding(cols, relax.call_tir(bb.add_func(func, "im2col_u8"), [x, zp], cols.ty)))
         x, in_layout, weight = cols, "NHWC", im2col_weight(weight)
-        c, h, w, k, stride, pad = k * k * c, oh, ow, 1, 1, 0
+        c, h, w, k, stride, pad = kernel[0] * kernel[1] * c, oh, ow, 1, 1, 0
     g = geometry(h, w, k, stride, pad)
     macs = c * o * k * k * g["oh"] * g["ow"]
     func = qconv_func(c, h, w, o, k, stride, pad, zx=m["zx"], zy=m["zy"], qmin=m["qmin"],
@@ -231,8 +244,7 @@ def rewrite_int8_conv(mod: tvm.IRModule, spec) -> tvm.IRModule:
         for var, value in b.value.items():
             if isinstance(value, relax.Call):
                 m = _match(b, value)
-                pointwise_padded = m is not None and m["weight"].shape[2] == 1 and m["pad"] and not m["depthwise"]
-                if m is not None and not (pointwise_padded and m["weight"].shape[1] >= MIN_CHANNELS):
+                if m is not None:
                     kernels[var] = m
         if not kernels:
             continue

@@ -19,21 +19,28 @@ MIN_WINDOW = 16  # k·k·C below this: not worth a 64-channel tile (channels pad
 
 
 def im2col_weight(w: np.ndarray) -> np.ndarray:
-    """OIHW ``[O, C, k, k]`` → ``[O, k·k·C, 1, 1]`` in the (ky, kx, c) order of ``im2col_func``."""
+    """OIHW ``[O, C, kh, kw]`` → ``[O, kh·kw·C, 1, 1]`` in the (ky, kx, c) order of ``im2col_func``."""
     o = w.shape[0]
     return np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(o, -1, 1, 1))
 
 
-def output_size(h: int, w: int, k: int, stride: int, pad: int) -> tuple[int, int]:
-    return (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def im2col_func(c: int, h: int, w: int, k: int, stride: int, pad: int, *, threads: int, in_layout: str = "NCHW"):
-    """The PrimFunc ``(x [1, C, H, W] (or NHWC) uint8, zero point [1] uint8, cols [1, OH, OW, k·k·C] uint8)``
-    (the zero point a tensor: Relax's reshape-pattern check fails on a one-input function without
-    a root block)."""
+def output_size(h: int, w: int, k, stride, pad) -> tuple[int, int]:
+    """(OH, OW); ``k``, ``stride`` and ``pad`` each an int or a (vertical, horizontal) pair."""
+    (kh, kw), (sy, sx), (ph, pw) = _pair(k), _pair(stride), _pair(pad)
+    return (h + 2 * ph - kh) // sy + 1, (w + 2 * pw - kw) // sx + 1
+
+
+def im2col_func(c: int, h: int, w: int, k, stride, pad, *, threads: int, in_layout: str = "NCHW"):
+    """The PrimFunc ``(x [1, C, H, W] (or NHWC) uint8, zero point [1] uint8, cols [1, OH, OW, kh·kw·C]
+    uint8)``; ``k``, ``stride``, ``pad`` ints or (vertical, horizontal) pairs (the zero point a tensor:
+    Relax's reshape-pattern check fails on a one-input function without a root block)."""
+    (kh, kw), (sy, sx), (ph, pw) = _pair(k), _pair(stride), _pair(pad)
     oh, ow = output_size(h, w, k, stride, pad)
-    kk = k * k * c
+    kk = kh * kw * c
     chunk = math.ceil(oh / threads)
     x_shape = (1, c, h, w) if in_layout == "NCHW" else (1, h, w, c)
 
@@ -45,12 +52,11 @@ def im2col_func(c: int, h: int, w: int, k: int, stride: int, pad: int, *, thread
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for th in T.parallel(threads):
             for oy in range(th * chunk, T.min(oh, th * chunk + chunk)):
-                for ky, ox, kx, ci in T.grid(k, ow, k, c):
-                    if (0 <= oy * stride + ky - pad and oy * stride + ky - pad < h
-                            and 0 <= ox * stride + kx - pad and ox * stride + kx - pad < w):
-                        cols[0, oy, ox, (ky * k + kx) * c + ci] = x[*at(ci, oy * stride + ky - pad,
-                                                                        ox * stride + kx - pad)]
+                for ky, ox, kx, ci in T.grid(kh, ow, kw, c):
+                    if (0 <= oy * sy + ky - ph and oy * sy + ky - ph < h
+                            and 0 <= ox * sx + kx - pw and ox * sx + kx - pw < w):
+                        cols[0, oy, ox, (ky * kw + kx) * c + ci] = x[*at(ci, oy * sy + ky - ph, ox * sx + kx - pw)]
                     else:
-                        cols[0, oy, ox, (ky * k + kx) * c + ci] = zp[0]
+                        cols[0, oy, ox, (ky * kw + kx) * c + ci] = zp[0]
 
     return im2col

@@ -185,12 +185,14 @@ def test_int8_bundle_cross_compiles_for_aarch64_dotprod(qnet, tmp_path):
 
 
 def _reference_qconv(x, w, corr, mult, k, s, p, zx, zy):
-    """numpy: the padded (with zx) uint8 input times int8 weights in int64, then the requantization."""
-    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (p, p), (p, p)), constant_values=zx)
-    oh, ow = (xp.shape[2] - k) // s + 1, (xp.shape[3] - k) // s + 1
+    """numpy: the padded (with zx) uint8 input times int8 weights in int64, then the requantization
+    (``k`` and ``p`` ints or (vertical, horizontal) pairs)."""
+    (kh, kw), (ph, pw) = ((k, k) if isinstance(k, int) else k), ((p, p) if isinstance(p, int) else p)
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=zx)
+    oh, ow = (xp.shape[2] - kh) // s + 1, (xp.shape[3] - kw) // s + 1
     acc = np.zeros((w.shape[0], oh, ow), np.int64)
-    for ky in range(k):
-        for kx in range(k):
+    for ky in range(kh):
+        for kx in range(kw):
             patch = xp[0, :, ky:ky + s * oh:s, kx:kx + s * ow:s]
             acc += np.einsum("chw,oc->ohw", patch, w[:, :, ky, kx].astype(np.int64))
     v = (acc + corr[:, None, None]).astype(np.float32) * mult[:, None, None]
@@ -231,10 +233,11 @@ def test_amx_int8_kernel_exact(c, h, w, o, k, s, p, layouts):
 
 @pytest.mark.skipif(not __import__("graphopt.backends.bundle.loader", fromlist=["x"]).cpu_has_amx(),
                     reason="needs a CPU with AMX")
-@pytest.mark.parametrize("c,h,w,o,k,s,p", [(3, 23, 19, 64, 7, 2, 3), (13, 9, 9, 33, 3, 1, 0), (3, 12, 40, 16, 3, 2, 1)])
+@pytest.mark.parametrize("c,h,w,o,k,s,p", [(3, 23, 19, 64, 7, 2, 3), (13, 9, 9, 33, 3, 1, 0), (3, 12, 40, 16, 3, 2, 1),
+                                           (48, 1, 40, 20, (1, 3), 1, (0, 1))])
 def test_amx_int8_im2col_exact(c, h, w, o, k, s, p):
-    """Few input channels: the window as channels (im2col, zero point outside the input), then the
-    kernel as a 1x1 conv: exact against numpy."""
+    """Few input channels or a 1x3 kernel (PP-OCRv4 rec's neck): the window as channels (im2col, zero
+    point outside the input), then the kernel as a 1x1 conv: exact against numpy."""
     import tvm
 
     from graphopt.backends.schedules.amx_int8 import pack_weight, padded_channels, qconv_func
@@ -243,8 +246,9 @@ def test_amx_int8_im2col_exact(c, h, w, o, k, s, p):
 
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (1, c, h, w), dtype=np.uint8)
-    wt = rng.integers(-128, 128, (o, c, k, k), dtype=np.int8)
-    kk, (oh, ow) = k * k * c, output_size(h, w, k, s, p)
+    (kh, kw), (ph, pw) = ((k, k) if isinstance(k, int) else k), ((p, p) if isinstance(p, int) else p)
+    wt = rng.integers(-128, 128, (o, c, kh, kw), dtype=np.int8)
+    kk, (oh, ow) = kh * kw * c, output_size(h, w, k, s, p)
     _, op_ = padded_channels(kk, o)
     corr, mult = np.zeros(op_, np.int32), np.zeros(op_, np.float32)
     corr[:o], mult[:o] = rng.integers(-5000, 5000, o), rng.uniform(1e-5, 3e-4, o)
@@ -257,7 +261,7 @@ def test_amx_int8_im2col_exact(c, h, w, o, k, s, p):
                             in_layout="NHWC"))
     out = tvm.runtime.tensor(np.zeros((1, o, oh, ow), np.uint8))
     conv["main"](cols, *[tvm.runtime.tensor(a) for a in (pack_weight(im2col_weight(wt)), corr, mult)], out)
-    np.testing.assert_array_equal(out.numpy(), _reference_qconv(x, wt, corr[:o], mult[:o], k, s, p, 9, 100))
+    np.testing.assert_array_equal(out.numpy(), _reference_qconv(x, wt, corr[:o], mult[:o], (kh, kw), s, (ph, pw), 9, 100))
 
 
 def test_qdq_convs_run_on_amx_when_the_host_has_it(qnet):
