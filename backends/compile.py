@@ -291,6 +291,9 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
     if cpu_rules:
         mod = rewrite_winograd(mod)
         mod = rewrite_packed_matmul(mod, lanes)
+        from graphopt.backends.schedules.padded_matmul import rewrite_padded_matmul
+
+        mod = rewrite_padded_matmul(mod, lanes)  # symbolic-dim matmuls of two activations, in whole tiles
         legalize.update(legalize_map())
     seq = [
         *relax.pipeline.library_dispatch_passes(spec.target),

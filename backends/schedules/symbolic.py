@@ -147,8 +147,8 @@ def schedule_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, paralle
     wb = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(wb, tail if tail is not None else outer[-1], preserve_unit_loops=True)
     _inline_epilogue(sch, wb)
-    if parallel and feats.cores > 1:
-        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    if parallel:
+        parallelize_leading(sch, outer, feats)
     _try(sch.vectorize, v_i)
     if reg is not None:
         _try(sch.unroll, u_i)
@@ -167,23 +167,65 @@ def schedule_block(sch: s_tir.Schedule, block, feats: CPUFeatures, parallel: boo
     if not loops or any(sch.get(lp).kind != tirx.ForKind.SERIAL for lp in loops):
         return
     if is_spatial_block(sch, block):
-        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        # the static innermost loops fused and split into vectors (divisions by constants only); a
+        # symbolic innermost loop stays as it is (a split would put a branch in the vector loop)
+        static = 0
+        while static < len(loops) and isinstance(sch.get(loops[-1 - static]).extent, tirx.IntImm):
+            static += 1
         lanes = feats.lanes(32)
-        outer, inner = sch.split(fused, [None, lanes])
-        try:
-            sch.vectorize(inner)
-        except Exception:  # noqa: BLE001 - e.g. a data-dependent index: scalar inner loop
-            pass
-        if parallel and feats.cores > 1:
-            sch.parallel(outer)
+        head = list(loops[: len(loops) - static])
+        if static:
+            tail = loops[len(loops) - static:]
+            fused = sch.fuse(*tail) if len(tail) > 1 else tail[0]
+            n = int(sch.get(fused).extent)
+            if n % lanes == 0 and n > lanes:
+                o, inner = sch.split(fused, [None, lanes])
+                head.append(o)
+                _try_vectorize(sch, inner)
+            elif n <= 4 * lanes:
+                _try_vectorize(sch, fused)
+            else:
+                head.append(fused)
+        if parallel and head:
+            parallelize_leading(sch, head, feats)
         return
     axes = _axes(sch, block)
     if axes is None:
         return
     spatial, reds = [a[1] for a in axes if not a[3]], [a[1] for a in axes if a[3]]
-    if spatial and parallel and feats.cores > 1:
+    if spatial and parallel:
         sch.reorder(*spatial, *reds)
-        sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+        parallelize_leading(sch, spatial, feats)
+
+
+def _try_vectorize(sch, loop) -> None:
+    try:
+        sch.vectorize(loop)
+    except Exception:  # noqa: BLE001 - e.g. a data-dependent index: scalar inner loop
+        pass
+
+
+def parallelize_leading(sch: s_tir.Schedule, loops: list, feats: CPUFeatures) -> None:
+    """One parallel loop over the leading loops, fused only where the fused index divides by constants:
+    the static loops before the first symbolic one (and that symbolic loop when they are all of extent 1).
+    Dividing by a symbolic extent in every iteration, and an accumulator tile whose region TVM cannot
+    bound (it then allocates the whole buffer per iteration), are what fusing past it would cost."""
+    if feats.cores <= 1 or not loops:
+        return
+    prefix, n = [], 1
+    for lp in loops:
+        ext = sch.get(lp).extent
+        if not isinstance(ext, tirx.IntImm):
+            if n == 1:
+                prefix.append(lp)  # only unit loops before it: the fused index is this loop's
+            break
+        prefix.append(lp)
+        n *= int(ext)
+        if n >= 4 * feats.cores:
+            break
+    if not prefix or (n < 2 and all(isinstance(sch.get(lp).extent, tirx.IntImm) for lp in prefix)):
+        return
+    sch.parallel(sch.fuse(*prefix) if len(prefix) > 1 else prefix[0])
 
 
 def schedule_function(func: tirx.PrimFunc, feats: CPUFeatures, bounds: dict[str, int] | None = None
