@@ -67,18 +67,20 @@ def if_model() -> onnx.ModelProto:
 
 
 _IF_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import itertools, json, sys
     import numpy as np, onnx, onnx_ir as ir, onnxruntime as ort
     import graphopt
     model = onnx.load(sys.argv[1])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    compiled = graphopt.compile(ir.serde.deserialize_model(model), target="x86")
+    compiled = graphopt.compile(ir.serde.deserialize_model(model), target="x86", output=sys.argv[2])
+    bundle = graphopt.load_bundle(sys.argv[2])  # its manifest leaves the run-time shape of "e" open
     x = np.random.default_rng(0).standard_normal(512).astype(np.float32)
     rows = []
-    for c, c2 in ((True, True), (False, True), (False, False), (True, False)):
+    for (c, c2), module in itertools.product(((True, True), (False, True), (False, False), (True, False)),
+                                             (compiled, bundle)):
         feeds = {"c": np.array(c), "c2": np.array(c2), "x": x}
         want = dict(zip(["z", "e"], sess.run(None, feeds)))
-        got = compiled(**feeds)
+        got = module(**feeds)
         for name in ("z", "e"):
             g = np.asarray(got[name])
             same_shape = g.shape == want[name].shape
@@ -91,15 +93,17 @@ _IF_SCRIPT = textwrap.dedent("""
 
 
 def test_if_branches_with_intermediates_run_and_match_ort(tmp_path):
-    """Both branches (and a nested If) of a compiled If run and match ORT, in a child process so that a
-    crash is a failure, not the end of the test run: TVM's memory planner used to hand the else branch
-    a storage only the then branch allocated (a segfault whenever the else branch ran)."""
+    """Both branches (and a nested If) of a compiled If run and match ORT, compiled and as a bundle, in a
+    child process so that a crash is a failure, not the end of the test run: TVM's memory planner used
+    to hand the else branch a storage only the then branch allocated (a segfault whenever the else
+    branch ran), and the bundle's manifest refused an output whose shape only the run decides."""
     path = tmp_path / "if.onnx"
     onnx.save(if_model(), path)
-    proc = subprocess.run([sys.executable, "-c", _IF_SCRIPT, str(path)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _IF_SCRIPT, str(path), str(tmp_path / "bundle")],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     rows = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-    assert len(rows) == 8
+    assert len(rows) == 16
     for r in rows:
         assert r["shape"] == r["want"], r
         assert r["err"] <= 1e-4 + 1e-5 * r["ref"], r

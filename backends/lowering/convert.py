@@ -360,6 +360,15 @@ def _named_shape(expr) -> tuple | None:
                  for d, v in zip(shape, values))
 
 
+def _output_shape(expr) -> tuple | None:
+    """``_named_shape``, or None when a dim is neither known nor named: an If whose branches return
+    different shapes (a merged decoder's cached and uncached branches) is known only at run time."""
+    shape = _named_shape(expr)
+    if shape is None:
+        return ()
+    return None if any(d is None for d in shape) else shape
+
+
 def lower(model: ir.Model) -> Lowered:
     """Lower a whole model to a Relax IRModule (see :class:`Lowered`)."""
     check_supported(model)
@@ -385,9 +394,7 @@ def lower(model: ir.Model) -> Lowered:
     mod = relax.transform.ConvertToDataflow(min_size=1)(mod)
     mod["main"] = mod["main"].with_attr("num_input", len(in_vars))
     mod = relax.transform.Normalize()(mod)
-    outputs = [
-        (v.name, _named_shape(e) or (), helpers.dtype_of(e)) for v, e in zip(graph.outputs, out_exprs)
-    ]
+    outputs = [(v.name, _output_shape(e), helpers.dtype_of(e)) for v, e in zip(graph.outputs, out_exprs)]
     inputs = [(v.name, _named_shape(var), helpers.dtype_of(var)) for v, var in zip(data_inputs, in_vars)]
     return Lowered(
         mod=mod,
