@@ -191,12 +191,14 @@ def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
     if _im2col(m):  # window as channels: a 1x1 conv over the im2col tensor (NHWC)
         kernel = weight.shape[2:]
         oh, ow = output_size(h, w, kernel, m["strides"], m["pads"])
-        cols = relax.DataflowVar("im2col", relax.TensorType([1, oh, ow, kernel[0] * kernel[1] * c], "uint8"))
-        func = im2col_func(c, h, w, kernel, m["strides"], m["pads"], threads=threads, in_layout=in_layout)
+        window, width = kernel[0] * kernel[1] * c, padded_channels(kernel[0] * kernel[1] * c, o)[0]
+        cols = relax.DataflowVar("im2col", relax.TensorType([1, oh, ow, width], "uint8"))
+        func = im2col_func(c, h, w, kernel, m["strides"], m["pads"], threads=threads, in_layout=in_layout, width=width)
         zp = relax.const(np.full(1, m["zx"], np.uint8))
         pre.append(relax.VarBinding(cols, relax.call_tir(bb.add_func(func, "im2col_u8"), [x, zp], cols.ty)))
-        x, in_layout, weight = cols, "NHWC", im2col_weight(weight)
-        c, h, w, k, stride, pad = kernel[0] * kernel[1] * c, oh, ow, 1, 1, 0
+        weight = np.zeros((o, width, 1, 1), np.int8)
+        weight[:, :window] = im2col_weight(m["weight"])
+        x, in_layout, c, h, w, k, stride, pad = cols, "NHWC", width, oh, ow, 1, 1, 0
     g = geometry(h, w, k, stride, pad)
     macs = c * o * k * k * g["oh"] * g["ow"]
     func = qconv_func(c, h, w, o, k, stride, pad, zx=m["zx"], zy=m["zy"], qmin=m["qmin"],

@@ -34,13 +34,17 @@ def output_size(h: int, w: int, k, stride, pad) -> tuple[int, int]:
     return (h + 2 * ph - kh) // sy + 1, (w + 2 * pw - kw) // sx + 1
 
 
-def im2col_func(c: int, h: int, w: int, k, stride, pad, *, threads: int, in_layout: str = "NCHW"):
+def im2col_func(c: int, h: int, w: int, k, stride, pad, *, threads: int, in_layout: str = "NCHW",
+                width: int | None = None):
     """The PrimFunc ``(x [1, C, H, W] (or NHWC) uint8, zero point [1] uint8, cols [1, OH, OW, kh·kw·C]
     uint8)``; ``k``, ``stride``, ``pad`` ints or (vertical, horizontal) pairs (the zero point a tensor:
-    Relax's reshape-pattern check fails on a one-input function without a root block)."""
+    Relax's reshape-pattern check fails on a one-input function without a root block). ``width``:
+    the row length when larger than kh·kw·C, the rest zeros (a multiple of 64: the AMX kernel then
+    copies whole 64-byte rows, its weights for those columns being 0)."""
     (kh, kw), (sy, sx), (ph, pw) = _pair(k), _pair(stride), _pair(pad)
     oh, ow = output_size(h, w, k, stride, pad)
-    kk = kh * kw * c
+    window = kh * kw * c
+    kk = width or window
     chunk = math.ceil(oh / threads)
     x_shape = (1, c, h, w) if in_layout == "NCHW" else (1, h, w, c)
 
@@ -58,5 +62,7 @@ def im2col_func(c: int, h: int, w: int, k, stride, pad, *, threads: int, in_layo
                         cols[0, oy, ox, (ky * kw + kx) * c + ci] = x[*at(ci, oy * sy + ky - ph, ox * sx + kx - pw)]
                     else:
                         cols[0, oy, ox, (ky * kw + kx) * c + ci] = zp[0]
+                for ox, j in T.grid(ow, kk - window):
+                    cols[0, oy, ox, window + j] = T.uint8(0)
 
     return im2col

@@ -248,19 +248,22 @@ def test_amx_int8_im2col_exact(c, h, w, o, k, s, p):
     x = rng.integers(0, 256, (1, c, h, w), dtype=np.uint8)
     (kh, kw), (ph, pw) = ((k, k) if isinstance(k, int) else k), ((p, p) if isinstance(p, int) else p)
     wt = rng.integers(-128, 128, (o, c, kh, kw), dtype=np.int8)
-    kk, (oh, ow) = kh * kw * c, output_size(h, w, k, s, p)
-    _, op_ = padded_channels(kk, o)
+    window, (oh, ow) = kh * kw * c, output_size(h, w, k, s, p)
+    kk, op_ = padded_channels(window, o)  # rows padded to 64 bytes (zeros, under zero weights)
     corr, mult = np.zeros(op_, np.int32), np.zeros(op_, np.float32)
     corr[:o], mult[:o] = rng.integers(-5000, 5000, o), rng.uniform(1e-5, 3e-4, o)
     target = get_target("x86").target
     build = lambda f: tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target)  # noqa: E731
     cols = tvm.runtime.tensor(np.zeros((1, oh, ow, kk), np.uint8))
     zp = tvm.runtime.tensor(np.full(1, 9, np.uint8))
-    build(im2col_func(c, h, w, k, s, p, threads=2))["main"](tvm.runtime.tensor(x), zp, cols)
+    build(im2col_func(c, h, w, k, s, p, threads=2, width=kk))["main"](tvm.runtime.tensor(x), zp, cols)
+    assert not cols.numpy()[..., window:].any()
+    wide = np.zeros((o, kk, 1, 1), np.int8)
+    wide[:, :window] = im2col_weight(wt)
     conv = build(qconv_func(kk, oh, ow, o, 1, 1, 0, zx=9, zy=100, qmin=0, qmax=255, out_dtype="uint8", threads=2,
                             in_layout="NHWC"))
     out = tvm.runtime.tensor(np.zeros((1, o, oh, ow), np.uint8))
-    conv["main"](cols, *[tvm.runtime.tensor(a) for a in (pack_weight(im2col_weight(wt)), corr, mult)], out)
+    conv["main"](cols, *[tvm.runtime.tensor(a) for a in (pack_weight(wide), corr, mult)], out)
     np.testing.assert_array_equal(out.numpy(), _reference_qconv(x, wt, corr[:o], mult[:o], (kh, kw), s, (ph, pw), 9, 100))
 
 
