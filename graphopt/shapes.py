@@ -77,11 +77,6 @@ def _dim_name(d) -> bool:
     return isinstance(d, str) and bool(_DIM_NAME.match(d))
 
 
-def symbolic_dims(shapes: Mapping[str, Sequence[int | str]]) -> list[str]:
-    """The dim names ``parse_input_shapes`` left symbolic, in order of first use."""
-    return list(dict.fromkeys(d for dims in shapes.values() for d in dims if isinstance(d, str)))
-
-
 def _parse_one(spec: str) -> tuple[str, list[int]]:
     if not isinstance(spec, str):
         raise ShapeError(f"input shape {spec!r}: expected a string NAME:D0,D1,...")
