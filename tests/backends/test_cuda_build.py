@@ -125,6 +125,26 @@ def test_small_net_builds_for_every_preset_and_its_ptx_targets_the_arch(net, tmp
         assert ptx.count(".entry ") == len(report)  # one kernel per fused function
 
 
+@needs_nvcc
+def test_squeezenet_bundle_for_sm80(tmp_path):
+    """The catalog's small model: convs on dlight's Matmul, max pools on the window rule, dlight's
+    Fallback only for data movement; the bundle names the arch and the PTX is for it."""
+    compiled = api.compile("light:squeezenet", target="cuda-sm80", output=tmp_path / "b")
+    report = last_gpu_report()
+    for name, rule in report.items():
+        if "conv2d" in name:
+            assert rule == "dlight.Matmul", (name, rule)
+        if "pool" in name:
+            assert rule == "window", (name, rule)
+        if rule == "dlight.Fallback":
+            assert name.startswith(("concatenate", "reshape")), name
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["target"]["target"]["arch"] == "sm_80"
+    (source,) = cuda_check.cuda_sources(compiled.executable)
+    ptx = cuda_check.compile_ptx(source, "sm_80", tmp_path).read_text()
+    assert re.search(r"^\.target sm_80\b", ptx, re.M) and ptx.count(".entry ") == len(report)
+
+
 def _serial(func):
     """``func`` with its thread-bound loops made serial (through its TVMScript): runnable on the CPU."""
     import tvm
