@@ -261,8 +261,6 @@ ASSUMES: dict[str, str] = {
     **{f"cuda-{arch.replace('_', '')}": f"an NVIDIA GPU of compute capability {arch[3:-1]}.{arch[-1]} ({gpus}); "
        f"tensor cores: {'/'.join(tc)}" for arch, (gpus, tc) in CUDA_ARCHS.items()},
 }
-CUDA_RUNTIME_NOTE = ("CUDA bundles carry CUDA C source that TVM compiles for the GPU when the bundle is loaded: "
-                     "the device needs the CUDA driver and nvcc or the cuda-bindings package (NVRTC)")
 
 
 def get_target(name_or_json: str | dict | TargetSpec) -> TargetSpec:
