@@ -287,6 +287,7 @@ def test_qdq_convs_run_on_amx_when_the_host_has_it(qnet):
         assert layouts["NHWC-NHWC"] + layouts["NCHW-NHWC"] >= 1 and layouts["NHWC-NHWC"] + layouts["NHWC-NCHW"] >= 1
 
 
+@pytest.mark.slow
 def test_nchw_and_nhwc_plans_agree(qnet, monkeypatch):
     """The same QDQ net with every int8 tensor NCHW, and with the NHWC plan: identical outputs."""
     x = np.random.default_rng(9).standard_normal((1, 3, 13, 13)).astype(np.float32)
