@@ -26,21 +26,18 @@ MAX_WINDOW = 128  # reduction size up to which one thread per output beats a coo
 THREADS = 256  # threads per block
 
 
+def _root_blocks(sch: s_tir.Schedule) -> list:
+    try:
+        return list(sch.get_child_blocks(sch.get_sblock("root")))
+    except Exception:  # noqa: BLE001 - a function without a root block
+        return []
+
+
 def _reduction_block(sch: s_tir.Schedule):
     """The function's only reduction block among its root blocks, or None."""
-    root = sch.get_sblock("root") if _has_root(sch) else None
-    blocks = sch.get_child_blocks(root) if root is not None else []
-    reductions = [b for b in blocks
+    reductions = [b for b in _root_blocks(sch)
                   if any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(b).iter_vars)]
-    return (reductions[0], blocks) if len(reductions) == 1 else (None, blocks)
-
-
-def _has_root(sch: s_tir.Schedule) -> bool:
-    try:
-        sch.get_sblock("root")
-        return True
-    except Exception:  # noqa: BLE001
-        return False
+    return reductions[0] if len(reductions) == 1 else None
 
 
 def _is_window(sch: s_tir.Schedule, block) -> bool:
@@ -107,13 +104,15 @@ class WindowReduction:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
             return None
         sch = s_tir.Schedule(func)
-        block, blocks = _reduction_block(sch)
+        block = _reduction_block(sch)
         if block is None or not _is_window(sch, block):
             return None
         _inline_producers(sch, block)
         last = _epilogue(sch, block)
         if last is None or _size(sch, last) != _size(sch, block):
             return None  # a broadcast epilogue (x - mean) would redo the reduction for every element
+        if len(_root_blocks(sch)) != (1 if sch.get(last).same_as(sch.get(block)) else 2):
+            return None  # a producer or output that could not be inlined would be left without threads
         stmt = sch.get(block)
         kinds = [iv.iter_type == tirx.IterVar.CommReduce for iv in stmt.iter_vars]
         loops = sch.get_loops(block)

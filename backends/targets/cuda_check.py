@@ -145,7 +145,8 @@ def check_model(spec: str, outdir: Path, repeat: int) -> dict[str, Any]:
     bundle_dir = outdir / "bundles" / Path(spec.replace(":", "_")).stem
     t = time.perf_counter()
     compiled = api.compile(spec, target=TARGET, input_shapes=shapes, output=bundle_dir)
-    result: dict[str, Any] = {"model": spec, "target": compiled.target.name, "arch": compiled.target.config.get("arch", compiled.target.kind),
+    arch = compiled.target.config.get("arch", compiled.target.kind)
+    result: dict[str, Any] = {"model": spec, "target": compiled.target.name, "arch": arch,
                               "compile_s": round(time.perf_counter() - t, 2),
                               "rules": rule_counts(last_gpu_report()) if compiled.target.is_gpu else {}}
     bundle = api.load_bundle(bundle_dir)
@@ -194,7 +195,8 @@ def _environment() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m graphopt.backends.targets.cuda_check", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python3 -m graphopt.backends.targets.cuda_check",
+                                description=__doc__.split("\n")[0])
     p.add_argument("outdir", help="folder for the bundles, cuda_check.json and cuda_check.md")
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--repeat", type=int, default=100, help="timed runs per side")
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"model": spec, "error": f"{type(e).__name__}: {line[:300]}"})
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     (outdir / "cuda_check.json").write_text(json.dumps({"environment": env, "results": results}, indent=2))
-    header = f"GPU {env['gpu'][1]} ({env['gpu'][0]}), CUDA source compiled by {env['jit']}, onnxruntime {env.get('onnxruntime')}"
+    header = (f"GPU {env['gpu'][1]} ({env['gpu'][0]}), CUDA source compiled by {env['jit']}, "
+              f"onnxruntime {env.get('onnxruntime')}")
     (outdir / "cuda_check.md").write_text(markdown(results, header))
     print(markdown(results, header))
     return 0 if all("error" not in r and r["match"] for r in results) else 1

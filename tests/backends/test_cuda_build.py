@@ -111,6 +111,30 @@ def test_arch_check_names_what_nvcc_builds(monkeypatch):
         targets.check_cuda_arch("sm_70")
 
 
+def test_window_rule_takes_windows_and_leaves_convs_and_broadcasts():
+    """Depthwise convs and row sums qualify; a conv (its input reused across output channels) and a
+    reduction whose epilogue broadcasts it (x - sum: one reduction per element) do not."""
+    from tvm import te, topi
+
+    from graphopt.backends.schedules.gpu_window import WindowReduction
+
+    target = get_target("cuda-sm80").target
+    x = te.placeholder((1, 8, 10, 10), name="x")
+    w, w2 = te.placeholder((8, 1, 3, 3), name="w"), te.placeholder((4, 8, 3, 3), name="w2")
+    k = te.reduce_axis((0, 10), name="k")
+    row = te.compute((1, 8, 10), lambda n, c, h: te.sum(x[n, c, h, k], axis=k), name="row")
+    centered = te.compute((1, 8, 10, 10), lambda n, c, h, i: x[n, c, h, i] - row[n, c, h], name="centered")
+    cases = {"depthwise": ([x, w, topi.nn.depthwise_conv2d_nchw(x, w, 1, 1, 1)], True),
+             "row sum": ([x, row], True),
+             "conv": ([x, w2, topi.nn.conv2d_nchw(x, w2, 1, 1, 1)], False),
+             "x - row sum": ([x, centered], False)}
+    for name, (tensors, taken) in cases.items():
+        sch = WindowReduction().apply(te.create_prim_func(tensors), target)
+        assert (sch is not None) == taken, name
+        if sch is not None:
+            assert "threadIdx.x" in sch.mod["main"].script()
+
+
 @needs_nvcc
 def test_small_net_builds_for_every_preset_and_its_ptx_targets_the_arch(net, tmp_path):
     for name in PRESETS:
@@ -172,7 +196,8 @@ def test_window_schedule_matches_onnxruntime_on_the_cpu(net):
     for gv, func in scheduled.functions_items():
         if isinstance(func, tirx.PrimFunc) and gv.name_hint in window:
             assert "threadIdx.x" in func.script()
-            cpu_mod.update_func(cpu_mod.get_global_var(gv.name_hint), _serial(func).with_attr("tirx.is_scheduled", True))
+            serial = _serial(func).with_attr("tirx.is_scheduled", True)
+            cpu_mod.update_func(cpu_mod.get_global_var(gv.name_hint), serial)
     executable = _build(cpu_mod, get_target("x86"))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     x = np.random.default_rng(1).standard_normal((1, 3, 20, 20)).astype(np.float32)
