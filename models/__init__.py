@@ -8,7 +8,8 @@
 
 Names: ``light:<bvlc_alexnet|densenet121|inception_v1|inception_v2|resnet50|shufflenet|squeezenet|
 vgg19|zfnet512>``, ``rapidocr:<det|rec|cls>``, ``silero:<openvino_16k|16k_sequence|16k_op15|vad|half|
-op18_ifless>``, ``t5:<encoder|decoder>``, ``vit:s``, ``moonshine:<encoder|decoder>``. PyPI models are cached in ``$GRAPHOPT_CACHE_DIR`` (default ``~/.cache/graphopt/models``).
+op18_ifless>``, ``t5:<encoder|decoder>``, ``vit:s``, ``moonshine:<encoder|decoder>``, ``minilm:l6``
+(all-MiniLM-L6-v2 built from its safetensors, ``models/minilm.py``). PyPI models are cached in ``$GRAPHOPT_CACHE_DIR`` (default ``~/.cache/graphopt/models``).
 """
 
 from __future__ import annotations
