@@ -234,12 +234,14 @@ def _cuda_spec(name: str, arch: str, chosen: str) -> TargetSpec:
 
 
 def _cuda() -> TargetSpec:
-    """The local GPU's arch (``nvidia-smi``) when there is one, else sm_80; ``arch_from`` says which."""
+    """The local GPU's arch (``nvidia-smi``) when there is one, else sm_80; ``arch_from`` says which and
+    the spec is named for the arch (``cuda-sm89``), so compile's summary line shows the choice."""
     local = local_gpu_arch()
     if local is None:
-        return _cuda_spec("cuda", CUDA_DEFAULT_ARCH, f"default {CUDA_DEFAULT_ARCH}: no GPU reported by nvidia-smi")
-    arch, gpu = local
-    return _cuda_spec("cuda", check_cuda_arch(arch), f"nvidia-smi: {gpu} ({arch})")
+        arch, why = CUDA_DEFAULT_ARCH, f"default {CUDA_DEFAULT_ARCH}: no GPU reported by nvidia-smi"
+    else:
+        arch, why = check_cuda_arch(local[0]), f"nvidia-smi: {local[1]} ({local[0]})"
+    return _cuda_spec(f"cuda-{arch.replace('_', '')}", arch, why)
 
 
 def _cuda_preset(arch: str) -> Callable[[], TargetSpec]:

@@ -75,10 +75,11 @@ def test_presets_name_their_arch_and_the_local_gpu_wins(monkeypatch):
         assert str(spec.target.attrs["arch"]) == arch
     monkeypatch.setattr(targets, "local_gpu_arch", lambda: None)
     spec = get_target("cuda")
-    assert spec.config["arch"] == "sm_80" and "no GPU" in spec.features["arch_from"]
+    assert spec.config["arch"] == "sm_80" and "no GPU" in spec.features["arch_from"] and spec.name == "cuda-sm80"
     monkeypatch.setattr(targets, "local_gpu_arch", lambda: ("sm_89", "NVIDIA L4"))
     spec = get_target("cuda")
     assert spec.config["arch"] == "sm_89" and spec.features["arch_from"] == "nvidia-smi: NVIDIA L4 (sm_89)"
+    assert spec.name == "cuda-sm89"
 
 
 def test_targets_lists_every_cuda_preset(capsys):
