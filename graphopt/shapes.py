@@ -69,6 +69,19 @@ def parse_input_shapes(specs: Sequence[str] | Mapping[str, Sequence[int]] | None
     return out
 
 
+def parse_fixed_input_shapes(specs: Sequence[str] | Mapping[str, Sequence[int]] | None, *,
+                             purpose: str) -> dict[str, list[int]]:
+    """``parse_input_shapes`` for work that needs every dim fixed (``purpose`` says which, for the
+    message): a symbolic dim name is refused with a ShapeError naming the input and the dim."""
+    shapes = parse_input_shapes(specs)
+    for name, dims in shapes.items():
+        named = [d for d in dims if isinstance(d, str)]
+        if named:
+            raise ShapeError(f"--input-shape {name}: dim '{named[0]}' is a name; {purpose} needs numbers "
+                             f"(symbolic dims are for compile, with --max {named[0]}=N)")
+    return shapes
+
+
 _DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 

@@ -433,3 +433,20 @@ def test_silero_vad_specialized_warns_and_ort_indeed_refuses():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ShapeWarning)
         specialize(other, models.default_input_shapes("rapidocr:cls"))
+
+
+def test_fixed_shapes_refuse_a_dim_name_naming_input_and_dim():
+    from graphopt.shapes import parse_fixed_input_shapes
+
+    assert parse_fixed_input_shapes(["x:1,3,48,320"], purpose="p") == {"x": [1, 3, 48, 320]}
+    with pytest.raises(ShapeError, match=r"--input-shape x: dim 'w' is a name; graphopt evaluate needs numbers"):
+        parse_fixed_input_shapes(["x:1,3,48,w"], purpose="graphopt evaluate")
+
+
+def test_evaluate_with_a_symbolic_dim_is_a_usage_error(capsys):
+    from graphopt import cli
+
+    assert cli.main(["evaluate", "--metric", "ocr-rec", "--write-calibration", "c.npz",
+                     "--input-shape", "x:1,3,48,w"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "dim 'w' is a name" in err

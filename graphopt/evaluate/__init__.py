@@ -112,10 +112,11 @@ def write_calibration(kind: str, path: str | os.PathLike, count: int, *, seed: i
     if proto is not None:
         name, shape = image_input(proto, [input_shape] if input_shape else None, module.DEFAULT_HW, kind)
     else:
-        from graphopt.shapes import parse_input_shapes
+        from graphopt.shapes import parse_fixed_input_shapes
 
         h, w = module.DEFAULT_HW
-        ((name, shape),) = parse_input_shapes([input_shape or f"x:1,3,{h},{w}"]).items()
+        ((name, shape),) = parse_fixed_input_shapes([input_shape or f"x:1,3,{h},{w}"],
+                                                    purpose="graphopt evaluate").items()
         if len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
             raise UsageError(f"--input-shape {input_shape}: {kind} calibration needs [N, 3, H, W]")
     n, _, h, w = shape

@@ -55,7 +55,7 @@ def image_input(proto, input_shapes: Sequence[str] | None, default_hw: tuple[int
                 metric: str) -> tuple[str, list[int]]:
     """(name, [N, 3, H, W]) of the model's one image input: ``input_shapes`` first, then the model's
     static dims, then ``default_hw`` and batch 1. Anything else is a ShapeError naming the metric."""
-    from graphopt.shapes import parse_input_shapes
+    from graphopt.shapes import parse_fixed_input_shapes
 
     inits = {t.name for t in proto.graph.initializer}
     inputs = [vi for vi in proto.graph.input if vi.name not in inits]
@@ -63,7 +63,7 @@ def image_input(proto, input_shapes: Sequence[str] | None, default_hw: tuple[int
         raise ShapeError(f"metric {metric}: needs a model with one image input, this one has "
                          f"{len(inputs)} ({', '.join(vi.name for vi in inputs)})")
     vi = inputs[0]
-    fixed = parse_input_shapes(list(input_shapes or []))
+    fixed = parse_fixed_input_shapes(list(input_shapes or []), purpose="graphopt evaluate")
     unknown = sorted(set(fixed) - {vi.name})
     if unknown:
         raise ShapeError(f"--input-shape {unknown[0]}: the model has no input of that name (it has {vi.name})")

@@ -61,10 +61,11 @@ def cache_key(path: Path, *, target: str, opt_level: int, input_shapes, max_batc
 
 def batched_model(source, input_shapes, max_batch: int):
     """The model with axis 0 of every data input made the batch, fixed at ``max_batch``; and its shapes."""
-    from graphopt.shapes import parse_input_shapes
+    from graphopt.shapes import parse_fixed_input_shapes
 
     model = api.load(source)
-    given = parse_input_shapes(input_shapes or api.input_shapes_for(str(source)) or [])
+    given = parse_fixed_input_shapes(input_shapes or api.input_shapes_for(str(source)) or [],
+                                     purpose="graphopt serve")
     shapes = []
     for v in model.graph.inputs:
         if v.const_value is not None:
