@@ -139,6 +139,23 @@ def ort_run(model: ir.Model) -> Callable[[dict[str, np.ndarray]], dict[str, np.n
     return run
 
 
+
+def fewest_within_budget(count: int, within: Callable[[int], bool]) -> int:
+    """The smallest k in 1..count for which ``within(k)`` holds (k most sensitive layers restored; more
+    restored never hurts), by doubling then bisection, or ``count`` when none does."""
+    lo, hi = 0, 1
+    while hi < count and not within(hi):
+        lo, hi = hi, min(2 * hi, count)
+    if not within(hi):
+        return count
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if within(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
 def score(metric, model: ir.Model, label: str) -> float:
     """The metric's score of ``model``; a metric that raises or returns a non-score is a GraphoptError."""
     name = getattr(metric, "name", getattr(metric, "__name__", "metric"))
@@ -248,17 +265,7 @@ def budget_fallback(q: Quantizer, metric, max_drop: float,
             tried[k] = (score(metric, m, f"{k} layers float"), m)
         return base - tried[k][0] <= max_drop
 
-    lo, hi = 0, 1
-    while hi < len(ranked) and not attempt(hi):
-        lo, hi = hi, min(2 * hi, len(ranked))
-    if not attempt(hi):
-        hi = len(ranked)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if attempt(mid):
-            hi = mid
-        else:
-            lo = mid
+    hi = fewest_within_budget(len(ranked), attempt)
     final, model = tried[hi] if hi in tried else (base, q.float_model)
     info.update(final=final, within_budget=base - final <= max_drop, kept_float=ranked[:hi],
                 sensitivity=sens, evaluated={str(k): v[0] for k, v in sorted(tried.items())})

@@ -131,7 +131,7 @@ class Pruner:
 
 def budget_fallback(pruner: Pruner, metric, max_drop: float, base: float):
     """Restore the most sensitive units (groups or layers) until the metric is within ``max_drop``."""
-    from graphopt.compress import score
+    from graphopt.compress import fewest_within_budget, score
 
     model, p, rp = pruner.build()
     full = score(metric, model, "pruned")
@@ -153,17 +153,7 @@ def budget_fallback(pruner: Pruner, metric, max_drop: float, base: float):
             tried[k] = (score(metric, built[0], f"{k} layers restored"), built)
         return base - tried[k][0] <= max_drop
 
-    lo, hi = 0, 1
-    while hi < len(ranked) and not attempt(hi):
-        lo, hi = hi, min(2 * hi, len(ranked))
-    if not attempt(hi):
-        hi = len(ranked)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if attempt(mid):
-            hi = mid
-        else:
-            lo = mid
+    hi = fewest_within_budget(len(ranked), attempt)
     final, built = tried[hi]
     info.update(final=final, within_budget=base - final <= max_drop, restored=ranked[:hi], sensitivity=sens,
                 evaluated={str(k): v[0] for k, v in sorted(tried.items())})
