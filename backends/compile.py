@@ -410,7 +410,7 @@ def compile_model(
         passes=passes,
         timings=stage.timings,
         opt_level=opt_level,
-        source_path=str(source_path) if source_path else None,
+        source_path=str(Path(source_path).resolve()) if source_path else None,  # bench may run from elsewhere
         source_sha256=sha256_file(source_path) if source_path and Path(source_path).is_file() else None,
         schedules=schedules,
         frontend=frontend,

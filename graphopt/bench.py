@@ -63,8 +63,17 @@ def _model_source(model: str, input_shapes: list[str]) -> tuple[str | None, list
     if _is_bundle(model):
         with open(os.path.join(model, "manifest.json")) as f:
             manifest = json.load(f)
-        src = (manifest.get("source") or {}).get("path") if isinstance(manifest.get("source"), dict) else manifest.get("source_path")
-        return (src if src and os.path.isfile(src) else None), input_shapes
+        source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+        src = source.get("path") or manifest.get("source_path")
+        if not (src and os.path.isfile(src)):
+            return None, input_shapes
+        from graphopt.backends.compile import sha256_file
+
+        if source.get("sha256") and sha256_file(src) != source["sha256"]:  # not the model the bundle was built from
+            print(f"graphopt bench: note: {model}: its source {src} changed since compiling; no ONNX Runtime "
+                  "comparison", file=sys.stderr)
+            return None, input_shapes
+        return src, input_shapes
     from graphopt.api import input_shapes_for, resolve_model_path
 
     return str(resolve_model_path(model)), list(input_shapes_for(model, list(input_shapes)) or [])

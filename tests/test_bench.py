@@ -131,3 +131,25 @@ def test_bench_with_a_tuning_database_times_default_and_tuned(tiny_model, tmp_pa
     assert t["functions"] >= 1 and t["searched"] >= 1 and t["candidates"] >= 2, t
     text = md.read_text()
     assert "default schedules median ms" in text and "MetaSchedule trials" in text
+
+
+def test_a_bundle_is_compared_with_its_own_source_from_any_directory(tiny_model, tmp_path, monkeypatch, capsys):
+    """The manifest records the source's absolute path and sha256: bench finds it from another directory,
+    and a source changed since compiling is not silently timed in ORT as if it were the bundle's model."""
+    import shutil
+
+    from graphopt.bench import _model_source
+
+    work = tmp_path / "w"
+    work.mkdir()
+    shutil.copy(tiny_model, work / "m.onnx")
+    monkeypatch.chdir(work)
+    assert main(["compile", "m.onnx", "-o", "b"]) == 0
+    source = json.loads((work / "b" / "manifest.json").read_text())["source"]
+    assert source["path"] == str(work / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    assert _model_source(str(work / "b"), [])[0] == str(work / "m.onnx")
+    capsys.readouterr()
+    (work / "m.onnx").write_bytes((work / "m.onnx").read_bytes() + b"\n")  # no longer the compiled model
+    assert _model_source(str(work / "b"), [])[0] is None
+    assert "changed since compiling" in capsys.readouterr().err
