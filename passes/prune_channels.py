@@ -43,6 +43,18 @@ def check_ratio(ratio: float, what: str) -> None:
         raise UsageError(f"{what}: ratio {ratio} is outside [0, 1)")
 
 
+def check_names(model: ir.Model, exclude: Iterable[str], overrides: Iterable[str], what: str) -> None:
+    """Every ``--exclude`` name is a node or an op type of ``model``, every per-layer ratio names a node."""
+    names = {n.name for n in model.graph}
+    ops = {n.op_type for n in model.graph}
+    for name in exclude:
+        if name not in names and name not in ops:
+            raise UsageError(f"--exclude {name}: no node or op type of that name in the model")
+    for name in overrides:
+        if name not in names:
+            raise UsageError(f"{what}: layer {name} is not a node of the model")
+
+
 class PruneChannelsPass(ir.passes.InPlacePass):
     """Remove ``ratio`` of the output channels of every prunable channel group."""
 
@@ -59,16 +71,6 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         self.data, self.show = data, show  # calibration samples: importance weighted by activations
         self.rows: list[dict] = []
         self.kept: dict[str, dict[str, np.ndarray]] = {}
-
-    def _check_names(self, model: ir.Model) -> None:
-        names = {n.name for n in model.graph}
-        ops = {n.op_type for n in model.graph}
-        for name in self.exclude:
-            if name not in names and name not in ops:
-                raise UsageError(f"--exclude {name}: no node or op type of that name in the model")
-        for name in self.overrides:
-            if name not in names:
-                raise UsageError(f"--prune channels: layer {name} is not a node of the model")
 
     def _activation_rms(self, model: ir.Model, cg: ChannelGroups, edits: list[Edit]) -> dict[str, np.ndarray]:
         """Per-channel root mean square of each consumer's input over the calibration data."""
@@ -118,7 +120,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
 
     def plan(self, model: ir.Model) -> tuple[ChannelGroups, dict[int, np.ndarray]]:
         """The groups and, per root group, the sorted channel indices kept (model unchanged)."""
-        self._check_names(model)
+        check_names(model, self.exclude, self.overrides, "--prune channels")
         cg = ChannelGroups(model)
         for e in cg.edits:
             if e.node.name in self.exclude or e.node.op_type in self.exclude:

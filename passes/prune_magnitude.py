@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import UsageError
-from graphopt.passes.prune_channels import NORMS, check_ratio
+from graphopt.passes.prune_channels import NORMS, check_names, check_ratio
 from graphopt.passes.rewrite_utils import const_array, drop_unused_constants, new_const
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -45,14 +45,7 @@ class PruneMagnitudePass(ir.passes.InPlacePass):
         self.rows: list[dict] = []
 
     def layers(self, model: ir.Model) -> list[tuple[ir.Node, np.ndarray]]:
-        names = {n.name for n in model.graph}
-        ops = {n.op_type for n in model.graph}
-        for name in self.exclude:
-            if name not in names and name not in ops:
-                raise UsageError(f"--exclude {name}: no node or op type of that name in the model")
-        for name in self.overrides:
-            if name not in names:
-                raise UsageError(f"--prune magnitude: layer {name} is not a node of the model")
+        check_names(model, self.exclude, self.overrides, "--prune magnitude")
         out = []
         for node in model.graph:
             if node.op_type not in LAYERS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
