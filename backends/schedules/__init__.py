@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 from tvm import s_tir, tirx
 
-from .analysis import int_extent, is_copy, is_kept, is_data_movement, is_reduction_block, is_spatial_block, root_blocks
+from .analysis import (int_extent, is_copy, is_data_movement, is_kept, is_reduction_block, is_scheduled,
+                       is_spatial_block, root_blocks, with_functions)
 from .conv2d import schedule_conv2d
 from .conv2d_blocked import schedule_conv2d_blocked
 from .features import CPUFeatures, Knobs, RuleContext, features_of
@@ -46,10 +47,6 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("matmul", schedule_matmul),
     ("pool", schedule_pool),
 )
-
-
-def is_scheduled(func) -> bool:
-    return bool(func.attrs and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1)
 
 
 def _inline_data_movement(sch: s_tir.Schedule) -> None:
@@ -156,7 +153,4 @@ def apply_default_schedules(mod, target_spec, *, report: dict | None = None, cho
     _LAST.update(report)
     if not updates:
         return mod
-    mod = mod.clone()
-    for gv, func in updates.items():
-        mod.update_func(gv, func)
-    return repack_constants(mod)
+    return repack_constants(with_functions(mod, updates))

@@ -18,6 +18,21 @@ class Axis:
     reduce: bool
 
 
+
+def is_scheduled(func) -> bool:
+    """Whether a PrimFunc already carries a schedule (``tirx.is_scheduled``: graphopt's rules, a tuning record)."""
+    return bool(func.attrs and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1)
+
+
+def with_functions(mod, updates: dict):
+    """``mod`` with the functions ``{global var: function}`` replaced (a copy; ``mod`` itself when none)."""
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod.update_func(gv, func)
+    return mod
+
 def int_extent(sch: s_tir.Schedule, loop) -> int | None:
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from tvm import tirx
 
+from .analysis import is_scheduled, with_functions
 from .gpu_window import WindowReduction
 
 _LAST: dict[str, str] = {}
@@ -35,10 +36,6 @@ def gpu_rules(graphopt_rules: bool = True) -> list[tuple[str, object]]:
     ]
 
 
-def _is_scheduled(func) -> bool:
-    return bool(func.attrs and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1)
-
-
 def apply_gpu_schedules(mod, target, *, rules: Sequence[tuple[str, object]] | None = None,
                         report: dict | None = None):
     """Schedule every PrimFunc of ``mod`` not scheduled yet for the GPU ``target`` (a ``tvm.target.Target``).
@@ -54,7 +51,7 @@ def apply_gpu_schedules(mod, target, *, rules: Sequence[tuple[str, object]] | No
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
-        if _is_scheduled(func):
+        if is_scheduled(func):
             report[gv.name_hint] = "scheduled"
             continue
         for name, rule in rules:
@@ -70,12 +67,7 @@ def apply_gpu_schedules(mod, target, *, rules: Sequence[tuple[str, object]] | No
     _LAST.update(report)
     if missing:
         raise RuntimeError(f"no GPU schedule rule applies to {', '.join(missing)}")
-    if not updates:
-        return mod
-    mod = mod.clone()
-    for gv, func in updates.items():
-        mod.update_func(gv, func)
-    return mod
+    return with_functions(mod, updates)
 
 
 def last_gpu_report() -> dict[str, str]:

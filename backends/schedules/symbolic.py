@@ -26,7 +26,8 @@ import logging
 
 from tvm import s_tir, tirx
 
-from .analysis import buffer_uses, coefficient, is_reduction_block, is_spatial_block, root_blocks
+from .analysis import (buffer_uses, coefficient, is_reduction_block, is_scheduled, is_spatial_block, root_blocks,
+                       with_functions)
 from .features import CPUFeatures, features_of
 
 log = logging.getLogger(__name__)
@@ -298,15 +299,10 @@ def schedule_symbolic(mod, target_spec, bounds: dict[str, int] | None = None, re
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc) or not has_symbolic_extent(func):
             continue
-        if func.attrs and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1:
+        if is_scheduled(func):
             continue
         new, rule = schedule_function(func, feats, bounds)
         updates[gv] = new.with_attr("tirx.is_scheduled", True)
         if report is not None:
             report[gv.name_hint] = rule
-    if not updates:
-        return mod
-    mod = mod.clone()
-    for gv, func in updates.items():
-        mod.update_func(gv, func)
-    return mod
+    return with_functions(mod, updates)

@@ -77,7 +77,7 @@ def apply_database(mod, target, db_dir):
     """
     import tvm
 
-    from graphopt.backends.schedules import is_scheduled
+    from graphopt.backends.schedules.analysis import is_scheduled, with_functions
     from graphopt.backends.schedules.prepack import constant_params
     from graphopt.backends.tuning.records import ScheduleRecords
 
@@ -100,11 +100,7 @@ def apply_database(mod, target, db_dir):
         sch = db.query_schedule(workload, target, "main")
         if sch is not None:
             updates[gv] = sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
-    if updates:
-        mod = mod.clone()
-        for gv, func in updates.items():
-            mod.update_func(gv, func)
-    return mod, records.chooser(target)
+    return with_functions(mod, updates), records.chooser(target)
 
 
 def best_seconds(db, mod) -> tuple[float | None, int]:
