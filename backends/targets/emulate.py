@@ -17,7 +17,6 @@ Timings taken under qemu are emulation timings: they say nothing about a device'
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ from importlib import metadata
 from pathlib import Path
 
 from graphopt.errors import GraphoptError, UnsupportedError
+from graphopt.io import file_lock
 
 QEMU = "qemu-aarch64-static"
 # tool -> the Debian package that provides it
@@ -135,7 +135,7 @@ def prepare(log=None) -> Env:
         return Env(final)
     log = log or (lambda msg: print(f"graphopt: {msg}", file=sys.stderr, flush=True))
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(final.parent / "aarch64-env.lock"):
+    with file_lock(final.parent / "aarch64-env.lock"):
         if (final / "env.json").is_file():  # another process prepared it meanwhile
             return Env(final)
         log(f"preparing the aarch64 runtime environment in {final} (once)")
@@ -146,18 +146,6 @@ def prepare(log=None) -> Env:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return Env(final)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _tool(argv: list[str], what: str, cwd: Path | None = None) -> str:
