@@ -87,10 +87,14 @@ def _prune_summary(p: dict) -> list[str]:
     b = p.get("budget")
     if b:
         n = len(b["restored"])
-        lines.append(f"metric: float {b['float']:.4f}, all pruned {b['all_pruned']:.4f}, final {b['final']:.4f} "
-                     f"(max drop {b['max_drop']}: {'within' if b['within_budget'] else 'NOT within'} budget, "
-                     f"{n} group{'s' if n != 1 else ''}/layer{'s' if n != 1 else ''} left unpruned)")
+        lines.append(_budget_line(b, "all pruned", b["all_pruned"],
+                                  f"{n} group{'s' if n != 1 else ''}/layer{'s' if n != 1 else ''} left unpruned"))
     return lines
+
+
+def _budget_line(b: dict, worst_label: str, worst: float, outcome: str) -> str:
+    return (f"metric: float {b['float']:.4f}, {worst_label} {worst:.4f}, final {b['final']:.4f} "
+            f"(max drop {b['max_drop']}: {'within' if b['within_budget'] else 'NOT within'} budget, {outcome})")
 
 
 def summary(report: dict) -> str:
@@ -104,9 +108,7 @@ def summary(report: dict) -> str:
     b = report.get("budget")
     if b:
         kept = len(b["kept_float"])
-        lines.append(f"metric: float {b['float']:.4f}, all int8 {b['all_quantized']:.4f}, final {b['final']:.4f} "
-                     f"(max drop {b['max_drop']}: {'within' if b['within_budget'] else 'NOT within'} budget, "
-                     f"{kept} layer{'s' if kept != 1 else ''} kept float)")
+        lines.append(_budget_line(b, "all int8", b["all_quantized"], f"{kept} layer{'s' if kept != 1 else ''} kept float"))
     return "\n".join(lines)
 
 
