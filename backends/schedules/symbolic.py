@@ -106,7 +106,7 @@ def _split(sch, loop, extent, tile: int):
 
 def schedule_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, parallel: bool = True) -> bool:
     """Tile one contraction block (see the module docstring); False when it is not one."""
-    from .tiling import _inline_epilogue, _try
+    from .tiling import _inline_epilogue, _try, split_init_and_vectorize
 
     axes = _axes(sch, block)
     stmt = sch.get(block)
@@ -155,11 +155,7 @@ def schedule_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, paralle
     _try(sch.vectorize, v_i)
     if reg is not None:
         _try(sch.unroll, u_i)
-    init = sch.decompose_reduction(block, reds[0])
-    for b in (init, wb):
-        loops = sch.get_loops(b)
-        if sch.get(loops[-1]).kind != tirx.ForKind.VECTORIZED:
-            _try(sch.vectorize, loops[-1])
+    split_init_and_vectorize(sch, block, reds[0], wb)
     return True
 
 

@@ -159,12 +159,18 @@ def apply_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, plan: Tile
     sch.vectorize(v_i)
     if plan.reg_axis is not None:
         sch.unroll(u_i)
-    init = sch.decompose_reduction(block, reds[0])
-    for b in (init, wb):
+    split_init_and_vectorize(sch, block, reds[0], wb)
+    return plan
+
+
+def split_init_and_vectorize(sch: s_tir.Schedule, block, reduction_loop, write_back) -> None:
+    """Split the reduction's init off at ``reduction_loop``, then vectorize the innermost loop of the
+    init and of the write-back block where it is not already."""
+    init = sch.decompose_reduction(block, reduction_loop)
+    for b in (init, write_back):
         loops = sch.get_loops(b)
         if sch.get(loops[-1]).kind != tirx.ForKind.VECTORIZED:
             _try(sch.vectorize, loops[-1])
-    return plan
 
 
 def pad_into_tiles(sch: s_tir.Schedule, block, knobs: Knobs, default: bool) -> None:
