@@ -15,7 +15,7 @@ Stages, each timed (``CompiledModule.timings``) and named in errors:
    targets TVM's generic GPU rules then bind whatever is still unscheduled to threads.
 8. ``build``: ``tvm.compile`` (dataflow lowering and memory planning, then code generation).
 
-A user's mistake raises a :class:`~graphopt.errors.GraphoptError`; a failure inside TVM on a model
+A user's mistake raises a :class:`~graphopt.core.errors.GraphoptError`; a failure inside TVM on a model
 graphopt accepted is a bug and raises :class:`CompileStageError` naming the stage.
 """
 
@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from graphopt.backends.constants import fold_layout_of_constants, replace_empty_constants
 from graphopt.backends.targets import TargetSpec, get_target
-from graphopt.errors import GraphoptError, ShapeError, UnsupportedError, UsageError
+from graphopt.core.errors import GraphoptError, ShapeError, UnsupportedError, UsageError
 
 EMBED_LIMIT_BYTES = 100 * 1024 * 1024  # weights above this go to params.npz beside the library
 FRONTENDS = ("graphopt", "tvm")
@@ -201,7 +201,7 @@ def _bound_symbolic_dims(mod, bounds: dict[str, int]):
 
 def _optimize(model: ir.Model, opt_level: int) -> tuple[ir.Model, list[str]]:
     from graphopt.passes.graphopt_ops import with_target_runtime
-    from graphopt.pipeline import DEFAULT_PIPELINE, PassContext, run_pipeline
+    from graphopt.core.pipeline import DEFAULT_PIPELINE, PassContext, run_pipeline
 
     # The lowering understands graphopt-domain fused ops, so fusions need not fall back to the
     # model's opset (the ONNX that `graphopt optimize` writes keeps to standard ops instead).

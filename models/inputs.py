@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphopt.errors import ShapeError
+from graphopt.core.errors import ShapeError
 
 
 def _parse_shapes(specs: Sequence[str] | Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.errors import GraphoptError
+from graphopt.core.errors import GraphoptError
 from graphopt.models.wordpiece import WordPiece
 
 OPSET = 17
@@ -175,7 +175,7 @@ def _paths(zip_path: Path, sha256: str) -> tuple[Path, Path]:
 
 def cached_onnx(zip_path: Path, sha256: str) -> Path:
     """The built ONNX model of a (verified) cached ``model.zip``, built on first use, written atomically."""
-    from graphopt.io import file_lock
+    from graphopt.core.io import file_lock
     from graphopt.models.cache import _atomic_write
 
     onnx_path, tok_path = _paths(zip_path, sha256)

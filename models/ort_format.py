@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from graphopt.errors import GraphoptError
+from graphopt.core.errors import GraphoptError
 
 _ATTR = {1: "F", 2: "I", 3: "S", 4: "T", 5: "G", 6: "FLOATS", 7: "INTS", 8: "STRINGS", 9: "TENSORS", 10: "GRAPHS"}
 

@@ -23,7 +23,7 @@ import unicodedata
 
 import numpy as np
 
-from graphopt.errors import GraphoptError
+from graphopt.core.errors import GraphoptError
 
 
 def _is_punctuation(ch: str) -> bool:

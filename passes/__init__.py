@@ -32,7 +32,7 @@ BUILTIN_PASSES: dict[str, tuple[str, str, str]] = {
     "fuse_layernorm": (_P + "fuse_layernorm", "FuseLayerNormPass", "recognise LayerNormalization"),
     "fuse_attention": (_P + "fuse_attention", "FuseAttentionPass", "recognise scaled dot-product attention"),
     "fuse_conv_activation": (_P + "fuse_conv_activation", "FuseConvActivationPass", "Conv[+Add]/Gemm + activation as ONNX Runtime's FusedConv/FusedGemm (target_runtime=ort)"),
-    # compression (run by graphopt.compress after the pipeline: they need calibration ranges or data)
+    # compression (run by graphopt.compression.compress after the pipeline: they need calibration ranges or data)
     "quantize_qdq": (_P + "quantize_qdq", "QuantizeQDQPass", "static int8 QDQ around Conv/MatMul/Gemm from calibrated ranges (per-channel weights, int32 bias)"),
     "quantize_dynamic": (_P + "quantize_dynamic", "QuantizeDynamicPass", "int8-dynamic: MatMul/Gemm as DynamicQuantizeLinear + MatMulInteger, LSTM/GRU weights int8"),
     "bias_correction": (_P + "bias_correction", "BiasCorrectionPass", "shift int8 layers' biases by their mean error on calibration data"),

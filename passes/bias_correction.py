@@ -71,7 +71,7 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
         return copy, pairs
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from graphopt.calibration import run_outputs
+        from graphopt.compression.calibration import run_outputs
 
         targets = self._targets(model)
         if not targets:

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphopt.errors import UnsupportedError, UsageError
+from graphopt.core.errors import UnsupportedError, UsageError
 from graphopt.passes.rewrite_utils import graphs_of
 
 DTYPES: dict[str, ir.DataType] = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}

@@ -84,7 +84,7 @@ def usable_in(graph, op: str, domain: str | None, target_runtime: str) -> str | 
 
 def check_target_runtime(value: str, where: str) -> str:
     """``value`` when it is one of ``TARGET_RUNTIMES``; else a UsageError naming ``where`` it was given."""
-    from graphopt.errors import UsageError
+    from graphopt.core.errors import UsageError
 
     if value not in TARGET_RUNTIMES:
         raise UsageError(f"{where}: target_runtime must be one of {', '.join(TARGET_RUNTIMES)}, got {value!r}")

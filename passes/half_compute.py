@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from graphopt.errors import UnsupportedError
+from graphopt.core.errors import UnsupportedError
 from graphopt.passes.rewrite_utils import const_array
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16

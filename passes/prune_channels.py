@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import UsageError
+from graphopt.core.errors import UsageError
 from graphopt.passes.channel_groups import ChannelGroups, Edit, Layout
 from graphopt.passes.rewrite_utils import const_array, drop_unused_constants, new_const
 
@@ -74,7 +74,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
 
     def _activation_rms(self, model: ir.Model, cg: ChannelGroups, edits: list[Edit]) -> dict[str, np.ndarray]:
         """Per-channel root mean square of each consumer's input over the calibration data."""
-        from graphopt.calibration import run_outputs
+        from graphopt.compression.calibration import run_outputs
 
         axes = {e.node.inputs[0].name: e.layout.axis for e in edits}
         sums: dict[str, np.ndarray] = {}

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import UsageError
+from graphopt.core.errors import UsageError
 from graphopt.passes.prune_channels import NORMS, check_names, check_ratio
 from graphopt.passes.rewrite_utils import const_array, drop_unused_constants, new_const
 

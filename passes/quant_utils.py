@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphopt.errors import UnsupportedError
+from graphopt.core.errors import UnsupportedError
 
 PER_CHANNEL_OPSET = 13
 QDQ_OPSET = 10

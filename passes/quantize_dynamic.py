@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import UnsupportedError
+from graphopt.core.errors import UnsupportedError
 from graphopt.passes import quant_utils as qu
 from graphopt.passes.quantize_qdq import _Builder
 from graphopt.passes.rewrite_utils import const_array, drop_unused_constants, replace_value

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import PassError, UnsupportedError
+from graphopt.core.errors import PassError, UnsupportedError
 from graphopt.passes import quant_utils as qu
 from graphopt.passes.rewrite_utils import const_array, drop_unused_constants, static_shape
 

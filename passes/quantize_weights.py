@@ -34,7 +34,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import UnsupportedError, UsageError
+from graphopt.core.errors import UnsupportedError, UsageError
 from graphopt.passes.rewrite_utils import const_array, drop_unused_constants, new_const, replace_value
 
 DQ_OPSET = 21

@@ -146,7 +146,7 @@ class ReconstructPass(ir.passes.InPlacePass):
         return out
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from graphopt.calibration import run_outputs
+        from graphopt.compression.calibration import run_outputs
 
         layers = self._layers(model)
         for start in range(0, len(layers), self.step):

@@ -1,4 +1,4 @@
-"""graphopt.analysis: the networkx view and the algorithms on it, on small graphs and a real model."""
+"""graphopt.core.analysis: the networkx view and the algorithms on it, on small graphs and a real model."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import networkx as nx
 import onnx
 import onnx_ir as ir
 
-from graphopt import io
-from graphopt.analysis import (
+from graphopt.core import io
+from graphopt.core.analysis import (
     captured_values,
     dominators,
     find_cycle,

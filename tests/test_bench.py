@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.cli import main
+from graphopt.front.cli import main
 
 N, C, H, W, O, K = 1, 8, 12, 12, 16, 3
 
@@ -38,7 +38,7 @@ def test_bench_json_fields(tiny_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ratio" in printed and "tiny.onnx" in printed and "time per function" in printed
     (r,) = json.loads(out.read_text())
-    from graphopt.bench import RESULT_FIELDS
+    from graphopt.front.bench import RESULT_FIELDS
 
     assert set(RESULT_FIELDS) <= set(r)
     assert r["threads"] == 1 and r["repeat"] == 3 and r["target"] == "x86" and r["untuned"] is False
@@ -73,7 +73,7 @@ def test_bench_usage_errors(tmp_path, capsys):
 
 
 def test_bench_a_bundle_against_its_source(tiny_model, tmp_path):
-    from graphopt import api
+    from graphopt.front import api
 
     bundle = tmp_path / "tiny.bundle"
     api.compile(str(tiny_model), output=bundle)
@@ -84,10 +84,10 @@ def test_bench_a_bundle_against_its_source(tiny_model, tmp_path):
 
 
 def test_graphopt_and_ort_take_turns_in_blocks(monkeypatch):
-    import graphopt.bench
-    from graphopt.bench import BLOCK, interleaved
+    import graphopt.front.bench
+    from graphopt.front.bench import BLOCK, interleaved
 
-    monkeypatch.setattr(graphopt.bench, "SETTLE_SECONDS", 0.0)  # one untimed run per turn
+    monkeypatch.setattr(graphopt.front.bench, "SETTLE_SECONDS", 0.0)  # one untimed run per turn
 
     order = []
 
@@ -107,7 +107,7 @@ def test_graphopt_and_ort_take_turns_in_blocks(monkeypatch):
 def test_each_turn_settles_for_a_while_before_timing():
     import time
 
-    from graphopt.bench import SETTLE_SECONDS, _settle
+    from graphopt.front.bench import SETTLE_SECONDS, _settle
 
     calls = []
     start = time.perf_counter()
@@ -119,7 +119,7 @@ def test_bench_with_a_tuning_database_times_default_and_tuned(tiny_model, tmp_pa
     import graphopt
 
     db = tmp_path / "db"
-    graphopt.api.tune(str(tiny_model), trials=0, search_candidates=3, tuning_db=db, progress=None)
+    graphopt.front.api.tune(str(tiny_model), trials=0, search_candidates=3, tuning_db=db, progress=None)
     out = tmp_path / "b.json"
     md = tmp_path / "b.md"
     assert main(["bench", str(tiny_model), "--threads", "1", "--repeat", "3", "--warmup", "1",
@@ -138,7 +138,7 @@ def test_a_bundle_is_compared_with_its_own_source_from_any_directory(tiny_model,
     and a source changed since compiling is not silently timed in ORT as if it were the bundle's model."""
     import shutil
 
-    from graphopt.bench import _model_source
+    from graphopt.front.bench import _model_source
 
     work = tmp_path / "w"
     work.mkdir()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphopt import calibration as cal
-from graphopt.calibration import CalibrationError, Histogram
-from graphopt.errors import GraphoptError, UsageError
+from graphopt.compression import calibration as cal
+from graphopt.compression.calibration import CalibrationError, Histogram
+from graphopt.core.errors import GraphoptError, UsageError
 from tests.passes.graph_testing import model_from_text
 
 RNG = np.random.default_rng(0)

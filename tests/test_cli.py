@@ -16,9 +16,11 @@ import onnx_ir as ir
 import pytest
 from test_io import BAD_MODELS, good_model, sha256, write_bad_model
 
-from graphopt import cli, io
+from graphopt.front import cli
+
+from graphopt.core import io
 from graphopt.passes import BUILTIN_PASSES
-from graphopt.pipeline import PassRegistry
+from graphopt.core.pipeline import PassRegistry
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -67,7 +69,7 @@ def test_bad_model_exits_2_with_one_line(kind, command, tmp_path, capsys):
 def test_real_subprocess_exit_code_and_single_line(tmp_path):
     path, _ = write_bad_model(tmp_path, "truncated")
     exe = shutil.which("graphopt")
-    cmd = [exe] if exe else [sys.executable, "-m", "graphopt.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "graphopt.front.cli"]
     proc = subprocess.run([*cmd, "optimize", str(path), "-o", str(tmp_path / "o.onnx")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -239,7 +241,7 @@ def test_optimize_o0_reports_the_real_node_count(good, tmp_path, capsys):
 
 
 def test_optimize_dump_ir_writes_one_file_per_modifying_pass(tmp_path):
-    from graphopt.cli import main
+    from graphopt.front.cli import main
 
     out, dump = tmp_path / "o.onnx", tmp_path / "dump"
     assert main(["optimize", "light:squeezenet", "-O2", "-o", str(out), "-q", "--dump-ir", str(dump)]) == 0
@@ -252,7 +254,8 @@ def test_optimize_dump_ir_writes_one_file_per_modifying_pass(tmp_path):
 def test_bundled_models_compile_and_tune_with_their_default_shapes():
     """`graphopt compile/tune rapidocr:rec` without --input-shape fix the dims the model is published
     with as dynamic, as `bench` does; given shapes and files are left as they are."""
-    from graphopt import api, models
+    from graphopt.front import api
+    from graphopt import models
 
     assert api.input_shapes_for("rapidocr:rec", None) == models.default_input_shapes("rapidocr:rec")
     assert api.input_shapes_for("rapidocr:rec", ["x:1,3,48,160"]) == ["x:1,3,48,160"]

@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from graphopt.cli import main
-from graphopt.compare import compare_model, to_markdown
-from graphopt.errors import UsageError
+from graphopt.front.cli import main
+from graphopt.front.compare import compare_model, to_markdown
+from graphopt.core.errors import UsageError
 
 
 def _write_model(path):
@@ -79,7 +79,7 @@ def test_missing_model_is_a_usage_error(tmp_path, capsys):
 
 
 def test_a_failing_tool_is_reported_in_its_row(tmp_path, monkeypatch):
-    import graphopt.compare as cmp
+    import graphopt.front.compare as cmp
 
     def broken(path, shapes):
         raise RuntimeError("slim exploded")

@@ -1,4 +1,4 @@
-"""graphopt optimize --quantize/--weights and graphopt.api.quantize: end to end, the accuracy budget's
+"""graphopt optimize --quantize/--weights and graphopt.front.api.quantize: end to end, the accuracy budget's
 fallback on a model with one really sensitive layer, bias correction, int8-dynamic, and bad input."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import api, cli
-from graphopt.compress import CompressOptions, compress, ort_run
-from graphopt.errors import GraphoptError, UnsupportedError
+from graphopt.front import api, cli
+from graphopt.compression.compress import CompressOptions, compress, ort_run
+from graphopt.core.errors import GraphoptError, UnsupportedError
 
 RNG = np.random.default_rng(5)
 
@@ -293,7 +293,7 @@ def test_cli_dispatches_weight_conversion_and_weight_only_quantization(tmp_path,
 
 
 def test_layers_get_unique_names_for_exclusion_and_the_report():
-    from graphopt.compress import name_nodes
+    from graphopt.compression.compress import name_nodes
 
     nodes = [helper.make_node("Relu", ["x"], ["a"], name="same"), helper.make_node("Relu", ["a"], ["b"], name="same"),
              helper.make_node("Relu", ["b"], ["y"])]

@@ -10,15 +10,15 @@ import onnx_ir.passes.common as common
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt import api
-from graphopt.diffcheck import (
+from graphopt.front import api
+from graphopt.core.diffcheck import (
     DifferentialCheckInstrument,
     first_mismatch,
     random_inputs,
     run_onnxruntime,
 )
-from graphopt.errors import PassError
-from graphopt.pipeline import PassRegistry
+from graphopt.core.errors import PassError
+from graphopt.core.pipeline import PassRegistry
 
 
 def _model() -> ir.Model:
@@ -165,7 +165,7 @@ def test_weight_passes_pass_the_check():
     pytest.param("rapidocr:det", "x:1,3,320,320", marks=pytest.mark.slow),
 ])
 def test_default_pipeline_on_real_model_passes_the_check(name, shape, tmp_path):
-    from graphopt.errors import GraphoptError
+    from graphopt.core.errors import GraphoptError
     from graphopt.models import resolve
 
     try:
@@ -179,7 +179,8 @@ def test_default_pipeline_on_real_model_passes_the_check(name, shape, tmp_path):
 
 
 def test_cli_check_names_the_wrong_pass(tmp_path, capsys, monkeypatch):
-    from graphopt import cli, io
+    from graphopt.front import cli
+    from graphopt.core import io
 
     registry = _registry()
     monkeypatch.setattr(PassRegistry, "default", classmethod(lambda cls, plugins=True: registry))
@@ -197,7 +198,7 @@ def test_cli_check_names_the_wrong_pass(tmp_path, capsys, monkeypatch):
 
 
 def test_external_data_model_is_checked_and_dumped(tmp_path):
-    from graphopt import io
+    from graphopt.core import io
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 512])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 512])
@@ -266,8 +267,8 @@ def _dead_branch_model() -> ir.Model:
 def test_model_ort_refuses_for_a_dead_branch_is_checked_with_onnx_reference():
     """At 2x5 the Squeeze branch is shape-invalid, so ORT refuses the model at load time although
     the branch is never taken; the check runs it with onnx.reference and still catches a wrong pass."""
-    from graphopt.diffcheck import run_reference
-    from graphopt.shapes import ShapeWarning, specialize
+    from graphopt.core.diffcheck import run_reference
+    from graphopt.core.shapes import ShapeWarning, specialize
 
     m = _dead_branch_model()
     with pytest.warns(ShapeWarning):

@@ -1,4 +1,4 @@
-"""graphopt.evaluate: real-label metrics on rendered text with the real PP-OCRv4 models, run in ONNX Runtime.
+"""graphopt.compression.evaluate: real-label metrics on rendered text with the real PP-OCRv4 models, run in ONNX Runtime.
 
 The fp32 models must score high and a model with one conv's weights scaled by 0.3 clearly lower, so the
 metrics can fail; the pieces (CTC decoding, edit distance, box matching, labelling) are checked on
@@ -14,11 +14,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from graphopt import evaluate
-from graphopt.cli import main
-from graphopt.errors import GraphoptError
-from graphopt.evaluate import ocr_det, ocr_rec, render
-from graphopt.evaluate.base import ort_runner
+from graphopt.compression import evaluate
+from graphopt.front.cli import main
+from graphopt.core.errors import GraphoptError
+from graphopt.compression.evaluate import ocr_det, ocr_rec, render
+from graphopt.compression.evaluate.base import ort_runner
 from graphopt.models import resolve
 
 REC_LINES = 60

@@ -26,7 +26,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt import cli
+from graphopt.front import cli
 
 SEED = 20250125
 
@@ -61,7 +61,7 @@ def base():
 
 @pytest.fixture(scope="module")
 def bundle(base) -> Path:
-    from graphopt import api
+    from graphopt.front import api
 
     (base / "relu_add.onnx").write_bytes(GOOD)
     api.compile(base / "relu_add.onnx", output=base / "bundle")

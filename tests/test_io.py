@@ -19,8 +19,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import graphopt
-from graphopt import io, models
-from graphopt.errors import GraphoptError, ModelLoadError, UsageError
+from graphopt.core import io
+from graphopt import models
+from graphopt.core.errors import GraphoptError, ModelLoadError, UsageError
 from graphopt.models import cache
 
 # --- bad models (test_cli.py uses these too) ------------------------------------------------------
@@ -299,7 +300,7 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
     import os
     import stat
 
-    from graphopt.io import atomic_write_text
+    from graphopt.core.io import atomic_write_text
 
     mask = os.umask(0o022)
     try:

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from graphopt import models
-from graphopt.errors import GraphoptError
+from graphopt.core.errors import GraphoptError
 from graphopt.models import minilm
 from graphopt.models.wordpiece import WordPiece
 

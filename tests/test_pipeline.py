@@ -1,4 +1,4 @@
-"""The pass manager (graphopt.pipeline): context, fixpoints, instruments, verification, registry."""
+"""The pass manager (graphopt.core.pipeline): context, fixpoints, instruments, verification, registry."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graphopt.errors import PassError, UsageError
-from graphopt.pipeline import (
+from graphopt.core.errors import PassError, UsageError
+from graphopt.core.pipeline import (
     DumpInstrument,
     Fixpoint,
     PassContext,
@@ -20,7 +20,7 @@ from graphopt.pipeline import (
     run_pipeline,
     steps_from_names,
 )
-from graphopt.pipeline.levels import DEFAULT_PIPELINE, pipeline_pass_names
+from graphopt.core.pipeline.levels import DEFAULT_PIPELINE, pipeline_pass_names
 
 
 def _model() -> ir.Model:

@@ -17,9 +17,10 @@ import onnxruntime as ort
 import pytest
 
 import graphopt
-from graphopt import cli, models
-from graphopt.errors import PassError, UsageError
-from graphopt.pipeline import PassRegistry
+from graphopt.front import cli
+from graphopt import models
+from graphopt.core.errors import PassError, UsageError
+from graphopt.core.pipeline import PassRegistry
 
 PLUGIN_SRC = Path(__file__).parent / "plugin_example"
 PLUGIN = "example_rename"
@@ -85,7 +86,7 @@ def test_installed_plugin_is_listed_and_runs(plugin_dir, squeezenet, tmp_path, m
 def test_plugin_found_by_a_fresh_graphopt_process(plugin_dir, squeezenet, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(plugin_dir), os.environ.get("PYTHONPATH")]))}
     exe = shutil.which("graphopt")
-    cmd = [exe] if exe else [sys.executable, "-m", "graphopt.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "graphopt.front.cli"]
     listed = subprocess.run([*cmd, "passes"], capture_output=True, text=True, env=env, timeout=120)
     assert listed.returncode == 0, listed.stderr
     assert any(line.split()[:2] == [PLUGIN, "plugin:graphopt-example-plugin"] for line in listed.stdout.splitlines())

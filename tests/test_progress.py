@@ -13,8 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import cli
-from graphopt.progress import Bar, shown, wrap
+from graphopt.front import cli
+from graphopt.core.progress import Bar, shown, wrap
 
 
 class Terminal(io.StringIO):
@@ -94,7 +94,7 @@ def test_tune_draws_a_search_bar_with_its_lines_above_it(tmp_path, monkeypatch, 
 
     model = _conv_relu(tmp_path / "m.onnx")
     term = Terminal(monkeypatch)
-    graphopt.api.tune(model, trials=0, search_candidates=2, tuning_db=tmp_path / "db")
+    graphopt.front.api.tune(model, trials=0, search_candidates=2, tuning_db=tmp_path / "db")
     seen = term.text()
     assert "schedule search" in seen and "function" in seen, seen
     assert "schedule search:" in capsys.readouterr().out  # the command's own lines still go to stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from graphopt import cli
+from graphopt.front import cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -63,7 +63,7 @@ def test_readme_recipes_on_bundled_models_run_in_order(tmp_path):
     for argv in graphopt_commands():
         if not _runnable(argv):
             continue
-        proc = subprocess.run([sys.executable, "-m", "graphopt.cli", *argv], cwd=tmp_path, env=env,
+        proc = subprocess.run([sys.executable, "-m", "graphopt.front.cli", *argv], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, f"graphopt {' '.join(argv)}\n{proc.stderr[-2000:]}"
         ran.append(argv[0])

@@ -9,10 +9,10 @@ import onnx_ir.passes.common as common
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt import api
-from graphopt.errors import UsageError
-from graphopt.pipeline import PassRegistry
-from graphopt.report import plot_pass_report
+from graphopt.front import api
+from graphopt.core.errors import UsageError
+from graphopt.core.pipeline import PassRegistry
+from graphopt.front.report import plot_pass_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -62,7 +62,8 @@ def test_empty_report_and_bad_input(tmp_path):
 
 
 def test_cli_plot(tmp_path, capsys):
-    from graphopt import cli, io
+    from graphopt.front import cli
+    from graphopt.core import io
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])

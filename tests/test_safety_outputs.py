@@ -21,7 +21,9 @@ import pytest
 from onnx import TensorProto, helper
 from test_io import good_model, sha256
 
-from graphopt import cli, io
+from graphopt.front import cli
+
+from graphopt.core import io
 
 # --- helpers ----------------------------------------------------------------------------------------
 
@@ -215,7 +217,7 @@ def test_bad_external_data_names_file_and_tensor(damage, external_model, tmp_pat
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    from graphopt import api
+    from graphopt.front import api
 
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "b"], ["y"])], "g",
@@ -301,7 +303,7 @@ def test_ctrl_c_during_start_up_prints_one_line(monkeypatch, capsys):
 SLOW_SAVE_DRIVER = textwrap.dedent("""
     import sys, time
     import onnx_ir
-    from graphopt import cli
+    from graphopt.front import cli
 
     real_save = onnx_ir.save
 
@@ -385,7 +387,7 @@ def test_tune_checks_its_database_directory_before_searching(tmp_path, capsys, k
 
 
 def test_bench_plot_is_written_whole(tmp_path):
-    from graphopt.bench import plot
+    from graphopt.front.bench import plot
 
     out = tmp_path / "b.png"
     out.write_bytes(b"old picture")

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from graphopt.serve.metrics import Metrics
+from graphopt.front.serve.metrics import Metrics
 from tests.test_serve_support import (
     binary_infer,
     call,
@@ -184,7 +184,7 @@ def test_metrics_count_requests_errors_and_latency(env):
 
 def test_api_key_guards_everything_but_health(env):
     server, src, model = env
-    from graphopt.serve.model import ServedModel
+    from graphopt.front.serve.model import ServedModel
 
     metrics = Metrics()
     guarded = start([ServedModel("m", model.module, metrics=metrics)], metrics, api_key="s3cret")

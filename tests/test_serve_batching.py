@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from graphopt.serve.batching import ModelWorker
-from graphopt.serve.metrics import Metrics
+from graphopt.front.serve.batching import ModelWorker
+from graphopt.front.serve.metrics import Metrics
 from tests.test_serve_support import call, decode_reply, inputs, json_infer, ort_run, served, start, two_input_model
 
 

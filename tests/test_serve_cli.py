@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from graphopt.cli import main as _main
-from graphopt.serve.cache import cache_key, compiled_buckets, compiled_bundle
-from graphopt.serve.metrics import Metrics
+from graphopt.front.cli import main as _main
+from graphopt.front.serve.cache import cache_key, compiled_buckets, compiled_bundle
+from graphopt.front.serve.metrics import Metrics
 from tests.test_serve_support import call, inputs, json_infer, served, start, two_input_model
 
 
@@ -37,7 +37,7 @@ class Serving:
 
     def __init__(self, *args):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "graphopt.cli", "serve", *map(str, args), "--port", "0"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "graphopt.front.cli", "serve", *map(str, args), "--port", "0"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/v2", line)

@@ -13,9 +13,9 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from graphopt.models import resolve
-from graphopt.serve.cache import compiled_bundle
-from graphopt.serve.metrics import Metrics
-from graphopt.serve.model import ServedModel
+from graphopt.front.serve.cache import compiled_bundle
+from graphopt.front.serve.metrics import Metrics
+from graphopt.front.serve.model import ServedModel
 from tests.test_serve_support import start
 
 RTOL, ATOL = 1e-3, 1e-4

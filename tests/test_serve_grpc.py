@@ -9,8 +9,8 @@ import pytest
 import tritonclient.grpc as tg
 from tritonclient.utils import InferenceServerException
 
-from graphopt.serve.grpc_proto import SERVICE, message
-from graphopt.serve.metrics import Metrics
+from graphopt.front.serve.grpc_proto import SERVICE, message
+from graphopt.front.serve.metrics import Metrics
 from tests.test_serve_support import inputs, ort_run, served, start, two_input_model
 
 
@@ -113,7 +113,7 @@ def test_typed_contents_are_accepted(env):
 
 def test_grpc_api_key(env):
     server, src, _ = env
-    from graphopt.serve.model import ServedModel
+    from graphopt.front.serve.model import ServedModel
 
     metrics = Metrics()
     module = server.repo.models["m"].module

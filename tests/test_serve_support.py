@@ -11,11 +11,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from graphopt.serve.cache import compiled_buckets, compiled_bundle
-from graphopt.serve.metrics import Metrics
-from graphopt.serve.model import ServedModel
-from graphopt.serve.repository import Repository
-from graphopt.serve.server import Server
+from graphopt.front.serve.cache import compiled_buckets, compiled_bundle
+from graphopt.front.serve.metrics import Metrics
+from graphopt.front.serve.model import ServedModel
+from graphopt.front.serve.repository import Repository
+from graphopt.front.serve.server import Server
 
 W = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
 

@@ -1,4 +1,4 @@
-"""graphopt.shapes: --input-shape parsing, specialization, and inference checked against ONNX Runtime."""
+"""graphopt.core.shapes: --input-shape parsing, specialization, and inference checked against ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from graphopt import io, models
-from graphopt.errors import ShapeError
-from graphopt.shapes import ShapeWarning
-from graphopt.shapes import (
+from graphopt.core import io
+
+from graphopt import models
+from graphopt.core.errors import ShapeError
+from graphopt.core.shapes import ShapeWarning
+from graphopt.core.shapes import (
     _inference_proto,
     infer_shapes,
     infer_types,
@@ -256,7 +258,7 @@ def test_inferred_shapes_match_every_conformance_case():
     every static result with the shape of the case's expected output; the verifier must agree too."""
     from onnx.backend.test.case.node import collect_testcases
 
-    from graphopt.verify import verify
+    from graphopt.core.verify import verify
 
     checked = static = 0
     wrong = {}
@@ -318,7 +320,7 @@ _EVAL_CASES = [
 def test_evaluator_matches_onnx_reference(op, arrays, attrs):
     from onnx.reference import ReferenceEvaluator
 
-    from graphopt.shape_eval import evaluate
+    from graphopt.core.shape_eval import evaluate
 
     names = [f"i{k}" for k in range(len(arrays))]
     node = onnx.helper.make_node(op, names, ["out"], **attrs)
@@ -337,7 +339,7 @@ def test_evaluator_matches_onnx_reference(op, arrays, attrs):
 
 
 def test_evaluator_shape_and_size_use_static_dims_only():
-    from graphopt.shape_eval import evaluate
+    from graphopt.core.shape_eval import evaluate
 
     node = ir.from_onnx_text(
         """
@@ -365,7 +367,7 @@ def test_specialize_replaces_stale_recorded_shapes():
     y.shape, y.dtype = ir.Shape([2, 4]), ir.DataType.FLOAT  # stale, from the trace
     specialize(m, ["x:3,4"])
     assert list(y.shape) == [3, 4] and list(m.graph.outputs[0].shape) == [3, 4]
-    from graphopt.verify import verify
+    from graphopt.core.verify import verify
 
     verify(m)
 
@@ -376,7 +378,7 @@ def test_specialize_drops_stale_symbolic_shapes_behind_shape_ifs():
     checks the Unsqueeze after it, whose recorded shape (traced for other sizes) is stale.
     Specialization must drop that record, so that folding the If leaves a valid graph."""
     from graphopt.passes.constant_folding import ConstantFoldingPass
-    from graphopt.verify import verify
+    from graphopt.core.verify import verify
 
     m = ir.from_onnx_text(
         """
@@ -407,7 +409,7 @@ def test_specialize_drops_stale_symbolic_shapes_behind_shape_ifs():
 
 
 def test_evaluator_shape_treats_minus_one_as_unknown():
-    from graphopt.shape_eval import evaluate
+    from graphopt.core.shape_eval import evaluate
 
     node = ir.from_onnx_text(
         """
@@ -436,7 +438,7 @@ def test_silero_vad_specialized_warns_and_ort_indeed_refuses():
 
 
 def test_fixed_shapes_refuse_a_dim_name_naming_input_and_dim():
-    from graphopt.shapes import parse_fixed_input_shapes
+    from graphopt.core.shapes import parse_fixed_input_shapes
 
     assert parse_fixed_input_shapes(["x:1,3,48,320"], purpose="p") == {"x": [1, 3, 48, 320]}
     with pytest.raises(ShapeError, match=r"--input-shape x: dim 'w' is a name; graphopt evaluate needs numbers"):
@@ -444,7 +446,7 @@ def test_fixed_shapes_refuse_a_dim_name_naming_input_and_dim():
 
 
 def test_evaluate_with_a_symbolic_dim_is_a_usage_error(capsys):
-    from graphopt import cli
+    from graphopt.front import cli
 
     assert cli.main(["evaluate", "--metric", "ocr-rec", "--write-calibration", "c.npz",
                      "--input-shape", "x:1,3,48,w"]) == 2

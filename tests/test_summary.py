@@ -1,4 +1,4 @@
-"""graphopt.summary: statistics checked against independent counts (numpy, ONNX Runtime shapes)."""
+"""graphopt.core.summary: statistics checked against independent counts (numpy, ONNX Runtime shapes)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ import onnx.numpy_helper
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graphopt import cli, io, models
-from graphopt.summary import summarize
+from graphopt.front import cli
+
+from graphopt.core import io
+
+from graphopt import models
+from graphopt.core.summary import summarize
 
 
 def _model() -> ir.Model:
@@ -56,7 +60,7 @@ def test_flops_follow_the_documented_convention():
     assert dynamic["flops"] is None and dynamic["flops_unknown_nodes"] > 0
     assert dynamic["inputs"][0]["shape"] == ["N", 4, 8, 8]
 
-    from graphopt.shapes import specialize
+    from graphopt.core.shapes import specialize
 
     specialize(model, ["x:2,4,8,8"])
     thing = model.graph[-1].outputs[0]

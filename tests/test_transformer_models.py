@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.errors import GraphoptError
+from graphopt.core.errors import GraphoptError
 
 F, B = TensorProto.FLOAT, TensorProto.BOOL
 

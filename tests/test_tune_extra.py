@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from graphopt.backends.tuning import tuner
-from graphopt.errors import UsageError
+from graphopt.core.errors import UsageError
 
 
 def _without(monkeypatch, *names):
@@ -31,7 +31,7 @@ def test_rpc_needs_tornado(monkeypatch):
 
 
 def test_tune_command_refuses_before_any_work(monkeypatch, capsys):
-    from graphopt.cli import main
+    from graphopt.front.cli import main
 
     _without(monkeypatch, "xgboost")
     assert main(["tune", "light:squeezenet", "--trials", "8"]) == 2

@@ -1,4 +1,4 @@
-"""graphopt.verify: every broken graph is rejected with the node (and value) named; good graphs pass."""
+"""graphopt.core.verify: every broken graph is rejected with the node (and value) named; good graphs pass."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphopt import io, models
-from graphopt.errors import VerificationError
-from graphopt.shapes import specialize
-from graphopt.verify import verify
+from graphopt.core import io
+
+from graphopt import models
+from graphopt.core.errors import VerificationError
+from graphopt.core.shapes import specialize
+from graphopt.core.verify import verify
 
 
 def parse(text: str) -> ir.Model:
@@ -305,7 +307,7 @@ def _timed(fn) -> float:
 
 
 def test_type_check_is_skipped_above_the_weight_limit(monkeypatch):
-    import graphopt.verify as verify_module
+    import graphopt.core.verify as verify_module
 
     m = parse(
         """

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.backends.bundle import loader as _loader
-from graphopt.errors import GraphoptError, UsageError
-from graphopt.io import current_umask
+from graphopt.core.errors import GraphoptError, UsageError
+from graphopt.core.io import current_umask
 
 LOADER_SOURCE = Path(_loader.__file__)
 

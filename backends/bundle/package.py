@@ -22,7 +22,7 @@ from pathlib import Path
 
 from graphopt.backends.bundle import BundleError
 from graphopt.backends.bundle import loader as _loader
-from graphopt.errors import UsageError
+from graphopt.core.errors import UsageError
 
 
 def _checked(bundle: Path, digest: str | None) -> dict:
@@ -77,8 +77,8 @@ def package(bundle: str | os.PathLike, output: str | os.PathLike, *, digest: str
     Refuses (UsageError) an ``output`` that exists and is not a graphopt package, and (BundleError)
     a bundle that fails the loader's checks; ``digest`` pins the bundle's manifest.
     """
-    from graphopt import io as gio
-    from graphopt import outputs
+    from graphopt.core import io as gio
+    from graphopt.core import outputs
 
     bundle, out = Path(bundle), Path(output)
     outputs.check_output_file(out, "-o", protected=[p for p in bundle.glob("*") if p.is_file()])

@@ -14,7 +14,7 @@ import onnx_ir as ir
 from tvm import relax
 
 from graphopt.backends.lowering import helpers
-from graphopt.errors import UnsupportedError
+from graphopt.core.errors import UnsupportedError
 
 if TYPE_CHECKING:  # pragma: no cover
     from graphopt.backends.lowering.convert import _Lowerer

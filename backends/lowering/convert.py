@@ -23,7 +23,7 @@ from tvm import relax
 from graphopt.backends.lowering import helpers
 from graphopt.backends.lowering.context import LowerContext, attr_value
 from graphopt.backends.lowering.table import RULES, find_rule
-from graphopt.errors import GraphoptError, UnsupportedError
+from graphopt.core.errors import GraphoptError, UnsupportedError
 
 # Initializers with more elements than this become weight parameters; smaller ones are inlined.
 PARAM_MIN_ELEMENTS = 64

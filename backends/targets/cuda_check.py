@@ -136,9 +136,10 @@ def _compare(outputs: dict[str, np.ndarray], expected: list[np.ndarray]) -> dict
 
 
 def check_model(spec: str, outdir: Path, repeat: int) -> dict[str, Any]:
-    from graphopt import api, models
+    from graphopt.front import api
+    from graphopt import models
     from graphopt.backends.schedules.gpu_rules import last_gpu_report, rule_counts
-    from graphopt.bench import _vm_args, _vm_timer, interleaved, stats_ms
+    from graphopt.front.bench import _vm_args, _vm_timer, interleaved, stats_ms
 
     shapes = api.input_shapes_for(spec)
     path = spec if Path(spec).is_file() else str(models.resolve(spec))

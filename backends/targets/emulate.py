@@ -30,8 +30,8 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from graphopt.errors import GraphoptError, UnsupportedError
-from graphopt.io import file_lock
+from graphopt.core.errors import GraphoptError, UnsupportedError
+from graphopt.core.io import file_lock
 
 QEMU = "qemu-aarch64-static"
 # tool -> the Debian package that provides it

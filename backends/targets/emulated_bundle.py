@@ -19,7 +19,7 @@ import numpy as np
 
 from graphopt.backends.bundle import loader as _loader
 from graphopt.backends.targets import emulate
-from graphopt.errors import GraphoptError
+from graphopt.core.errors import GraphoptError
 
 BENCH_SCRIPT = Path(__file__).with_name("aarch64_bench.py")
 NOTE = ("qemu timings: aarch64 code translated to x86 code by qemu on this host; they are not device "

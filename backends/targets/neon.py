@@ -17,7 +17,7 @@ import re
 import shutil
 import subprocess
 
-from graphopt.errors import UnsupportedError
+from graphopt.core.errors import UnsupportedError
 
 OBJDUMP = "aarch64-linux-gnu-objdump"
 _SYMBOL = re.compile(r"^[0-9a-f]+ <(?P<name>[^>]+)>:$")

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from graphopt.backends.tuning.records import FILE as SCHEDULES
-from graphopt.errors import UsageError
+from graphopt.core.errors import UsageError
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"

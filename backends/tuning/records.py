@@ -54,7 +54,7 @@ class ScheduleRecords:
         return rec
 
     def save(self) -> None:
-        from graphopt.io import atomic_write_text
+        from graphopt.core.io import atomic_write_text
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps({"version": VERSION, "records": list(self._records.values())}, indent=1))

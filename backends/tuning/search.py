@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Callable, Sequence
 
 from graphopt.backends.schedules import CPUFeatures, schedule_with_knobs
-from graphopt.progress import Bar
+from graphopt.core.progress import Bar
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from graphopt.backends.tuning.database import best_seconds, default_db_dir, open
 from graphopt.backends.tuning.intrinsics import register_for
 from graphopt.backends.tuning.records import ScheduleRecords
 from graphopt.backends.tuning.search import Measurer, ScheduleReport, search_module
-from graphopt.errors import UsageError
-from graphopt.progress import Bar
+from graphopt.core.errors import UsageError
+from graphopt.core.progress import Bar
 
 # What tuning needs beyond the default install (pip install 'graphopt[tune]'): MetaSchedule's cost model
 # (xgboost), its local runner's worker processes (psutil, cloudpickle) and the RPC tracker client (tornado).

@@ -21,11 +21,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt import api
+from graphopt.front import api
 from graphopt.backends.bundle import loader
 from graphopt.backends.targets import emulate, get_target, neon
-from graphopt.cli import main
-from graphopt.errors import UnsupportedError
+from graphopt.front.cli import main
+from graphopt.core.errors import UnsupportedError
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="emulates aarch64 on an x86-64 host")
 

@@ -13,7 +13,7 @@ import pytest
 import tvm
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import api
+from graphopt.front import api
 from graphopt.backends.compile import compile_model, fused_module
 from graphopt.backends.schedules import amx_conv, amx_kernel
 from graphopt.backends.schedules.testing import ort_run

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from compile_nets import conv_net, ort_run, two_input_net
 
-from graphopt import api
+from graphopt.front import api
 from graphopt.backends.bundle import BundleError, load_bundle
 from graphopt.backends.compile import compile_model
-from graphopt.cli import main
-from graphopt.errors import UsageError
+from graphopt.front.cli import main
+from graphopt.core.errors import UsageError
 
 RTOL, ATOL = 1e-3, 1e-4
 

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 from compile_nets import conv_net, ort_run
 
-from graphopt import api
+from graphopt.front import api
 from graphopt.backends.bundle import BundleError, loader
-from graphopt.cli import main
+from graphopt.front.cli import main
 
 RTOL, ATOL = 1e-3, 1e-4
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from compile_nets import conv_net, ort_run, two_input_net, unsupported_net
 
-from graphopt import api
+from graphopt.front import api
 from graphopt.backends import compile as compile_mod
 from graphopt.backends.compile import CompileStageError, compile_model
-from graphopt.cli import main
-from graphopt.errors import GraphoptError, ShapeError, UnsupportedError
+from graphopt.front.cli import main
+from graphopt.core.errors import GraphoptError, ShapeError, UnsupportedError
 
 RTOL, ATOL = 1e-3, 1e-4
 

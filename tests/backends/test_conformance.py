@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from graphopt import conformance
-from graphopt.cli import main
-from graphopt.errors import UsageError
+from graphopt.front import conformance
+from graphopt.front.cli import main
+from graphopt.core.errors import UsageError
 
 # Common ops across op families: every one of these cases must pass through the whole compiler.
 SUBSET = [

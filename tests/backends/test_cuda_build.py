@@ -17,12 +17,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt import api
+from graphopt.front import api
 from graphopt.backends import targets
 from graphopt.backends.schedules.gpu_rules import apply_gpu_schedules, gpu_rules, last_gpu_report
 from graphopt.backends.targets import CUDA_ARCHS, cuda_check, get_target
-from graphopt.cli import main
-from graphopt.errors import UsageError
+from graphopt.front.cli import main
+from graphopt.core.errors import UsageError
 
 PRESETS = [f"cuda-{arch.replace('_', '')}" for arch in CUDA_ARCHS]
 CATALOG = ["light:squeezenet", "light:resnet50", "rapidocr:det", "rapidocr:rec", "rapidocr:cls"]

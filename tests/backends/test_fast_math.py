@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt import api
+from graphopt.front import api
 from graphopt.backends.compile import compile_model
 from graphopt.backends.schedules import fast_math
 from graphopt.backends.schedules.testing import ort_run

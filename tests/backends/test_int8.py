@@ -161,7 +161,7 @@ def test_unmatched_groups_stay_float(tmp_path):
 
 @pytest.mark.slow
 def test_rapidocr_cls_int8_matches_ort(tmp_path):
-    from graphopt import api
+    from graphopt.front import api
     from graphopt.passes.opset_upgrade import try_upgrade
 
     model = api.optimize(api.load("rapidocr:cls", input_shapes=["x:1,3,48,192"])).model  # shapes inferred

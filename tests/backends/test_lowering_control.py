@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt.backends.lowering.testing import run_lowered
-from graphopt.errors import UnsupportedError
+from graphopt.core.errors import UnsupportedError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conformance_util import run_case, select_cases  # noqa: E402

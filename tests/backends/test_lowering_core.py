@@ -13,7 +13,7 @@ from graphopt.backends.lowering import check_supported, coverage, lower
 from graphopt.backends.lowering import helpers as H
 from graphopt.backends.lowering.context import ConstantInputRequired
 from graphopt.backends.lowering.testing import compile_lowered, run_lowered
-from graphopt.errors import GraphoptError, UnsupportedError
+from graphopt.core.errors import GraphoptError, UnsupportedError
 
 rng = np.random.default_rng(0)
 

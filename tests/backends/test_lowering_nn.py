@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt.errors import UnsupportedError
+from graphopt.core.errors import UnsupportedError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conformance_util import check_against_ort, make_model, run_case, select_cases  # noqa: E402

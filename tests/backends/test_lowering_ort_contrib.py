@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt.backends.lowering.testing import run_lowered
-from graphopt.errors import UnsupportedError
+from graphopt.core.errors import UnsupportedError
 from graphopt.passes.graphopt_ops import run_ort
 
 F = TensorProto.FLOAT

@@ -234,7 +234,8 @@ def test_amx_conv_relu_epilogue():
 def test_squeezenet_all_nan_input():
     """The whole net on an all-NaN image answers NaN where ORT does (everywhere; it answered 0.001
     when Relu turned NaN into 0)."""
-    from graphopt import api, models
+    from graphopt.front import api
+    from graphopt import models
 
     feeds, _ = models.reference_data("light:squeezenet")
     feeds = {k: np.full_like(v, NAN) for k, v in feeds.items()}

@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphopt import api, models
+from graphopt.front import api
+
+from graphopt import models
 
 RTOL, ATOL = 1e-3, 1e-4
 

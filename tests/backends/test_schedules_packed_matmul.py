@@ -9,7 +9,7 @@ import pytest
 import tvm
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import api
+from graphopt.front import api
 from graphopt.backends import schedules
 from graphopt.backends.compile import compile_model
 from graphopt.backends.schedules import packed_matmul

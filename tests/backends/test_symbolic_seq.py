@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import api
-from graphopt.errors import GraphoptError, ShapeError, UsageError
+from graphopt.front import api
+from graphopt.core.errors import GraphoptError, ShapeError, UsageError
 
 F = TensorProto.FLOAT
 BOUND = 64
@@ -105,7 +105,7 @@ def test_lengths_the_bundle_refuses(attn_bundle, tmp_path):
         compiled(**feeds)
     inputs = tmp_path / "in.npz"
     np.savez(inputs, **_feeds(BOUND + 1, rng))
-    proc = subprocess.run([sys.executable, "-m", "graphopt.cli", "run", str(out), "--inputs", str(inputs),
+    proc = subprocess.run([sys.executable, "-m", "graphopt.front.cli", "run", str(out), "--inputs", str(inputs),
                            "-o", str(tmp_path / "o.npz")], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -121,7 +121,7 @@ def test_bad_symbolic_options(attn_path):
         api.load(str(attn_path), input_shapes=["x:1,seq,d"])
     with pytest.raises(ShapeError, match="'seq', already fixed to"):
         api.load(str(attn_path), input_shapes=["x:1,seq,16", "mask:1,len"])
-    from graphopt.commands.compile_cmd import parse_dim_bounds
+    from graphopt.front.commands.compile_cmd import parse_dim_bounds
 
     assert parse_dim_bounds(["seq=256", "batch=8"]) == {"seq": 256, "batch": 8}
     for bad in (["seq"], ["seq=0"], ["1x=3"], ["seq=2", "seq=3"]):
@@ -130,7 +130,7 @@ def test_bad_symbolic_options(attn_path):
 
 
 def test_cli_compile_max(attn_path, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "graphopt.cli", "compile", str(attn_path), "--input-shape", "x:1,seq,16",
+    proc = subprocess.run([sys.executable, "-m", "graphopt.front.cli", "compile", str(attn_path), "--input-shape", "x:1,seq,16",
                            "--input-shape", "mask:1,seq", "--max", "seq=abc", "-o", str(tmp_path / "b")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--max seq=abc" in proc.stderr

@@ -8,7 +8,7 @@ import platform
 import pytest
 
 from graphopt.backends.targets import PRESETS, get_target
-from graphopt.errors import UnsupportedError, UsageError
+from graphopt.core.errors import UnsupportedError, UsageError
 
 
 def test_x86_preset_describes_this_host():

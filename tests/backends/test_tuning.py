@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import graphopt
-from graphopt.errors import UsageError
+from graphopt.core.errors import UsageError
 
 
 def _conv_model(path, extra_matmul: bool):
@@ -41,10 +41,10 @@ def test_second_model_reuses_records_and_compiled_output_matches(tmp_path):
     db = tmp_path / "db"
     a = _conv_model(tmp_path / "a.onnx", extra_matmul=False)
     b = _conv_model(tmp_path / "b.onnx", extra_matmul=True)
-    first = graphopt.api.tune(a, trials=4, max_trials_per_task=4, tuning_db=db, progress=None)
+    first = graphopt.front.api.tune(a, trials=4, max_trials_per_task=4, tuning_db=db, progress=None)
     assert first.trials_run > 0 and first.reused == 0
     assert all(t.best_ms is not None for t in first.tasks), first.tasks  # candidates built and measured
-    second = graphopt.api.tune(b, trials=8, max_trials_per_task=4, tuning_db=db, progress=None)
+    second = graphopt.front.api.tune(b, trials=8, max_trials_per_task=4, tuning_db=db, progress=None)
     reused = [t.name for t in second.tasks if t.reused]
     assert any("conv2d" in name for name in reused), second.tasks
     assert any(s.reused and s.rule == "conv2d" for s in second.schedules), second.schedules  # graphopt's search too
@@ -58,7 +58,7 @@ def test_second_model_reuses_records_and_compiled_output_matches(tmp_path):
 def test_bad_rpc_spec_and_missing_database(tmp_path):
     a = _conv_model(tmp_path / "a.onnx", extra_matmul=False)
     with pytest.raises(UsageError, match="HOST:PORT:KEY"):
-        graphopt.api.tune(a, trials=1, tuning_db=tmp_path / "db", rpc="nohostport", progress=None)
+        graphopt.front.api.tune(a, trials=1, tuning_db=tmp_path / "db", rpc="nohostport", progress=None)
     with pytest.raises(graphopt.GraphoptError, match="no tuning database"):
         graphopt.compile(a, tuning_db=tmp_path / "missing")
 
@@ -109,7 +109,7 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path):
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_for_servers(port, "loopback", 2)
         a = _conv_model(tmp_path / "a.onnx", extra_matmul=False)
-        report = graphopt.api.tune(a, trials=4, max_trials_per_task=4, tuning_db=tmp_path / "db",
+        report = graphopt.front.api.tune(a, trials=4, max_trials_per_task=4, tuning_db=tmp_path / "db",
                                    rpc=f"127.0.0.1:{port}:loopback", progress=None)
         assert report.trials_run > 0
         assert all(t.best_ms is not None for t in report.tasks)

@@ -104,19 +104,19 @@ def test_tune_records_decisions_reuses_them_and_compile_applies_them(tmp_path):
     db = tmp_path / "db"
     a = tmp_path / "a.onnx"
     model = _conv_model(a, c=16, o=32, hw=14)
-    first = graphopt.api.tune(a, trials=0, search_candidates=6, tuning_db=db, progress=None)
+    first = graphopt.front.api.tune(a, trials=0, search_candidates=6, tuning_db=db, progress=None)
     (s,) = [s for s in first.schedules if s.rule == "conv2d"]
     assert not s.reused and 1 < s.candidates <= 6 and s.best_ms <= s.default_ms
     records = json.loads((db / "graphopt_schedules.json").read_text())["records"]
     assert len(records) == len(first.schedules) and records[0]["choice"] == s.choice
-    second = graphopt.api.tune(a, trials=0, search_candidates=6, tuning_db=db, progress=None)
+    second = graphopt.front.api.tune(a, trials=0, search_candidates=6, tuning_db=db, progress=None)
     assert all(r.reused for r in second.schedules) and second.trials_run == 0
 
     # a record made when the rules offered other decisions is searched again
     for r in records:
         r["space"] = "an older set of decisions"
     (db / "graphopt_schedules.json").write_text(json.dumps({"version": 1, "records": records}))
-    third = graphopt.api.tune(a, trials=0, search_candidates=6, tuning_db=db, progress=None)
+    third = graphopt.front.api.tune(a, trials=0, search_candidates=6, tuning_db=db, progress=None)
     assert not any(r.reused for r in third.schedules) and all(r.candidates > 1 for r in third.schedules)
     records = json.loads((db / "graphopt_schedules.json").read_text())["records"]
     assert all(r["space"] != "an older set of decisions" for r in records)
@@ -145,7 +145,7 @@ def test_metaschedule_record_is_used_only_where_it_measured_faster(tmp_path):
     db = tmp_path / "db"
     a = tmp_path / "a.onnx"
     model = _conv_model(a, c=8, o=16, hw=10, k=3)
-    graphopt.api.tune(a, trials=4, max_trials_per_task=4, search_candidates=2, tuning_db=db, progress=None)
+    graphopt.front.api.tune(a, trials=4, max_trials_per_task=4, search_candidates=2, tuning_db=db, progress=None)
     spec = get_target("x86")
     mod = fused_module(ir.from_proto(model), spec)
 

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from graphopt.passes.graphopt_ops import run_ort
-from graphopt.verify import verify
+from graphopt.core.verify import verify
 
 RNG = np.random.default_rng(0)
 

@@ -9,9 +9,9 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.diffcheck import random_inputs, run_onnxruntime
+from graphopt.core.diffcheck import random_inputs, run_onnxruntime
 from graphopt.passes.canonical_dtypes import CanonicalDtypesPass
-from graphopt.verify import verify
+from graphopt.core.verify import verify
 
 RNG = np.random.default_rng(0)
 

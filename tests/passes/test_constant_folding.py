@@ -9,8 +9,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.diffcheck import random_inputs, run_onnxruntime
-from graphopt.errors import GraphoptError
+from graphopt.core.diffcheck import random_inputs, run_onnxruntime
+from graphopt.core.errors import GraphoptError
 from graphopt.passes.constant_folding import ConstantFoldingPass
 
 OPSET = [helper.make_opsetid("", 17)]
@@ -171,7 +171,7 @@ def test_dynamic_shape_subgraph_is_left_alone():
 
 
 def test_pp_ocrv4_rec_shape_subgraphs_fold():
-    from graphopt.shapes import specialize
+    from graphopt.core.shapes import specialize
 
     model = specialize(_real_model("rapidocr:rec"), ["x:1,3,48,320"])
     assert _ops(model)["Shape"] == 4

@@ -11,12 +11,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt.errors import UnsupportedError, UsageError
+from graphopt.core.errors import UnsupportedError, UsageError
 from graphopt.models import resolve
 from graphopt.models.inputs import light_reference_data
 from graphopt.passes.convert_weights import ConvertWeightsPass, convert_weights, rounding_loss
 from graphopt.passes.graphopt_ops import run_ort
-from graphopt.verify import verify
+from graphopt.core.verify import verify
 
 from rendered_text import LINES, ctc_decode, render_line
 

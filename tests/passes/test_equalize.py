@@ -11,7 +11,7 @@ from rendered_text import LINES, render_line, render_page
 import graphopt
 from graphopt.passes.equalize import EqualizePass, equalize
 from graphopt.passes.graphopt_ops import run_ort
-from graphopt.verify import verify
+from graphopt.core.verify import verify
 
 RNG = np.random.default_rng(0)
 

@@ -8,9 +8,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.diffcheck import random_inputs, run_onnxruntime
+from graphopt.core.diffcheck import random_inputs, run_onnxruntime
 from graphopt.passes.fold_weight_reparam import FoldWeightReparamPass
-from graphopt.verify import verify
+from graphopt.core.verify import verify
 
 RNG = np.random.default_rng(0)
 

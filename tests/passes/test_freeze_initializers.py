@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 
 import graphopt
 from graphopt.passes.freeze_initializers import FreezeInitializersPass
-from graphopt.verify import verify
+from graphopt.core.verify import verify
 
 
 def _model(as_input: bool) -> onnx.ModelProto:

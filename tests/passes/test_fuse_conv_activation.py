@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from graph_testing import RNG, apply_and_compare, model_from_text, ops
 import graphopt
-from graphopt.errors import UsageError
+from graphopt.core.errors import UsageError
 from graphopt.passes.fuse_conv_activation import FuseConvActivationPass
 
 W = {"w": RNG.standard_normal((8, 3, 3, 3)).astype(np.float32), "b": RNG.standard_normal(8).astype(np.float32),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from graph_testing import model_from_text, random_feeds
 from graphopt.passes.graphopt_ops import run_ort
 from graphopt.passes.opset_upgrade import try_upgrade, upgrade_blockers
-from graphopt.verify import verify
+from graphopt.core.verify import verify
 
 import numpy as np
 

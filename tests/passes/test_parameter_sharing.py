@@ -8,9 +8,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.diffcheck import random_inputs, run_onnxruntime
+from graphopt.core.diffcheck import random_inputs, run_onnxruntime
 from graphopt.passes.parameter_sharing import ParameterSharingPass
-from graphopt.verify import verify
+from graphopt.core.verify import verify
 
 W = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
 

@@ -10,12 +10,12 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.compress import copy_model, ort_run
-from graphopt.errors import UsageError
+from graphopt.compression.compress import copy_model, ort_run
+from graphopt.core.errors import UsageError
 from graphopt.passes.channel_groups import ChannelGroups
 from graphopt.passes.prune_channels import PruneChannelsPass
-from graphopt.summary import summarize
-from graphopt.verify import verify
+from graphopt.core.summary import summarize
+from graphopt.core.verify import verify
 
 DEAD = {"A": [1, 5], "B": [0, 7], "C": [2]}  # group -> channels with zero weights and bias
 
@@ -163,7 +163,7 @@ def test_kept_widths_stay_multiples_of_the_vector_block():
     p = PruneChannelsPass(0.2)  # multiple 16: graphopt's blocked layout on AVX-512
     assert [p._keep_count(n, 0.2) for n in (240, 480, 128, 64, 60, 10)] == [192, 384, 112, 64, 48, 8]
     assert PruneChannelsPass(0.2, multiple=8)._keep_count(128, 0.2) == 104
-    from graphopt.pruning import parse_spec
+    from graphopt.compression.pruning import parse_spec
 
     assert parse_spec("channels:0.2:m8:l1").multiple == 8 and parse_spec("channels:0.2").multiple == 16
     with pytest.raises(UsageError, match="unknown option 'm0'"):
@@ -186,7 +186,7 @@ def test_bad_input(kwargs, message):
 @pytest.mark.slow
 def test_light_resnet50_at_30_percent():
     """Residual groups: a valid model whose FLOPs drop at least 25% (about a minute on 2 cores)."""
-    from graphopt import api
+    from graphopt.front import api
 
     res = api.optimize("light:resnet50")
     model = res.model

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from test_prune_channels import feeds, prune_model
 
-from graphopt.compress import copy_model, ort_run
-from graphopt.errors import UsageError
+from graphopt.compression.compress import copy_model, ort_run
+from graphopt.core.errors import UsageError
 from graphopt.passes.prune_magnitude import PruneMagnitudePass
-from graphopt.pruning import gzip_size
+from graphopt.compression.pruning import gzip_size
 
 LAYERS = ("c1", "dw", "c2", "c3", "c4", "c5", "gemm")
 

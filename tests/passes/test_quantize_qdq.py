@@ -8,8 +8,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphopt import api, calibration as cal
-from graphopt.errors import UnsupportedError
+from graphopt.front import api
+
+from graphopt.compression import calibration as cal
+from graphopt.core.errors import UnsupportedError
 from graphopt.passes.graphopt_ops import run_ort
 from graphopt.passes.quantize_qdq import QuantizeQDQPass, calibration_targets
 from graphopt.passes.rewrite_utils import const_array
@@ -192,7 +194,7 @@ REAL = [  # (model, input shape, calibration kind, samples, least output cosine 
 
 @pytest.mark.parametrize("spec, shape, kind, samples, least", REAL, ids=[r[0] for r in REAL])
 def test_catalog_models_quantize_to_valid_models_ort_runs(spec, shape, kind, samples, least, tmp_path):
-    from graphopt import evaluate
+    from graphopt.compression import evaluate
 
     model = api.optimize(api.load(spec, input_shapes=[shape])).model
     opset = model.opset_imports[""]
@@ -214,7 +216,7 @@ def test_catalog_models_quantize_to_valid_models_ort_runs(spec, shape, kind, sam
             assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
             continue
         if least == "boxes":  # det: a text probability map; DB post-processing turns it into boxes
-            from graphopt.evaluate.ocr_det import db_boxes, f1, match
+            from graphopt.compression.evaluate.ocr_det import db_boxes, f1, match
 
             ba, bb = db_boxes(a[0, 0]), db_boxes(b[0, 0])
             assert len(ba) >= 2 and f1(match(bb, ba), len(bb), len(ba)) >= 0.8

@@ -16,9 +16,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.errors import UnsupportedError, UsageError
+from graphopt.core.errors import UnsupportedError, UsageError
 from graphopt.passes.quantize_weights import QuantizeWeightsPass, quantize_blocks, quantize_weights
-from graphopt.verify import verify
+from graphopt.core.verify import verify
 
 D, HEADS, FFN, SEQ, LAYERS = 256, 4, 1024, 32, 2
 

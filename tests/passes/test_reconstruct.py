@@ -9,10 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_prune_channels import feeds, prune_model
 
-from graphopt.compress import copy_model, ort_run
+from graphopt.compression.compress import copy_model, ort_run
 from graphopt.passes.prune_channels import PruneChannelsPass
 from graphopt.passes.reconstruct import ReconstructPass, im2col
-from graphopt.verify import verify
+from graphopt.core.verify import verify
 
 
 def _error(model, teacher, data, name="y") -> float:
@@ -69,8 +69,9 @@ def test_im2col_matches_onnxruntime_conv(strides, pads, dilations):
 def test_rapidocr_rec_reconstruction_beats_pruning_alone(tmp_path):
     """PP-OCRv4 rec at 20% channels, calibrated on 8 rendered text lines: the refitted model's output is
     closer to the unpruned one on other lines, and reads more characters right (a few minutes)."""
-    from graphopt import api, evaluate
-    from graphopt.calibration import load_calibration
+    from graphopt.front import api
+    from graphopt.compression import evaluate
+    from graphopt.compression.calibration import load_calibration
 
     calib = tmp_path / "calib.npz"
     evaluate.write_calibration("ocr-rec", calib, 8, input_shape="x:1,3,48,320")

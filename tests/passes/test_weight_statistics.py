@@ -9,10 +9,10 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import io
-from graphopt.diffcheck import random_inputs, run_onnxruntime
+from graphopt.core import io
+from graphopt.core.diffcheck import random_inputs, run_onnxruntime
 from graphopt.passes.weight_statistics import MAX_CHANNELS, WeightStatisticsPass, minmax_rescale, read_statistics
-from graphopt.verify import verify
+from graphopt.core.verify import verify
 
 RNG = np.random.default_rng(0)
 
