@@ -3,7 +3,8 @@
 Layout::
 
     lib.so          the compiled model (weights embedded when they total <= 100 MB)
-    params.npz      the weights, when they are not embedded (keys p0, p1, ... in argument order)
+    params.npz      the weights, when they are not embedded (keys p0, p1, ... in argument order; uncompressed,
+                    each array 64-byte aligned, so the loader memory-maps them: backends/bundle/weights.py)
     manifest.json   versions, target, inputs/outputs, passes applied, sha256 of the source and every file
     loader.py       a standalone loader (TVM + numpy + standard library only)
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.backends.bundle import loader as _loader
+from graphopt.backends.bundle.weights import write_params
 from graphopt.core.errors import GraphoptError, UsageError
 from graphopt.core.io import current_umask
 
@@ -65,7 +67,7 @@ def _write_files(compiled, tmp: Path) -> dict:
     params = {"embedded": compiled.embedded_params, "file": None, "names": list(compiled.params), "keys": []}
     if compiled.params:
         keys = [f"p{i}" for i in range(len(compiled.params))]
-        np.savez(tmp / "params.npz", **dict(zip(keys, compiled.params.values())))
+        write_params(tmp / "params.npz", dict(zip(keys, compiled.params.values())))  # aligned: the loader maps it
         params.update(file="params.npz", keys=keys)
     shutil.copyfile(LOADER_SOURCE, tmp / "loader.py")
     files = sorted(p.name for p in tmp.iterdir())

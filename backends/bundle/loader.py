@@ -83,6 +83,33 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else a.copy(order="C")
 
 
+def device_tensor(array, device):
+    """``(tensor, shared)``: a TVM tensor of ``array`` on ``device``, sharing the array's memory
+    (``shared``) where TVM allows: a CPU device, a writable C-contiguous array (a copy-on-write memory
+    map is one) whose data is 64-byte aligned. Anything else is copied: read-only or unaligned arrays
+    (TVM's DLPack import refuses them) and every array for a GPU (host to device)."""
+    import tvm
+
+    a = _contiguous(np.asarray(array))
+    if device.dlpack_device_type() == tvm.cpu(0).dlpack_device_type() and a.flags.writeable and a.size \
+            and a.ctypes.data % 64 == 0 and a.dtype.kind in "biuf":
+        try:
+            return tvm.runtime.from_dlpack(a), True
+        except Exception:  # a dtype or layout DLPack cannot carry: copy instead
+            pass
+    return tvm.runtime.tensor(a, device), False
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size so far (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def _shape_text(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
@@ -179,7 +206,15 @@ class Runner:
         self.device = device
         self.vm = VirtualMachine(module, device)
         self._main = self.vm["main"]
-        self._params = [tvm.runtime.tensor(_contiguous(np.asarray(p)), device) for p in params]
+        self._params, self.weights_shared_bytes, self.weights_copied_bytes = [], 0, 0
+        for p in params:  # shared: the weights stay in their memory map, TVM reads them there
+            tensor, shared = device_tensor(p, device)
+            self._params.append(tensor)
+            if shared:
+                self.weights_shared_bytes += int(np.asarray(p).nbytes)
+            else:
+                self.weights_copied_bytes += int(np.asarray(p).nbytes)
+        self.load_seconds: float | None = None  # set by load()
         self._home, self._lock, self._calls = threading.current_thread(), threading.Lock(), _CallThread()
         weakref.finalize(self, self._calls.stop)
 
@@ -222,8 +257,8 @@ class Runner:
 
     def _check_symbolic(self, name: str, axis: int, dim: str, n: int, seen: dict) -> None:
         bound = self.bounds.get(dim)
-        if n < 1 or (bound is not None and n > bound):
-            raise InputError(f"input '{name}': dim {axis} ({dim}) is {n}, the bundle serves {dim} from 1 to {bound}")
+        if bound is not None and n > bound:  # 0 is served: an empty KV cache (a decoder's prefill)
+            raise InputError(f"input '{name}': dim {axis} ({dim}) is {n}, the bundle serves {dim} from 0 to {bound}")
         first = seen.setdefault(dim, (name, n))
         if first[1] != n:
             raise InputError(f"input '{name}': dim {axis} ({dim}) is {n}, but input '{first[0]}' has {dim}={first[1]}")
@@ -485,23 +520,69 @@ def _load_params(directory: str, manifest: dict) -> list[np.ndarray]:
     if not pinfo.get("file"):
         return []
     path = bundle_file(directory, pinfo["file"], "params.file")
+    names = pinfo.get("names") if isinstance(pinfo.get("names"), list) else []
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in pinfo["keys"] if k not in data.files]
-            if missing:
-                raise BundleError(f"{path}: lacks the array {missing[0]!r} that the manifest's params.keys lists")
-            return [data[k] for k in pinfo["keys"]]
+        return map_params(path, pinfo["keys"], names)
     except BundleError:
         raise
     except Exception as e:  # any failure to parse the archive: BadZipFile, zlib.error, ValueError, ...
         raise BundleError(f"{path}: params file unreadable ({type(e).__name__}: {_first_line(e)})") from None
 
 
+def map_params(path: str, keys: list, names: list | None = None) -> list[np.ndarray]:
+    """The arrays ``keys`` of the ``.npz`` at ``path``, memory-mapped where the archive stores them
+    uncompressed (copy-on-write: pages are read from the file when first used and shared with the page
+    cache; nothing is copied); a compressed member is read into memory. ``names``: the weights' names
+    (for errors)."""
+    import zipfile
+
+    names, size, arrays = list(names or []), os.path.getsize(path), []
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        members = {i.filename: i for i in zf.infolist()}
+        for i, key in enumerate(keys):
+            what = f"array {key!r}" + (f" (weight '{names[i]}')" if i < len(names) and names[i] != key else "")
+            info = members.get(key + ".npy")
+            if info is None:
+                raise BundleError(f"{path}: lacks the array {key!r} that the manifest's params.keys lists")
+            if info.compress_type != zipfile.ZIP_STORED:
+                with zf.open(info) as member:
+                    arrays.append(np.lib.format.read_array(member, allow_pickle=False))
+                continue
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise BundleError(f"{path}: {what}: damaged zip entry (no local header at {info.header_offset})")
+            name_len, extra_len = struct.unpack_from("<HH", local, 26)
+            start = info.header_offset + 30 + name_len + extra_len
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                raise BundleError(f"{path}: {what} has dtype {dtype} (objects), which a bundle cannot hold")
+            offset = f.tell()
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            end = offset + nbytes
+            if end > start + info.file_size or end > size:
+                raise BundleError(f"{path}: {what} needs bytes {offset}..{end} but the "
+                                  f"{'file has ' + str(size) if end > size else 'zip entry ends at ' + str(start + info.file_size)}"
+                                  " (truncated or damaged)")
+            if nbytes == 0:
+                arrays.append(np.zeros(shape, dtype, order="F" if fortran else "C"))
+                continue
+            arrays.append(np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape,
+                                    order="F" if fortran else "C"))
+    return arrays
+
+
 def load(directory: str, *, verify: bool = True, digest: str | None = None) -> Runner:
     """Load a bundle directory: ``digest`` pins manifest.json's sha256; ``verify=False`` skips hashing
     the other files (their names, listing and the manifest's types are still checked)."""
+    import time
+
     import tvm
 
+    start = time.perf_counter()
     directory = os.fspath(directory)
     manifest = read_manifest(directory, digest)
     verify_files(directory, manifest, hashes=verify)
@@ -521,7 +602,21 @@ def load(directory: str, *, verify: bool = True, digest: str | None = None) -> R
     except Exception as e:
         raise BundleError(f"{lib_path}: not a compiled graphopt model ({_first_line(e)})") from None
     runner.manifest = manifest
+    runner.load_seconds = time.perf_counter() - start
     return runner
+
+
+def load_report(runner: Runner) -> str:
+    """One line: load time, weights memory-mapped or copied, this process's peak RSS so far."""
+    mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
+    parts = [f"loaded in {runner.load_seconds:.2f} s" if runner.load_seconds is not None else "loaded"]
+    if runner.weights_shared_bytes or runner.weights_copied_bytes:
+        parts.append(f"weights {mib(runner.weights_shared_bytes)} memory-mapped, "
+                     f"{mib(runner.weights_copied_bytes)} copied")
+    peak = peak_rss_bytes()
+    if peak is not None:
+        parts.append(f"peak RSS {mib(peak)}")
+    return ", ".join(parts)
 
 
 def _read_inputs(path: str) -> dict:
@@ -568,6 +663,7 @@ def main(argv=None) -> int:
         runner = load(args.bundle, verify=not args.no_verify, digest=args.expect_digest)
         outputs = runner(**_read_inputs(args.inputs))
         _write_outputs(args.output, outputs, protected)
+        print(f"loader: {load_report(runner)}", file=sys.stderr)
     except (BundleError, InputError, OSError) as e:
         print(f"loader: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
