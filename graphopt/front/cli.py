@@ -31,6 +31,7 @@ COMMANDS = {
     "targets": ("targets_cmd", "list the target presets (x86, aarch64, aarch64-dotprod, cuda) and what each assumes"),
     "package": ("package_cmd", "pack a bundle into one .tar.gz for a device (library, params, manifest, loader)"),
     "evaluate": ("evaluate_cmd", "score a model on rendered OCR text (ocr-rec, ocr-det), by cosine or your metric; write calibration data"),
+    "search": ("search_cmd", "search compression configurations (quantization, pruning, fallback) for the fastest or smallest within an accuracy budget"),
 }
 
 

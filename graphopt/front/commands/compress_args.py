@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from graphopt.core.errors import UsageError
 from graphopt.front.commands.common import split_names, table
 from graphopt.compression.compress import QUANTIZE_MODES, WEIGHT_DTYPES, CompressOptions
 
@@ -121,3 +122,104 @@ def apply(opts: CompressOptions | None, res, source, args: argparse.Namespace) -
     done = compress(res.model, opts, source=source, input_shapes=args.input_shape or None)
     res.model = done.model
     return done.report
+
+
+# --config FILE.json: the command's options from a file; a flag given on the command line wins.
+
+class Unset:
+    """A default argparse filled in (the flag was not on the command line); ``apply_config`` replaces it.
+    Copied (argparse's append actions copy the default before appending), it is the plain default."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __copy__(self):
+        return list(self.value or [])
+
+    def __repr__(self) -> str:  # --help shows the default
+        return repr(self.value)
+
+    __str__ = __repr__
+
+
+NOT_IN_CONFIG = ("help", "config", "output", "model", "debug")
+
+
+def add_config(p: argparse.ArgumentParser) -> None:
+    """``--config FILE.json``; call after every other option is added (their defaults are marked)."""
+    p.add_argument("--config", metavar="FILE.json",
+                   help="options from a JSON object (keys: option names, e.g. {\"quantize\": \"int8\", "
+                        "\"calibration\": \"c.npz\"}; written by graphopt search); flags given here override it")
+    for action in p._actions:
+        if action.option_strings and action.dest not in NOT_IN_CONFIG and action.default is not argparse.SUPPRESS:
+            action.default = Unset(action.default)
+    for dest, value in list(p._defaults.items()):
+        p._defaults[dest] = Unset(value)
+    p.set_defaults(_config_actions=[a for a in p._actions if a.option_strings and a.dest not in NOT_IN_CONFIG])
+
+
+def apply_config(args: argparse.Namespace) -> None:
+    """Fill every option not given on the command line from ``--config`` (else its default), checked
+    as the flag would be; an unknown key or a bad value is a UsageError naming the file and key."""
+    actions: dict[str, list] = {}
+    for a in getattr(args, "_config_actions", ()):
+        actions.setdefault(a.dest, []).append(a)
+    given = _read_config(args.config) if getattr(args, "config", None) else {}
+    values = {}
+    for key, value in given.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in actions:
+            known = ", ".join(sorted(d.replace("_", "-") for d in actions))
+            raise UsageError(f"--config {args.config}: unknown key {key!r} (known: {known})")
+        values[dest] = _config_value(args.config, key, value, actions[dest])
+    for dest, value in vars(args).items():
+        if isinstance(value, Unset):
+            setattr(args, dest, values.get(dest, value.value))
+
+
+def _read_config(path: str) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a JSON object of option names and values")
+    return data
+
+
+def _config_value(path, key, value, acts: list):
+    """``value`` converted and checked as its flag's argument would be."""
+    a = acts[0]
+    bad = f"--config {path}: key {key!r}: "
+    if a.nargs == 0:  # flags: store_true/false, or one of several store_const (-O0..-O3)
+        for act in acts:
+            if type(act.const) is type(value) and act.const == value:
+                return value
+        if isinstance(a.const, bool) and isinstance(value, bool):
+            return value
+        raise UsageError(bad + f"expected one of {', '.join(repr(x.const) for x in acts)}, got {value!r}")
+    if isinstance(a, argparse._AppendAction):
+        items = value if isinstance(value, list) else [value]
+        return [_convert(bad, a, v) for v in items]
+    if isinstance(value, (list, dict)):
+        raise UsageError(bad + f"expected one value, got {value!r}")
+    return _convert(bad, a, value)
+
+
+def _convert(bad: str, a: argparse.Action, value):
+    if isinstance(value, (list, dict)) or value is None:
+        raise UsageError(bad + f"expected a value, got {value!r}")
+    try:
+        v = a.type(str(value)) if callable(a.type) else str(value)
+    except (TypeError, ValueError):
+        raise UsageError(bad + f"{value!r} is not a valid {getattr(a.type, '__name__', 'value')}") from None
+    if a.choices is not None and v not in a.choices:
+        raise UsageError(bad + f"{value!r}: expected one of {', '.join(map(str, a.choices))}")
+    return v

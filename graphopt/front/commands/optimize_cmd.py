@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", help="draw node count and parameter bytes after each pass (PNG)")
     p.add_argument("--quiet", "-q", action="store_true", help="print no table")
     compress_args.add_arguments(p)
+    compress_args.add_config(p)  # last: it marks every default above
 
 
 def _check_paths(args: argparse.Namespace, out: Path, check_dir: str | None) -> Path:
@@ -55,6 +56,7 @@ def _check_paths(args: argparse.Namespace, out: Path, check_dir: str | None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    compress_args.apply_config(args)
     out = Path(args.output)
     check_dir = args.check_dir or (str(out.parent / (out.stem + ".check")) if args.check else None)
     src = _check_paths(args, out, check_dir)
