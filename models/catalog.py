@@ -136,3 +136,24 @@ CATALOG: dict[str, ModelEntry] = _build()
 
 def entries_of_package(package: str) -> list[ModelEntry]:
     return [e for e in CATALOG.values() if e.package == package]
+
+
+def _generated() -> dict[str, ModelEntry]:
+    """``gen:*`` (models/generated.py): transformers with deterministic random weights, built into the cache
+    on first use. Kept apart from CATALOG, whose entries are real downloaded models."""
+    from graphopt.models.generated import CONFIGS, file_name
+
+    table = {}
+    for spec, cfg in CONFIGS.items():
+        ids = ("input_ids", f"ids:{cfg.vocab}")
+        if cfg.kind == "bert":
+            shapes, values = ("input_ids:1,128", "attention_mask:1,128"), (ids, ("attention_mask", "ones"))
+        else:  # one decoding step after 127 tokens
+            shapes = ("input_ids:1,1", *(f"past_key_values.{i}.{kv}:1,{cfg.heads},127,{cfg.head_dim}"
+                                         for i in range(cfg.layers) for kv in ("key", "value")))
+            values = (ids,)
+        table[spec] = ModelEntry(spec, f"generated/{file_name(spec, cfg)}", shapes, values=values)
+    return table
+
+
+GENERATED: dict[str, ModelEntry] = _generated()

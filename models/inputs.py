@@ -110,17 +110,17 @@ def random_inputs(
     Dynamic dims come from ``input_shapes`` ("name:d0,d1,..."), else from the catalogue's default
     shapes when ``model`` is a spec such as ``rapidocr:rec``, else 1.
     """
-    from graphopt.models import CATALOG, resolve
+    from graphopt.models import CATALOG, GENERATED, resolve
 
     hints: dict[str, str] = {}
     if isinstance(model, (str, os.PathLike)):
         spec = str(model)
-        entry = CATALOG.get(spec) or _entry_of_cached_file(Path(spec))
+        entry = CATALOG.get(spec) or GENERATED.get(spec) or _entry_of_cached_file(Path(spec))
         if entry is not None:
             hints = dict(entry.values)
             if input_shapes is None:
                 input_shapes = list(entry.input_shapes)
-        path = resolve(spec) if spec in CATALOG else Path(spec)
+        path = resolve(spec) if spec in CATALOG or spec in GENERATED else Path(spec)
         model = onnx.load(str(path), load_external_data=False)
     fixed = _parse_shapes(input_shapes)
     rng = np.random.default_rng(seed)
@@ -134,10 +134,12 @@ def random_inputs(
 
 def _entry_of_cached_file(path: Path):
     """The catalogue entry whose cached file ``path`` is (a model in graphopt's cache), else None."""
-    from graphopt.models import CATALOG, cache_dir
+    from graphopt.models import CATALOG, GENERATED, cache_dir
     from graphopt.models.ort_format import converted_name
 
     try:
+        if path.parent.resolve() == (cache_dir() / "generated").resolve():
+            return next((e for e in GENERATED.values() if e.file_name == path.name), None)
         if path.parent.resolve() != cache_dir().resolve():
             return None
     except OSError:
