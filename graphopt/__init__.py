@@ -19,6 +19,7 @@ from graphopt.core.errors import (  # noqa: E402
     VerificationError,
 )
 from graphopt.core.pipeline import PassContext, PassRegistry  # noqa: E402
+from graphopt.passes import default_registry  # noqa: E402
 
 __all__ = [
     "GraphoptError",
@@ -31,6 +32,7 @@ __all__ = [
     "UsageError",
     "VerificationError",
     "compile",
+    "default_registry",
     "inspect",
     "list_passes",
     "load",

@@ -15,6 +15,7 @@ op18_ifless>``, ``t5:<encoder|decoder>``, ``vit:s``, ``moonshine:<encoder|decode
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ __all__ = [
     "cache_dir",
     "default_input_shapes",
     "entry",
+    "model_path",
     "random_inputs",
     "reference_data",
     "resolve",
@@ -92,3 +94,11 @@ def reference_data(spec: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarr
     if e.package is not None or spec in GENERATED:
         return None
     return light_reference_data(resolve(spec))
+
+
+def model_path(path: str | os.PathLike) -> Path:
+    """A file path, or a bundled model's name such as ``light:resnet50`` or ``rapidocr:det`` as its file."""
+    p = Path(path)
+    if not p.exists() and ":" in str(path) and not str(path).startswith(("/", ".")):
+        return resolve(str(path))
+    return p

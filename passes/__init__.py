@@ -40,3 +40,14 @@ BUILTIN_PASSES: dict[str, tuple[str, str, str]] = {
     "prune_magnitude": (_P + "prune_magnitude", "PruneMagnitudePass", "zero the smallest weights of Conv/Gemm/MatMul layers (per layer or global); shapes stay"),
     "reconstruct": (_P + "reconstruct", "ReconstructPass", "refit pruned layers by ridge least squares to the unpruned model's outputs on calibration data"),
 }
+
+
+def default_registry(*, plugins: bool = True):
+    """A pass registry holding the built-in passes and, with ``plugins``, the installed plugins'."""
+    from graphopt.core.pipeline import PassRegistry
+
+    registry = PassRegistry()
+    registry.add_builtins(BUILTIN_PASSES)
+    if plugins:
+        registry.add_entry_points()
+    return registry

@@ -84,10 +84,10 @@ def test_bench_a_bundle_against_its_source(tiny_model, tmp_path):
 
 
 def test_graphopt_and_ort_take_turns_in_blocks(monkeypatch):
-    import graphopt.front.bench
-    from graphopt.front.bench import BLOCK, interleaved
+    import graphopt.core.timing
+    from graphopt.core.timing import BLOCK, interleaved
 
-    monkeypatch.setattr(graphopt.front.bench, "SETTLE_SECONDS", 0.0)  # one untimed run per turn
+    monkeypatch.setattr(graphopt.core.timing, "SETTLE_SECONDS", 0.0)  # one untimed run per turn
 
     order = []
 
@@ -107,7 +107,7 @@ def test_graphopt_and_ort_take_turns_in_blocks(monkeypatch):
 def test_each_turn_settles_for_a_while_before_timing():
     import time
 
-    from graphopt.front.bench import SETTLE_SECONDS, _settle
+    from graphopt.core.timing import SETTLE_SECONDS, _settle
 
     calls = []
     start = time.perf_counter()

@@ -16,11 +16,11 @@ import onnx_ir as ir
 import pytest
 from test_io import BAD_MODELS, good_model, sha256, write_bad_model
 
+from graphopt.passes import default_registry
 from graphopt.front import cli
 
 from graphopt.core import io
 from graphopt.passes import BUILTIN_PASSES
-from graphopt.core.pipeline import PassRegistry
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -126,10 +126,12 @@ class _Crash(ir.passes.InPlacePass):
 
 @pytest.fixture
 def custom_registry(monkeypatch):
-    registry = PassRegistry.default(plugins=False)
+    registry = default_registry(plugins=False)
     registry.register("break_graph", _BreakGraph)
     registry.register("crash", _Crash)
-    monkeypatch.setattr(PassRegistry, "default", classmethod(lambda cls, plugins=True: registry))
+    import graphopt.front.api
+
+    monkeypatch.setattr(graphopt.front.api, "default_registry", lambda plugins=True: registry)
     return registry
 
 

@@ -144,7 +144,7 @@ def test_input_file_never_modified(tmp_path):
     src = tmp_path / "in.onnx"
     onnx.save(good_model(), src)
     before = sha256(src)
-    registry = graphopt.PassRegistry.default(plugins=False)
+    registry = graphopt.default_registry(plugins=False)
     registry.register("scale_weights", _InPlaceScale)
     result = graphopt.optimize(src, passes=["scale_weights"], registry=registry)
     graphopt.save(result.model, tmp_path / "out.onnx")

@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from graphopt.passes import default_registry
 from graphopt.core.errors import PassError, UsageError
 from graphopt.core.pipeline import (
     DumpInstrument,
@@ -183,7 +184,7 @@ def test_fixpoint_levels():
 
 
 def test_default_pipeline_names_are_registered_builtins():
-    reg = PassRegistry.default(plugins=False)
+    reg = default_registry(plugins=False)
     assert set(pipeline_pass_names()) <= set(reg.names())
     assert any(isinstance(s, Fixpoint) for s in DEFAULT_PIPELINE)
 

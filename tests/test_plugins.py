@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 
 import graphopt
+from graphopt.passes import default_registry
 from graphopt.front import cli
 from graphopt import models
 from graphopt.core.errors import PassError, UsageError
@@ -61,12 +62,12 @@ def _run(path, feeds):
 
 
 def test_plugin_is_absent_until_installed():
-    assert PLUGIN not in PassRegistry.default()
+    assert PLUGIN not in default_registry()
 
 
 def test_installed_plugin_is_listed_and_runs(plugin_dir, squeezenet, tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(plugin_dir))
-    info = PassRegistry.default().info(PLUGIN)
+    info = default_registry().info(PLUGIN)
     assert info.source == "plugin:graphopt-example-plugin"
 
     assert cli.main(["passes", "--json"]) == 0
@@ -111,7 +112,7 @@ class _TagOutputs(ir.passes.InPlacePass):
 
 
 def test_register_from_python_with_options():
-    registry = PassRegistry.default(plugins=False)
+    registry = default_registry(plugins=False)
     registry.register("tag_outputs", _TagOutputs)
     assert registry.info("tag_outputs").source == "user"
     assert registry.info("tag_outputs").description == "Adds a metadata entry naming the model's outputs."
@@ -124,7 +125,7 @@ def test_register_from_python_with_options():
 
 
 def test_register_errors():
-    registry = PassRegistry.default(plugins=False)
+    registry = default_registry(plugins=False)
     registry.register("tag_outputs", _TagOutputs)
     with pytest.raises(UsageError, match="already registered"):
         registry.register("tag_outputs", _TagOutputs)

@@ -136,25 +136,31 @@ def _compare(outputs: dict[str, np.ndarray], expected: list[np.ndarray]) -> dict
 
 
 def check_model(spec: str, outdir: Path, repeat: int) -> dict[str, Any]:
-    from graphopt.front import api
     from graphopt import models
+    from graphopt.backends.bundle import load_bundle
+    from graphopt.backends.bundle.timing import runner_timer
+    from graphopt.backends.compile import compile_model
     from graphopt.backends.schedules.gpu_rules import last_gpu_report, rule_counts
-    from graphopt.front.bench import _vm_args, _vm_timer, interleaved, stats_ms
+    from graphopt.core import io
+    from graphopt.core.shapes import specialize
+    from graphopt.core.timing import interleaved, stats_ms
 
-    shapes = api.input_shapes_for(spec)
-    path = spec if Path(spec).is_file() else str(models.resolve(spec))
+    shapes = None if Path(spec).is_file() else models.default_input_shapes(spec)
+    path = str(models.model_path(spec))
     bundle_dir = outdir / "bundles" / Path(spec.replace(":", "_")).stem
     t = time.perf_counter()
-    compiled = api.compile(spec, target=TARGET, input_shapes=shapes, output=bundle_dir)
+    model = io.load(path)
+    if shapes:
+        specialize(model, shapes)
+    compiled = compile_model(model, target=TARGET, output=bundle_dir, source_path=path)
     arch = compiled.target.config.get("arch", compiled.target.kind)
     result: dict[str, Any] = {"model": spec, "target": compiled.target.name, "arch": arch,
                               "compile_s": round(time.perf_counter() - t, 2),
                               "rules": rule_counts(last_gpu_report()) if compiled.target.is_gpu else {}}
-    bundle = api.load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir)
     feeds = models.random_inputs(path, input_shapes=shapes)
     result.update(_compare(bundle(**feeds), _ort_cpu(path, feeds)))
-    vm, args = _vm_args(bundle.runner, feeds)
-    timers = {"graphopt": _vm_timer(vm, args, bundle.runner.device)}
+    timers = {"graphopt": runner_timer(bundle.runner, feeds)}
     ort_cuda = _ort_cuda_timer(path, feeds)
     if ort_cuda is not None:
         timers["ort_cuda"] = ort_cuda

@@ -10,6 +10,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from graphopt.passes import default_registry
 from graphopt.core import io
 from graphopt.core.errors import UsageError
 from graphopt.core.pipeline import (
@@ -26,12 +27,9 @@ ModelLike = "ir.Model | str | os.PathLike"
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """A file path, or a bundled model's name such as ``light:resnet50`` or ``rapidocr:det``."""
-    p = Path(path)
-    if not p.exists() and ":" in str(path) and not str(path).startswith(("/", ".")):
-        from graphopt.models import resolve
+    from graphopt.models import model_path
 
-        return resolve(str(path))
-    return p
+    return model_path(path)
 
 
 def load(path: str | os.PathLike, *, input_shapes: dict | Sequence[str] | None = None) -> ir.Model:
@@ -123,7 +121,7 @@ def optimize(
     from graphopt.passes.graphopt_ops import with_target_runtime
 
     m = _as_model(model, input_shapes)
-    registry = registry or PassRegistry.default()
+    registry = registry or default_registry()
     disable = frozenset(disable)
     for name in (*disable, *force, *(passes or ())):
         registry.info(name)  # unknown names are a usage error, before any work
@@ -179,7 +177,7 @@ def quantize(
 
 
 def list_passes(registry: PassRegistry | None = None) -> list[dict[str, str]]:
-    registry = registry or PassRegistry.default()
+    registry = registry or default_registry()
     return [{"name": p.name, "source": p.source, "description": p.description} for p in registry]
 
 
@@ -196,8 +194,12 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
     tuning_db: str | os.PathLike | None = None,
     schedules: bool = True,
     dim_bounds: dict[str, int] | None = None,
+    frontend: str = "graphopt",
 ):
     """Optimize, lower to Relax, compile for ``target``; returns a callable module.
+
+    ``frontend="tvm"`` lowers through TVM's own ONNX importer instead of graphopt's op table (a
+    baseline for comparisons).
 
     ``dim_bounds``: the largest value of each dim ``input_shapes`` names (``input_ids:1,seq`` with
     ``{"seq": 256}``): those dims stay symbolic and one bundle serves every value up to the bound.
@@ -213,7 +215,7 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
 
         check_destination(output)
     source = None if isinstance(model, ir.Model) else resolve_model_path(model)
-    m = _as_model(model, input_shapes_for(model, input_shapes))
+    m = _as_model(model, input_shapes if dim_bounds else input_shapes_for(model, input_shapes))
     return compile_model(
         m,
         target=target,
@@ -223,6 +225,7 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
         schedules=schedules,
         source_path=source,
         dim_bounds=dim_bounds,
+        frontend=frontend,
     )
 
 
@@ -236,6 +239,77 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True, digest: str | N
     from graphopt.backends.bundle import load_bundle as _load
 
     return _load(path, verify=verify, digest=digest)
+
+
+def generate(
+    model: str | os.PathLike,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    against: str | None = None,
+    dim_bounds: dict[str, int] | None = None,
+    target: str = "x86",
+    threads: int | None = None,
+    keep_logits: bool = False,
+    warmup: bool = True,
+) -> dict[str, Any]:
+    """Greedy decoding with a KV-cache decoder (``graphopt generate``; loop: ``graphopt.front.generate``).
+
+    ``model``: a bundle compiled with symbolic sequence and cache dims (``--max seq=N --max past=N``), or
+    an ONNX decoder (a file, ``gen:gpt2``) compiled here with those dims bounded by what the request
+    needs (or ``dim_bounds``). ``against="ort"`` runs the same loop on the ONNX (the bundle's recorded
+    source) in ONNX Runtime in this run. ``warmup`` runs two tokens first, untimed. Returns
+    ``{"model", "source", "compile_s", "graphopt": Trace, "ort": Trace | None}``.
+    """
+    import dataclasses
+    import time
+
+    from graphopt.front import generate as gen
+
+    if against not in (None, "ort"):
+        raise UsageError(f"--against {against}: expected 'ort'")
+    compile_s = None
+    if Path(model).is_dir() and (Path(model) / "manifest.json").is_file():
+        from graphopt.front.bench import _model_source
+
+        module = load_bundle(model)
+        source, _ = _model_source(str(model), [])
+        bounds = dict(module.manifest.get("dim_bounds") or {})
+    else:
+        import onnx
+
+        source = str(resolve_model_path(model))
+        graph = onnx.load(source, load_external_data=False).graph
+        inits = {t.name for t in graph.initializer}
+        rows = [(i.name, [d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+                          for d in i.type.tensor_type.shape.dim],
+                 onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name)
+                for i in graph.input if i.name not in inits]
+        lay = gen.decoder_layout(rows, [o.name for o in graph.output], source)
+        n = len(prompt_ids)
+        need = {lay.seq_dim: n, lay.past_dim: n + max_new_tokens - 1}
+        if None in need:
+            raise UsageError(f"{source}: name the sequence and cache dims of input_ids and the past inputs "
+                             "(dim_param) to generate with it")
+        t0 = time.perf_counter()
+        module = compile(source, target=target, dim_bounds=dim_bounds or need)
+        compile_s, bounds = time.perf_counter() - t0, dict(module.dim_bounds)
+    layout = gen.decoder_layout(module.inputs, [n for n, _, _ in module.outputs], str(model))
+    logits_shape = next(s for n, s, _ in module.outputs if n == layout.logits)
+    vocab = logits_shape[-1] if logits_shape and isinstance(logits_shape[-1], int) else None
+    layout = dataclasses.replace(layout, vocab=vocab)
+    gen.check_request(layout, list(prompt_ids), max_new_tokens, bounds, str(model))
+    steps = {"graphopt": (lambda feeds: module(**feeds), layout)}
+    if against == "ort":
+        if source is None:
+            raise UsageError(f"{model}: --against ort needs the bundle's source ONNX, which is missing or changed")
+        steps["ort"] = gen.ort_decoder(source, threads or int(os.environ.get("TVM_NUM_THREADS", 0)) or None)
+    result: dict[str, Any] = {"model": str(model), "source": source, "compile_s": compile_s, "ort": None}
+    for name, (step, lay) in steps.items():
+        if warmup:
+            gen.greedy(step, lay, prompt_ids, min(2, max_new_tokens))
+        result[name] = gen.greedy(step, lay, prompt_ids, max_new_tokens, keep_logits=keep_logits)
+    return result
 
 
 def parse_opt_level(text: str) -> int:
@@ -278,3 +352,153 @@ def tune(
         max_trials_per_task=max_trials_per_task, rpc=rpc, fcompile=spec.export_function(),
         search_candidates=search_candidates, progress=progress,
     )
+
+
+def tuning_summary(model: ir.Model, *, target: str, opt_level: int, tuning_db: str | os.PathLike) -> dict[str, Any]:
+    """What the database holds for this model's fused functions (functions, searched, candidates, trials)."""
+    from graphopt.backends.compile import fused_module
+    from graphopt.backends.targets import get_target
+    from graphopt.backends.tuning import model_summary
+
+    spec = get_target(target)
+    return model_summary(fused_module(model, spec, opt_level=opt_level), spec.target, str(tuning_db))
+
+
+# ---- timing a compiled module (graphopt bench, the device checks) ----
+
+def timer(runner, feeds: dict):
+    """``timer(n) -> [seconds] * n``: ``n`` timed runs of a compiled module's or bundle's ``runner``."""
+    from graphopt.backends.bundle.timing import runner_timer
+
+    return runner_timer(runner, feeds)
+
+
+def profile(runner, feeds: dict, *, runs: int = 3) -> list[dict[str, Any]]:
+    """Time spent in each fused function per run, slowest first (``function``, ``ms``, ``share``, ``calls``)."""
+    from graphopt.backends.bundle.timing import runner_profile
+
+    return runner_profile(runner, feeds, runs=runs)
+
+
+def schedule_report() -> dict[str, str]:
+    """function -> schedule rule, for the last compile in this process."""
+    from graphopt.backends import schedules
+
+    return schedules.last_report()
+
+
+# ---- targets and bundles ----
+
+def targets() -> list[dict[str, Any]]:
+    """Every target preset: name, what it assumes, its TVM target, cross compiler, whether it runs here."""
+    from graphopt.backends.targets import ASSUMES, PRESETS, emulate
+
+    def runs_here(spec) -> str:
+        if spec.kind == "cuda":
+            return "yes" if spec.can_run_here() else "no (no CUDA GPU visible)"
+        if spec.can_run_here():
+            return "yes"
+        return "under qemu" if emulate.needs_emulation(spec.features.get("arch", "")) else "no"
+
+    rows = []
+    for name, make in PRESETS.items():
+        spec = make()
+        rows.append({"name": name, "assumes": ASSUMES.get(name, ""), "target": spec.config,
+                     "cross_compiler": spec.cross_compiler, "runs_here": runs_here(spec)})
+    return rows
+
+
+def check_target(target: str) -> None:
+    """Raise a UsageError naming ``target`` unless it is a preset or a TVM target graphopt can build for."""
+    from graphopt.backends.targets import get_target
+
+    get_target(target)
+
+
+def emulated_target(target: str) -> bool:
+    """Whether code for ``target`` runs on this host only under qemu (aarch64 on x86)."""
+    from graphopt.backends.targets import emulate, get_target
+
+    return emulate.needs_emulation(get_target(target).features.get("arch", ""))
+
+
+def coverage(model: ir.Model | str | os.PathLike, *, target: str = "x86", input_shapes=None) -> dict[str, Any]:
+    """Which of the model's ops graphopt lowers for ``target``, and how (see ``graphopt inspect --coverage``)."""
+    from graphopt.backends.lowering import coverage as _coverage
+
+    return _coverage(_as_model(model, input_shapes), target=target)
+
+
+def check_digests(paths: Sequence[str], digests: Sequence[str]) -> None:
+    """``--expect-digest``: one ``sha256:HEX`` per bundle directory among ``paths``, in order, each matching."""
+    from graphopt.backends.bundle import check_digests as _check
+
+    _check(paths, digests)
+
+
+def package(bundle: str | os.PathLike, output: str | os.PathLike, *, digest: str | None = None) -> dict[str, Any]:
+    """One ``.tar.gz`` for a device: library, params, manifest and the standalone loader."""
+    from graphopt.backends.bundle.package import package as _package
+
+    return _package(bundle, output, digest=digest)
+
+
+def is_emulated_bundle(bundle: str | os.PathLike) -> bool:
+    """Whether ``bundle`` is built for another architecture that this host runs under qemu."""
+    from graphopt.backends.targets.emulated_bundle import is_emulated
+
+    return is_emulated(bundle)
+
+
+def run_emulated(bundle: str | os.PathLike, inputs: dict, *, verify: bool = True, digest: str | None = None) -> dict:
+    """Run an aarch64 bundle on this x86 host: its standalone loader under qemu, in a cached aarch64 Python."""
+    from graphopt.backends.targets.emulated_bundle import run_bundle
+
+    return run_bundle(bundle, inputs, verify=verify, digest=digest)
+
+
+def bench_emulated(bundle: str | os.PathLike, *, repeat: int, warmup: int, threads: int | None,
+                   digest: str | None = None) -> dict[str, Any]:
+    """Time an aarch64 bundle under qemu (not a device time), with the kernels that use NEON and dot products."""
+    import json
+
+    from graphopt.backends.targets import neon
+    from graphopt.backends.targets.emulated_bundle import NOTE, bench_bundle
+
+    timed = bench_bundle(bundle, repeat=repeat, warmup=warmup, threads=threads, digest=digest)
+    with open(os.path.join(bundle, "manifest.json")) as f:
+        manifest = json.load(f)
+    timed["kernels"] = neon.kernel_report(os.path.join(bundle, manifest["library"]))
+    timed["target"] = manifest["target"]["name"]
+    timed["note"] = NOTE
+    return timed
+
+
+# ---- what conformance needs to feed a compiled module ----
+
+def held_input(array, dtype: str):
+    """``array`` as the compiled module holds ``dtype`` (float8/int4 and other types as bit patterns)."""
+    from graphopt.backends.lowering.helpers import as_held
+
+    return as_held(array, dtype)
+
+
+def bit_pattern_dtypes() -> frozenset[str]:
+    """The dtypes a compiled module holds as bit patterns (outputs come back as uint8 of the same bits)."""
+    from graphopt.backends.lowering.helpers import BIT_PATTERN_DTYPES
+
+    return frozenset(BIT_PATTERN_DTYPES)
+
+
+def compile_errors():
+    """``(CompileStageError, first_error_line)``: the error TVM's build stages raise and its one-line summary."""
+    from graphopt.backends.compile import CompileStageError, first_error_line
+
+    return CompileStageError, first_error_line
+
+
+def runtime_version() -> str:
+    """The TVM runtime's version (bundles and caches record it)."""
+    import tvm
+
+    return tvm.__version__

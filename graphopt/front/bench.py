@@ -26,32 +26,21 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from graphopt.core.errors import GraphoptError, UsageError
+from graphopt.core.timing import BLOCK, WARMUP_MIN_SECONDS, interleaved, ort_timer, stats_ms
 
 RESULT_FIELDS = (
     "model", "target", "threads", "repeat", "warmup", "untuned", "input_shapes", "graphopt", "ort",
     "ratio", "ratio_min", "flops", "gflops", "ort_gflops", "compile_s", "schedules", "profile",
 )
-
-
-def stats_ms(seconds: list[float]) -> dict[str, float]:
-    ms = [s * 1e3 for s in seconds]
-    return {
-        "min_ms": round(min(ms), 4),
-        "median_ms": round(statistics.median(ms), 4),
-        "max_ms": round(max(ms), 4),
-        "mean_ms": round(statistics.fmean(ms), 4),
-    }
 
 
 def _is_bundle(path: str) -> bool:
@@ -67,7 +56,7 @@ def _model_source(model: str, input_shapes: list[str]) -> tuple[str | None, list
         src = source.get("path") or manifest.get("source_path")
         if not (src and os.path.isfile(src)):
             return None, input_shapes
-        from graphopt.backends.compile import sha256_file
+        from graphopt.models import sha256_file
 
         if source.get("sha256") and sha256_file(src) != source["sha256"]:  # not the model the bundle was built from
             print(f"graphopt bench: note: {model}: its source {src} changed since compiling; no ONNX Runtime "
@@ -87,128 +76,6 @@ def _inputs_for(runner, onnx_path: str | None, shapes: list[str]) -> dict[str, n
         return {n: feeds[n] for n, _, _ in runner.inputs if n in feeds} or feeds
     rng = np.random.default_rng(0)
     return {n: rng.standard_normal(s).astype(d) if d.startswith("float") else np.zeros(s, d) for n, s, d in runner.inputs}
-
-
-VM_ROW = "(VM: allocation, shape checks, calls)"
-
-
-def profile_vm(vm, args: list, runs: int = 3) -> list[dict[str, Any]]:
-    """Mean time per run spent in each fused function the VM calls, slowest first, with its share.
-
-    Each call is timed from Python (``set_instrument``), which adds its own cost, and that cost lands
-    on the VM's cheap builtins (PP-OCRv4 rec: ~25 ms a run "in" alloc_tensor, in a 13-23 ms run). So
-    the builtins are one row: the uninstrumented run time minus the kernels' time.
-    """
-    totals: dict[str, float] = defaultdict(float)
-    calls: dict[str, int] = defaultdict(int)
-    started: list[float] = []
-
-    def instrument(func, symbol, before, ret, *rest):
-        if before:
-            started.append(time.perf_counter())
-        else:
-            totals[symbol] += time.perf_counter() - started.pop()
-            calls[symbol] += 1
-        return 0
-
-    plain_runs = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        vm["main"](*args)
-        plain_runs.append(time.perf_counter() - t0)
-    plain = statistics.median(plain_runs)  # one slow run of a noisy machine made a 2.4 ms "VM" row of 0.3
-    vm.set_instrument(instrument)
-    try:
-        for _ in range(runs):
-            vm["main"](*args)
-    finally:
-        vm.set_instrument(lambda *a: 0)
-    kernels = {k: v / runs for k, v in totals.items() if not k.startswith("vm.builtin.")}
-    builtin_calls = sum(c for k, c in calls.items() if k.startswith("vm.builtin.")) // runs
-    spent = sum(kernels.values())
-    rest = max(0.0, plain - spent)
-    total = (spent + rest) or 1.0
-    rows = [{"function": k, "ms": round(v * 1e3, 4), "share": round(v / total, 4), "calls": calls[k] // runs}
-            for k, v in kernels.items()]
-    if builtin_calls:
-        rows.append({"function": VM_ROW, "ms": round(rest * 1e3, 4), "share": round(rest / total, 4),
-                     "calls": builtin_calls})
-    return sorted(rows, key=lambda r: -r["ms"])
-
-
-WARMUP_MIN_SECONDS = 1.0  # a new process's first runs are slow (thread pools, page faults, clocks)
-
-
-def warm_up(run, warmup: int) -> None:
-    """Call ``run`` ``warmup`` times, and on until ``WARMUP_MIN_SECONDS`` have passed (at most 1000 calls).
-
-    With three runs of a 12 ms model, the first model of a ``bench`` run measured 40% slower than the
-    same bundle timed again right after it; a second of warm-up narrows that gap (to about 25% on the
-    noisy 2-core machine measured), it does not close it.
-    """
-    start, n = time.perf_counter(), 0
-    while n < warmup or (time.perf_counter() - start < WARMUP_MIN_SECONDS and n < 1000):
-        run()
-        n += 1
-
-
-BLOCK = 5  # timed runs per turn when graphopt and ORT take turns
-# Each turn starts with untimed runs for at least this long: the other side's thread pool spins on the
-# same cores for a while after its last run (ORT's PP-OCRv4 cls, 0.7 ms alone, timed 0.7 to 2.1 ms
-# when one untimed run began each turn).
-SETTLE_SECONDS = 0.05
-
-
-def interleaved(timers: dict[str, Any], repeat: int, warmup: int) -> dict[str, list[float]]:
-    """Time every ``timers[name](n) -> [seconds] * n`` for ``repeat`` runs, taking turns in blocks.
-
-    Run one after the other, a slow minute of a shared machine lands on one side only (ORT alone
-    moved 40% between two runs here); taking turns every ``BLOCK`` runs spreads it over both, so the
-    ratio holds where the absolute times do not. Each turn starts with one untimed run (the other
-    side's thread pool may still be spinning) and goes on for ``SETTLE_SECONDS``.
-    """
-    for run in timers.values():
-        warm_up(lambda run=run: run(1), warmup)
-    out: dict[str, list[float]] = {name: [] for name in timers}
-    while any(len(v) < repeat for v in out.values()):
-        for name, run in timers.items():
-            n = min(BLOCK, repeat - len(out[name]))
-            if n > 0:
-                _settle(run)
-                out[name] += run(n)
-    return out
-
-
-def _settle(run) -> None:
-    start = time.perf_counter()
-    run(1)
-    while time.perf_counter() - start < SETTLE_SECONDS:
-        run(1)
-
-
-def _vm_timer(vm, args, dev):
-    return lambda n: list(vm.time_evaluator("main", dev, number=1, repeat=n)(*args).results)
-
-
-def _ort_timer(onnx_path: str, feeds: dict, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-    feeds = {k: v for k, v in feeds.items() if k in names}
-
-    def run(n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            t = time.perf_counter()
-            sess.run(None, feeds)
-            out.append(time.perf_counter() - t)
-        return out
-
-    return run
 
 
 def measure(
@@ -232,46 +99,38 @@ def measure(
     With ``tuning_db``, the model is compiled twice, with the default schedules and with the
     database, and both are timed in this run ("default" holds the first, "graphopt" the tuned one).
     """
-    import tvm
+    from graphopt.front import api
 
     onnx_path, shapes = _model_source(model, list(input_shapes))
     schedules: dict[str, int] = {}
     t0 = time.perf_counter()
     if _is_bundle(model):
-        from graphopt.front.api import load_bundle
-
-        bundle = load_bundle(model)
+        bundle = api.load_bundle(model)
         runner = bundle.runner
         target_name = (bundle.manifest.get("target") or {}).get("name", "bundle")
     else:
-        from graphopt.front import api
-        from graphopt.backends.compile import compile_model
-
         m = api.load(onnx_path, input_shapes=shapes or None)
-        from graphopt.backends import schedules as sched
-
         default_runner = None
         if tuning_db is not None:
-            default_runner = compile_model(m, target=target, opt_level=opt_level, frontend=frontend).runner()
+            default_runner = api.compile(m, target=target, opt_level=opt_level, frontend=frontend).runner()
             t0 = time.perf_counter()
-        compiled = compile_model(m, target=target, opt_level=opt_level, schedules=not untuned, frontend=frontend,
-                                 tuning_db=tuning_db)
-        for rule in ({} if untuned else sched.last_report()).values():
+        compiled = api.compile(m, target=target, opt_level=opt_level, schedules=not untuned, frontend=frontend,
+                               tuning_db=tuning_db)
+        for rule in ({} if untuned else api.schedule_report()).values():
             schedules[rule] = schedules.get(rule, 0) + 1
         runner = compiled.runner()
         target_name = compiled.target.name
     compile_s = time.perf_counter() - t0
     feeds = _inputs_for(runner, onnx_path, shapes)
-    vm, args = _vm_args(runner, feeds)
-    timers = {"graphopt": _vm_timer(vm, args, runner.device)}
+    timers = {"graphopt": api.timer(runner, feeds)}
     if tuning_db is not None:  # the default schedules and the tuned module, in the same run
-        timers["default"] = _vm_timer(*_vm_args(default_runner, feeds), runner.device)
+        timers["default"] = api.timer(default_runner, feeds)
     if against == "ort" and onnx_path is not None:
-        timers["ort"] = _ort_timer(onnx_path, feeds, threads)
+        timers["ort"] = ort_timer(onnx_path, feeds, threads)
     if float_model is not None:  # the float original of a QDQ model, on ORT, in the same turns
         from graphopt.front.api import resolve_model_path
 
-        timers["ort_float"] = _ort_timer(str(resolve_model_path(float_model)), feeds, threads)
+        timers["ort_float"] = ort_timer(str(resolve_model_path(float_model)), feeds, threads)
     times = interleaved(timers, repeat, warmup)
     go = times["graphopt"]
     result: dict[str, Any] = {
@@ -282,7 +141,7 @@ def measure(
     }
     if tuning_db is not None:
         result["default"] = stats_ms(times["default"])
-        result["tuning"] = _tuning_summary(m, target, opt_level, tuning_db)
+        result["tuning"] = api.tuning_summary(m, target=target, opt_level=opt_level, tuning_db=tuning_db)
     if onnx_path is not None:
         try:
             from graphopt.front import api
@@ -307,26 +166,8 @@ def measure(
         if result["ort"]:
             result["ort_gflops"] = round(result["flops"] / (result["ort"]["median_ms"] * 1e6), 2)
     if profile:
-        result["profile"] = profile_vm(vm, args, runs=max(3, min(repeat, 10)))
+        result["profile"] = api.profile(runner, feeds, runs=max(3, min(repeat, 10)))
     return result
-
-
-def _vm_args(runner, feeds):
-    import tvm
-
-    arrays = runner.check_inputs((), feeds)
-    args = [tvm.runtime.tensor(a, runner.device) for a in arrays] + list(getattr(runner, "_params", []))
-    return runner.vm, args
-
-
-def _tuning_summary(model, target: str, opt_level: int, db_dir: str) -> dict[str, Any]:
-    """What the database holds for this model's fused functions (see ``tuning.model_summary``)."""
-    from graphopt.backends.compile import fused_module
-    from graphopt.backends.targets import get_target
-    from graphopt.backends.tuning import model_summary
-
-    spec = get_target(target)
-    return model_summary(fused_module(model, spec, opt_level=opt_level), spec.target, db_dir)
 
 
 def bench(models: list[str], *, threads: int | None = None, **options) -> list[dict[str, Any]]:

@@ -202,10 +202,12 @@ def run_case(case, *, opt_level: int = 2, frontend: str = "graphopt", target="x8
     """(status, reason) for one case through the compiler (``freeze``: see ``SHAPE_INPUTS``)."""
     import onnx_ir as ir
 
-    from graphopt.backends.compile import CompileStageError, compile_model, first_error_line
-    from graphopt.backends.lowering.helpers import BIT_PATTERN_DTYPES, as_held
     from graphopt.core.errors import GraphoptError, UnsupportedError
 
+    from graphopt.front import api
+
+    CompileStageError, first_error_line = api.compile_errors()
+    bit_patterns = api.bit_pattern_dtypes()
     data_sets = [(_arrays(i), _arrays(o)) for i, o in case.data_sets]
     if not all(_plain(i) and _plain(o) for i, o in data_sets):
         return "unsupported", "sequence/optional/map inputs or outputs"
@@ -226,7 +228,7 @@ def run_case(case, *, opt_level: int = 2, frontend: str = "graphopt", target="x8
                         v.const_value = ir.tensor(a, name=v.name)
                         model.graph.inputs.remove(v)
                         model.graph.register_initializer(v)
-                compiled = compile_model(model, target=target, opt_level=opt_level, frontend=frontend)
+                compiled = api.compile(model, target=target, opt_level=opt_level, frontend=frontend)
                 compiled_by_shapes[key] = compiled
         except UnsupportedError as e:
             return "unsupported", first_error_line(e)
@@ -237,11 +239,11 @@ def run_case(case, *, opt_level: int = 2, frontend: str = "graphopt", target="x8
         except Exception as e:
             return "compile_error", f"{type(e).__name__}: {first_error_line(e)}"
         try:
-            outputs = compiled(*[as_held(a, dtype) for a, (_n, _s, dtype) in zip(feeds, compiled.inputs)])
+            outputs = compiled(*[api.held_input(a, dtype) for a, (_n, _s, dtype) in zip(feeds, compiled.inputs)])
         except Exception as e:
             return "run_error", f"{type(e).__name__}: {first_error_line(e)}"
         for (name, value), exp in zip(outputs.items(), expected):
-            if exp.dtype.name in BIT_PATTERN_DTYPES and value.dtype == np.uint8:
+            if exp.dtype.name in bit_patterns and value.dtype == np.uint8:
                 value = value.view(exp.dtype)  # held as bit patterns
             problem = _close(value, exp)
             if problem:

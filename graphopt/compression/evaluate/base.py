@@ -33,7 +33,7 @@ class Metric:
 
 def model_path(model: str | os.PathLike) -> Path:
     """A file path or a catalogue name (``rapidocr:rec``) as an existing file, else a GraphoptError."""
-    from graphopt.front.api import resolve_model_path
+    from graphopt.models import model_path as resolve_model_path
 
     path = resolve_model_path(model)
     if not path.is_file():

@@ -40,23 +40,17 @@ def _doc_line(obj: object) -> str:
 
 
 class PassRegistry:
-    """Name → pass. ``PassRegistry.default()`` holds the built-ins and installed plugins."""
+    """Name → pass. ``graphopt.passes.default_registry()`` holds the built-ins and installed plugins.
+
+    The pass manager is part of the floor and knows no pass: the built-in table is handed to
+    :meth:`add_builtins` by the passes package, so imports run one way (passes -> pipeline)."""
 
     def __init__(self) -> None:
         self._passes: dict[str, PassInfo] = {}
 
-    @classmethod
-    def default(cls, *, plugins: bool = True) -> PassRegistry:
-        reg = cls()
-        reg.add_builtins()
-        if plugins:
-            reg.add_entry_points()
-        return reg
-
-    def add_builtins(self) -> None:
-        from graphopt.passes import BUILTIN_PASSES
-
-        for name, (module, attr, description) in BUILTIN_PASSES.items():
+    def add_builtins(self, table: dict[str, tuple[str, str, str]]) -> None:
+        """Add passes from a table name -> (module, class, description); modules load on first use."""
+        for name, (module, attr, description) in table.items():
 
             def loader(module=module, attr=attr):
                 return getattr(importlib.import_module(module), attr)

@@ -42,12 +42,11 @@ class PipelineResult:
 def run_pipeline(
     model: ir.Model,
     steps: tuple | list,
-    ctx: PassContext | None = None,
-    registry: PassRegistry | None = None,
+    ctx: PassContext | None,
+    registry: PassRegistry,
 ) -> PipelineResult:
     """Run ``steps`` (``Step``/``Fixpoint``) in order on ``model``; returns the model and the report rows."""
     ctx = ctx or PassContext()
-    registry = registry or PassRegistry.default()
     stats = StatsInstrument()
     instruments = [*ctx.instruments]
     if ctx.verify:

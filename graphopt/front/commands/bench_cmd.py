@@ -41,11 +41,10 @@ def _fmt(v, nd=2):
 
 
 def run(args: argparse.Namespace) -> int:
+    from graphopt.front import api
     from graphopt.front.bench import bench, plot
 
-    from graphopt.backends.bundle import check_digests
-
-    check_digests(args.models, args.expect_digest)
+    api.check_digests(args.models, args.expect_digest)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     if args.top < 0:

@@ -17,13 +17,12 @@ UNSUPPORTED = {"profile": "--profile", "float_model": "--float-model", "plot": "
 
 def wanted(args: argparse.Namespace) -> bool:
     """Whether this bench runs under qemu: aarch64 bundles, or models compiled for an aarch64 target."""
-    from graphopt.backends.targets import emulate, get_target
-    from graphopt.backends.targets.emulated_bundle import is_emulated
+    from graphopt.front import api
 
     bundles = [m for m in args.models if os.path.isdir(m)]
-    emulated = [b for b in bundles if is_emulated(b)]
+    emulated = [b for b in bundles if api.is_emulated_bundle(b)]
     files = [m for m in args.models if not os.path.isdir(m)]
-    by_target = bool(files) and emulate.needs_emulation(get_target(args.target).features.get("arch", ""))
+    by_target = bool(files) and api.emulated_target(args.target)
     if emulated and (len(emulated) < len(bundles) or (files and not by_target)):
         raise UsageError(f"{emulated[0]} is an aarch64 bundle, timed under qemu: bench it apart from "
                          "models and bundles that run natively")
@@ -32,13 +31,11 @@ def wanted(args: argparse.Namespace) -> bool:
 
 def bench(args: argparse.Namespace) -> int:
     from graphopt.front import api
-    from graphopt.backends.targets import neon
-    from graphopt.backends.targets.emulated_bundle import NOTE, bench_bundle
 
     for key, option in UNSUPPORTED.items():
         if getattr(args, key, None):
             raise UsageError(f"{option} is not available for aarch64 code timed under qemu")
-    results, digests = [], iter(args.expect_digest)  # one per bundle directory, in order (checked already)
+    results, digests, note = [], iter(args.expect_digest), ""  # one per bundle directory, in order (checked already)
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-aarch64-") as tmp:
         for i, model in enumerate(args.models):
             bundle, compile_s = model, None
@@ -49,17 +46,16 @@ def bench(args: argparse.Namespace) -> int:
                                        schedules=not args.untuned)
                 compile_s = round(sum(compiled.timings.values()), 2)
             digest = next(digests, None) if bundle is model else None
-            timed = bench_bundle(bundle, repeat=args.repeat, warmup=args.warmup, threads=args.threads, digest=digest)
-            with open(os.path.join(bundle, "manifest.json")) as f:
-                manifest = json.load(f)
-            kernels = neon.kernel_report(os.path.join(bundle, manifest["library"]))
-            results.append({"model": model, "target": manifest["target"]["name"], "emulated": True,
+            timed = api.bench_emulated(bundle, repeat=args.repeat, warmup=args.warmup, threads=args.threads,
+                                       digest=digest)
+            note = timed["note"]
+            results.append({"model": model, "target": timed["target"], "emulated": True,
                             "qemu": {k: timed[k] for k in ("median_ms", "min_ms", "max_ms", "load_s")},
-                            "runs_ms": timed["runs_ms"], "compile_s": compile_s, "kernels": kernels})
+                            "runs_ms": timed["runs_ms"], "compile_s": compile_s, "kernels": timed["kernels"]})
     rows = [[r["model"], r["target"], r["qemu"]["min_ms"], r["qemu"]["median_ms"], r["qemu"]["max_ms"],
              "-" if r["compile_s"] is None else r["compile_s"]] for r in results]
     print(table(rows, ["model", "target", "qemu min ms", "qemu median ms", "qemu max ms", "compile s"]))
-    print(f"note: {NOTE}")
+    print(f"note: {note}")
     for r in results:
         ks = r["kernels"]
         total = sum(k["instructions"] for k in ks) or 1

@@ -21,14 +21,10 @@ def _fmt_shape(shape) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.coverage:  # an unknown --target is the user's to fix, before the model is read
-        from graphopt.backends.targets import get_target
-
-        get_target(args.target)
+        api.check_target(args.target)
     info = api.inspect(args.model, input_shapes=args.input_shape)
     if args.coverage:
-        from graphopt.backends.lowering import coverage
-
-        info["coverage"] = coverage(api.load(args.model, input_shapes=args.input_shape), target=args.target)
+        info["coverage"] = api.coverage(args.model, target=args.target, input_shapes=args.input_shape)
     if args.json:
         print_json(info)
         return 0

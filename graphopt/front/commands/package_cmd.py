@@ -12,9 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from graphopt.backends.bundle.package import package
+    from graphopt.front import api
 
-    info = package(args.bundle, args.output, digest=args.expect_digest)
+    info = api.package(args.bundle, args.output, digest=args.expect_digest)
     print(f"{args.bundle} -> {info['path']} ({info['bytes'] / 1e6:.1f} MB, target {info['target']}): "
           f"{', '.join(info['files'])} under {info['top']}/")
     print(f"on the device: tar xzf {info['path']} && python3 {info['top']}/loader.py {info['top']} "

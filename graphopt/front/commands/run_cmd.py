@@ -64,10 +64,8 @@ def write_npz(f, arrays: dict[str, np.ndarray]) -> None:
 def run(args: argparse.Namespace) -> int:
     outputs.check_output_file(args.output, "-o", protected=[args.inputs, *_bundle_files(args.bundle)])
     inputs = read_npz(args.inputs)
-    from graphopt.backends.targets import emulated_bundle
-
-    if emulated_bundle.is_emulated(args.bundle):  # an aarch64 bundle on x86: its loader under qemu
-        results = emulated_bundle.run_bundle(args.bundle, inputs, verify=not args.no_verify, digest=args.expect_digest)
+    if api.is_emulated_bundle(args.bundle):  # an aarch64 bundle on x86: its loader under qemu
+        results = api.run_emulated(args.bundle, inputs, verify=not args.no_verify, digest=args.expect_digest)
         print(f"note: the aarch64 bundle {args.bundle} ran under qemu", file=sys.stderr)
     else:
         module = api.load_bundle(args.bundle, verify=not args.no_verify, digest=args.expect_digest)

@@ -12,24 +12,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _runs_here(spec) -> str:
-    from graphopt.backends.targets import emulate
-
-    if spec.kind == "cuda":
-        return "yes" if spec.can_run_here() else "no (no CUDA GPU visible)"
-    if spec.can_run_here():
-        return "yes"
-    return "under qemu" if emulate.needs_emulation(spec.features.get("arch", "")) else "no"
-
-
 def run(args: argparse.Namespace) -> int:
-    from graphopt.backends.targets import ASSUMES, PRESETS
+    from graphopt.front import api
 
-    rows = []
-    for name, make in PRESETS.items():
-        spec = make()
-        rows.append({"name": name, "assumes": ASSUMES.get(name, ""), "target": spec.config,
-                     "cross_compiler": spec.cross_compiler, "runs_here": _runs_here(spec)})
+    rows = api.targets()
     if args.json:
         print_json(rows)
         return 0

@@ -49,13 +49,12 @@ def model_sha256(path: Path) -> str:
 
 
 def cache_key(path: Path, *, target: str, opt_level: int, input_shapes, max_batch: int) -> str:
-    import tvm
-
     import graphopt
+    from graphopt.front import api
 
     parts = {"model": model_sha256(path), "target": target, "opt_level": opt_level,
              "input_shapes": sorted(input_shapes or []), "max_batch": max_batch,
-             "graphopt": graphopt.__version__, "tvm": tvm.__version__}
+             "graphopt": graphopt.__version__, "tvm": api.runtime_version()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
