@@ -202,11 +202,13 @@ def _bound_symbolic_dims(mod, bounds: dict[str, int]):
 def _optimize(model: ir.Model, opt_level: int) -> tuple[ir.Model, list[str]]:
     from graphopt.passes.graphopt_ops import with_target_runtime
     from graphopt.core.pipeline import DEFAULT_PIPELINE, PassContext, run_pipeline
+    from graphopt.passes import default_registry
 
     # The lowering understands graphopt-domain fused ops, so fusions need not fall back to the
     # model's opset (the ONNX that `graphopt optimize` writes keeps to standard ops instead).
     options = with_target_runtime(None, "graphopt")
-    result = run_pipeline(model, DEFAULT_PIPELINE, PassContext(opt_level=opt_level, options=options))
+    result = run_pipeline(model, DEFAULT_PIPELINE, PassContext(opt_level=opt_level, options=options),
+                          default_registry())
     applied = list(dict.fromkeys(r.name for r in result.records if r.modified))  # those that changed the model
     return result.model, applied
 
