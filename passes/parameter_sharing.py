@@ -12,12 +12,18 @@ identical constants is reduced to one:
 
 Never merged: initializers that are also graph inputs (the user may override them), values that are
 graph outputs (their names are the interface), string tensors, and tensors whose data cannot be read.
+
+With ``tolerance`` > 0 (off by default: it changes the model's numbers), float tensors of the same
+dtype and shape are also the same parameter when ``max|a - b| <= tolerance * max|a|`` (``a`` the kept
+one): the first such tensor of a group stays and the later ones use it. ``shared`` lists every merge
+``(kept, removed, max|a - b|, bytes saved)`` so the report can say what it cost.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.rewrite_utils import graphs_of
@@ -71,27 +77,63 @@ def _remove(graph: ir.Graph | ir.Function, value: ir.Value) -> None:
         graph.remove(value.producer(), safe=True)
 
 
-class ParameterSharingPass(ir.passes.InPlacePass):
-    """Deduplicate bit-identical initializers and constants."""
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
-    def __init__(self) -> None:
+
+class _Near:
+    """Float tensors kept so far, by (dtype, shape): finds one within the tolerance of a new tensor."""
+
+    def __init__(self, tolerance: float):
+        self.tolerance = tolerance
+        self.kept: dict[tuple, list[tuple[ir.Value, np.ndarray, float]]] = {}
+
+    def match(self, value: ir.Value, tensor: ir.TensorProtocol) -> tuple[ir.Value, float] | None:
+        if self.tolerance <= 0 or tensor.dtype not in _FLOATS or tensor.size < 2:
+            return None
+        try:
+            arr = np.asarray(tensor.numpy(), np.float64)
+        except Exception:  # noqa: BLE001 - unreadable external data stays as it is
+            return None
+        group = self.kept.setdefault((tensor.dtype, arr.shape), [])
+        for canonical, ref, bound in group:
+            diff = float(np.max(np.abs(arr - ref)))
+            if diff <= bound:
+                return canonical, diff
+        group.append((value, arr, self.tolerance * float(np.max(np.abs(arr)))))
+        return None
+
+
+class ParameterSharingPass(ir.passes.InPlacePass):
+    """Deduplicate bit-identical initializers and constants (and, with ``tolerance``, near-identical ones)."""
+
+    def __init__(self, tolerance: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= tolerance < 1.0:
+            raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+        self.tolerance = tolerance
         self.merged = 0  # constants removed by the last run
+        self.shared: list[tuple[str, str, float, int]] = []  # merges within the tolerance
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.merged = 0
+        self.merged, self.shared = 0, []
         for graph in list(graphs_of(model)):
             kept: dict[tuple, tuple[ir.Value, ir.TensorProtocol]] = {}
+            near = _Near(self.tolerance)
             for value, tensor in _candidates(graph):
                 key = _key(tensor)
                 if key is None:
                     continue
                 if key not in kept:
-                    kept[key] = (value, tensor)
-                    continue
-                canonical, canonical_tensor = kept[key]
-                if tensor.tobytes() != canonical_tensor.tobytes():  # a hash collision: keep both
-                    continue
+                    found = near.match(value, tensor)
+                    if found is None:
+                        kept[key] = (value, tensor)
+                        continue
+                    canonical, diff = found
+                    self.shared.append((canonical.name, value.name, diff, len(tensor.tobytes())))
+                else:
+                    canonical, canonical_tensor = kept[key]
+                    if tensor.tobytes() != canonical_tensor.tobytes():  # a hash collision: keep both
+                        continue
                 value.replace_all_uses_with(canonical)
                 _remove(graph, value)
                 self.merged += 1

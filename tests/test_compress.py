@@ -416,3 +416,16 @@ def test_prune_bad_input_exits_2_with_one_line(convs, tmp_path, capsys, args, ex
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and expect in lines[0], err
     assert not out.exists()
+
+
+def test_cli_adaround_and_share_tolerance(mlp, tmp_path, capsys):
+    path, calib = mlp
+    out = tmp_path / "q.onnx"
+    code, stdout, err = _run(capsys, "optimize", path, "-o", out, "--quantize", "int8", "--calibration", calib,
+                             "--adaround", "--share-tolerance", "0.5")
+    assert code == 0, err
+    assert "adaround:" in stdout and "layers rounded better than nearest" in stdout
+    assert "shared within tolerance 0.5:" in stdout
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    code, _, err = _run(capsys, "optimize", path, "-o", tmp_path / "r.onnx", "--share-tolerance", "1.5")
+    assert code == 2 and "--share-tolerance 1.5: must be between 0 and 1" in err

@@ -52,6 +52,8 @@ class CompressOptions:
     prune: str | None = None  # "channels:R[:l1|l2]" or "magnitude:R[:l1|l2][:global|layer]"
     prune_layers: tuple[str, ...] = ()  # "NAME=R" per-layer ratios
     reconstruct: bool = False
+    adaround: bool = False  # learn the rounding of int8 weights on the calibration data
+    share_tolerance: float | None = None  # merge float weights equal within this relative tolerance
 
     def check(self) -> None:
         """Option errors, before any work."""
@@ -90,6 +92,11 @@ class CompressOptions:
             raise UsageError("--metric is used only with --max-drop")
         if self.bias_correction and self.quantize != "int8":
             raise UsageError("--bias-correction applies to --quantize int8")
+        if self.adaround and self.quantize != "int8":
+            raise UsageError("--adaround applies to --quantize int8")
+        if self.share_tolerance is not None and not 0.0 < self.share_tolerance < 1.0:
+            raise UsageError(f"--share-tolerance {self.share_tolerance}: must be between 0 and 1 (exclusive), "
+                             "relative to each weight's largest magnitude")
 
 
     def prune_spec(self):
@@ -222,6 +229,12 @@ class Quantizer:
             self.notes["opset"] = model.opset_imports.get("")
             if qpass.opset_note and self.opts.per_channel:
                 self.notes["per_tensor_weights_because"] = qpass.opset_note[:3]
+            if self.opts.adaround:  # before bias correction: the bias then corrects what rounding left
+                from graphopt.passes.adaround import AdaRoundPass
+
+                ada = AdaRoundPass(self.float_model, self.data, show=self.opts.progress)
+                ada(model)
+                self.notes["adaround"] = {k: [round(a, 6), round(b, 6)] for k, (a, b) in ada.errors.items()}
             if self.opts.bias_correction:
                 BiasCorrectionPass(self.float_model, self.data, show=self.opts.progress)(model)
         else:
@@ -286,6 +299,8 @@ def compress(model: ir.Model, opts: CompressOptions, *, source: str | os.PathLik
     opts.check()
     report: dict[str, Any] = {"quantize": opts.quantize, "weights": opts.weights}
     name_nodes(model)
+    if opts.share_tolerance is not None:
+        report["shared"] = share_parameters(model, opts.share_tolerance)
     if opts.equalize:
         from graphopt.passes.equalize import equalize
 
@@ -315,6 +330,17 @@ def compress(model: ir.Model, opts: CompressOptions, *, source: str | os.PathLik
 
         model = convert_weights(model, dtype=opts.weights)
     return CompressResult(model, report)
+
+
+def share_parameters(model: ir.Model, tolerance: float) -> dict[str, Any]:
+    """Merge float weights equal within ``tolerance`` (relative to each one's largest magnitude); what merged."""
+    from graphopt.passes.parameter_sharing import ParameterSharingPass
+
+    p = ParameterSharingPass(tolerance)
+    p(model)
+    return {"tolerance": tolerance, "merged": len(p.shared), "bytes_saved": sum(r[3] for r in p.shared),
+            "max_abs_diff": max((r[2] for r in p.shared), default=0.0),
+            "pairs": [{"kept": k, "removed": r, "max_abs_diff": d, "bytes": b} for k, r, d, b in p.shared]}
 
 
 def _prune(model: ir.Model, opts: CompressOptions, metric) -> tuple[ir.Model, dict[str, Any], float | None]:

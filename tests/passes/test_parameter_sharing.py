@@ -119,3 +119,42 @@ def test_subgraph_constants_merge_within_their_graph():
     assert result.modified
     branch = next(iter(result.model.graph)).attributes["then_branch"].as_graph()
     assert [n.op_type for n in branch] == ["Constant", "Mul", "Add"]
+
+
+def _near_model(rng, delta: float):
+    """x -> MatMul(w0) -> MatMul(w1) -> MatMul(w2) -> y, w1 = w0 + delta noise, w2 unrelated."""
+    w0 = rng.standard_normal((8, 8)).astype(np.float32)
+    w1 = w0 + (rng.uniform(-1, 1, (8, 8)) * delta).astype(np.float32)
+    w2 = rng.standard_normal((8, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"]), helper.make_node("MatMul", ["a", "w1"], ["b"]),
+             helper.make_node("MatMul", ["b", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "near", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+                              [numpy_helper.from_array(w, n) for w, n in ((w0, "w0"), (w1, "w1"), (w2, "w2"))])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), w0, w1
+
+
+def test_tolerance_merges_near_equal_weights_and_reports_the_cost():
+    rng = np.random.default_rng(3)
+    model, w0, w1 = _near_model(rng, 1e-3)
+    exact = ParameterSharingPass()
+    assert not exact(model).modified  # off by default: near-equal is not equal
+    feeds = random_inputs(model, seed=0)
+    before = run_onnxruntime(model, feeds)["y"]
+    p = ParameterSharingPass(tolerance=1e-3)
+    assert p(model).modified
+    verify(model)
+    assert set(model.graph.initializers) == {"w0", "w2"}
+    ((kept, removed, diff, nbytes),) = p.shared
+    assert (kept, removed, nbytes) == ("w0", "w1", 256)
+    assert diff == float(np.max(np.abs(w1.astype(np.float64) - w0)))
+    assert diff <= 1e-3 * np.max(np.abs(w0))
+    after = run_onnxruntime(model, feeds)["y"]
+    assert 0 < np.max(np.abs(after - before)) <= 1e-2 * np.max(np.abs(before))  # changed, by little
+
+
+def test_tolerance_is_relative_and_keeps_what_differs_more():
+    rng = np.random.default_rng(3)
+    model, w0, _ = _near_model(rng, 0.5)
+    p = ParameterSharingPass(tolerance=1e-3)
+    assert not p(model).modified and p.shared == []

@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--equalize", action="store_true", help="cross-layer equalization before quantizing")
     g.add_argument("--bias-correction", action="store_true",
                    help="shift each int8 layer's bias by its mean error on the calibration data")
+    g.add_argument("--adaround", action="store_true",
+                   help="learn each int8 weight's rounding (up or down) so that layer outputs on the calibration "
+                        "data match the float model's (AdaRound)")
+    g.add_argument("--share-tolerance", type=float, metavar="T",
+                   help="also share float weights of the same shape equal within T times their largest magnitude "
+                        "(off by default: it changes the model's numbers; the report lists every merge)")
     g.add_argument("--max-drop", type=float, metavar="X",
                    help="accuracy budget: keep the most sensitive layers float until --metric is within X "
                         "(0 < X < 1) of the float model's")
@@ -52,9 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def options(args: argparse.Namespace) -> CompressOptions | None:
     """The compression the command line asks for (checked), or None when it asks for none."""
-    wanted = (args.quantize, args.weights, args.calibration, args.max_drop, args.metric, args.prune)
+    wanted = (args.quantize, args.weights, args.calibration, args.max_drop, args.metric, args.prune,
+              args.share_tolerance)
     if all(v is None for v in wanted) and not (args.equalize or args.bias_correction or args.reconstruct
-                                               or args.prune_layer):
+                                               or args.prune_layer or args.adaround):
         return None
     opts = CompressOptions(
         quantize=args.quantize, weights=args.weights, calibration=args.calibration,
@@ -64,6 +71,7 @@ def options(args: argparse.Namespace) -> CompressOptions | None:
         bias_correction=args.bias_correction, max_drop=args.max_drop, metric=args.metric,
         target_runtime=getattr(args, "target_runtime", "onnx"), progress=not getattr(args, "quiet", False),
         prune=args.prune, prune_layers=tuple(args.prune_layer), reconstruct=args.reconstruct,
+        adaround=args.adaround, share_tolerance=args.share_tolerance,
     )
     opts.check()
     return opts
@@ -101,6 +109,16 @@ def _budget_line(b: dict, worst_label: str, worst: float, outcome: str) -> str:
 def summary(report: dict) -> str:
     """The per-layer table and the budget line for the terminal."""
     lines = _prune_summary(report["prune"]) if "prune" in report else []
+    s = report.get("shared")
+    if s:
+        lines.append(f"shared within tolerance {s['tolerance']:g}: {s['merged']} weight(s) merged, "
+                     f"{s['bytes_saved']:,} B saved, largest difference {s['max_abs_diff']:.3g}")
+    a = report.get("adaround")
+    if a:
+        better = sum(1 for rtn, kept in a.values() if kept < rtn)
+        lines.append(f"adaround: {better} of {len(a)} layers rounded better than nearest on the calibration data "
+                     f"(mean relative error {sum(r for r, _ in a.values()) / len(a):.3g} -> "
+                     f"{sum(k for _, k in a.values()) / len(a):.3g})")
     rows = [[r["layer"], r["op"], r["status"],
              f"{r['sensitivity']:.4f}" if "sensitivity" in r else "",
              r.get("float_weight_bytes", "")] for r in report.get("layers", [])]
