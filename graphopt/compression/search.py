@@ -44,6 +44,7 @@ class SearchResult:
     baseline: dict[str, Any]
     best: dict[str, Any] | None  # None: no configuration within the budget
     pending: list[str]  # configurations left for a rerun (budget or --trials reached)
+    skipped: list[tuple[str, str]]  # (configuration, why) not measured: see skip_reason
     new: int  # configurations measured by this run
     max_drop: float
     objective: str
@@ -128,9 +129,9 @@ def optimized(source: str | os.PathLike, input_shapes: Sequence[str] | None) -> 
 class Builder:
     """Builds a configuration's model from the float model, keeping pruned models for reuse (on disk)."""
 
-    def __init__(self, float_model: ir.Model, source, metric, max_drop: float, calibration, cache_dir: Path):
+    def __init__(self, float_model: ir.Model, source, metric, calibration, cache_dir: Path):
         self.float_bytes = ir.serde.serialize_model(float_model).SerializeToString()
-        self.source, self.metric, self.max_drop = source, metric, max_drop
+        self.source, self.metric = source, metric
         self.calibration, self.cache_dir = calibration, cache_dir
 
     def float_copy(self) -> ir.Model:
@@ -170,7 +171,7 @@ class Builder:
         from graphopt.compression.compress import compress
 
         if cfg.fallback:  # one compress call, as optimize --max-drop runs it
-            opts = self._options(cfg, prune=True, max_drop=self.max_drop, metric=self.metric)
+            opts = self._options(cfg, prune=True, max_drop=cfg.fallback, metric=self.metric)
             res = compress(self.float_copy(), opts, source=self.source)
             return res.model, _budget_notes(res.report)
         model = self.pruned(cfg) if cfg.pruned else self.float_copy()
@@ -186,11 +187,12 @@ def _proto(data: bytes):
 
 
 def _budget_notes(report: dict[str, Any]) -> dict[str, Any]:
+    """What the fallback did: layers kept float, channel groups left unpruned (by name)."""
     notes = {}
     if "budget" in report:
-        notes["kept_float"] = len(report["budget"]["kept_float"])
+        notes["kept_float"] = list(report["budget"]["kept_float"])
     if "budget" in report.get("prune", {}):
-        notes["left_unpruned"] = len(report["prune"]["budget"]["restored"])
+        notes["left_unpruned"] = list(report["prune"]["budget"]["restored"])
     return notes
 
 
@@ -277,8 +279,10 @@ def search(model: str | os.PathLike, metric: str | Callable, *, max_drop: float,
         raise UsageError(f"--objective {objective}: expected one of {', '.join(OBJECTIVES)}")
     if trials is not None and trials < 1:
         raise UsageError(f"--trials {trials}: must be at least 1")
-    configs = order(expand(space if isinstance(space, dict) else load_space(space)), strategy, seed)
+    configs = order(expand(space if isinstance(space, dict) else load_space(space), max_drop), strategy, seed)
     src = evaluate.base.model_path(model)
+    scorer = evaluate.resolve_metric(metric, src, reference_path=src, samples=samples,
+                                     input_shapes=list(input_shapes or []) or None, data=data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
@@ -303,26 +307,23 @@ def search(model: str | os.PathLike, metric: str | Callable, *, max_drop: float,
     start = time.monotonic()
     state: dict[str, Any] = {}
 
-    def context():  # the float model and the metric, made only when there is work
+    def context():  # the optimized float model, made only when there is work
         if not state:
-            m = evaluate.resolve_metric(metric, src, reference_path=src, samples=samples,
-                                        input_shapes=list(input_shapes or []) or None, data=data)
-            state["metric"] = m
-            state["builder"] = Builder(optimized(src, input_shapes), src, m, max_drop, calibration, out / "pruned")
-        return state["metric"], state["builder"]
+            state["builder"] = Builder(optimized(src, input_shapes), src, scorer, calibration, out / "pruned")
+        return scorer, state["builder"]
 
     todo = [c for c in configs if c.key not in done]
-    pending, new = [], 0
+    pending, skipped, new = [], [], 0
     with Bar(len(todo), desc="search", unit="config", enabled=progress) as bar:
         for cfg in todo:
             if (budget_s is not None and time.monotonic() - start >= budget_s) or (trials is not None and new >= trials):
                 pending.append(cfg.key)
                 continue
-            if cfg.fallback:
-                twin = done.get(cfg.twin.key)
-                if twin is None or "error" in twin or within(twin, max_drop):
-                    bar.update()  # nothing to fall back from (or its twin failed): the same model
-                    continue
+            reason = skip_reason(cfg, done, max_drop)
+            if reason:
+                skipped.append((cfg.key, reason))
+                bar.update()
+                continue
             bar.note(cfg.label)
             row = _run_one(cfg, context, latency_fn, done.get(BASELINE.key))
             append_result(results_path, row)
@@ -336,7 +337,33 @@ def search(model: str | os.PathLike, metric: str | Callable, *, max_drop: float,
     if baseline is None:
         raise GraphoptError(f"search: the budget ended before the float model was measured; rerun with -o {out}")
     best = pick_best(rows, max_drop, objective)
-    return SearchResult(rows, baseline, best, pending, new, max_drop, objective, latency_desc, notes)
+    return SearchResult(rows, baseline, best, pending, skipped, new, max_drop, objective, latency_desc, notes)
+
+
+def skip_reason(cfg: Config, done: dict[str, dict[str, Any]], max_drop: float) -> str | None:
+    """Why ``cfg`` need not be measured, or None. A fallback is measured only when the configuration
+    it falls back from is over the budget (else it builds the same model) or was skipped. A pruned
+    configuration is skipped when the same pruning at the same or a lower ratio, unquantized, is
+    already over the budget (quantizing or pruning more does not win accuracy back); its fallback
+    still runs. Decided again on every run (it depends on ``max_drop``)."""
+    if cfg.fallback:
+        twin = done.get(cfg.twin.key)
+        if twin is not None and "error" in twin:
+            return f"{cfg.twin.label} failed"
+        if twin is not None and within(twin, max_drop):
+            return f"{cfg.twin.label} is within budget: the fallback would build the same model"
+        if twin is None and skip_reason(cfg.twin, done, max_drop) is None:
+            return f"{cfg.twin.label} not measured"
+        return None
+    if not cfg.pruned:
+        return None
+    for row in done.values():
+        c = Config.from_dict(row["config"])
+        if (row["key"] != cfg.key and "error" not in row and not c.fallback and c.quantize == "none" and c.pruned
+                and c.reconstruct == cfg.reconstruct and c.prune_layers == cfg.prune_layers and c.prune <= cfg.prune
+                and not within(row, max_drop)):
+            return f"{c.label} is already over budget (drop {row['drop']:.4f})"
+    return None
 
 
 def _run_one(cfg: Config, context, latency_fn, baseline: dict | None) -> dict[str, Any]:
@@ -369,22 +396,25 @@ def closest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
                key=lambda r: r["drop"], default=None)
 
 
-def best_options(result: SearchResult, *, calibration=None, input_shapes=None, metric: str | None = None) -> dict:
-    """The best configuration as a ``graphopt optimize --config`` file (keys are its option names)."""
+def best_options(result: SearchResult, *, calibration=None, input_shapes=None) -> dict:
+    """The best configuration as a ``graphopt optimize --config`` file (keys are its option names).
+    A fallback's outcome is written as what it decided (groups left unpruned as ``prune-layer NAME=0``,
+    layers kept float as ``exclude``), so the file rebuilds the measured model without the metric."""
     if result.best is None:
         raise GraphoptError("search: no configuration within the budget")
-    cfg = Config.from_dict(result.best["config"])
+    best = result.best
+    cfg = Config.from_dict(best["config"])
     opts: dict[str, Any] = {"opt-level": 2}
     if input_shapes:
         opts["input-shape"] = list(input_shapes)
     opts.update(cfg.options())
+    restored = [f"{g}=0" for g in best.get("left_unpruned", [])]
+    if restored:
+        opts["prune-layer"] = [*opts.get("prune-layer", []), *restored]
+    if best.get("kept_float"):
+        opts["exclude"] = list(best["kept_float"])
     if calibration is not None and (cfg.needs_calibration or cfg.pruned):
         opts["calibration"] = str(Path(calibration).resolve())
-    if cfg.fallback:
-        if not isinstance(metric, str):
-            raise GraphoptError("search: the best configuration uses the budget fallback, whose metric "
-                                "(a callable) a config file cannot name")
-        opts.update({"max-drop": result.max_drop, "metric": metric})
     return opts
 
 

@@ -50,7 +50,7 @@ class Config:
     method: str | None = None
     prune: float = 0.0
     reconstruct: bool = False
-    fallback: bool = False
+    fallback: float = 0.0  # the --max-drop of the budget fallback, 0 without one
     prune_layers: tuple[str, ...] = ()
 
     @property
@@ -62,7 +62,7 @@ class Config:
         if self.prune_layers:
             parts.append("layers[" + ",".join(self.prune_layers) + "]")
         if self.fallback:
-            parts.append("fallback")
+            parts.append(f"fallback@{self.fallback:g}")
         return " ".join(parts)
 
     @property
@@ -89,7 +89,7 @@ class Config:
     @property
     def twin(self) -> Config:
         """The same configuration without the fallback."""
-        return dataclasses.replace(self, fallback=False)
+        return dataclasses.replace(self, fallback=0.0)
 
     def as_dict(self) -> dict[str, Any]:
         return {"quantize": self.quantize, "calibration-method": self.method, "prune": self.prune,
@@ -98,7 +98,7 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         return cls(d["quantize"], d.get("calibration-method"), float(d.get("prune", 0.0)),
-                   bool(d.get("reconstruct")), bool(d.get("fallback")), tuple(d.get("prune-layer", ())))
+                   bool(d.get("reconstruct")), float(d.get("fallback") or 0.0), tuple(d.get("prune-layer", ())))
 
     def options(self) -> dict[str, Any]:
         """The ``graphopt optimize`` options (config-file keys) of this configuration, calibration aside."""
@@ -182,22 +182,22 @@ def load_space(path: str | os.PathLike | None) -> dict[str, tuple]:
     return space
 
 
-def expand(space: dict[str, tuple]) -> list[Config]:
+def expand(space: dict[str, tuple], max_drop: float) -> list[Config]:
     """Every distinct configuration of ``space`` (baseline first), in grid order: cheap ones first
-    (no pruning, pruning, pruning with reconstruction, then fallbacks), configurations that share a
-    pruned model next to each other."""
+    (no pruning, pruning, pruning with reconstruction, then fallbacks), lower pruning ratios first,
+    configurations that share a pruned model next to each other, the unquantized one first."""
     seen: dict[str, Config] = {BASELINE.key: BASELINE}
     for q, m, r, rec, fb, layers in itertools.product(
             space["quantize"], space["calibration_method"], space["prune"], space["reconstruct"],
             space["fallback"], space["prune_layer"]):
         pruned = bool(r or layers)
         cfg = Config(q, m if q == "int8" else None, float(r), bool(rec and pruned),
-                     bool(fb and (pruned or q in FALLBACK_FORMATS)), tuple(layers) if pruned else ())
+                     max_drop if fb and (pruned or q in FALLBACK_FORMATS) else 0.0, tuple(layers) if pruned else ())
         seen.setdefault(cfg.key, cfg)
     configs = list(seen.values())
     quant_order = {q: i for i, q in enumerate(space["quantize"])}
-    configs.sort(key=lambda c: (not c.is_baseline, c.fallback, c.reconstruct, c.pruned, c.prune, c.prune_layers,
-                                quant_order.get(c.quantize, 0)))
+    configs.sort(key=lambda c: (not c.is_baseline, c.fallback, c.reconstruct, c.pruned, c.prune_layers, c.prune,
+                                c.quantize != "none", quant_order.get(c.quantize, 0)))
     return configs
 
 

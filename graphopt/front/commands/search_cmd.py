@@ -94,6 +94,9 @@ def markdown(result, command: str) -> str:
             f"{r['latency_ms'] / base['latency_ms']:.2f}x | {r['bytes']:,} | {r['bytes'] / base['bytes']:.2f}x | "
             f"{r['gzip_bytes']:,} | {fl / 1e9:.3f} | {(fl / base['flops'] - 1) if base['flops'] else 0:+.1%} | "
             f"{r['seconds']:.0f} |")
+    if result.skipped:
+        lines += ["", f"Not measured ({len(result.skipped)}, decided again on every run):", ""]
+        lines += [f"- {key}: {why}" for key, why in result.skipped]
     if result.pending:
         lines += ["", f"{len(result.pending)} configurations not measured yet (time budget or --trials); "
                       "rerun the same command to continue."]
@@ -130,14 +133,16 @@ def run(args: argparse.Namespace) -> int:
                 max_drop=result.max_drop, metric=args.metric, latency=result.latency)
     calibration = args.calibration or (out / "calibration.npz" if (out / "calibration.npz").is_file() else None)
     if result.best is not None:
-        best = s.best_options(result, calibration=calibration, input_shapes=args.input_shape, metric=args.metric)
+        best = s.best_options(result, calibration=calibration, input_shapes=args.input_shape)
         io.atomic_write_text(out / "best.json", json.dumps(best, indent=2) + "\n")
     if args.json:
-        print_json({"rows": result.rows, "best": result.best, "pending": result.pending, "notes": result.notes})
+        print_json({"rows": result.rows, "best": result.best, "pending": result.pending,
+                    "skipped": [{"config": k, "why": w} for k, w in result.skipped], "notes": result.notes})
     elif not args.quiet:
         for note in result.notes:
             print(note)
-        print(f"{result.new} configurations measured now, {len(result.rows)} in all, {len(result.pending)} left; "
+        print(f"{result.new} configurations measured now, {len(result.rows)} in all, {len(result.skipped)} skipped, "
+              f"{len(result.pending)} left; "
               f"{out / 'table.md'}, {out / 'pareto.png'}")
     if result.best is None:
         near = s.closest(result.rows)
