@@ -253,7 +253,9 @@ def _bind_params(lowered, embed: bool):
 
     binding = {var: tvm.runtime.tensor(arr) for var, arr in zip(weight_vars, params.values())}
     mod = relax.transform.BindParams("main", binding)(mod)
-    return mod, {}
+    from graphopt.backends.lowering.control import bind_constant_arguments
+
+    return bind_constant_arguments(mod), {}  # weights into If-branch functions, where they fold too
 
 
 def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
@@ -302,12 +304,26 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
         relax.transform.LegalizeOps(customize_legalize_map=legalize),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
+        *_fold_branch_constants(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
         relax.transform.DeadCodeElimination(),
     ]
     with spec.target:
         return tvm.transform.Sequential(seq)(mod)
+
+
+def _fold_branch_constants():
+    """Weights that ``main`` computed from constants (now folded) bound into If-branch functions, and
+    folded there (``lowering.control.bind_constant_arguments``)."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.backends.lowering.control import bind_constant_arguments
+
+    bind = tvm.transform.module_pass(lambda mod, _ctx: bind_constant_arguments(mod), opt_level=0,
+                                     name="BindBranchConstants")
+    return [bind, relax.transform.FoldConstant()]
 
 
 def _apply_tuning_db(mod, spec: TargetSpec, tuning_db: str | os.PathLike):

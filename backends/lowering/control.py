@@ -39,6 +39,7 @@ def _lifted(ctx, branch: relax.SeqExpr, which: str) -> relax.Expr:
     as one block, so a storage allocated inside the then-branch is reused by the else-branch, where it
     was never allocated (the VM then dereferences a null storage: a segfault whenever the else-branch
     runs). A function is planned on its own; what it returns is allocated for the caller.
+    Weights it reads are parameters here; ``bind_constant_arguments`` binds them once they are constants.
     """
     branch = ctx.bb.normalize(branch)
     params = list(relax.analysis.free_vars(branch))
@@ -61,6 +62,86 @@ def _if(ctx, inputs):
     if n == 1:
         return result
     return [ctx.emit(relax.TupleGetItem(result, k)) for k in range(n)]
+
+
+def bind_constant_arguments(mod):
+    """Constant arguments bound into the private functions that receive them (If branches).
+
+    A branch function takes every outer value it reads as a parameter, weights included; once the
+    weights are bound as constants in ``main``, the branch still sees parameters, so work on a weight
+    (a transpose of a 32768x416 embedding) would run on every call instead of folding at compile time.
+    A parameter that is the same constant at every call site is bound into the function and dropped
+    from the calls; repeated until nothing changes (a nested If's function is called from a branch).
+    Run after binding the weights, and again after constant folding (weights computed from constants
+    in ``main`` are constants only then).
+    """
+    import tvm
+
+    while True:
+        sites, constant_vars = _call_sites(mod)
+        value = lambda arg: constant_vars.get(arg, arg)  # noqa: E731 - a variable bound to a constant
+        bound = {}
+        for gv, calls in sites.items():
+            func = mod[gv]
+            if not calls or gv.name_hint == "main" or not isinstance(func, relax.Function):
+                continue
+            keep = {}
+            for i, param in enumerate(func.params):
+                first = value(calls[0].args[i])
+                if isinstance(first, tvm.ir.expr.Constant) and all(value(c.args[i]).same_as(first) for c in calls):
+                    keep[i] = (param, first)
+            if keep:
+                bound[gv] = keep
+        if not bound:
+            return mod
+
+        funcs, renamed = {}, {}
+        for gv, func in mod.functions_items():
+            if gv in bound:  # a new GlobalVar: the old one's type still lists the bound parameters
+                func = func.bind_params({p: c for p, c in bound[gv].values()})
+                renamed[gv] = relax.GlobalVar(gv.name_hint)
+                relax._ffi_api.UpdateType(renamed[gv], func.ty)
+            funcs[renamed.get(gv, gv)] = func
+
+        @relax.expr_functor.mutator
+        class _Drop(relax.PyExprMutator):
+            def visit_call_(self, call):
+                call = super().visit_call_(call)
+                drop = bound.get(call.op) if isinstance(call.op, tvm.ir.GlobalVar) else None
+                if not drop:
+                    return call
+                args = [a for i, a in enumerate(call.args) if i not in drop]
+                return relax.Call(renamed[call.op], args, call.attrs, call.ty_args, call.span)
+
+        mod = tvm.IRModule({gv: _Drop().visit_expr(f) if isinstance(f, relax.Function) else f
+                            for gv, f in funcs.items()}, attrs=mod.attrs)
+
+
+def _call_sites(mod) -> tuple[dict, dict]:
+    """``{GlobalVar: [relax.Call]}`` of every call of a Relax function from a Relax function, and
+    ``{relax.Var: constant}`` of the variables bound to a constant."""
+    import tvm
+
+    sites: dict = {}
+    constant_vars: dict = {}
+
+    @relax.expr_functor.visitor
+    class _Calls(relax.PyExprVisitor):
+        def visit_var_binding_(self, binding):
+            super().visit_var_binding_(binding)
+            if isinstance(binding.value, tvm.ir.expr.Constant):
+                constant_vars[binding.var] = binding.value
+
+        def visit_call_(self, call):
+            super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.GlobalVar) and isinstance(mod[call.op], relax.Function):
+                sites.setdefault(call.op, []).append(call)
+
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            sites.setdefault(gv, [])
+            _Calls().visit_expr(func)
+    return sites, constant_vars
 
 
 # ---------------------------------------------------------------- Loop
