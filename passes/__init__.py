@@ -35,6 +35,7 @@ BUILTIN_PASSES: dict[str, tuple[str, str, str]] = {
     # compression (run by graphopt.compression.compress after the pipeline: they need calibration ranges or data)
     "quantize_qdq": (_P + "quantize_qdq", "QuantizeQDQPass", "static int8 QDQ around Conv/MatMul/Gemm from calibrated ranges (per-channel weights, int32 bias)"),
     "quantize_dynamic": (_P + "quantize_dynamic", "QuantizeDynamicPass", "int8-dynamic: MatMul/Gemm as DynamicQuantizeLinear + MatMulInteger, LSTM/GRU weights int8"),
+    "adaround": (_P + "adaround", "AdaRoundPass", "learn each int8 weight's rounding (up or down) so layer outputs on calibration data match the float model's"),
     "bias_correction": (_P + "bias_correction", "BiasCorrectionPass", "shift int8 layers' biases by their mean error on calibration data"),
     "prune_channels": (_P + "prune_channels", "PruneChannelsPass", "remove the least important output channels of every channel dependency group (ratio), with every consumer"),
     "prune_magnitude": (_P + "prune_magnitude", "PruneMagnitudePass", "zero the smallest weights of Conv/Gemm/MatMul layers (per layer or global); shapes stay"),
