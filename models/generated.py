@@ -3,7 +3,8 @@
 
 Weights are drawn from a numpy Generator seeded by the model's seed and the tensor's name (so each
 tensor is the same whatever order it is drawn in): matrices ~ normal(0, 0.02) like GPT-2's and BERT's
-initialization (GPT-2's residual projections scaled by 1/sqrt(2 * layers)), biases ~ normal(0, 0.01),
+initialization (GPT-2's residual projections scaled by 1/sqrt(2 * layers); its position embeddings
+~ normal(0, 0.05), so that greedy decoding does not repeat one token), biases ~ normal(0, 0.01),
 LayerNorm gains 1 + normal(0, 0.02) and shifts normal(0, 0.01): activations stay in the range of a
 trained model's (unit-variance residual stream, logits of a few units).
 
@@ -37,7 +38,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
-GENERATOR_VERSION = 2  # part of the cached file's name: bump when the graph or the weights change
+GENERATOR_VERSION = 3  # part of the cached file's name: bump when the graph or the weights change
 EXTERNAL_BYTES = 1 << 30  # weights over this go to an external data file
 _ALIGN = 4096
 _INLINE_BYTES = 1024  # smaller tensors stay in the proto even in an external-data model
@@ -215,7 +216,7 @@ def _embed_and_mask(g: _Graph, w: _Weights, wte: str, cfg: Config) -> tuple[str,
     mask = g.op("Where", future, g.const("masked", np.array(-1e9, np.float32)),
                 g.const("zero_f32", np.array(0.0, np.float32)))
     x = g.op("Add", g.op("Gather", wte, "input_ids", axis=0),
-             g.op("Gather", w.normal("wpe", (cfg.positions, cfg.hidden), 0.01), q_pos, axis=0))
+             g.op("Gather", w.normal("wpe", (cfg.positions, cfg.hidden), 0.05), q_pos, axis=0))
     return x, mask
 
 

@@ -22,6 +22,7 @@ COMMANDS = {
     "passes": ("passes_cmd", "list the registered passes"),
     "compile": ("compile_cmd", "compile a model through TVM into a bundle directory"),
     "run": ("run_cmd", "run a compiled bundle on inputs from an .npz file"),
+    "generate": ("generate_cmd", "greedy decoding with a KV-cache decoder: tokens, time to first token, per-token latency"),
     "bench": ("bench_cmd", "benchmark models or bundles against ONNX Runtime"),
     "tune": ("tune_cmd", "tune a model's kernels with MetaSchedule"),
     "serve": ("serve_cmd", "serve bundles or ONNX models over the KServe v2 inference protocol (HTTP, gRPC)"),

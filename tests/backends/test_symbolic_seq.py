@@ -97,7 +97,7 @@ def test_one_bundle_serves_every_length(attn_path, attn_bundle):
 def test_lengths_the_bundle_refuses(attn_bundle, tmp_path):
     compiled, out = attn_bundle
     rng = np.random.default_rng(2)
-    with pytest.raises(GraphoptError, match=r"input 'x': dim 1 \(seq\) is 65, the bundle serves seq from 1 to 64"):
+    with pytest.raises(GraphoptError, match=r"input 'x': dim 1 \(seq\) is 65, the bundle serves seq from 0 to 64"):
         compiled(**_feeds(BOUND + 1, rng))
     feeds = _feeds(10, rng)
     feeds["mask"] = feeds["mask"][:, :9]
@@ -109,7 +109,7 @@ def test_lengths_the_bundle_refuses(attn_bundle, tmp_path):
                            "-o", str(tmp_path / "o.npz")], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "dim 1 (seq) is 65" in lines[0] and "1 to 64" in lines[0]
+    assert len(lines) == 1 and "dim 1 (seq) is 65" in lines[0] and "0 to 64" in lines[0]
 
 
 def test_bad_symbolic_options(attn_path):

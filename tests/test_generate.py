@@ -1,0 +1,128 @@
+"""``graphopt generate`` and KV-cache decoding: a small GPT-2 (2 layers, hidden 64) built by
+models/generated.py, compiled once with symbolic ``seq`` and ``past``, decodes greedily exactly as ONNX
+Runtime does (tokens, and logits at every step); bad requests and bad caches are refused with one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from graphopt.core.errors import GraphoptError, UsageError
+from graphopt.front import api
+from graphopt.front import generate as gen
+from graphopt.models.generated import Config, build_gpt2
+
+TINY = Config("gpt2", layers=2, hidden=64, heads=4, ffn=256, vocab=1000, positions=128, seed=5)
+BOUNDS = {"seq": 16, "past": 64}
+PROMPT = [17, 250, 3, 999, 42]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(onnx path, bundle dir): the tiny decoder compiled with seq <= 16, past <= 64."""
+    d = tmp_path_factory.mktemp("gen")
+    path = d / "tiny_gpt2.onnx"
+    onnx.save(build_gpt2(TINY), str(path))
+    api.compile(str(path), dim_bounds=BOUNDS, output=d / "bundle")
+    return path, d / "bundle"
+
+
+def _cli(capsys, *args):
+    from graphopt.front.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bundle_decodes_like_onnxruntime_step_by_step(tiny):
+    path, bundle = tiny
+    result = api.generate(bundle, PROMPT, 16, against="ort", keep_logits=True, warmup=False)
+    go, ref = result["graphopt"], result["ort"]
+    assert result["source"] == str(path)
+    assert go.tokens == ref.tokens and len(go.tokens) == 16
+    assert len(set(ref.tokens)) > 3, f"degenerate reference decoding: {ref.tokens}"
+    for i, (a, b) in enumerate(zip(go.logits, ref.logits)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=f"logits of step {i}")
+    assert go.first_s > 0 and len(go.steps_s) == 15 and all(t > 0 for t in go.steps_s)
+
+
+def test_one_bundle_serves_prefill_and_decode_shapes(tiny):
+    """Prefill (past = 0, seq = n) and a decode step (seq = 1) through the bundle's checked call, against ORT."""
+    path, bundle = tiny
+    module = api.load_bundle(bundle)
+    step, _ = gen.ort_decoder(str(path))
+    rng = np.random.default_rng(0)
+    for seq, past in ((5, 0), (1, 0), (1, 63), (16, 48)):
+        feeds = {"input_ids": rng.integers(0, TINY.vocab, (1, seq)).astype(np.int64)}
+        feeds.update({f"past_key_values.{i}.{kv}": rng.standard_normal((1, 4, past, 16)).astype(np.float32)
+                      for i in range(2) for kv in ("key", "value")})
+        got, want = module(**feeds), step(feeds)
+        for name in ("logits", "present.1.value"):
+            assert got[name].shape == want[name].shape
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-4, err_msg=f"{name} seq={seq} past={past}")
+
+
+def test_cli_generate_against_ort(tiny, tmp_path, capsys):
+    _, bundle = tiny
+    out = tmp_path / "g.json"
+    code, stdout, stderr = _cli(capsys, "generate", bundle, "--prompt-ids", ",".join(map(str, PROMPT)),
+                                "--max-new-tokens", 8, "--against", "ort", "--json", out)
+    assert code == 0, stderr
+    assert "tokens match ONNX Runtime: yes" in stdout and "TTFT ms" in stdout
+    data = json.loads(out.read_text())
+    assert data["tokens_match"] is True and len(data["graphopt"]["tokens"]) == 8
+    assert data["graphopt"]["token_ms_median"] > 0 and data["ratio_token_median"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--prompt-ids", "1,2", "--max-new-tokens", "66"), "needs a cache of 66, the bundle serves past up to 64"),
+    (("--prompt-ids", ",".join(["1"] * 17), "--max-new-tokens", "2"), "the bundle serves seq up to 16"),
+    (("--prompt-ids", "1,1000"), "token id 1000 is outside the vocabulary [0, 1000)"),
+    (("--prompt-ids", "1,x"), "--prompt-ids '1,x': expected comma-separated integer token ids"),
+    (("--prompt-ids", "1", "--max-new-tokens", "0"), "--max-new-tokens 0: must be a positive integer"),
+])
+def test_cli_refuses_bad_requests_with_one_line(tiny, args, message, capsys):
+    _, bundle = tiny
+    code, _, stderr = _cli(capsys, "generate", bundle, *args)
+    assert code == 2, stderr
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_bad_caches_are_refused_naming_the_input(tiny):
+    _, bundle = tiny
+    module = api.load_bundle(bundle)
+    ids = np.array([[1]], np.int64)
+
+    def cache(past=3, dim=16, dtype=np.float32):
+        return {f"past_key_values.{i}.{kv}": np.zeros((1, 4, past, dim), dtype) for i in range(2) for kv in ("key", "value")}
+
+    for feeds, message in (
+        ({**cache(), "past_key_values.1.key": np.zeros((1, 4, 3, 32), np.float32)},
+         "input 'past_key_values.1.key': shape (1, 4, 3, 32), expected (1, 4, past, 16)"),
+        ({**cache(), "past_key_values.0.value": np.zeros((1, 4, 3, 16), np.float64)},
+         "input 'past_key_values.0.value': dtype float64, expected float32"),
+        ({**cache(), "past_key_values.1.value": np.zeros((1, 4, 2, 16), np.float32)},
+         "input 'past_key_values.1.value': dim 2 (past) is 2, but input 'past_key_values.0.key' has past=3"),
+        (cache(past=65), "input 'past_key_values.0.key': dim 2 (past) is 65, the bundle serves past from 0 to 64"),
+    ):
+        with pytest.raises(GraphoptError) as info:
+            module(input_ids=ids, **feeds)
+        assert message in str(info.value)
+
+
+def test_a_model_that_is_not_a_kv_cache_decoder_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.INT64, [1, "seq"])])
+    path = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(GraphoptError, match="not a decoder with a KV cache: no past_key_values"):
+        api.generate(path, [1], 2)
+    with pytest.raises(UsageError, match="at least one token"):
+        gen.parse_ids(",")
