@@ -252,3 +252,33 @@ def test_optimize_flag_overrides_config_even_at_its_default(files, capsys):
     code, _, err = _run(capsys, "optimize", files / "conv.onnx", "--config", path, "-o", files / "c.onnx", "-q",
                         "--report", report)
     assert code == 0 and json.loads(report.read_text())["compression"]["method"] == "minmax"
+
+
+# the goal configuration on PP-OCRv4 rec (docs/compression.md): the backbone pruned 20%, the neck and
+# squeeze-excite groups kept, reconstructed on 64 rendered lines; minutes of reconstruction
+REC_KEPT = ["p2o.MatMul.8", "p2o.MatMul.20", "p2o.Conv.33", "p2o.Conv.35", "p2o.Conv.36", "p2o.Conv.37",
+            "p2o.Conv.22", "p2o.Conv.26"]
+
+
+@pytest.mark.slow
+def test_rec_backbone_pruning_with_reconstruction_keeps_accuracy_and_without_it_does_not(tmp_path, capsys):
+    from graphopt.compression.evaluate import write_calibration
+
+    calib = tmp_path / "rec_calib.npz"
+    write_calibration("ocr-rec", calib, 64, input_shape="x:1,3,48,320", model="rapidocr:rec")
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"quantize": ["none"], "prune": [0.2], "reconstruct": [False, True],
+                                 "fallback": [False], "prune-layer": [[f"{n}=0" for n in REC_KEPT]]}))
+    out = tmp_path / "s"
+    code, stdout, err = _run(capsys, "search", "rapidocr:rec", "--input-shape", "x:1,3,48,320", "--metric", "ocr-rec",
+                             "--max-drop", "0.01", "--budget", "60m", "--calibration", calib, "--space", space,
+                             "--repeat", "10", "-o", out)
+    assert code == 0, err
+    rows = list(_rows(out).values())
+    base = next(r for r in rows if r["key"] == "none")
+    rec = next(r for r in rows if r["config"]["reconstruct"])
+    plain = next(r for r in rows if r["config"]["prune"] and not r["config"]["reconstruct"])
+    assert rec["flops"] <= 0.75 * base["flops"] and plain["flops"] == rec["flops"]  # >= 25% of FLOPs removed
+    assert rec["drop"] <= 0.01  # character accuracy within 1 point of the float model
+    assert plain["score"] < rec["score"] - 0.1  # the same pruning without reconstruction reads far worse
+    assert json.loads((out / "best.json").read_text())["reconstruct"] is True
