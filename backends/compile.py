@@ -36,6 +36,7 @@ import onnx_ir as ir
 from graphopt.backends.constants import fold_layout_of_constants, replace_empty_constants
 from graphopt.backends.targets import TargetSpec, get_target
 from graphopt.core.errors import GraphoptError, ShapeError, UnsupportedError, UsageError
+from graphopt.core.io import check_external_tensors
 
 EMBED_LIMIT_BYTES = 100 * 1024 * 1024  # weights above this go to params.npz beside the library
 FRONTENDS = ("graphopt", "tvm")
@@ -446,6 +447,7 @@ def _front_end(model: ir.Model, stage: _Stages, opt_level: int, frontend: str = 
     """Shapes checked, passes run, ops checked and lowered: (Lowered, names of passes that changed the model)."""
     with stage("check_shapes"):
         check_static_shapes(model, dim_bounds)
+        check_external_tensors(model)  # a short or missing weights file: named here, not inside a pass
     with stage("optimize"):
         model, passes = _optimize(model, opt_level)
     if frontend == "tvm":

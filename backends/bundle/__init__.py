@@ -215,6 +215,10 @@ class BundleModule:
     def __call__(self, *args, **kwargs) -> dict[str, np.ndarray]:
         return call_checked(self.runner, args, kwargs)
 
+    def load_report(self) -> str:
+        """One line: load time, weights memory-mapped or copied, the process's peak RSS so far."""
+        return _loader.load_report(self.runner)
+
 
 def load_bundle(directory: str | os.PathLike, *, verify: bool = True, digest: str | None = None) -> BundleModule:
     """Load a bundle directory; hashes are checked against the manifest unless ``verify=False``;

@@ -109,10 +109,31 @@ def _check_external_data(proto: onnx.ModelProto, p: Path) -> None:
                 raise ModelLoadError(f"{where}: offset/length are not integers") from None
             if length < 0:
                 length = _tensor_nbytes(t)
-            size = target.stat().st_size
-            if offset < 0 or (length is not None and offset + length > size):
-                raise ModelLoadError(f"{where}: needs bytes {offset}..{offset + (length or 0)} but the file "
-                                     f"has {size} (truncated or wrong offset/length)")
+            _check_range(where, target, offset, length)
+
+
+def _check_range(where: str, target: Path, offset: int, length: int | None) -> None:
+    """Refuse external data whose file is missing or shorter than ``offset + length`` bytes."""
+    try:
+        size = target.stat().st_size
+    except OSError:
+        raise ModelLoadError(f"{where}: no such file beside the model") from None
+    if offset < 0 or (length is not None and offset + length > size):
+        raise ModelLoadError(f"{where}: needs bytes {offset}..{offset + (length or 0)} but the file "
+                             f"has {size} (truncated or wrong offset/length)")
+
+
+def check_external_tensors(model: ir.Model) -> None:
+    """Every external weight of an in-memory model (built or loaded by other means than :func:`load`,
+    or whose files changed since) can still be read: its file exists and holds the tensor's bytes.
+    Raises :class:`ModelLoadError` naming the file and the tensor (reading a short file would fail later
+    inside a pass, naming neither)."""
+    for g in (model.graph, *model.graph.subgraphs()):
+        for v in g.initializers.values():
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor):
+                where = f"tensor '{v.name}' external data '{t.path}'"
+                _check_range(where, Path(t.path), int(t.offset or 0), t.length if t.length is not None else t.nbytes)
 
 
 def _invalid_utf8(msg, where: str) -> str | None:

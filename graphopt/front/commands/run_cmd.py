@@ -73,4 +73,6 @@ def run(args: argparse.Namespace) -> int:
     io.atomic_write(args.output, lambda f: write_npz(f, results))
     for name, value in results.items():
         print(f"{name}: {value.dtype} {list(value.shape)}")
+    if not api.is_emulated_bundle(args.bundle):
+        print(module.load_report())  # load time, weights memory-mapped or copied, peak RSS
     return 0
