@@ -26,7 +26,7 @@ import hashlib
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.rewrite_utils import graphs_of
+from graphopt.passes.rewrite_utils import graphs_of, tensor_bytes
 
 _CONSTANT_DOMAINS = ("", "ai.onnx")
 
@@ -64,7 +64,7 @@ def _candidates(graph: ir.Graph | ir.Function) -> list[tuple[ir.Value, ir.Tensor
 
 def _key(tensor: ir.TensorProtocol) -> tuple | None:
     try:
-        data = tensor.tobytes()
+        data = tensor_bytes(tensor)
     except Exception:  # external data that cannot be read
         return None
     return (tensor.dtype, tuple(tensor.shape.numpy()), len(data), hashlib.sha256(data).digest())

@@ -64,6 +64,17 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
 MAX_FILL_ELEMENTS = 1 << 26
 
 
+def tensor_bytes(tensor: ir.TensorProtocol) -> bytes | memoryview:
+    """The tensor's bytes as ``tensor.tobytes()`` gives them, viewed rather than copied when the tensor
+    is a contiguous little-endian array of whole bytes (a memory-mapped weight of hundreds of MB is
+    hashed in place)."""
+    if tensor.dtype != ir.DataType.STRING and tensor.dtype.bitwidth % 8 == 0:
+        arr = tensor.numpy()
+        if arr.flags.c_contiguous and arr.dtype.byteorder in "=|<" and arr.dtype.kind != "O":
+            return memoryview(arr.reshape(-1).view(np.uint8))
+    return tensor.tobytes()
+
+
 def _constant_of_shape(node: ir.Node) -> np.ndarray | None:
     """The contents of ``ConstantOfShape(shape)`` when ``shape`` is constant (old exports store weights so)."""
     shape = const_array(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None

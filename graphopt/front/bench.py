@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -122,6 +123,11 @@ def measure(
         target_name = compiled.target.name
     compile_s = time.perf_counter() - t0
     feeds = _inputs_for(runner, onnx_path, shapes)
+    runner(**feeds)  # every weight touched once: the peak RSS below is graphopt's own, before ORT loads
+    memory = {"load_s": None if getattr(runner, "load_seconds", None) is None else round(runner.load_seconds, 3),
+              "weights_mapped_mb": round(getattr(runner, "weights_shared_bytes", 0) / 2**20, 1),
+              "weights_copied_mb": round(getattr(runner, "weights_copied_bytes", 0) / 2**20, 1),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     timers = {"graphopt": api.timer(runner, feeds)}
     if tuning_db is not None:  # the default schedules and the tuned module, in the same run
         timers["default"] = api.timer(default_runner, feeds)
@@ -138,6 +144,7 @@ def measure(
         "untuned": untuned, "input_shapes": shapes, "graphopt": stats_ms(go), "ort": None, "ratio": None, "ratio_min": None,
         "flops": None, "gflops": None, "ort_gflops": None, "compile_s": round(compile_s, 2),
         "schedules": schedules, "profile": None, "tuning_db": tuning_db, "default": None, "ratio_default": None,
+        **memory,
     }
     if tuning_db is not None:
         result["default"] = stats_ms(times["default"])
