@@ -54,9 +54,13 @@ def scaled_dot_product(ctx, q, k, v, scale: float, mask=None) -> relax.Expr:
 
 
 def _attention(ctx, inputs):
+    from graphopt.backends.lowering.flash_attention import lower_fused_attention
+
     q, k, v = inputs[:3]
     mask = inputs[3] if len(inputs) > 3 else None
-    return scaled_dot_product(ctx, q, k, v, float(ctx.attr("scale", 1.0)), mask)
+    scale = float(ctx.attr("scale", 1.0))
+    fused = lower_fused_attention(ctx, q, k, v, mask, scale)  # one kernel, no score matrix
+    return fused if fused is not None else scaled_dot_product(ctx, q, k, v, scale, mask)
 
 
 RULES = (
