@@ -467,7 +467,12 @@ def _front_end(model: ir.Model, stage: _Stages, opt_level: int, frontend: str = 
     with stage("check_supported"):
         lowering.check_supported(model)
     with stage("lower"):
-        return lowering.lower(model), passes
+        lowered = lowering.lower(model)
+    from graphopt.backends.bundle.weights import map_external_params
+
+    with stage("map_weights"):  # external weights as copy-on-write maps: TVM takes them without a copy
+        lowered.params = map_external_params(model, lowered.params)
+    return lowered, passes
 
 
 def fused_module(model: ir.Model, target: str | dict | TargetSpec, *, opt_level: int = 2):

@@ -100,6 +100,18 @@ def device_tensor(array, device):
     return tvm.runtime.tensor(a, device), False
 
 
+def _file_mapped(array) -> bool:
+    """Whether the array's memory is a memory map (numpy.memmap, or a view of one)."""
+    import mmap
+
+    base = array
+    while base is not None:
+        if isinstance(base, (np.memmap, mmap.mmap)):
+            return True
+        base = getattr(base, "base", None)
+    return False
+
+
 def peak_rss_bytes() -> int | None:
     """This process's peak resident set size so far (None where the platform does not say)."""
     try:
@@ -206,14 +218,15 @@ class Runner:
         self.device = device
         self.vm = VirtualMachine(module, device)
         self._main = self.vm["main"]
-        self._params, self.weights_shared_bytes, self.weights_copied_bytes = [], 0, 0
-        for p in params:  # shared: the weights stay in their memory map, TVM reads them there
+        # bytes of weights: in all, used by TVM in place from a memory map, and copied by TVM
+        self._params, self.weights_bytes, self.weights_mapped_bytes, self.weights_copied_bytes = [], 0, 0, 0
+        for p in params:
             tensor, shared = device_tensor(p, device)
             self._params.append(tensor)
-            if shared:
-                self.weights_shared_bytes += int(np.asarray(p).nbytes)
-            else:
-                self.weights_copied_bytes += int(np.asarray(p).nbytes)
+            nbytes = int(np.asarray(p).nbytes)
+            self.weights_bytes += nbytes
+            self.weights_mapped_bytes += nbytes if shared and _file_mapped(p) else 0
+            self.weights_copied_bytes += 0 if shared else nbytes
         self.load_seconds: float | None = None  # set by load()
         self._home, self._lock, self._calls = threading.current_thread(), threading.Lock(), _CallThread()
         weakref.finalize(self, self._calls.stop)
@@ -610,9 +623,10 @@ def load_report(runner: Runner) -> str:
     """One line: load time, weights memory-mapped or copied, this process's peak RSS so far."""
     mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
     parts = [f"loaded in {runner.load_seconds:.2f} s" if runner.load_seconds is not None else "loaded"]
-    if runner.weights_shared_bytes or runner.weights_copied_bytes:
-        parts.append(f"weights {mib(runner.weights_shared_bytes)} memory-mapped, "
-                     f"{mib(runner.weights_copied_bytes)} copied")
+    if runner.weights_bytes:
+        in_memory = runner.weights_bytes - runner.weights_mapped_bytes - runner.weights_copied_bytes
+        parts.append(f"weights {mib(runner.weights_mapped_bytes)} memory-mapped, {mib(runner.weights_copied_bytes)} "
+                     "copied" + (f", {mib(in_memory)} in memory" if in_memory else ""))
     peak = peak_rss_bytes()
     if peak is not None:
         parts.append(f"peak RSS {mib(peak)}")

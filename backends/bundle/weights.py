@@ -12,16 +12,22 @@ loader relies on (``loader.map_params``):
 Arrays are written tensor by tensor in slices of ``CHUNK`` bytes from the array's own buffer (a
 memory-mapped source weight is read, never copied whole); only an array that is not contiguous is
 copied, one tensor at a time.
+
+``map_external_params`` gives the compiler's weights the same form before that: a weight read
+unchanged from the model's external data becomes a copy-on-write map of that file, which TVM can
+take without a copy when the compiled module runs in the compiling process.
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import struct
 import zipfile
 
 import numpy as np
+import onnx_ir as ir
 
 ALIGN = 64
 CHUNK = 16 << 20
@@ -77,3 +83,41 @@ def write_params(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None
                 out.write(header)
                 for chunk in _chunks(arr):
                     out.write(chunk)
+
+
+def _external_tensors(model: ir.Model):
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.const_value
+
+
+def map_external_params(model: ir.Model, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``params`` with each array that is an external tensor's data as onnx_ir read it (a read-only map,
+    which TVM cannot take without a copy) replaced by a copy-on-write map of the same file bytes.
+
+    The read-only maps' pages are then dropped from this process (``MADV_DONTNEED``: they are clean
+    file pages, read again on use), so writing and running the weights touches one mapping, not two.
+    """
+    sources = {}
+    for tensor in _external_tensors(model):
+        if tensor.dtype.bitwidth % 8 or not tensor.nbytes:
+            continue
+        try:
+            arr = tensor.numpy()  # maps the file if not yet mapped (no page is read)
+        except Exception:  # noqa: BLE001 - an unreadable file: that weight keeps its array
+            continue
+        sources[(arr.ctypes.data, arr.nbytes)] = tensor
+    out, mapped = {}, []
+    for name, arr in params.items():
+        tensor = sources.get((arr.ctypes.data, arr.nbytes)) if isinstance(arr, np.ndarray) else None
+        if tensor is None or not arr.flags.c_contiguous or arr.flags.writeable:
+            out[name] = arr
+            continue
+        out[name] = np.memmap(tensor.path, dtype=arr.dtype, mode="c", offset=int(tensor.offset or 0), shape=arr.shape)
+        mapped.append(tensor)
+    for tensor in mapped:
+        raw = getattr(tensor, "raw", None)
+        if isinstance(raw, mmap.mmap) and hasattr(raw, "madvise") and not raw.closed:
+            raw.madvise(mmap.MADV_DONTNEED)
+    return out

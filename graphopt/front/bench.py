@@ -125,7 +125,7 @@ def measure(
     feeds = _inputs_for(runner, onnx_path, shapes)
     runner(**feeds)  # every weight touched once: the peak RSS below is graphopt's own, before ORT loads
     memory = {"load_s": None if getattr(runner, "load_seconds", None) is None else round(runner.load_seconds, 3),
-              "weights_mapped_mb": round(getattr(runner, "weights_shared_bytes", 0) / 2**20, 1),
+              "weights_mapped_mb": round(getattr(runner, "weights_mapped_bytes", 0) / 2**20, 1),
               "weights_copied_mb": round(getattr(runner, "weights_copied_bytes", 0) / 2**20, 1),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     timers = {"graphopt": api.timer(runner, feeds)}

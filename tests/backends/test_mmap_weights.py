@@ -100,7 +100,7 @@ def test_bundle_weights_are_mapped_not_copied(chain):
     assert manifest["params"]["file"] == "params.npz"
     assert all(o % ALIGN == 0 for o in _data_offsets(bundle / "params.npz").values())
     module = load_bundle(bundle)
-    assert module.runner.weights_shared_bytes == weight_bytes and module.runner.weights_copied_bytes == 0
+    assert module.runner.weights_mapped_bytes == weight_bytes and module.runner.weights_copied_bytes == 0
     (name,) = want
     np.testing.assert_allclose(module(x=x)[name], want[name], rtol=1e-4, atol=1e-5)
     report = module.load_report()
@@ -121,10 +121,11 @@ def test_bundle_written_by_plain_savez_still_loads(chain, tmp_path):
         (b / "params.npz").unlink()
         save(b / "params.npz", **arrays)
         module = load_bundle(b, verify=False)
-        assert module.runner.weights_shared_bytes + module.runner.weights_copied_bytes == weight_bytes
+        assert module.runner.weights_bytes == weight_bytes
         (name,) = want
         np.testing.assert_allclose(module(x=x)[name], want[name], rtol=1e-4, atol=1e-5)
-    assert module.runner.weights_copied_bytes == weight_bytes  # compressed: read into memory
+    assert module.runner.weights_mapped_bytes == 0  # compressed: read into memory
+    assert "weights 0 MiB memory-mapped" in module.load_report()
 
 
 def test_run_prints_the_load_report(chain, capsys):
