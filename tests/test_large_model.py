@@ -257,3 +257,28 @@ def test_two_gb_matmul_chain_compiles_and_runs_with_one_copy(tmp_path):
     stats = compile_run_against_ort(tmp_path, model, {"x": x}, weight_bytes)
     assert stats["compile_peak"] <= 1.3 * weight_bytes
     assert stats["run_peak"] <= 1.3 * weight_bytes
+
+
+@pytest.mark.slow
+def test_gpt2_large_compiles_and_runs_with_one_copy(tmp_path):
+    """gen:gpt2-large (774M parameters, 3.1 GB of external weights), one decode step at past=127 (the
+    catalogue's shapes): compile and run each hold at most 1.3x the weights; logits and the cache match
+    ORT. Prints the figures, and graphopt's latency against ORT's (each in its own process)."""
+    from graphopt.core import io
+    from graphopt.models import resolve
+    from graphopt.models.inputs import random_inputs
+
+    source = resolve("gen:gpt2-large")
+    weight_bytes = io.weight_bytes(io.load(source, check=False))
+    assert weight_bytes > 3e9
+    feeds = random_inputs("gen:gpt2-large")
+    stats = compile_run_against_ort(tmp_path, "gen:gpt2-large", feeds, weight_bytes, rtol=1e-3, atol=1e-3)
+    assert stats["compile_peak"] <= 1.3 * weight_bytes
+    assert stats["run_peak"] <= 1.3 * weight_bytes
+    bench = cli_in_child("bench", tmp_path / "bundle", "--against", "none", "--repeat", "5", "--warmup", "1",
+                         "--json", tmp_path / "bench.json")
+    (row,) = json.loads((tmp_path / "bench.json").read_text())
+    ort_ms = ort_in_child(source, tmp_path / "in.npz", tmp_path / "ort2.npz", repeat=5)
+    print(f"gen:gpt2-large decode step: graphopt min {row['graphopt']['min_ms']:.1f} ms (load {row['load_s']} s, "
+          f"peak RSS {row['peak_rss_mb']:.0f} MiB in bench), ORT min {ort_ms:.1f} ms, "
+          f"ratio {row['graphopt']['min_ms'] / ort_ms:.2f}; bench child peak {bench['peak_bytes'] / 2**30:.2f} GiB")

@@ -116,8 +116,9 @@ def map_external_params(model: ir.Model, params: dict[str, np.ndarray]) -> dict[
             continue
         out[name] = np.memmap(tensor.path, dtype=arr.dtype, mode="c", offset=int(tensor.offset or 0), shape=arr.shape)
         mapped.append(tensor)
+    dontneed = getattr(mmap, "MADV_DONTNEED", None)  # Linux and macOS
     for tensor in mapped:
         raw = getattr(tensor, "raw", None)
-        if isinstance(raw, mmap.mmap) and hasattr(raw, "madvise") and not raw.closed:
-            raw.madvise(mmap.MADV_DONTNEED)
+        if dontneed is not None and isinstance(raw, mmap.mmap) and not raw.closed:
+            raw.madvise(dontneed)
     return out

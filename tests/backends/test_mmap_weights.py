@@ -108,6 +108,18 @@ def test_bundle_weights_are_mapped_not_copied(chain):
         in report and "peak RSS" in report, report
 
 
+def test_compiled_in_process_runs_on_mapped_source_weights(chain):
+    """Compiled and run in one process (bench, the API): the external weights reach TVM as
+    copy-on-write maps of the model's own data file, not copied."""
+    _, model, weight_bytes, _, x, want = chain
+    compiled = compile_model(ir.load(model), embed_params=False)
+    assert all(isinstance(a, np.memmap) or isinstance(a.base, np.memmap) for a in compiled.params.values())
+    runner = compiled.runner()
+    assert runner.weights_mapped_bytes == weight_bytes and runner.weights_copied_bytes == 0
+    (name,) = want
+    np.testing.assert_allclose(compiled(x=x)[name], want[name], rtol=1e-4, atol=1e-5)
+
+
 def test_bundle_written_by_plain_savez_still_loads(chain, tmp_path):
     """A params.npz numpy wrote itself (unaligned or compressed members) loads with the weights copied."""
     _, _, weight_bytes, bundle, x, want = chain
