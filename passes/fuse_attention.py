@@ -2,7 +2,7 @@
 
 Pattern, anchored at the Softmax (over the last axis):
 
-    s = MatMul(Q', Kt)              Q' = Q, Q·c or Q/c (c a one-element constant)
+    s = MatMul(Q', Kt')             Q' = Q, Q·c or Q/c (c a one-element constant); Kt' likewise
     s = s·c | s/c                   optional, folded into ``scale`` together with Q's
     s = s + mask                    optional (any value broadcastable to s)
     y = MatMul(Softmax(s), V)
@@ -81,14 +81,17 @@ def match_attention(softmax: ir.Node):
     q, q_factor, q_scale = _strip_scale(mm1.inputs[0])
     if q_scale is not None:
         nodes.append(q_scale)
-    kt = mm1.inputs[1].producer()
-    if kt is None or kt.op_type != "Transpose" or only_consumer(mm1.inputs[1]) is not mm1:
+    kt_value, k_factor, k_scale = _strip_scale(mm1.inputs[1])  # Q·c and Kᵀ·c: PyTorch's split scale
+    kt = kt_value.producer()
+    if kt is None or kt.op_type != "Transpose" or only_consumer(kt_value) is None:
         return None
+    if k_scale is not None:
+        nodes.append(k_scale)
     perm = list(kt.attributes.get_ints("perm", []))
     v = mm2.inputs[1]
     if len(perm) != rank or _rank(q) != rank or _rank(v) != rank:
         return None
-    return q, kt, perm, v, mask, factor * q_factor, mm2.outputs[0], nodes
+    return q, kt, perm, v, mask, factor * q_factor * k_factor, mm2.outputs[0], nodes
 
 
 class FuseAttentionPass(ir.passes.InPlacePass):

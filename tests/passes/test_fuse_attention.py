@@ -13,7 +13,9 @@ SHAPES = "float[1,2,6,4] q, float[1,2,6,4] k, float[1,2,6,4] v, float[1,1,6,6] m
 
 def _model(opset: int, *, scale_on="scores", mask=True, perm="[0, 1, 3, 2]", k_shape=None):
     k_decl = k_shape or "float[1,2,6,4] k"
-    qk = "qs = Mul(q, c) \n s0 = MatMul(qs, kt)" if scale_on == "q" else "s = MatMul(q, kt) \n s0 = Div(s, c)"
+    qk = {"q": "qs = Mul(q, c) \n s0 = MatMul(qs, kt)",
+          "both": "qs = Mul(q, c) \n ks = Mul(kt, c) \n s0 = MatMul(qs, ks)",  # PyTorch's sqrt(scale) on each
+          "scores": "s = MatMul(q, kt) \n s0 = Div(s, c)"}[scale_on]
     add = "s1 = Add(s0, mask)" if mask else ""
     body = f"""kt = Transpose<perm = {perm}>(k) \n c = Constant<value = float {{2.0}}>() \n {qk} \n {add}
                p = Softmax<axis = -1>({"s1" if mask else "s0"}) \n o = MatMul(p, v) \n y = Relu(o)"""
@@ -22,7 +24,7 @@ def _model(opset: int, *, scale_on="scores", mask=True, perm="[0, 1, 3, 2]", k_s
                            f"g ({inputs}) => (float[1,2,6,4] y) {{ {body} }}")
 
 
-@pytest.mark.parametrize("scale_on", ["q", "scores"])
+@pytest.mark.parametrize("scale_on", ["q", "both", "scores"])
 @pytest.mark.parametrize("mask", [True, False])
 def test_graphopt_attention(scale_on, mask):
     model = _model(17, scale_on=scale_on, mask=mask)
@@ -32,7 +34,7 @@ def test_graphopt_attention(scale_on, mask):
     assert counts["Attention"] == 1 and counts["Softmax"] == 0 and counts["MatMul"] == 0
     node = next(n for n in result.model.graph if n.op_type == "Attention")
     assert node.domain == "graphopt"
-    assert abs(node.attributes.get_float("scale") - (2.0 if scale_on == "q" else 0.5)) < 1e-7
+    assert abs(node.attributes.get_float("scale") - {"q": 2.0, "both": 4.0, "scores": 0.5}[scale_on]) < 1e-7
     assert len(node.inputs) == (4 if mask else 3)
     assert counts["Add"] == 0 and counts["Mul"] + counts["Div"] == 0
 
