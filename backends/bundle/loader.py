@@ -227,7 +227,8 @@ class Runner:
             self.weights_bytes += nbytes
             self.weights_mapped_bytes += nbytes if shared and _file_mapped(p) else 0
             self.weights_copied_bytes += 0 if shared else nbytes
-        self.load_seconds: float | None = None  # set by load()
+        self.load_seconds: float | None = None  # set by load(), with the part spent hashing the files
+        self.hash_seconds: float | None = None
         self._home, self._lock, self._calls = threading.current_thread(), threading.Lock(), _CallThread()
         weakref.finalize(self, self._calls.stop)
 
@@ -598,7 +599,9 @@ def load(directory: str, *, verify: bool = True, digest: str | None = None) -> R
     start = time.perf_counter()
     directory = os.fspath(directory)
     manifest = read_manifest(directory, digest)
+    hashing = time.perf_counter()
     verify_files(directory, manifest, hashes=verify)
+    hashing = time.perf_counter() - hashing
     device = _device(manifest)
     lib_path = bundle_file(directory, manifest["library"], "library")
     if sys.platform.startswith("linux"):
@@ -616,6 +619,7 @@ def load(directory: str, *, verify: bool = True, digest: str | None = None) -> R
         raise BundleError(f"{lib_path}: not a compiled graphopt model ({_first_line(e)})") from None
     runner.manifest = manifest
     runner.load_seconds = time.perf_counter() - start
+    runner.hash_seconds = hashing if verify else None
     return runner
 
 
@@ -623,6 +627,8 @@ def load_report(runner: Runner) -> str:
     """One line: load time, weights memory-mapped or copied, this process's peak RSS so far."""
     mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
     parts = [f"loaded in {runner.load_seconds:.2f} s" if runner.load_seconds is not None else "loaded"]
+    if runner.hash_seconds is not None:
+        parts[0] += f" ({runner.hash_seconds:.2f} s checking sha256)"
     if runner.weights_bytes:
         in_memory = runner.weights_bytes - runner.weights_mapped_bytes - runner.weights_copied_bytes
         parts.append(f"weights {mib(runner.weights_mapped_bytes)} memory-mapped, {mib(runner.weights_copied_bytes)} "
