@@ -15,6 +15,7 @@ from graphopt.backends.lowering import (
     losses,
     nn,
     ort_contrib,
+    ort_transformer,
     qdq,
     quant,
     reduce,
@@ -42,6 +43,7 @@ RULES: tuple[OpRule, ...] = (
     *qdq.RULES,
     *graphopt_ops.RULES,
     *ort_contrib.RULES,
+    *ort_transformer.RULES,
 )
 
 

@@ -53,6 +53,9 @@ def _model_source(model: str, input_shapes: list[str]) -> tuple[str | None, list
     if _is_bundle(model):
         with open(os.path.join(model, "manifest.json")) as f:
             manifest = json.load(f)
+        if not input_shapes:  # the shapes the bundle was compiled for (its source may leave them dynamic)
+            input_shapes = [f"{i['name']}:{','.join(str(d) for d in i['shape'])}" for i in manifest.get("inputs", [])
+                            if all(isinstance(d, int) for d in i.get("shape", [None]))]
         source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
         src = source.get("path") or manifest.get("source_path")
         if not (src and os.path.isfile(src)):

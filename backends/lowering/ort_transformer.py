@@ -1,0 +1,267 @@
+"""Lowering rules: the ``com.microsoft`` transformer ops that ONNX Runtime's transformer optimizer and
+exporters write (contracts: ONNX Runtime's ContribOperators.md; tests compare each with ONNX Runtime).
+
+* ``SkipLayerNormalization(input, skip, gamma[, beta][, bias])`` -> (output, mean, inv_std_var,
+  input_skip_bias_sum); ``SkipSimplifiedLayerNormalization`` the same with RMS normalization;
+  ``SimplifiedLayerNormalization(X, scale)`` (ONNX Runtime registers it in the ONNX domain) RMSNorm.
+* ``Gelu`` (erf), ``BiasGelu(A, B)`` = Gelu(A + B), ``FastGelu(X[, bias])`` (tanh form),
+  ``QuickGelu(X; alpha)`` = X * sigmoid(alpha X).
+* ``Attention(input, weights[, bias][, mask_index][, past][, attention_bias])``: packed QKV projection,
+  ``num_heads``, ``qkv_hidden_sizes``, ``unidirectional``, ``scale``, ``mask_filter_value``;
+  masks: a key padding mask [B, T] or [B, S, T] (0 masks), or right-padding lengths [B].
+* ``MultiHeadAttention(query, key, value[, bias][, key_padding_mask][, attention_bias])``: 3-D Q/K/V
+  (or K/V already split into heads, [B, N, L, H]).
+* ``RotaryEmbedding(input, position_ids, cos_cache, sin_cache)``: position_ids [B, S], or [1] as the
+  offset of the first position.
+* ``MatMulNBits(A, B, scales[, zero_points][, g_idx][, bias])``: 4- or 8-bit block-quantized weights,
+  dequantized once at compile time (the bundle holds float32 weights: graphopt's own
+  ``--quantize int4-weights`` keeps them packed).
+
+Masked positions get ``mask_filter_value`` (-10000 by default) added before softmax, as ONNX Runtime
+does, not -inf. A past key/value cache (``past``, ``past_key``) is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm import relax
+
+from graphopt.backends.lowering import attention, elementwise, helpers, nn
+from graphopt.backends.lowering.graphopt_ops import scaled_dot_product
+from graphopt.backends.lowering.rules import OpRule
+
+op = relax.op
+DOMAIN = "com.microsoft"
+
+
+def _opt(inputs, i):
+    return inputs[i] if len(inputs) > i else None
+
+
+def _split(ctx, x, indices, axis: int):
+    parts = ctx.emit(op.split(x, indices, axis=axis))
+    return [ctx.emit(relax.TupleGetItem(parts, i)) for i in range(len(indices) + 1)]
+
+
+def _s(x, value: float):
+    return helpers.scalar(value, helpers.dtype_of(x))
+
+
+# ---- normalizations ----
+
+def _rms(ctx, x, scale, epsilon: float):
+    """RMS normalization over the last axis: (y, inv_std_var)."""
+    ms = op.mean(op.multiply(x, x), axis=[-1], keepdims=True)
+    inv = ctx.emit(op.rsqrt(op.add(ms, _s(x, epsilon))))
+    return op.multiply(op.multiply(x, inv), scale), inv
+
+
+def _skip_norm(simplified: bool):
+    def lower(ctx, inputs):
+        x, skip, gamma = inputs[:3]
+        beta = None if simplified else _opt(inputs, 3)
+        bias = _opt(inputs, 3 if simplified else 4)
+        total = op.add(x, skip)
+        if bias is not None:
+            total = op.add(total, bias)
+        total = ctx.emit(total)
+        eps = float(ctx.attr("epsilon", 1e-12))
+        if simplified:
+            y, inv = _rms(ctx, total, gamma, eps)
+            outs = [y, None, inv, total]
+        else:
+            need = ctx.output_used(1) or ctx.output_used(2)
+            y, mean, inv = nn.layer_norm(ctx, total, gamma, beta, -1, eps, False, need_stats=need)
+            outs = [y, mean, inv, total]
+        for j in range(1, ctx.num_outputs):
+            ctx.check(not ctx.output_used(j) or outs[j] is not None, f"output {j} is not computed by this op")
+        return outs[: ctx.num_outputs] if ctx.num_outputs > 1 else outs[0]
+
+    return lower
+
+
+def _simplified_norm(ctx, inputs):
+    x, scale = inputs[:2]
+    ctx.check(int(ctx.attr("axis", -1)) in (-1, helpers.rank_of(x) - 1), "only axis -1 is supported")
+    y, inv = _rms(ctx, x, scale, float(ctx.attr("epsilon", 1e-5)))
+    return [y, inv][: ctx.num_outputs] if ctx.num_outputs > 1 else y
+
+
+# ---- activations ----
+
+def _gelu(ctx, x, tanh: bool):
+    x = ctx.emit(x)
+    if tanh:
+        inner = op.multiply(_s(x, math.sqrt(2.0 / math.pi)), op.add(x, op.multiply(_s(x, 0.044715),
+                                                                                  op.multiply(x, op.multiply(x, x)))))
+        return op.multiply(op.multiply(_s(x, 0.5), x), op.add(_s(x, 1.0), op.tanh(inner)))
+    return op.multiply(op.multiply(_s(x, 0.5), x), op.add(_s(x, 1.0), op.erf(op.multiply(x, _s(x, 1 / math.sqrt(2))))))
+
+
+def _biased(inputs):
+    b = _opt(inputs, 1)
+    return inputs[0] if b is None else op.add(inputs[0], b)
+
+
+# ---- attention ----
+
+def _heads(ctx, x, heads: int):
+    """[B, S, N*H] -> [B, N, S, H]."""
+    b, s, d = helpers.shape_of(x)
+    ctx.check(d is not None and d % heads == 0, f"hidden size {d} is not a multiple of num_heads {heads}")
+    return ctx.emit(op.permute_dims(op.reshape(x, [b, s, heads, d // heads]), [0, 2, 1, 3]))
+
+
+def _merge(ctx, y):
+    """[B, N, S, H] -> [B, S, N*H]."""
+    b, n, s, h = helpers.shape_of(y)
+    return op.reshape(op.permute_dims(y, [0, 2, 1, 3]), [b, s, n * h])
+
+
+def _mask_bias(ctx, mask, q_len, kv_len, dtype: str, filter_value: float, causal: bool, bias):
+    """The additive [B|1, N|1, S, T] term of masks, causality and attention_bias (None when none)."""
+    terms = []
+    if mask is not None:
+        rank = helpers.rank_of(mask)
+        if rank == 1:  # right padding: keys at or after each batch's length are masked
+            keys = op.arange(0, kv_len, 1, dtype="int32")
+            keep = op.less(op.expand_dims(keys, [0]), op.expand_dims(op.astype(mask, "int32"), [1]))
+        else:
+            ctx.check(rank in (2, 3), f"a rank-{rank} mask is not supported (1-D lengths, [B, T] or [B, S, T])")
+            keep = op.greater(mask, helpers.scalar(0, helpers.dtype_of(mask)))
+        keep = op.expand_dims(keep, [1, 2] if rank in (1, 2) else [1])  # -> [B, 1, 1|S, T]
+        terms.append(op.where(keep, helpers.scalar(0.0, dtype), helpers.scalar(filter_value, dtype)))
+    if bias is not None:
+        terms.append(bias)
+    out = None
+    for term in terms:
+        out = term if out is None else op.add(out, term)
+    if causal:  # ONNX Runtime sets future keys to the lowest float (masks only add mask_filter_value)
+        rows = np.arange(q_len)[:, None] + (kv_len - q_len)
+        allowed = (np.arange(kv_len)[None, :] <= rows).reshape(1, 1, q_len, kv_len)
+        lowest = float(np.finfo(helpers.numpy_dtype(dtype)).min)
+        out = op.where(helpers.const(allowed, "bool"), helpers.scalar(0.0, dtype) if out is None else out,
+                       helpers.scalar(lowest, dtype))
+    if out is None:
+        return None
+    return ctx.emit(out)
+
+
+def _attend(ctx, q, k, v, heads: int, mask, attn_bias, dtype: str):
+    """Multi-head attention of [B, S, D] query with [B, N, T, H] keys/values: [B, S, N*Hv]."""
+    qh = _heads(ctx, q, heads)
+    head = helpers.shape_of(qh)[3]
+    scale = float(ctx.attr("scale", 0.0)) or 1.0 / math.sqrt(head)
+    q_len, kv_len = helpers.shape_of(qh)[2], helpers.shape_of(k)[2]
+    ctx.check(isinstance(q_len, int) and isinstance(kv_len, int) or (mask is None and not ctx.attr("unidirectional", 0)),
+              "masks and unidirectional attention need static sequence lengths")
+    add = _mask_bias(ctx, mask, q_len, kv_len, dtype, float(ctx.attr("mask_filter_value", -10000.0)),
+                     bool(ctx.attr("unidirectional", 0)), attn_bias)
+    return _merge(ctx, ctx.emit(scaled_dot_product(ctx, qh, k, v, scale, add)))
+
+
+def _no_cache(ctx, inputs, indices, what: str):
+    for i in indices:
+        ctx.check(_opt(inputs, i) is None, f"{what} (a key/value cache) is not supported: compile the model without it")
+
+
+def _attention(ctx, inputs):
+    x, w = inputs[:2]
+    bias, mask = _opt(inputs, 2), _opt(inputs, 3)
+    _no_cache(ctx, inputs, (4, 6), "past")
+    ctx.check(not ctx.attr("do_rotary", 0), "do_rotary is not supported")
+    ctx.check(ctx.num_outputs == 1 or not ctx.output_used(1), "the present output is not supported")
+    heads = int(ctx.attr("num_heads"))
+    wshape = helpers.static_shape(w)
+    ctx.check(wshape is not None, "the packed QKV weights need a static shape")
+    sizes = list(ctx.attr("qkv_hidden_sizes", None) or [wshape[1] // 3] * 3)
+    proj = op.matmul(x, w)
+    if bias is not None:
+        proj = op.add(proj, bias)
+    proj = ctx.emit(proj)
+    q, k, v = _split(ctx, proj, [sizes[0], sizes[0] + sizes[1]], axis=-1)
+    return _attend(ctx, q, _heads(ctx, k, heads), _heads(ctx, v, heads), heads, mask, _opt(inputs, 5), ctx.dtype(0))
+
+
+def _multi_head_attention(ctx, inputs):
+    q, k, v = inputs[:3]
+    bias, mask, attn_bias = _opt(inputs, 3), _opt(inputs, 4), _opt(inputs, 5)
+    _no_cache(ctx, inputs, (6, 7), "past_key/past_value")
+    ctx.check(k is not None and v is not None, "packed query/key/value in one input is not supported")
+    ctx.check(ctx.num_outputs == 1 or not any(ctx.output_used(j) for j in range(1, ctx.num_outputs)),
+              "the present_key/present_value outputs are not supported")
+    heads = int(ctx.attr("num_heads"))
+    split_kv = helpers.rank_of(k) == 4  # already [B, N, L, H]
+    if bias is not None:
+        dq = helpers.shape_of(q)[2]
+        dk = dq if split_kv else helpers.shape_of(k)[2]
+        parts = _split(ctx, bias, [dq, dq + dk], axis=0)
+        q = op.add(q, parts[0])
+        if not split_kv:
+            k, v = op.add(k, parts[1]), op.add(v, parts[2])
+    if not split_kv:
+        k, v = _heads(ctx, ctx.emit(k), heads), _heads(ctx, ctx.emit(v), heads)
+    return _attend(ctx, ctx.emit(q), k, v, heads, mask, attn_bias, ctx.dtype(0))
+
+
+def _rotary(ctx, inputs):
+    x, pos, cos, sin = inputs[:4]
+    ctx.check(not ctx.attr("is_packed_batching", 0), "is_packed_batching is not supported")
+    ctx.check(float(ctx.attr("scale", 1.0)) == 1.0, "a scale other than 1 is not supported")
+    if helpers.rank_of(pos) == 1:  # [1]: the offset of the first position
+        seq = helpers.shape_of(x)[1 if helpers.rank_of(x) == 3 else 2]
+        pos = op.add(op.expand_dims(op.arange(0, seq, 1, dtype="int64"), [0]), op.astype(pos, "int64"))
+    return attention._rotary_embedding(ctx, [x, cos, sin, ctx.emit(pos)])
+
+
+# ---- block-quantized weights ----
+
+def _unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Little-endian packed ``bits``-bit unsigned values of ``data`` (uint8, last axis), first ``count``."""
+    per = 8 // bits
+    shifts = (np.arange(per) * bits).astype(np.uint8)
+    vals = (data[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return vals.reshape(*data.shape[:-1], -1)[..., :count]
+
+
+def _matmul_nbits(ctx, inputs):
+    a = inputs[0]
+    k, n = int(ctx.attr("K")), int(ctx.attr("N"))
+    bits, block = int(ctx.attr("bits", 4)), int(ctx.attr("block_size"))
+    ctx.check(bits in (2, 4, 8), f"bits={bits} is not supported (2, 4 or 8)")
+    ctx.check(ctx.num_inputs < 5 or inputs[4] is None, "g_idx is not supported")
+    packed = ctx.require_const(1, "the packed weights")
+    scales = ctx.require_const(2, "the scales").astype(np.float32)
+    blocks = (k + block - 1) // block
+    q = _unpack(packed.reshape(n, blocks, -1), bits, block).astype(np.float32)  # [N, blocks, block]
+    zp = ctx.const(3) if ctx.num_inputs > 3 and inputs[3] is not None else None
+    if zp is None:
+        if ctx.num_inputs > 3 and inputs[3] is not None:
+            ctx.unsupported("zero_points must be a constant")
+        zero = np.full((n, blocks), float(1 << (bits - 1)), np.float32)
+    elif zp.dtype == np.uint8:
+        zero = _unpack(zp.reshape(n, -1), bits, blocks).astype(np.float32)
+    else:
+        zero = zp.astype(np.float32).reshape(n, blocks)
+    w = ((q - zero[..., None]) * scales.reshape(n, blocks)[..., None]).reshape(n, -1)[:, :k]  # [N, K]
+    y = op.matmul(a, helpers.const(np.ascontiguousarray(w.T), ctx.dtype(0)))
+    bias = _opt(inputs, 5)
+    return y if bias is None else op.add(y, bias)
+
+
+RULES = (
+    OpRule("SkipLayerNormalization", _skip_norm(False), domain=DOMAIN, kind="decomposed"),
+    OpRule("SkipSimplifiedLayerNormalization", _skip_norm(True), domain=DOMAIN, kind="decomposed"),
+    OpRule("SimplifiedLayerNormalization", _simplified_norm, kind="decomposed"),
+    OpRule("Gelu", lambda ctx, ins: _gelu(ctx, ins[0], False), domain=DOMAIN, kind="decomposed"),
+    OpRule("BiasGelu", lambda ctx, ins: _gelu(ctx, _biased(ins), False), domain=DOMAIN, kind="decomposed"),
+    OpRule("FastGelu", lambda ctx, ins: _gelu(ctx, _biased(ins), True), domain=DOMAIN, kind="decomposed"),
+    OpRule("QuickGelu", lambda ctx, ins: elementwise._swish(ins[0], float(ctx.attr("alpha", 1.702))),
+           domain=DOMAIN, kind="decomposed"),
+    OpRule("Attention", _attention, domain=DOMAIN, kind="decomposed"),
+    OpRule("MultiHeadAttention", _multi_head_attention, domain=DOMAIN, kind="decomposed"),
+    OpRule("RotaryEmbedding", _rotary, domain=DOMAIN, kind="decomposed"),
+    OpRule("MatMulNBits", _matmul_nbits, domain=DOMAIN, kind="decomposed"),
+)
