@@ -126,6 +126,13 @@ def test_rerun_does_no_new_work(searched, files, capsys):
     assert code == 0, err
     assert (out / "results.jsonl").read_bytes() == before
     assert stdout.startswith("0 configurations measured now, 5 in all, 2 skipped, 0 left")
+    narrow = files / "narrow.json"  # a narrower space: nothing new; the table still lists every configuration
+    narrow.write_text(json.dumps({"quantize": ["int8"], "calibration-method": ["percentile"], "prune": [0],
+                                  "fallback": [False]}))
+    code, stdout, err = _run(capsys, *_search_argv(files, out, "--space", narrow, "--objective", "size"))
+    assert code == 0 and stdout.startswith("0 configurations measured now, 5 in all, 0 skipped, 0 left"), err
+    assert (out / "table.md").read_text().count("\n| ") == 1 + 5
+    assert "| **best** | int8/percentile channels:0.3 fallback@0.005 |" in (out / "table.md").read_text()
 
 
 def test_rerun_with_other_settings_is_refused(searched, files, capsys):

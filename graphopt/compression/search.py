@@ -39,7 +39,7 @@ SETUP_KEYS = ("model", "metric", "input_shapes", "calibration", "latency", "samp
 
 @dataclasses.dataclass
 class SearchResult:
-    rows: list[dict[str, Any]]  # every measured configuration, this run's and earlier runs'
+    rows: list[dict[str, Any]]  # every configuration measured in the directory, this run's and earlier runs'
     baseline: dict[str, Any]
     best: dict[str, Any] | None  # None: no configuration within the budget
     pending: list[str]  # configurations left for a rerun (budget or --trials reached)
@@ -302,6 +302,8 @@ def search(model: str | os.PathLike, metric: str | Callable, *, max_drop: float,
              "input_shapes": list(input_shapes or []), "calibration": str(Path(calibration).resolve()) if calibration else None,
              "latency": latency_desc, "samples": samples, "data": str(data) if data else None}
     _check_setup(out, setup)
+    for note in notes if log is not None else ():
+        log(note)
     results_path = out / RESULTS
     done = read_results(results_path)
     start = time.monotonic()
@@ -332,7 +334,7 @@ def search(model: str | os.PathLike, metric: str | Callable, *, max_drop: float,
             bar.update()
             if log is not None:
                 bar.write(_line(row, max_drop)) if bar.active else log(_line(row, max_drop))
-    rows = [done[c.key] for c in configs if c.key in done]
+    rows = list(done.values())  # every configuration measured in this directory, also outside this run's space
     baseline = done[BASELINE.key] if BASELINE.key in done else None
     if baseline is None:
         raise GraphoptError(f"search: the budget ended before the float model was measured; rerun with -o {out}")

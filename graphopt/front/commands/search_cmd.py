@@ -139,8 +139,6 @@ def run(args: argparse.Namespace) -> int:
         print_json({"rows": result.rows, "best": result.best, "pending": result.pending,
                     "skipped": [{"config": k, "why": w} for k, w in result.skipped], "notes": result.notes})
     elif not args.quiet:
-        for note in result.notes:
-            print(note)
         print(f"{result.new} configurations measured now, {len(result.rows)} in all, {len(result.skipped)} skipped, "
               f"{len(result.pending)} left; "
               f"{out / 'table.md'}, {out / 'pareto.png'}")
