@@ -101,6 +101,7 @@ class CompiledModule:
     frontend: str = "graphopt"
     tuning_db_sha256: str | None = None
     dim_bounds: dict[str, int] = dataclasses.field(default_factory=dict)  # symbolic dim -> largest value
+    precision: str = "fp32"  # fp16: convs and matmuls in float16 (backends/precision.py)
     bundle_digest: str | None = None  # set by save()
     _runner: Any = dataclasses.field(default=None, repr=False)
 
@@ -264,7 +265,7 @@ def _bind_params(lowered, embed: bool):
     return bind_constant_arguments(mod), {}  # weights into If-branch functions, where they fold too
 
 
-def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
+def _relax_passes(mod, spec: TargetSpec, winograd: bool = False, precision: str = "fp32"):
     """``winograd``: graphopt's CPU schedules follow, so convs take the layouts and algorithms they
     serve: conv chains in the blocked channel layout, then 3x3 stride-1 convs as Winograd where it
     pays (Winograd reads the blocked layout, so blocking comes first; the weights' relayout folds in
@@ -276,6 +277,10 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False):
     from graphopt.backends.schedules.strided_pointwise import rewrite_strided_pointwise
 
     cpu_rules = winograd and not spec.is_gpu
+    if precision == "fp16":  # before legalization: dlight then picks tensor-core MMA for float16 matmuls
+        from graphopt.backends.precision import to_fp16
+
+        mod = to_fp16(mod)
     legalize = dict(LEGALIZE)
     if cpu_rules:
         from graphopt.backends.schedules import features_of
@@ -383,6 +388,7 @@ def compile_model(
     embed_params: bool | None = None,
     frontend: str = "graphopt",
     dim_bounds: dict[str, int] | None = None,
+    precision: str = "fp32",
 ) -> CompiledModule:
     """Optimize, lower and compile ``model`` for ``target``; with ``output``, also write the bundle.
 
@@ -391,10 +397,14 @@ def compile_model(
     (to compare the two; graphopt's passes still run first).
     ``dim_bounds``: the largest value of each symbolic input dim (``{"seq": 256}``); those dims stay
     symbolic, one library serves every value up to the bound.
+    ``precision="fp16"`` (CUDA targets): convs and matmuls in float16 with float32 accumulation.
     """
+    from graphopt.backends.precision import check_precision
+
     if frontend not in FRONTENDS:
         raise UsageError(f"frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
     spec = get_target(target)
+    check_precision(precision, spec)
     if output is not None:
         spec.export_function()  # a missing cross compiler is reported before any work
     if tuning_db is not None:
@@ -410,8 +420,14 @@ def compile_model(
         embed = total <= EMBED_LIMIT_BYTES if embed_params is None else embed_params
         mod, params = _bind_params(lowered, embed)
         mod = _bound_symbolic_dims(mod, bounds)
+    if params and schedules and not spec.is_gpu:
+        with stage("pack_weights"):  # matmul weights passed as arguments read packed, like constants
+            from graphopt.backends.packed_params import pack_weight_params
+            from graphopt.backends.schedules import features_of
+
+            mod, params = pack_weight_params(mod, params, features_of(spec).lanes(32))
     with stage("relax"):
-        mod = _relax_passes(mod, spec, winograd=schedules)
+        mod = _relax_passes(mod, spec, winograd=schedules, precision=precision)
     choices = None
     if tuning_db is not None:
         with stage("tuning_db"):
@@ -430,7 +446,7 @@ def compile_model(
         target=spec,
         inputs=[(n, tuple(d if isinstance(d, str) else int(d) for d in s), str(dt)) for n, s, dt in lowered.inputs],
         outputs=[(n, tuple(s) if s is not None else None, str(d)) for n, s, d in lowered.outputs],
-        params={k: np.asarray(v) for k, v in params.items()},
+        params=dict(params),  # arrays, memory maps, PackedWeight (packed when written or run)
         passes=passes,
         timings=stage.timings,
         opt_level=opt_level,
@@ -440,6 +456,7 @@ def compile_model(
         frontend=frontend,
         tuning_db_sha256=tuning_db_sha256 if tuning_db is not None else None,
         dim_bounds=bounds,
+        precision=precision,
     )
     if output is not None:
         with stage("export"):

@@ -74,6 +74,11 @@ def why_not(call: relax.Call, w, lanes: int) -> str | None:
     """None when ``call`` (a relax.matmul with right operand ``w``) takes the packed weight, else why not."""
     if not isinstance(w, tvm.ir.expr.Constant):
         return "the weight is not a constant"
+    return why_not_shape(call, w, lanes)
+
+
+def why_not_shape(call: relax.Call, w, lanes: int) -> str | None:
+    """``why_not`` for any weight expression ``w`` (a constant, or a weight the caller packs itself)."""
     x = call.args[0]
     shape = x.ty.shape if hasattr(x.ty, "shape") and x.ty.shape is not None else None
     if shape is None or len(shape) < 2 or not isinstance(shape[-1], tirx.IntImm):

@@ -108,9 +108,11 @@ def test_bundle_weights_are_mapped_not_copied(chain):
         in report and "peak RSS" in report, report
 
 
-def test_compiled_in_process_runs_on_mapped_source_weights(chain):
+def test_compiled_in_process_runs_on_mapped_source_weights(chain, monkeypatch):
     """Compiled and run in one process (bench, the API): the external weights reach TVM as
-    copy-on-write maps of the model's own data file, not copied."""
+    copy-on-write maps of the model's own data file, not copied (matmul weights unpacked here: packed
+    ones are packed in memory, below)."""
+    monkeypatch.setenv("GRAPHOPT_PACKED_MATMUL", "0")
     _, model, weight_bytes, _, x, want = chain
     compiled = compile_model(ir.load(model), embed_params=False)
     assert all(isinstance(a, np.memmap) or isinstance(a.base, np.memmap) for a in compiled.params.values())
@@ -118,6 +120,38 @@ def test_compiled_in_process_runs_on_mapped_source_weights(chain):
     assert runner.weights_mapped_bytes == weight_bytes and runner.weights_copied_bytes == 0
     (name,) = want
     np.testing.assert_allclose(compiled(x=x)[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_weight_arguments_read_packed(tmp_path):
+    """A matmul weight passed as an argument is packed like a constant one (its argument and the
+    params file take the packed shape, packed lazily); a weight two matmuls read stays as it is."""
+    from graphopt.backends.packed_params import PackedWeight
+
+    rng = np.random.default_rng(7)
+    k, n = 96, 61  # 61 columns: no power-of-two divisor, padded to whole lanes
+    w1 = rng.standard_normal((k, n)).astype(np.float32)
+    w2 = rng.standard_normal((k, k)).astype(np.float32)
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape([3, k]))
+    v1 = ir.val("W1", ir.DataType.FLOAT, ir.Shape([k, n]), const_value=ir.tensor(w1, name="W1"))
+    v2 = ir.val("W2", ir.DataType.FLOAT, ir.Shape([k, k]), const_value=ir.tensor(w2, name="W2"))
+    a, b, c, y = (ir.val(name, ir.DataType.FLOAT) for name in ("a", "b", "c", "y"))
+    nodes = [ir.node("MatMul", [x, v2], outputs=[a]), ir.node("MatMul", [a, v2], outputs=[b]),
+             ir.node("Add", [a, b], outputs=[c]), ir.node("MatMul", [c, v1], outputs=[y])]
+    graph = ir.Graph([x], [y], nodes=nodes, initializers=[v1, v2], opset_imports={"": 17})
+    compiled = compile_model(ir.Model(graph, ir_version=9), embed_params=False, output=tmp_path / "b")
+    kinds = {name: type(value).__name__ for name, value in compiled.params.items()}
+    assert kinds == {"W1": "PackedWeight", "W2": "ndarray"}, kinds
+    packed = compiled.params["W1"]
+    assert isinstance(packed, PackedWeight) and packed.shape == (-(-n // packed.lanes), k, packed.lanes)
+    feed = rng.standard_normal((3, k)).astype(np.float32)
+    a_ = feed @ w2
+    want = (a_ + a_ @ w2) @ w1
+    np.testing.assert_allclose(compiled(x=feed)["y"], want, rtol=1e-4, atol=1e-3)
+    module = load_bundle(tmp_path / "b")
+    np.testing.assert_allclose(module(x=feed)["y"], want, rtol=1e-4, atol=1e-3)
+    assert module.runner.weights_mapped_bytes == packed.nbytes + w2.nbytes
+    with np.load(tmp_path / "b" / "params.npz") as data:
+        assert sorted(data[key].shape for key in data.files) == sorted([packed.shape, w2.shape])
 
 
 def test_bundle_written_by_plain_savez_still_loads(chain, tmp_path):
