@@ -489,7 +489,25 @@ def _device(manifest: dict):
     if "+amx-int8" in list(target.get("mattr", [])) and not cpu_has_amx("int8"):
         raise BundleError("bundle was built for a CPU with AMX-INT8 tiles (its integer convs use them) and this "
                           "CPU or kernel has none; compile it again on this host")
+    dot = features.get("int8_dot") if isinstance(features, dict) else None
+    flags = cpu_flags() if dot in X86_DOT_FLAGS and platform.machine() == "x86_64" else set()
+    if flags and X86_DOT_FLAGS[dot][0] not in flags:  # (not checked where /proc/cpuinfo cannot be read)
+        raise BundleError(f"bundle was built for a CPU with {X86_DOT_FLAGS[dot][1]} (its integer convs use "
+                          "vpdpbusd) and this CPU has none; compile it for --target x86 on this host")
     return tvm.cpu(0)
+
+
+# a bundle's int8 dot product (target features "int8_dot") -> the /proc/cpuinfo flag it needs, its name
+X86_DOT_FLAGS = {"vnni": ("avx512_vnni", "AVX-512 VNNI"), "avxvnni": ("avx_vnni", "AVX-VNNI")}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU flags of /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
 
 
 # aarch64 target features -> Linux AT_HWCAP bits (asimd, asimdhp, asimddp, sve)

@@ -65,6 +65,28 @@ def llvm_vector_bits(target) -> int:
     return 128  # SSE2 (every x86-64), NEON, or no SIMD we plan for
 
 
+# LLVM CPU features -> the int8 dot product a kernel can use (``int8_dot.DOTS``), first match wins
+INT8_DOT_FEATURES = (("vnni", ("avx512vnni", "avx512bw")), ("avxvnni", ("avxvnni",)), ("sdot", ("dotprod",)))
+
+
+def int8_dot_kind(target_spec) -> str | None:
+    """"vnni" (AVX-512 VNNI), "avxvnni" (AVX-VNNI), "sdot" (Arm ``+dotprod``) or None: the int8 dot
+    product of an llvm target; a TargetSpec's ``features["int8_dot"]`` wins when present."""
+    given = getattr(target_spec, "features", None)
+    if isinstance(given, dict) and "int8_dot" in given:
+        return given["int8_dot"] or None
+    from tvm.target.codegen import llvm_get_cpu_features
+
+    target = as_target(target_spec)
+    if target.kind.name != "llvm":
+        return None
+    try:
+        features = {str(f) for f in llvm_get_cpu_features(target)}
+    except Exception:  # noqa: BLE001 - a target this LLVM cannot describe
+        return None
+    return next((kind for kind, needs in INT8_DOT_FEATURES if all(f in features for f in needs)), None)
+
+
 def features_of(target_spec) -> CPUFeatures:
     """Read vector width and cores from a TargetSpec (its fields win) or from the tvm Target."""
     target = as_target(target_spec)

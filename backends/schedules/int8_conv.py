@@ -10,28 +10,32 @@ The lowering writes a quantized conv as
 serves (``why_not``) by one ``call_tir``, products and requantization in one pass, the padding done
 by its gather:
 
-* group-1 convs: ``amx_int8.qconv_func`` (AMX-INT8); fewer than 16 input channels (a first conv)
-  through ``int8_im2col`` (the window as channels);
+* group-1 convs: the target's kernel (``kernel_for``): ``amx_int8.qconv_func`` (AMX-INT8), else
+  ``int8_dot.qconv_func`` on VNNI (AVX-512 or AVX-VNNI) or Arm ``sdot``; fewer than 16 input
+  channels (a first conv) through ``int8_im2col`` (the window as channels);
 * depthwise convs: ``int8_dwconv.dwconv_func`` (16 channels a vector);
-* QGemm: the AMX kernel as a 1x1 conv over a 1 x M grid.
+* QGemm: the kernel as a 1x1 conv over a 1 x M grid.
 
 ``int8_layout.plan_nhwc`` then keeps the tensors between kernels channels-last where that saves
-the kernels' transposes. Run before the blocked-layout choice. Targets without AMX keep the generic
-integer conv2d/matmul (``GRAPHOPT_INT8_AMX=0`` forces that; ``GRAPHOPT_INT8_NHWC=0`` keeps NCHW).
+the kernels' transposes. Run before the blocked-layout choice. Targets with neither keep the generic
+integer conv2d/matmul (``GRAPHOPT_INT8_AMX=0`` turns AMX off, ``GRAPHOPT_INT8_DOT=0`` the dot-product
+kernels; ``GRAPHOPT_INT8_NHWC=0`` keeps NCHW).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from . import int8_dwconv, int8_layout
-from .amx_int8 import pack_weight, padded_channels, qconv_func
+from . import amx_int8, int8_dot, int8_dwconv, int8_layout
+from .features import int8_dot_kind
 from .int8_im2col import MIN_WINDOW, im2col_func, im2col_weight, output_size
 from .amx_kernel import geometry
 
@@ -42,16 +46,55 @@ MIN_CHANNELS = 16  # below this the gather and the channel padding to 64 cost mo
 # multiply-adds below which a kernel runs on one thread: waking the pool costs microseconds, and on a
 # loaded host a descheduled worker stalls the call for milliseconds (PP-OCRv4 rec's squeeze-excite
 # convs and 40-row matmuls do 14k-2M)
-SERIAL_MACS = {"amx": 1 << 23, "depthwise": 1 << 19}
+SERIAL_MACS = {"amx": 1 << 23, "dot": 1 << 22, "depthwise": 1 << 19}
 
 
 def _threads(threads: int, macs: int, kind: str) -> int:
     return threads if macs >= SERIAL_MACS[kind] else 1
 
 
-def available(spec) -> bool:
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A group-1 integer conv kernel: ``qconv(c, h, w, o, k, stride, pad, **kw)`` its PrimFunc,
+    ``padded_channels(c, o)`` the channels it computes, ``constants(w, corr, mult)`` its packed weight
+    and per-channel constants; its functions are named ``{name}_qconv2d`` / ``{name}_qgemm``."""
+
+    name: str
+    qconv: Callable
+    padded_channels: Callable
+    constants: Callable
+    work: str  # its SERIAL_MACS entry
+
+
+def _amx_constants(w, corr, mult):
+    _, op_ = amx_int8.padded_channels(w.shape[1], w.shape[0])
+    c, m = np.zeros(op_, np.int32), np.zeros(op_, np.float32)
+    c[:len(corr)], m[:len(mult)] = corr, mult
+    return amx_int8.pack_weight(w), c, m
+
+
+AMX = Kernel("amx", amx_int8.qconv_func, amx_int8.padded_channels, _amx_constants, "amx")
+
+
+def _dot_kernel(dot: int8_dot.Dot) -> Kernel:
+    return Kernel(dot.kind, lambda *a, **kw: int8_dot.qconv_func(dot, *a, **kw), dot.padded_channels, dot.constants,
+                  "dot")
+
+
+def kernel_for(spec) -> Kernel | None:
+    """The kernel for ``spec``'s integer convs: AMX-INT8 where the target has it, else its int8 dot
+    product (VNNI, AVX-VNNI, Arm sdot; ``features.int8_dot_kind``), else None (generic code)."""
     features = getattr(spec, "features", None) or {}
-    return bool(features.get("amx")) and os.environ.get("GRAPHOPT_INT8_AMX", "1") != "0"
+    if features.get("amx") and os.environ.get("GRAPHOPT_INT8_AMX", "1") != "0":
+        return AMX
+    if os.environ.get("GRAPHOPT_INT8_DOT", "1") == "0" or getattr(spec, "is_gpu", False):
+        return None
+    kind = int8_dot_kind(spec)
+    return _dot_kernel(int8_dot.DOTS[kind]) if kind else None
+
+
+def available(spec) -> bool:
+    return kernel_for(spec) is not None
 
 
 def why_not(conv: relax.Call, weight: np.ndarray | None) -> str | None:
@@ -171,10 +214,10 @@ def _pad_value(pad: relax.Call) -> float:
     return float(pad.attrs.pad_value)
 
 
-def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
+def _kernel_call(bb, kernel: Kernel, m: dict, threads: int, x, in_layout: str, out_layout: str):
     """(the kernel call of match ``m`` reading ``x``, bindings to put before it)."""
     if m["matmul"]:
-        return _gemm_call(bb, m, threads, x)
+        return _gemm_call(bb, kernel, m, threads, x)
     _, c, h, w = (int(d) for d in m["x"].ty.shape)
     weight, pre = m["weight"], []
     o, _, k, _ = weight.shape
@@ -189,11 +232,12 @@ def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
         shape = [1, o, oh, ow] if out_layout == "NCHW" else [1, oh, ow, o]
         return relax.call_tir(bb.add_func(func, "dw_qconv2d"), args, relax.TensorType(shape, m["dtype"])), pre
     if _im2col(m):  # window as channels: a 1x1 conv over the im2col tensor (NHWC)
-        kernel = weight.shape[2:]
-        oh, ow = output_size(h, w, kernel, m["strides"], m["pads"])
-        window, width = kernel[0] * kernel[1] * c, padded_channels(kernel[0] * kernel[1] * c, o)[0]
+        size = weight.shape[2:]
+        oh, ow = output_size(h, w, size, m["strides"], m["pads"])
+        window = size[0] * size[1] * c
+        width = kernel.padded_channels(window, o)[0]
         cols = relax.DataflowVar("im2col", relax.TensorType([1, oh, ow, width], "uint8"))
-        func = im2col_func(c, h, w, kernel, m["strides"], m["pads"], threads=threads, in_layout=in_layout, width=width)
+        func = im2col_func(c, h, w, size, m["strides"], m["pads"], threads=threads, in_layout=in_layout, width=width)
         zp = relax.const(np.full(1, m["zx"], np.uint8))
         pre.append(relax.VarBinding(cols, relax.call_tir(bb.add_func(func, "im2col_u8"), [x, zp], cols.ty)))
         weight = np.zeros((o, width, 1, 1), np.int8)
@@ -201,40 +245,36 @@ def _kernel_call(bb, m: dict, threads: int, x, in_layout: str, out_layout: str):
         x, in_layout, c, h, w, k, stride, pad = cols, "NHWC", width, oh, ow, 1, 1, 0
     g = geometry(h, w, k, stride, pad)
     macs = c * o * k * k * g["oh"] * g["ow"]
-    func = qconv_func(c, h, w, o, k, stride, pad, zx=m["zx"], zy=m["zy"], qmin=m["qmin"],
-                      qmax=m["qmax"], out_dtype=m["dtype"], threads=_threads(threads, macs, "amx"), in_layout=in_layout,
-                      out_layout=out_layout)
-    gvar = bb.add_func(func, "amx_qconv2d")
-    _, op_ = padded_channels(c, o)
-    corr = np.zeros(op_, np.int32)
-    mult = np.zeros(op_, np.float32)
-    corr[:o], mult[:o] = m["corr"], m["mult"]
-    args = [x, relax.const(pack_weight(weight)), relax.const(corr), relax.const(mult)]
+    func = kernel.qconv(c, h, w, o, k, stride, pad, zx=m["zx"], zy=m["zy"], qmin=m["qmin"], qmax=m["qmax"],
+                        out_dtype=m["dtype"], threads=_threads(threads, macs, kernel.work), in_layout=in_layout,
+                        out_layout=out_layout)
+    gvar = bb.add_func(func, f"{kernel.name}_qconv2d")
+    args = [x, *map(relax.const, kernel.constants(weight, m["corr"], m["mult"]))]
     shape = [1, o, g["oh"], g["ow"]] if out_layout == "NCHW" else [1, g["oh"], g["ow"], o]
     return relax.call_tir(gvar, args, relax.TensorType(shape, m["dtype"])), pre
 
 
-def _gemm_call(bb, m: dict, threads: int, x):
+def _gemm_call(bb, kernel: Kernel, m: dict, threads: int, x):
     """A QGemm ``[..., M, K] x [K, N]`` as the kernel's 1x1 conv of K channels over a 1 x M grid (NHWC)."""
     shape = int8_layout.shape_of(m["x"])
     rows, k, n = int(np.prod(shape[:-1])), shape[-1], m["weight"].shape[0]
     flat = relax.DataflowVar("gemm_rows", relax.TensorType([1, 1, rows, k], "uint8"))
     res = relax.DataflowVar("gemm_out", relax.TensorType([1, 1, rows, n], m["dtype"]))
-    func = qconv_func(k, 1, rows, n, 1, 1, 0, zx=0, zy=m["zy"], qmin=m["qmin"], qmax=m["qmax"], out_dtype=m["dtype"],
-                      threads=_threads(threads, rows * k * n, "amx"), in_layout="NHWC", out_layout="NHWC")
-    _, np_ = padded_channels(k, n)
-    corr, mult = np.zeros(np_, np.int32), np.zeros(np_, np.float32)
-    corr[:n], mult[:n] = m["corr"], m["mult"]
-    args = [flat, relax.const(pack_weight(m["weight"])), relax.const(corr), relax.const(mult)]
+    func = kernel.qconv(k, 1, rows, n, 1, 1, 0, zx=0, zy=m["zy"], qmin=m["qmin"], qmax=m["qmax"], out_dtype=m["dtype"],
+                        threads=_threads(threads, rows * k * n, kernel.work), in_layout="NHWC", out_layout="NHWC")
+    args = [flat, *map(relax.const, kernel.constants(m["weight"], m["corr"], m["mult"]))]
     pre = [relax.VarBinding(flat, relax.op.reshape(x, [1, 1, rows, k])),
-           relax.VarBinding(res, relax.call_tir(bb.add_func(func, "amx_qgemm"), args, res.ty))]
+           relax.VarBinding(res, relax.call_tir(bb.add_func(func, f"{kernel.name}_qgemm"), args, res.ty))]
     return relax.op.reshape(res, [*shape[:-1], n]), pre
 
 
 def rewrite_int8_conv(mod: tvm.IRModule, spec) -> tvm.IRModule:
-    """Every integer conv chain of ``mod`` the AMX-INT8 kernel serves, as a kernel call; tensors
-    between such calls in NHWC where ``int8_layout.plan_nhwc`` finds it pays
+    """Every integer conv chain of ``mod`` that ``spec``'s kernel (``kernel_for``) serves, as a kernel
+    call; tensors between such calls in NHWC where ``int8_layout.plan_nhwc`` finds it pays
     (``GRAPHOPT_INT8_NHWC=0``: all NCHW)."""
+    kernel = kernel_for(spec)
+    if kernel is None:
+        return mod
     threads = spec.features.get("cores", 1)
     bb = relax.BlockBuilder(tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs))
     total = 0
@@ -255,12 +295,12 @@ def rewrite_int8_conv(mod: tvm.IRModule, spec) -> tvm.IRModule:
         log.debug("%d of %d int8 tensors in NHWC", len(nhwc), len(b.value))
 
         def call(m, x, in_layout, out_layout):
-            return _kernel_call(bb, m, threads, x, in_layout, out_layout)
+            return _kernel_call(bb, kernel, m, threads, x, in_layout, out_layout)
 
         blocks = [type(block)(int8_layout.rewrite_block(block, kernels, nhwc, call)) for block in func.body.blocks]
         body = relax.SeqExpr(blocks, func.body.body)
         bb.update_func(gv, relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
-    log.debug("%d int8 convs on AMX", total)
+    log.debug("%d int8 convs on %s", total, kernel.name)
     if not total:
         return mod
     return relax.transform.DeadCodeElimination()(relax.transform.Normalize()(bb.get()))

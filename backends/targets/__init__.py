@@ -141,16 +141,35 @@ def _x86() -> TargetSpec:
     amx = cpu_has_amx()
     if amx:  # LLVM may not know the CPU (this one's AMX machine reports itself as rocketlake)
         config["mattr"] = ["+amx-tile", "+amx-bf16", "+amx-int8"]  # int8: QDQ convs (schedules/amx_int8.py)
-    features = {"arch": "x86_64", "cores": cores, "vector_bits": _vector_bits(config), **_cache_sizes()}
+    features = {"arch": "x86_64", "cores": cores, "vector_bits": _vector_bits(config), **_cache_sizes(),
+                "int8_dot": _int8_dot(config)}
     if amx:
         features["amx"] = True
     return TargetSpec("x86", config, features=features)
 
 
+def _int8_dot(config: dict[str, Any]) -> str | None:
+    """The int8 dot product (VNNI, AVX-VNNI, Arm sdot) an llvm target has: its integer convs use it
+    where there is no AMX-INT8 (schedules/int8_dot.py), and the loader checks the CPU has it."""
+    from graphopt.backends.schedules.features import int8_dot_kind
+
+    return int8_dot_kind(config)
+
+
+def _x86_vnni() -> TargetSpec:
+    """Any x86-64 CPU with AVX-512 VNNI (Cascade Lake's instruction set: Intel Xeon since 2019, AMD
+    Zen 4/5); integer convs on vpdpbusd (no AMX), this host's cores."""
+    cores = _host_cores()
+    config = {"kind": "llvm", "mcpu": "cascadelake", "num-cores": cores}
+    features = {"arch": "x86_64", "cores": cores, "vector_bits": 512, **_cache_sizes(), "int8_dot": "vnni"}
+    return TargetSpec("x86-vnni", config, features=features)
+
+
 def _arm(name: str, mcpu: str, mattr: list[str], l1d_kb: int, l2_kb: int) -> TargetSpec:
     config = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "mattr": mattr}
     # NEON is 128 bits; cache sizes are the named core's (per core L1d, L2), not measured.
-    features = {"arch": "aarch64", "cores": 4, "vector_bits": 128, "l1d": l1d_kb * 1024, "l2": l2_kb * 1024}
+    features = {"arch": "aarch64", "cores": 4, "vector_bits": 128, "l1d": l1d_kb * 1024, "l2": l2_kb * 1024,
+                "int8_dot": _int8_dot(config)}
     return TargetSpec(name, config, features=features, cross_compiler=AARCH64_GCC)
 
 
@@ -249,13 +268,15 @@ def _cuda_preset(arch: str) -> Callable[[], TargetSpec]:
 
 
 PRESETS: dict[str, Callable[[], TargetSpec]] = {
-    "x86": _x86, "aarch64": _aarch64, "cuda": _cuda, "aarch64-dotprod": _aarch64_dotprod,
+    "x86": _x86, "aarch64": _aarch64, "cuda": _cuda, "aarch64-dotprod": _aarch64_dotprod, "x86-vnni": _x86_vnni,
     **{f"cuda-{arch.replace('_', '')}": _cuda_preset(arch) for arch in CUDA_ARCHS},
 }
 
 # What each preset assumes about the machine that runs the bundle (``graphopt targets``).
 ASSUMES: dict[str, str] = {
     "x86": "this host's CPU (LLVM's name for it, its cores and caches; AMX when present)",
+    "x86-vnni": "any x86-64 CPU with AVX-512 VNNI (Cascade Lake's instruction set: Xeon since 2019, AMD Zen 4); "
+                "int8 convs on vpdpbusd, no AMX; this host's cores",
     "aarch64": "64-bit Arm with NEON (Cortex-A72: Raspberry Pi 4); 4 cores; aarch64-linux-gnu-gcc to link",
     "aarch64-dotprod": "Arm v8.2 with NEON, sdot/udot and fp16 arithmetic (Cortex-A76: Raspberry Pi 5, "
                        "Jetson Orin CPU); 4 cores; aarch64-linux-gnu-gcc to link",
@@ -315,7 +336,8 @@ def _from_dict(d: dict[str, Any]) -> TargetSpec:
         config = {**base.config, **d}
         spec = dataclasses.replace(base, name=f"{base.name}-custom" if d else base.name, config=config)
         if d and spec.kind == "llvm":
-            spec = dataclasses.replace(spec, features={**spec.features, "vector_bits": _vector_bits(config)})
+            spec = dataclasses.replace(spec, features={**spec.features, "vector_bits": _vector_bits(config),
+                                                       "int8_dot": _int8_dot(config)})
     else:
         if "kind" not in d:
             raise UsageError(f"target dict needs 'kind' or 'preset' (presets: {', '.join(PRESETS)})")
@@ -332,7 +354,8 @@ def _from_dict(d: dict[str, Any]) -> TargetSpec:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise UsageError(f"invalid target {json.dumps(spec.config)}: {first}") from None
     if spec.kind == "llvm" and "vector_bits" not in spec.features:
-        spec = dataclasses.replace(spec, features={**spec.features, "vector_bits": _vector_bits(spec.config)})
+        spec = dataclasses.replace(spec, features={**spec.features, "vector_bits": _vector_bits(spec.config),
+                                                   "int8_dot": _int8_dot(spec.config)})
     return spec
 
 
