@@ -114,6 +114,12 @@ def test_bad_caches_are_refused_naming_the_input(tiny):
         assert message in str(info.value)
 
 
+def test_generate_compiles_an_onnx_decoder_with_the_bounds_the_request_needs(tiny):
+    path, _ = tiny
+    result = api.generate(path, PROMPT[:3], 4, against="ort", warmup=False)
+    assert result["compile_s"] > 0 and result["graphopt"].tokens == result["ort"].tokens
+
+
 def test_a_model_that_is_not_a_kv_cache_decoder_is_refused(tmp_path):
     from onnx import TensorProto, helper
 
