@@ -51,7 +51,7 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
     """The kernel over ``Q [batch, heads, sq, d]``, ``Kt [batch, heads, d, skv]``, ``V [batch, heads,
     skv, dv]`` and the additive mask ``M`` (``mask``: for each of its 4 dims, True = full, False =
     broadcast, size 1; no mask is a [1, 1, 1, 1] zero); output ``O [batch, heads, sq, dv]``, all float32."""
-    R, KB = ROWS, KEYS
+    R, KB = ROWS, KEYS  # read at call time
     f32 = "float32"
     scale_c = float(scale)
     mb, mh, mq, mk = mask

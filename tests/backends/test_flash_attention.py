@@ -58,6 +58,16 @@ def _compile(model, shapes=None, bounds=None):
     return graphopt.compile(ir.serde.deserialize_model(model), target="x86", input_shapes=shapes, dim_bounds=bounds)
 
 
+def _assert_fused(model, bounds=None):
+    """Lowered (default -O2), the attention is one call of the fused kernel and no softmax is left."""
+    from graphopt.backends.compile import _front_end, _Stages
+
+    lowered, _ = _front_end(ir.serde.deserialize_model(model), _Stages(), 2, "graphopt", bounds)
+    names = [gv.name_hint for gv, _ in lowered.mod.functions_items()]
+    assert any(n.startswith("flash_attention") for n in names), names
+    assert "softmax" not in lowered.mod["main"].script(show_meta=False)
+
+
 CASES = [
     # (q shape, kv length, dv, mask shape): full key blocks, a tail block, fewer rows than a row tile,
     # a mask over every dim, a causal [sq, skv] mask, rank 3, a value dim that is not a vector multiple
@@ -71,17 +81,13 @@ CASES = [
 
 @pytest.mark.parametrize("q_shape, kv_len, dv, mask_shape", CASES)
 def test_fused_attention_matches_ort(q_shape, kv_len, dv, mask_shape):
-    from graphopt.backends.compile import fused_module
-
     model = attention_model(list(q_shape), kv_len, dv, list(mask_shape) if mask_shape else None)
     rng = np.random.default_rng(0)
     *lead, sq, d = q_shape
     feeds = _feeds({"q": q_shape, "k": (*lead, kv_len, d), "v": (*lead, kv_len, dv or d)}, rng, mask_shape)
     if mask_shape is not None and len(mask_shape) == 2:  # causal
         feeds["mask"] = np.triu(np.full(mask_shape, -np.inf, np.float32), 1)
-    names = [gv.name_hint for gv, _ in fused_module(ir.serde.deserialize_model(model), "x86").functions_items()]
-    assert any(n.startswith("flash_attention") for n in names), names
-    assert not any("softmax" in n for n in names), names
+    _assert_fused(model)
     got = np.asarray(_compile(model)(**feeds)["y"])
     np.testing.assert_allclose(got, _ort(model, feeds), rtol=1e-3, atol=1e-4)
 
@@ -89,11 +95,7 @@ def test_fused_attention_matches_ort(q_shape, kv_len, dv, mask_shape):
 def test_symbolic_length_one_bundle():
     """One library for every length up to the bound: lengths 1, 16, 64 (one full key block), 65 and 100."""
     model = attention_model([1, 12, "seq", 32], "seq", None, [1, 1, 1, "seq"])
-    from graphopt.backends.compile import _front_end, _Stages
-
-    lowered, _ = _front_end(ir.serde.deserialize_model(model), _Stages(), 2, "graphopt", {"seq": 128})
-    names = [gv.name_hint for gv, _ in lowered.mod.functions_items()]
-    assert any(n.startswith("flash_attention") for n in names), names
+    _assert_fused(model, {"seq": 128})
     compiled = _compile(model, ["q:1,12,seq,32", "k:1,12,seq,32", "v:1,12,seq,32", "mask:1,1,1,seq"], {"seq": 128})
     rng = np.random.default_rng(1)
     for n in (1, 16, 64, 65, 100):
