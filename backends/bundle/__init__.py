@@ -81,6 +81,7 @@ def _write_files(compiled, tmp: Path) -> dict:
         "opt_level": compiled.opt_level,
         "schedules": compiled.schedules,
         "frontend": compiled.frontend,
+        "precision": getattr(compiled, "precision", "fp32"),
         "passes": compiled.passes,
         "tuning_db_sha256": compiled.tuning_db_sha256,
         "source": {"path": compiled.source_path, "sha256": compiled.source_sha256},

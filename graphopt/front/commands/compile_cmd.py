@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max", action="append", default=[], metavar="DIM=N", dest="max_dims",
                    help="bound of a symbolic dim named in --input-shape (x:1,seq --max seq=512): the dim "
                         "stays symbolic, one bundle serves 1..N")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="fp16 (CUDA targets): convs and matmuls in float16 with float32 accumulation, on tensor "
+                        "cores; inputs and outputs keep their types")
     p.add_argument("--json", action="store_true", help="print the stage timings as JSON")
 
 
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     compiled = api.compile(
         args.model, target=args.target, output=args.output, opt_level=args.opt_level,
         input_shapes=args.input_shape, tuning_db=args.tuning_db, schedules=args.schedules,
-        dim_bounds=parse_dim_bounds(args.max_dims),
+        dim_bounds=parse_dim_bounds(args.max_dims), precision=args.precision,
     )
     total = sum(compiled.timings.values())
     if args.json:
