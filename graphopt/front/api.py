@@ -195,8 +195,12 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
     schedules: bool = True,
     dim_bounds: dict[str, int] | None = None,
     frontend: str = "graphopt",
+    precision: str = "fp32",
 ):
     """Optimize, lower to Relax, compile for ``target``; returns a callable module.
+
+    ``precision="fp16"`` (CUDA targets): convs and matmuls in float16 with float32 accumulation, on
+    tensor cores where the arch has them; inputs and outputs keep their types.
 
     ``frontend="tvm"`` lowers through TVM's own ONNX importer instead of graphopt's op table (a
     baseline for comparisons).
@@ -226,6 +230,7 @@ def compile(  # noqa: A001 - mirrors `graphopt compile`
         source_path=source,
         dim_bounds=dim_bounds,
         frontend=frontend,
+        precision=precision,
     )
 
 
