@@ -4,6 +4,8 @@ exporters write (contracts: ONNX Runtime's ContribOperators.md; tests compare ea
 * ``SkipLayerNormalization(input, skip, gamma[, beta][, bias])`` -> (output, mean, inv_std_var,
   input_skip_bias_sum); ``SkipSimplifiedLayerNormalization`` the same with RMS normalization;
   ``SimplifiedLayerNormalization(X, scale)`` (ONNX Runtime registers it in the ONNX domain) RMSNorm.
+* ``EmbedLayerNormalization(input_ids, segment_ids, word, position, segment embeddings, gamma, beta[,
+  mask][, position_ids])`` -> (output, mask_index: the ones in each mask row, embedding_sum).
 * ``Gelu`` (erf), ``BiasGelu(A, B)`` = Gelu(A + B), ``FastGelu(X[, bias])`` (tanh form),
   ``QuickGelu(X; alpha)`` = X * sigmoid(alpha X).
 * ``Attention(input, weights[, bias][, mask_index][, past][, attention_bias])``: packed QKV projection,
@@ -80,6 +82,25 @@ def _skip_norm(simplified: bool):
         return outs[: ctx.num_outputs] if ctx.num_outputs > 1 else outs[0]
 
     return lower
+
+
+def _embed_layer_norm(ctx, inputs):
+    ids, segments, word, position, segment_table, gamma, beta = (_opt(inputs, i) for i in range(7))
+    mask, position_ids = _opt(inputs, 7), _opt(inputs, 8)
+    seq = helpers.shape_of(ids)[1]
+    if position_ids is None:
+        position_ids = op.expand_dims(op.arange(0, seq, 1, dtype="int64"), [0])
+    total = op.add(op.take(word, op.astype(ids, "int64"), axis=0),
+                   op.take(position, op.astype(position_ids, "int64"), axis=0))
+    if segments is not None and segment_table is not None:
+        total = op.add(total, op.take(segment_table, op.astype(segments, "int64"), axis=0))
+    total = ctx.emit(total)
+    y, _, _ = nn.layer_norm(ctx, total, gamma, beta, -1, float(ctx.attr("epsilon", 1e-12)), False, need_stats=False)
+    if mask is None:
+        count = helpers.const(np.zeros(helpers.shape_of(ids)[0], np.int32), "int32")
+    else:  # ONNX Runtime counts the ones (a right-padded mask's length)
+        count = op.sum(op.astype(op.equal(mask, helpers.scalar(1, helpers.dtype_of(mask))), "int32"), axis=[1])
+    return [y, count, total][: ctx.num_outputs] if ctx.num_outputs > 1 else y
 
 
 def _simplified_norm(ctx, inputs):
@@ -255,6 +276,7 @@ RULES = (
     OpRule("SkipLayerNormalization", _skip_norm(False), domain=DOMAIN, kind="decomposed"),
     OpRule("SkipSimplifiedLayerNormalization", _skip_norm(True), domain=DOMAIN, kind="decomposed"),
     OpRule("SimplifiedLayerNormalization", _simplified_norm, kind="decomposed"),
+    OpRule("EmbedLayerNormalization", _embed_layer_norm, domain=DOMAIN, kind="decomposed"),
     OpRule("Gelu", lambda ctx, ins: _gelu(ctx, ins[0], False), domain=DOMAIN, kind="decomposed"),
     OpRule("BiasGelu", lambda ctx, ins: _gelu(ctx, _biased(ins), False), domain=DOMAIN, kind="decomposed"),
     OpRule("FastGelu", lambda ctx, ins: _gelu(ctx, _biased(ins), True), domain=DOMAIN, kind="decomposed"),

@@ -48,6 +48,19 @@ def test_skip_layer_normalizations_all_outputs_and_simplified_layer_normalizatio
     _check(_model(nodes, {"x": x, "skip": skip}, outputs, inits), {"x": x, "skip": skip})
 
 
+def test_embed_layer_normalization():
+    ids = RNG.integers(0, 30, (B, S)).astype(np.int32)
+    feeds = {"ids": ids, "seg": RNG.integers(0, 2, (B, S)).astype(np.int32),
+             "mask": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)}
+    inits = [("word", _f(30, H)), ("pos", _f(8, H)), ("segt", _f(2, H)), ("gamma", _f(H)), ("beta", _f(H))]
+    node = helper.make_node("EmbedLayerNormalization", ["ids", "seg", "word", "pos", "segt", "gamma", "beta", "mask"],
+                            ["y", "mask_index", "sum"], domain=MS, epsilon=1e-5)
+    model = _model([node], feeds, ["y", "mask_index", "sum"], inits)
+    model.graph.output[1].type.tensor_type.elem_type = TensorProto.INT32
+    got = _check(model, feeds)
+    assert got["mask_index"].tolist() == [3, 5]
+
+
 def test_gelu_family():
     x = _f(B, S, H, scale=3.0)  # the tails matter: erf and tanh saturate differently
     nodes = [helper.make_node("Gelu", ["x"], ["gelu"], domain=MS),
