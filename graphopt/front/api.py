@@ -260,9 +260,10 @@ def generate(
 ) -> dict[str, Any]:
     """Greedy decoding with a KV-cache decoder (``graphopt generate``; loop: ``graphopt.front.generate``).
 
-    ``model``: a bundle compiled with symbolic sequence and cache dims (``--max seq=N --max past=N``), or
-    an ONNX decoder (a file, ``gen:gpt2``) compiled here with those dims bounded by what the request
-    needs (or ``dim_bounds``). ``against="ort"`` runs the same loop on the ONNX (the bundle's recorded
+    ``model``: a bundle compiled with symbolic sequence and cache dims (``--max seq=N --max past=N``) or
+    a decode bundle (``--input-shape input_ids:1,1 --max past=N``: the prompt goes in one token per
+    call), or an ONNX decoder (a file, ``gen:gpt2``) compiled here as a decode bundle with ``past``
+    bounded by what the request needs (``dim_bounds`` naming the sequence dim too: one prefill call). ``against="ort"`` runs the same loop on the ONNX (the bundle's recorded
     source) in ONNX Runtime in this run. ``warmup`` runs two tokens first, untimed. Returns
     ``{"model", "source", "compile_s", "graphopt": Trace, "ort": Trace | None}``.
     """
@@ -291,13 +292,15 @@ def generate(
                  onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name)
                 for i in graph.input if i.name not in inits]
         lay = gen.decoder_layout(rows, [o.name for o in graph.output], source)
-        n = len(prompt_ids)
-        need = {lay.seq_dim: n, lay.past_dim: n + max_new_tokens - 1}
-        if None in need:
-            raise UsageError(f"{source}: name the sequence and cache dims of input_ids and the past inputs "
-                             "(dim_param) to generate with it")
+        if not isinstance(lay.past_dim, str):
+            raise UsageError(f"{source}: name the cache dim of the past inputs (dim_param) to generate with it")
+        bounds = dict(dim_bounds or {lay.past_dim: len(prompt_ids) + max_new_tokens - 1})
+        # a symbolic sequence dim only where asked for: else a decode bundle (one static row, the fast path)
+        shapes = None if lay.seq_dim in bounds else ["input_ids:1,1"]
+        gen.check_request(dataclasses.replace(lay, seq_dim=lay.seq_dim if shapes is None else 1),
+                          list(prompt_ids), max_new_tokens, bounds, str(model))  # before minutes of compiling
         t0 = time.perf_counter()
-        module = compile(source, target=target, dim_bounds=dim_bounds or need)
+        module = compile(source, target=target, input_shapes=shapes, dim_bounds=bounds)
         compile_s, bounds = time.perf_counter() - t0, dict(module.dim_bounds)
     layout = gen.decoder_layout(module.inputs, [n for n, _, _ in module.outputs], str(model))
     logits_shape = next(s for n, s, _ in module.outputs if n == layout.logits)
