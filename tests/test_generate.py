@@ -114,10 +114,17 @@ def test_bad_caches_are_refused_naming_the_input(tiny):
         assert message in str(info.value)
 
 
-def test_generate_compiles_an_onnx_decoder_with_the_bounds_the_request_needs(tiny):
+def test_generate_compiles_an_onnx_decoder_into_a_decode_bundle(tiny):
+    """From an ONNX file: compiled with input_ids fixed at one token and past bounded by the request;
+    the prompt goes in one token per call, and the tokens and logits are ORT's (prefilled in one call)."""
     path, _ = tiny
-    result = api.generate(path, PROMPT[:3], 4, against="ort", warmup=False)
-    assert result["compile_s"] > 0 and result["graphopt"].tokens == result["ort"].tokens
+    result = api.generate(path, PROMPT, 6, against="ort", keep_logits=True, warmup=False)
+    go, ref = result["graphopt"], result["ort"]
+    assert result["compile_s"] > 0 and go.tokens == ref.tokens
+    for i, (a, b) in enumerate(zip(go.logits, ref.logits)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=f"logits of step {i}")
+    with pytest.raises(UsageError, match=r"needs a cache of 10, the bundle serves past up to 9 "):
+        api.generate(path, PROMPT, 7, dim_bounds={"past": 9}, warmup=False)
 
 
 def test_a_model_that_is_not_a_kv_cache_decoder_is_refused(tmp_path):

@@ -7,8 +7,10 @@ Hugging Face's decoder exports and of ``gen:gpt2``.
 
 The loop: one prefill call with the whole prompt and an empty cache (``past = 0``), then one call per
 new token with ``seq = 1`` and the previous call's ``present`` as ``past``; the next token is the
-argmax of the last position's logits. Time to first token is the prefill call plus its argmax; the
-per-token latency is each later call plus its argmax. The same loop drives a compiled bundle and ONNX
+argmax of the last position's logits. A decoder compiled with its sequence dim fixed at 1 (a decode
+bundle: every matmul has one static row, graphopt's fast path) reads the prompt one token per call
+instead. Time to first token is the prefill call(s) plus the argmax; the per-token latency is each
+later call plus its argmax. The same loop drives a compiled bundle and ONNX
 Runtime (``step`` is any callable ``feeds -> {output: array}``).
 """
 
@@ -103,13 +105,18 @@ def check_request(layout: Layout, prompt: Sequence[int], max_new_tokens: int, bo
         if bad:
             raise UsageError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary [0, {layout.vocab})")
     n = len(prompt)
-    needs = ((layout.seq_dim, n, f"the prompt has {n} tokens"),
-             (layout.past_dim, n + max_new_tokens - 2,
-              f"the prompt ({n} tokens) plus {max_new_tokens} new tokens needs a cache of {n + max_new_tokens - 2}"))
+    if layout.seq_dim == 1:  # a decode bundle: the prompt goes in one token per call
+        needs = ((layout.past_dim, n + max_new_tokens - 2,
+                  f"the prompt ({n} tokens) plus {max_new_tokens} new tokens needs a cache of {n + max_new_tokens - 2}"),)
+    else:
+        needs = ((layout.seq_dim, n, f"the prompt has {n} tokens"),
+                 (layout.past_dim, n + max_new_tokens - 2,
+                  f"the prompt ({n} tokens) plus {max_new_tokens} new tokens needs a cache of {n + max_new_tokens - 2}"))
     for dim, value, why in needs:
         if isinstance(dim, int):
-            raise UsageError(f"{where}: input dim fixed at {dim}: generate needs the sequence and cache dims symbolic "
-                             "(compile with --max seq=N --max past=N)")
+            raise UsageError(f"{where}: input dim fixed at {dim}: generate needs a symbolic cache dim and a "
+                             "symbolic or 1-token sequence dim (compile with --max seq=N --max past=N, or "
+                             "--input-shape input_ids:1,1 --max past=N)")
         bound = bounds.get(dim) if dim is not None else None
         if bound is not None and value > bound:
             raise UsageError(f"{where}: {why}, the bundle serves {dim} up to {bound} "
@@ -118,22 +125,25 @@ def check_request(layout: Layout, prompt: Sequence[int], max_new_tokens: int, bo
 
 def greedy(step: Step, layout: Layout, prompt: Sequence[int], max_new_tokens: int, *,
            keep_logits: bool = False) -> Trace:
-    """Greedy decoding (see the module docstring)."""
-    feeds = {layout.ids: np.asarray([list(prompt)], np.int64)}
-    for name, (heads, head_dim, dtype) in layout.cache_dims.items():
-        feeds[name] = np.zeros((1, heads, 0, head_dim), dtype)
+    """Greedy decoding (see the module docstring). A decoder whose sequence dim is fixed at 1 takes the
+    prompt one token per call: its time to first token covers those calls."""
+    chunks = [[t] for t in prompt] if layout.seq_dim == 1 else [list(prompt)]
+    cache = {name: np.zeros((1, heads, 0, head_dim), dtype)
+             for name, (heads, head_dim, dtype) in layout.cache_dims.items()}
     tokens, times, kept = [], [], []
-    for _ in range(max_new_tokens):
-        t0 = time.perf_counter()
-        out = step(feeds)
+    t0 = time.perf_counter()
+    for i in range(len(chunks) - 1 + max_new_tokens):
+        ids = chunks[i] if i < len(chunks) else [tokens[-1]]
+        out = step({layout.ids: np.asarray([ids], np.int64), **cache})
+        cache = {past: out[present] for past, present in layout.cache}
+        if i < len(chunks) - 1:
+            continue  # still reading the prompt
         last = np.asarray(out[layout.logits])[0, -1]
-        token = int(np.argmax(last))
+        tokens.append(int(np.argmax(last)))
         times.append(time.perf_counter() - t0)
-        tokens.append(token)
+        t0 = time.perf_counter()
         if keep_logits:
             kept.append(np.array(last))
-        feeds = {layout.ids: np.asarray([[token]], np.int64)}
-        feeds.update({past: out[present] for past, present in layout.cache})
     return Trace(tokens, times[0], times[1:], kept)
 
 
