@@ -13,6 +13,9 @@ exporters write (contracts: ONNX Runtime's ContribOperators.md; tests compare ea
   masks: a key padding mask [B, T] or [B, S, T] (0 masks), or right-padding lengths [B].
 * ``MultiHeadAttention(query, key, value[, bias][, key_padding_mask][, attention_bias])``: 3-D Q/K/V
   (or K/V already split into heads, [B, N, L, H]).
+* ``GroupQueryAttention(query[, key, value][, past_key, past_value], seqlens_k, total_sequence_length[,
+  cos_cache, sin_cache])``: grouped key/value heads, a cache grown by concatenation (static past length
+  P, seqlens_k = P + S - 1: no padding inside the cache), causal, rotary when ``do_rotary``.
 * ``RotaryEmbedding(input, position_ids, cos_cache, sin_cache)``: position_ids [B, S], or [1] as the
   offset of the first position.
 * ``MatMulNBits(A, B, scales[, zero_points][, g_idx][, bias])``: 4- or 8-bit block-quantized weights,
@@ -20,7 +23,7 @@ exporters write (contracts: ONNX Runtime's ContribOperators.md; tests compare ea
   ``--quantize int4-weights`` keeps them packed).
 
 Masked positions get ``mask_filter_value`` (-10000 by default) added before softmax, as ONNX Runtime
-does, not -inf. A past key/value cache (``past``, ``past_key``) is refused with a clear error.
+does, not -inf. Attention and MultiHeadAttention refuse a past key/value cache with a clear error.
 """
 
 from __future__ import annotations
@@ -237,6 +240,68 @@ def _rotary(ctx, inputs):
     return attention._rotary_embedding(ctx, [x, cos, sin, ctx.emit(pos)])
 
 
+def _rotate(ctx, x, cos, sin, pos, interleaved: bool):
+    """Rotary embedding of ``x`` [B, N, S, H] at positions ``pos`` [B, S] (caches [max, rot/2])."""
+    b, n, s, h = helpers.shape_of(x)
+    half = helpers.shape_of(cos)[1]
+    rot = 2 * half
+    c = ctx.emit(op.expand_dims(op.take(cos, pos, axis=0), [1]))  # [B, 1, S, rot/2]
+    sn = ctx.emit(op.expand_dims(op.take(sin, pos, axis=0), [1]))
+    if interleaved:
+        x1 = ctx.emit(op.strided_slice(x, axes=[3], begin=[0], end=[rot], strides=[2]))
+        x2 = ctx.emit(op.strided_slice(x, axes=[3], begin=[1], end=[rot], strides=[2]))
+    else:
+        x1 = ctx.emit(op.strided_slice(x, axes=[3], begin=[0], end=[half]))
+        x2 = ctx.emit(op.strided_slice(x, axes=[3], begin=[half], end=[rot]))
+    real = op.subtract(op.multiply(c, x1), op.multiply(sn, x2))
+    imag = op.add(op.multiply(sn, x1), op.multiply(c, x2))
+    out = op.reshape(op.stack([real, imag], axis=4), [b, n, s, rot]) if interleaved else op.concat([real, imag], axis=3)
+    if rot < h:
+        out = op.concat([out, op.strided_slice(x, axes=[3], begin=[rot], end=[h])], axis=3)
+    return ctx.emit(out)
+
+
+def _group_query_attention(ctx, inputs):
+    """GroupQueryAttention with a cache that grows by concatenation (past [B, kvN, P, H] + S new keys):
+    ``seqlens_k`` must be P + S - 1 for every batch (no padding inside the cache); the query at
+    position P + i sees keys 0..P + i (exact causal softmax, as ONNX Runtime computes it)."""
+    q, k, v, past_k, past_v, seqlens = (_opt(inputs, i) for i in range(6))
+    for attr, default, what in (("local_window_size", -1, "local_window_size"), ("softcap", 0.0, "softcap"),
+                                ("smooth_softmax", 0, "smooth_softmax")):
+        ctx.check(ctx.attr(attr, default) == default, f"{what} is not supported")
+    ctx.check(all(_opt(inputs, i) is None for i in (9, 10, 11)), "position_ids, attention_bias and head_sink are not supported")
+    heads, kv_heads = int(ctx.attr("num_heads")), int(ctx.attr("kv_num_heads"))
+    b, s, d = helpers.shape_of(q)
+    if k is None:  # packed [B, S, D + 2 kv_hidden]
+        kv_hidden = (d // (heads + 2 * kv_heads)) * kv_heads
+        q, k, v = _split(ctx, q, [d - 2 * kv_hidden, d - kv_hidden], axis=2)
+    qh, kh, vh = _heads(ctx, q, heads), _heads(ctx, ctx.emit(k), kv_heads), _heads(ctx, ctx.emit(v), kv_heads)
+    past = 0 if past_k is None else helpers.shape_of(past_k)[2]
+    ctx.check(isinstance(past, int) and isinstance(s, int), "the cache and sequence lengths must be static")
+    if ctx.attr("do_rotary", 0):
+        ctx.check(_opt(inputs, 7) is not None and _opt(inputs, 8) is not None, "do_rotary needs cos_cache and sin_cache")
+        start = op.subtract(op.add(op.astype(seqlens, "int64"), helpers.scalar(1, "int64")), helpers.scalar(s, "int64"))
+        pos = ctx.emit(op.add(op.expand_dims(start, [1]), op.expand_dims(op.arange(0, s, 1, dtype="int64"), [0])))
+        interleaved = bool(ctx.attr("rotary_interleaved", 0))
+        qh = _rotate(ctx, qh, inputs[7], inputs[8], pos, interleaved)
+        kh = _rotate(ctx, kh, inputs[7], inputs[8], pos, interleaved)
+    if past:
+        kh = ctx.emit(op.concat([past_k, kh], axis=2))
+        vh = ctx.emit(op.concat([past_v, vh], axis=2))
+    present_k, present_v = kh, vh
+    if heads != kv_heads:
+        kh = ctx.emit(op.repeat(kh, heads // kv_heads, axis=1))
+        vh = ctx.emit(op.repeat(vh, heads // kv_heads, axis=1))
+    total = past + s
+    allowed = np.arange(total)[None, :] <= (np.arange(s)[:, None] + past)
+    head = helpers.shape_of(qh)[3]
+    scale = float(ctx.attr("scale", 0.0)) or 1.0 / math.sqrt(head)
+    y = ctx.emit(scaled_dot_product(ctx, qh, kh, vh, scale, helpers.const(allowed.reshape(1, 1, s, total), "bool")))
+    outs = [_merge(ctx, y), present_k, present_v]
+    ctx.check(ctx.num_outputs <= 3 or not ctx.output_used(3), "the output_qk output is not supported")
+    return outs[: ctx.num_outputs] if ctx.num_outputs > 1 else outs[0]
+
+
 # ---- block-quantized weights ----
 
 def _unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -285,5 +350,6 @@ RULES = (
     OpRule("Attention", _attention, domain=DOMAIN, kind="decomposed"),
     OpRule("MultiHeadAttention", _multi_head_attention, domain=DOMAIN, kind="decomposed"),
     OpRule("RotaryEmbedding", _rotary, domain=DOMAIN, kind="decomposed"),
+    OpRule("GroupQueryAttention", _group_query_attention, domain=DOMAIN, kind="decomposed"),
     OpRule("MatMulNBits", _matmul_nbits, domain=DOMAIN, kind="decomposed"),
 )

@@ -165,3 +165,21 @@ def test_a_key_value_cache_is_refused():
                    [("w", _f(H, 3 * H)), ("b", _f(3 * H))])
     with pytest.raises(GraphoptError, match="past .*not supported"):
         lower(ir.serde.deserialize_model(model))
+
+
+@pytest.mark.parametrize(("past", "rotary", "packed"), [(0, 1, False), (3, 0, False), (3, 1, True)])
+def test_group_query_attention(past, rotary, packed):
+    heads, kv_heads, head = 4, 2, 16  # ORT wants a head size that is a multiple of 16 with rotary
+    s = 1 if past else 4
+    feeds = {"q": _f(1, s, heads * head), "k": _f(1, s, kv_heads * head), "v": _f(1, s, kv_heads * head),
+             "pk": _f(1, kv_heads, past, head), "pv": _f(1, kv_heads, past, head),
+             "seqlens": np.array([past + s - 1], np.int32), "total": np.array(past + s, np.int32)}
+    if packed:
+        feeds["q"] = np.concatenate([feeds.pop("q"), feeds.pop("k"), feeds.pop("v")], axis=2)
+    angles = np.arange(16)[:, None] * (1.0 / 10000 ** (np.arange(head // 2) / (head // 2)))[None]
+    inits = [("cos", np.cos(angles).astype(np.float32)), ("sin", np.sin(angles).astype(np.float32))]
+    ins = ["q", "" if packed else "k", "" if packed else "v", "pk", "pv", "seqlens", "total"]
+    ins += ["cos", "sin"] if rotary else []
+    node = helper.make_node("GroupQueryAttention", ins, ["y", "present_k", "present_v"], domain=MS, num_heads=heads,
+                            kv_num_heads=kv_heads, do_rotary=rotary)
+    _check(_model([node], feeds, ["y", "present_k", "present_v"], inits), feeds)
