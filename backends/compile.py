@@ -414,7 +414,10 @@ def compile_model(
         tuning_db_sha256 = database_hash(tuning_db)
     stage = _Stages()
     bounds = dict(dim_bounds or {})
-    lowered, passes = _front_end(model, stage, opt_level, frontend, bounds)
+    from graphopt.backends.lowering.flash_attention import fused_attention
+
+    with fused_attention(not spec.is_gpu):  # the fused attention kernel is CPU code
+        lowered, passes = _front_end(model, stage, opt_level, frontend, bounds)
     with stage("bind_params"):
         total = sum(int(np.asarray(a).nbytes) for a in lowered.params.values())
         embed = total <= EMBED_LIMIT_BYTES if embed_params is None else embed_params
@@ -500,7 +503,10 @@ def fused_module(model: ir.Model, target: str | dict | TargetSpec, *, opt_level:
     """
     spec = get_target(target)
     stage = _Stages()
-    lowered, _ = _front_end(model, stage, opt_level)
+    from graphopt.backends.lowering.flash_attention import fused_attention
+
+    with fused_attention(not spec.is_gpu):
+        lowered, _ = _front_end(model, stage, opt_level)
     with stage("bind_params"):
         mod, _ = _bind_params(lowered, embed=True)
     with stage("relax"):

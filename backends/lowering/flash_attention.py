@@ -22,6 +22,9 @@ Only a ``ROWS x KEYS`` tile of the scores exists at any time. ``exp`` is the Cep
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import numpy as np
 import tvm
 from tvm.script import tirx as T
@@ -29,6 +32,19 @@ from tvm.script import tirx as T
 ROWS = 4  # query rows per task: the score tile is ROWS x KEYS, the accumulator ROWS x Dv
 KEYS = 64  # keys per block: four 16-lane vectors
 LOWEST = -3.4028234663852886e38  # the running max starts at float32's lowest, so exp(m_old - m_new) is 0
+
+# The kernel is CPU code (parallel loops, no thread binding): compile turns it off for GPU targets.
+_ENABLED = contextvars.ContextVar("graphopt_fused_attention", default=True)
+
+
+@contextlib.contextmanager
+def fused_attention(enabled: bool):
+    """Within the block, ``lower_fused_attention`` applies only when ``enabled``."""
+    token = _ENABLED.set(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
 
 
 def fast_exp(x):
@@ -194,13 +210,15 @@ def _mask_flags(mask_dims: list, full: list) -> tuple[bool, ...] | None:
 
 def lower_fused_attention(ctx, q, k, v, mask, scale: float):
     """``softmax(q·kᵀ·scale + mask)·v`` as one call of ``attention_kernel``, or None where the kernel
-    does not apply (not float32, ranks other than 3 or 4, leading dims that differ or broadcast, a
+    does not apply (turned off: a GPU target; not float32, ranks other than 3 or 4, leading dims that differ or broadcast, a
     boolean mask, a dim that is symbolic where the kernel needs it static)."""
     from tvm import relax
 
     from graphopt.backends.lowering import helpers
 
     op = relax.op
+    if not _ENABLED.get():
+        return None
     if any(helpers.dtype_of(x) != "float32" for x in (q, k, v)) or (
             mask is not None and helpers.dtype_of(mask) != "float32"):
         return None

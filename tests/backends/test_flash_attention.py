@@ -115,3 +115,15 @@ def test_large_scores_stay_finite():
     got = np.asarray(_compile(model)(**feeds)["y"])
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, _ort(model, feeds), rtol=1e-3, atol=1e-4)
+
+
+def test_gpu_targets_keep_the_decomposed_attention():
+    """The fused kernel is CPU code: for a CUDA target attention lowers to matmuls and a softmax, which
+    TVM's GPU rules bind to threads (built to PTX without a GPU)."""
+    import graphopt
+    from graphopt.backends.schedules.gpu_rules import last_gpu_report
+
+    model = attention_model([1, 2, 16, 32], 16, None, [1, 1, 1, 16])
+    graphopt.compile(ir.serde.deserialize_model(model), target="cuda-sm80")
+    names = list(last_gpu_report())
+    assert any("softmax" in n for n in names) and not any("flash" in n for n in names), names
