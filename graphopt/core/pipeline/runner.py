@@ -46,6 +46,9 @@ def run_pipeline(
     registry: PassRegistry,
 ) -> PipelineResult:
     """Run ``steps`` (``Step``/``Fixpoint``) in order on ``model``; returns the model and the report rows."""
+    from graphopt.core.io import check_external_tensors
+
+    check_external_tensors(model)  # a short or missing weights file is named here, not inside a pass
     ctx = ctx or PassContext()
     stats = StatsInstrument()
     instruments = [*ctx.instruments]
