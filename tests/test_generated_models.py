@@ -137,3 +137,8 @@ def test_decoder_layout_refuses_other_models():
         gen.decoder_layout([*rows, ("mask", (1, "seq"), "int64")], ["logits", "present.0.key"], "m.onnx")
     lay = gen.decoder_layout(rows, ["logits", "present.0.key"], "m.onnx")
     assert lay.cache == (("past_key_values.0.key", "present.0.key"),) and lay.seq_dim == "seq" and lay.past_dim == "past"
+    gen.check_request(dataclasses.replace(lay, seq_dim=1), [1, 2, 3], 4, {"past": 5}, "b")  # a decode bundle
+    with pytest.raises(UsageError, match="input dim fixed at 8: generate needs a symbolic cache dim"):
+        gen.check_request(dataclasses.replace(lay, seq_dim=8), [1, 2, 3], 4, {"past": 5}, "b")
+    with pytest.raises(UsageError, match="the prompt has 3 tokens, the bundle serves seq up to 2"):
+        gen.check_request(lay, [1, 2, 3], 1, {"seq": 2, "past": 5}, "b")

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--against", choices=["ort", "none"], default="none",
                    help="also run the same loop on the ONNX in ONNX Runtime (default none)")
     p.add_argument("--max", dest="max_dims", action="append", default=[], metavar="NAME=N",
-                   help="bound of a symbolic dim when compiling a model here (default: what the request needs)")
+                   help="bound of a symbolic dim when compiling a model here (default: a decode bundle, input_ids "
+                        "fixed at one token, past bounded by the request; --max seq=N too: the prompt in one call)")
     p.add_argument("--target", default="x86", help="target preset when compiling a model here (default x86)")
     p.add_argument("--threads", type=int, default=None, help="threads for graphopt and ORT (default: TVM's default)")
     p.add_argument("--json", metavar="FILE", help="write the tokens and timings as JSON")
