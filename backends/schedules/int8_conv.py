@@ -11,7 +11,7 @@ serves (``why_not``) by one ``call_tir``, products and requantization in one pas
 by its gather:
 
 * group-1 convs: the target's kernel (``kernel_for``): ``amx_int8.qconv_func`` (AMX-INT8), else
-  ``int8_dot.qconv_func`` on VNNI (AVX-512 or AVX-VNNI) or Arm ``sdot``; fewer than 16 input
+  ``int8_dot.qconv_func`` on VNNI (AVX-512 or AVX-VNNI) or Arm ``sdot``; on AMX, fewer than 16 input
   channels (a first conv) through ``int8_im2col`` (the window as channels);
 * depthwise convs: ``int8_dwconv.dwconv_func`` (16 channels a vector);
 * QGemm: the kernel as a 1x1 conv over a 1 x M grid.
@@ -120,12 +120,13 @@ def why_not(conv: relax.Call, weight: np.ndarray | None) -> str | None:
     return None
 
 
-def _im2col(m: dict) -> bool:
+def _im2col(m: dict, kernel: Kernel) -> bool:
     """Whether the conv of match ``m`` takes the window as channels (int8_im2col.py): few input
-    channels, or a kernel/stride/padding the shifted-tap products do not serve."""
+    channels on AMX (padded to 64; the dot-product kernels pad to 4 and read a stem directly), or a
+    kernel/stride/padding the shifted-tap products do not serve."""
     _, c, kh, kw = m["weight"].shape
     (sy, sx), (ph, pw) = m["strides"], m["pads"]
-    if c < MIN_CHANNELS or kh != kw or sy != sx or ph != pw:
+    if (c < MIN_CHANNELS and kernel is AMX) or kh != kw or sy != sx or ph != pw:
         return True
     return (kh == 1 and ph > 0) or (kh > 1 and (kh % 2 == 0 or sy > 2))
 
@@ -231,7 +232,7 @@ def _kernel_call(bb, kernel: Kernel, m: dict, threads: int, x, in_layout: str, o
                 relax.const(np.ascontiguousarray(m["mult"], np.float32))]
         shape = [1, o, oh, ow] if out_layout == "NCHW" else [1, oh, ow, o]
         return relax.call_tir(bb.add_func(func, "dw_qconv2d"), args, relax.TensorType(shape, m["dtype"])), pre
-    if _im2col(m):  # window as channels: a 1x1 conv over the im2col tensor (NHWC)
+    if _im2col(m, kernel):  # window as channels: a 1x1 conv over the im2col tensor (NHWC)
         size = weight.shape[2:]
         oh, ow = output_size(h, w, size, m["strides"], m["pads"])
         window = size[0] * size[1] * c
