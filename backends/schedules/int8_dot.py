@@ -40,16 +40,19 @@ from tvm.script import tirx as T
 from .amx_kernel import geometry
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Dot:
     """A dot-product instruction as the kernel uses it."""
 
     kind: str
-    intrin: str  # the registered TensorIntrin name
     lanes: int  # int32 sums per instruction (output channels)
     dtype: str  # the activations' type in the gathered input ("int8": stored as x - 128)
     accumulators: int  # vector registers a register tile may hold sums in
+
+    @property
+    def intrinsic(self) -> str:
+        """The registered TensorIntrin the products are tensorized with."""
+        return "dot_4x4_i8i8s32_sdot" if self.kind == "sdot" else _vnni_intrin(self.lanes)
 
     def padded_channels(self, c: int, o: int) -> tuple[int, int]:
         """(input channels padded to 4, output channels padded to whole register tiles)."""
@@ -89,9 +92,9 @@ def _vnni_intrin(lanes: int) -> str:
 
 
 DOTS = {
-    "vnni": Dot("vnni", "graphopt_dot_16x4_vnni", 16, "uint8", 24),
-    "avxvnni": Dot("avxvnni", "graphopt_dot_8x4_vnni", 8, "uint8", 12),
-    "sdot": Dot("sdot", "dot_4x4_i8i8s32_sdot", 4, "int8", 24),
+    "vnni": Dot("vnni", 16, "uint8", 24),
+    "avxvnni": Dot("avxvnni", 8, "uint8", 12),
+    "sdot": Dot("sdot", 4, "int8", 24),
 }
 
 
@@ -192,7 +195,7 @@ def qconv_func(dot: Dot, c: int, h: int, w: int, o: int, k: int, stride: int, pa
         y, x_ = gy * ps + ph // ps - pad, gx * ps + ph % ps - pad
         if k == 1:
             y, x_ = gy * stride, gx * stride
-        return tirx.all(r < grid_rows, ch < c, y >= 0, y < h, x_ >= 0, x_ < w)
+        return tirx.all(r < grid_rows, ch < c if cp > c else True, y >= 0, y < h, x_ >= 0, x_ < w)
 
     def source(ph, r, ch):
         gy, gx = r // gw, r % gw
@@ -257,9 +260,11 @@ def _schedule(func: tirx.PrimFunc, dot: Dot, threads: int, in_layout: str) -> ti
     sch = s_tir.Schedule(func)
     gather = sch.get_sblock("gather")
     ph, r, ch = sch.get_loops(gather)
-    if in_layout == "NHWC":
-        sch.vectorize(ch) if sch.get(ch).extent.value <= 64 else None
-    else:
+    cp = sch.get(ch).extent.value
+    if in_layout == "NHWC":  # channels innermost in both: vector copies
+        if cp % 16 == 0:
+            sch.vectorize(sch.split(ch, [None, 16])[1])
+    else:  # a byte transpose: read along the input's rows
         sch.reorder(ch, r)
     fused = sch.fuse(ph, r) if in_layout == "NHWC" else sch.fuse(ph, ch)
     if threads > 1:
@@ -269,7 +274,7 @@ def _schedule(func: tirx.PrimFunc, dot: Dot, threads: int, in_layout: str) -> ti
     if threads > 1:  # (before the reduction's init is split off: parallel needs a whole reduction block)
         sch.parallel(sch.fuse(t, b))
     init = sch.decompose_reduction(dot_block, tap)
-    sch.tensorize(n, _vnni_intrin(dot.lanes) if dot.dtype == "uint8" else dot.intrin)
+    sch.tensorize(n, dot.intrinsic)
     sch.set_scope(init, 0, "local")  # (after tensorize: the intrinsic's buffers are global)
     sch.unroll(i)
     sch.unroll(j)
