@@ -286,11 +286,9 @@ def search(model: str | os.PathLike, metric: str | Callable, *, max_drop: float,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    if calibration is None and isinstance(metric, str) and metric in evaluate.CALIBRATION_KINDS:
+    rendered = calibration is None and isinstance(metric, str) and metric in evaluate.CALIBRATION_KINDS
+    if rendered:
         calibration = out / "calibration.npz"
-        if not calibration.is_file():
-            evaluate.write_calibration(metric, calibration, 32, input_shape=(input_shapes or [None])[0], model=src)
-            notes.append(f"calibration: 32 rendered {metric} samples written to {calibration}")
     if calibration is None:
         dropped = [c for c in configs if c.needs_calibration]
         configs = [c for c in configs if not c.needs_calibration]
@@ -302,6 +300,9 @@ def search(model: str | os.PathLike, metric: str | Callable, *, max_drop: float,
              "input_shapes": list(input_shapes or []), "calibration": str(Path(calibration).resolve()) if calibration else None,
              "latency": latency_desc, "samples": samples, "data": str(data) if data else None}
     _check_setup(out, setup)
+    if rendered and not calibration.is_file():
+        evaluate.write_calibration(metric, calibration, 32, input_shape=(input_shapes or [None])[0], model=src)
+        notes.append(f"calibration: 32 rendered {metric} samples written to {calibration}")
     for note in notes if log is not None else ():
         log(note)
     results_path = out / RESULTS
@@ -328,6 +329,8 @@ def search(model: str | os.PathLike, metric: str | Callable, *, max_drop: float,
                 continue
             bar.note(cfg.label)
             row = _run_one(cfg, context, latency_fn, done.get(BASELINE.key))
+            if cfg.is_baseline and "error" in row:  # nothing can be compared with it
+                raise GraphoptError(f"search: the float model {src} could not be measured: {row['error']}")
             append_result(results_path, row)
             done[cfg.key] = row
             new += 1
