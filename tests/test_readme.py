@@ -52,8 +52,10 @@ def test_every_readme_command_parses(argv):
 
 def _runnable(argv: list[str]) -> bool:
     """Commands on bundled models or on files an earlier README command writes; not serve (it runs
-    until stopped) nor loadtest (it needs that server), and not the tuning search (20 minutes) or what reads its database."""
-    return argv[0] not in ("serve", "loadtest", "tune") and not any(a in ("model.onnx", "in.npz", "db/") for a in argv)
+    until stopped) nor loadtest (it needs that server), and not the searches (tune, search: 20 minutes each)
+    or what reads their results."""
+    return argv[0] not in ("serve", "loadtest", "tune", "search") and not any(
+        a in ("model.onnx", "in.npz", "db/", "search/best.json") for a in argv)
 
 
 @pytest.mark.slow
