@@ -18,7 +18,7 @@ import hashlib
 
 import onnx_ir as ir
 
-from graphopt.passes.rewrite_utils import graphs_of, tensor_bytes
+from graphopt.passes.rewrite_utils import graphs_of, tensor_digest
 
 NON_DETERMINISTIC = frozenset(
     {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Multinomial", "Bernoulli", "Dropout"}
@@ -27,7 +27,7 @@ NON_DETERMINISTIC = frozenset(
 
 def _tensor_key(tensor) -> tuple:
     arr = tensor.numpy()
-    return (str(arr.dtype), arr.shape, hashlib.sha256(tensor_bytes(tensor)).hexdigest())
+    return (str(arr.dtype), arr.shape, tensor_digest(tensor))
 
 
 def _attr_key(attr: ir.Attr) -> object:

@@ -21,12 +21,11 @@ one): the first such tensor of a group stays and the later ones use it. ``shared
 
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.rewrite_utils import graphs_of, tensor_bytes
+from graphopt.passes.rewrite_utils import graphs_of, tensor_digest
 
 _CONSTANT_DOMAINS = ("", "ai.onnx")
 
@@ -64,10 +63,9 @@ def _candidates(graph: ir.Graph | ir.Function) -> list[tuple[ir.Value, ir.Tensor
 
 def _key(tensor: ir.TensorProtocol) -> tuple | None:
     try:
-        data = tensor_bytes(tensor)
+        return (tensor.dtype, tuple(tensor.shape.numpy()), tensor.nbytes, tensor_digest(tensor))
     except Exception:  # external data that cannot be read
         return None
-    return (tensor.dtype, tuple(tensor.shape.numpy()), len(data), hashlib.sha256(data).digest())
 
 
 def _remove(graph: ir.Graph | ir.Function, value: ir.Value) -> None:
@@ -129,7 +127,7 @@ class ParameterSharingPass(ir.passes.InPlacePass):
                         kept[key] = (value, tensor)
                         continue
                     canonical, diff = found
-                    self.shared.append((canonical.name, value.name, diff, len(tensor.tobytes())))
+                    self.shared.append((canonical.name, value.name, diff, tensor.nbytes))
                 else:
                     canonical, canonical_tensor = kept[key]
                     if tensor.tobytes() != canonical_tensor.tobytes():  # a hash collision: keep both

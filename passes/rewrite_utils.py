@@ -6,6 +6,7 @@ swap one value for another while keeping graph-output names stable.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -73,6 +74,22 @@ def tensor_bytes(tensor: ir.TensorProtocol) -> bytes | memoryview:
         if arr.flags.c_contiguous and arr.dtype.byteorder in "=|<" and arr.dtype.kind != "O":
             return memoryview(arr.reshape(-1).view(np.uint8))
     return tensor.tobytes()
+
+
+_DIGEST_KEY = "graphopt.sha256"
+
+
+def tensor_digest(tensor: ir.TensorProtocol) -> bytes:
+    """sha256 of the tensor's bytes, kept in the tensor's metadata: the cleanup passes run several times
+    over the same weights, and hashing a model's gigabytes once is enough (a pass that changes a weight
+    makes a new tensor, which has no digest yet)."""
+    meta = getattr(tensor, "meta", None)
+    if meta is not None and _DIGEST_KEY in meta:
+        return meta[_DIGEST_KEY]
+    digest = hashlib.sha256(tensor_bytes(tensor)).digest()
+    if meta is not None:
+        meta[_DIGEST_KEY] = digest
+    return digest
 
 
 def _constant_of_shape(node: ir.Node) -> np.ndarray | None:

@@ -158,3 +158,14 @@ def test_tolerance_is_relative_and_keeps_what_differs_more():
     model, w0, _ = _near_model(rng, 0.5)
     p = ParameterSharingPass(tolerance=1e-3)
     assert not p(model).modified and p.shared == []
+
+
+def test_weight_digests_are_kept_with_the_tensor():
+    import hashlib
+
+    from graphopt.passes.rewrite_utils import tensor_digest
+
+    tensor = ir.tensor(W, name="w")
+    assert tensor_digest(tensor) == hashlib.sha256(W.tobytes()).digest()
+    assert tensor.meta["graphopt.sha256"] == tensor_digest(tensor)  # the second pass reads it, not the bytes
+    assert tensor_digest(ir.tensor(W + 1, name="w")) != tensor_digest(tensor)  # a new tensor is hashed anew
