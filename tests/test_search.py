@@ -135,6 +135,21 @@ def test_rerun_does_no_new_work(searched, files, capsys):
     assert "| **best** | int8/percentile channels:0.3 fallback@0.005 |" in (out / "table.md").read_text()
 
 
+def test_an_interrupted_search_resumes_with_the_configuration_it_was_on(searched, files, capsys):
+    out = files / "interrupted"
+    shutil.copytree(searched[0], out)
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    last = json.loads(lines[-1])
+    (out / "results.jsonl").write_text("".join(lines[:-1]) + lines[-1][:25])  # cut while writing the last line
+    code, stdout, err = _run(capsys, *_search_argv(files, out, "--space", files / "space.json", "--objective", "size"))
+    assert code == 0, err
+    assert stdout.count(" budget), ") == 1 and stdout.startswith(last["label"] + ": score ")  # only that one again
+    text = (out / "results.jsonl").read_text().splitlines()
+    assert text[-2] == lines[-1][:25]  # the cut line is left behind; the measurement follows on a line of its own
+    assert json.loads(text[-1])["score"] == pytest.approx(last["score"], abs=1e-6)
+    assert len(text) == 6 and [json.loads(t)["key"] for t in text[:-2]] == [json.loads(t)["key"] for t in lines[:-1]]
+
+
 def test_rerun_with_other_settings_is_refused(searched, files, capsys):
     argv = _search_argv(files, searched[0], "--space", files / "space.json")
     argv[argv.index("--threads") + 1] = "2"  # another latency measurement
