@@ -74,3 +74,28 @@ def test_int8_bundle_on_sdot_runs_under_qemu_and_matches(qnet, tmp_path):
     scale = _output_scale(qnet)
     assert np.abs(got - _ort(qnet, {"x": x})[0]).max() <= scale * 1.001
     assert np.ptp(got) > 10 * scale  # an output that tells inputs apart
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="emulates aarch64 on an x86-64 host")
+def test_rapidocr_rec_int8_on_sdot_under_qemu(tmp_path):
+    """PP-OCRv4 rec quantized (QDQ), compiled for aarch64-dotprod: its integer kernels use sdot, and under
+    qemu its character probabilities are within one quantum (1/255) of the x86 int8 bundle's."""
+    from graphopt.backends.targets.emulated_bundle import run_bundle
+    from graphopt.front import api
+    from graphopt.passes.opset_upgrade import try_upgrade
+
+    model = api.optimize(api.load("rapidocr:rec", input_shapes=["x:1,3,48,320"])).model
+    assert try_upgrade(model, 13)
+    ir.save(model, tmp_path / "f.onnx")
+    q = quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", "x", (1, 3, 48, 320))
+    compile_model(ir.load(str(q)), target="aarch64-dotprod", output=tmp_path / "arm")
+    rows = neon.kernel_report(str(tmp_path / "arm" / "lib.so"))
+    assert sum(r["kernel"].startswith("sdot_q") and r["dot"] > 0 for r in rows) >= 30
+    x = np.random.default_rng(3).standard_normal((1, 3, 48, 320)).astype(np.float32)
+    got = run_bundle(str(tmp_path / "arm"), {"x": x})
+    got = got[next(iter(got))]
+    x86 = compile_model(ir.load(str(q)), target="x86")
+    want = x86(x)[x86.output_names[0]]
+    assert np.abs(got - want).max() <= 1.0 / 255 + 1e-6
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99
