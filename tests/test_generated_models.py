@@ -105,9 +105,13 @@ def test_generated_models_are_cached_once(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_gen_gpt2_decodes_128_tokens_like_onnxruntime(tmp_path):
+@pytest.mark.parametrize("form", ["decode", "prefill"])
+def test_gen_gpt2_decodes_128_tokens_like_onnxruntime(tmp_path, form):
+    """A decode bundle (input_ids fixed at one token) and a prefill + decode bundle (seq symbolic)."""
     bundle = tmp_path / "gpt2"
-    api.compile("gen:gpt2", dim_bounds={"seq": 8, "past": 160}, output=bundle)
+    shapes = ["input_ids:1,1"] if form == "decode" else None
+    bounds = {"past": 160} if form == "decode" else {"seq": 8, "past": 160}
+    api.compile("gen:gpt2", input_shapes=shapes, dim_bounds=bounds, output=bundle)
     result = api.generate(bundle, [464, 3290, 318, 257, 1180], 128, against="ort", keep_logits=True, warmup=False)
     go, ref = result["graphopt"], result["ort"]
     assert go.tokens == ref.tokens and len(set(ref.tokens)) > 10
