@@ -25,6 +25,9 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+_BOX = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85}
+
+
 def _panel(ax, rows, base, best, x_of, xlabel, max_drop, within) -> None:
     ok = [r for r in rows if within(r)]
     over = [r for r in rows if not within(r)]
@@ -36,18 +39,19 @@ def _panel(ax, rows, base, best, x_of, xlabel, max_drop, within) -> None:
     front = [rows[i] for i in pareto(pts)]
     ax.plot([x_of(r) for r in front], [r["score"] for r in front], color="tab:orange", linewidth=1.5,
             drawstyle="steps-post", label="Pareto front", zorder=1)
-    for r in front:
-        if r is not best:
-            ax.annotate(r["label"], (x_of(r), r["score"]), textcoords="offset points", xytext=(4, -10),
-                        fontsize=7, color="0.3")
+    for i, r in enumerate(front):
+        if r is not best:  # alternate below and above the line, on a light box, so that neighbours stay legible
+            ax.annotate(r["label"], (x_of(r), r["score"]), textcoords="offset points",
+                        xytext=(5, -12 if i % 2 == 0 else 6), fontsize=7, color="0.25", zorder=6, bbox=_BOX)
     ax.axhline(base["score"] - max_drop, color="tab:red", linestyle="--", linewidth=1,
                label=f"budget (float - {max_drop:g})")
     ax.scatter([x_of(base)], [base["score"]], marker="s", color="black", s=40, zorder=4, label="float model")
     ax.annotate("float", (x_of(base), base["score"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if best is not None:
         ax.scatter([x_of(best)], [best["score"]], marker="*", color="tab:red", s=180, zorder=5, label="best")
-        ax.annotate(best["label"], (x_of(best), best["score"]), textcoords="offset points", xytext=(6, 6),
-                    fontsize=8, color="tab:red", weight="bold")
+        ax.annotate(best["label"], (x_of(best), best["score"]), textcoords="offset points", xytext=(-10, 16),
+                    fontsize=8, color="tab:red", weight="bold", zorder=7, bbox=_BOX,
+                    arrowprops={"arrowstyle": "-", "color": "tab:red", "linewidth": 0.8})
     ax.set_xlabel(xlabel)
     ax.grid(True, alpha=0.3)
 
