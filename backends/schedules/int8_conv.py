@@ -35,9 +35,9 @@ import tvm
 from tvm import relax
 
 from . import amx_int8, int8_dot, int8_dwconv, int8_layout
+from .amx_kernel import geometry
 from .features import int8_dot_kind
 from .int8_im2col import MIN_WINDOW, im2col_func, im2col_weight, output_size
-from .amx_kernel import geometry
 
 log = logging.getLogger(__name__)
 _OP = {name: tvm.ir.Op.get(f"relax.{name}") for name in

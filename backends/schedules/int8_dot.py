@@ -127,7 +127,7 @@ def _vnni_pair(lanes: int):
                 dtype=f"int32x{lanes}")
 
     if lanes == 16:  # TVM's own description of dot_16x4_vnni
-        from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc as desc  # noqa: F811
+        from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc as desc
     return desc, impl
 
 
@@ -270,7 +270,7 @@ def _schedule(func: tirx.PrimFunc, dot: Dot, threads: int, in_layout: str) -> ti
     if threads > 1:
         sch.parallel(sch.split(fused, [threads, None])[0])
     dot_block = sch.get_sblock("dot")
-    t, b, tap, cc, i, j, n, kk = sch.get_loops(dot_block)
+    t, b, tap, _, i, j, n, _ = sch.get_loops(dot_block)
     if threads > 1:  # (before the reduction's init is split off: parallel needs a whole reduction block)
         sch.parallel(sch.fuse(t, b))
     init = sch.decompose_reduction(dot_block, tap)

@@ -11,12 +11,11 @@ import shutil
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from graphopt.backends.compile import compile_model
 from graphopt.backends.schedules import int8_conv
 from graphopt.backends.schedules.int8_dot import DOTS, qconv_func
 from graphopt.backends.targets import get_target, neon
-from test_int8 import _output_scale, _ort, convnet, quantize
+from test_int8 import _ort, _output_scale, convnet, quantize
 
 pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which(neon.OBJDUMP) is None,
                                 reason="needs gcc-aarch64-linux-gnu and binutils-aarch64-linux-gnu (.ci/run installs them)")
@@ -82,8 +81,9 @@ def test_rapidocr_rec_int8_on_sdot_under_qemu(tmp_path):
     """PP-OCRv4 rec quantized (QDQ), compiled for aarch64-dotprod: its integer kernels use sdot, and under
     qemu its character probabilities are within one quantum (1/255) of the x86 int8 bundle's."""
     from graphopt.backends.targets.emulated_bundle import run_bundle
-    from graphopt.front import api
     from graphopt.passes.opset_upgrade import try_upgrade
+
+    from graphopt.front import api
 
     model = api.optimize(api.load("rapidocr:rec", input_shapes=["x:1,3,48,320"])).model
     assert try_upgrade(model, 13)

@@ -13,13 +13,20 @@ import subprocess
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from graphopt.backends.bundle import loader
 from graphopt.backends.compile import compile_model
 from graphopt.backends.schedules import int8_conv
 from graphopt.backends.schedules.int8_dot import DOTS, qconv_func
 from graphopt.backends.targets import get_target
-from test_int8 import DW_NET, _output_scale, _ort, _quanta, _reference_qconv, convnet, quantize
+from test_int8 import (
+    DW_NET,
+    _ort,
+    _output_scale,
+    _quanta,
+    _reference_qconv,
+    convnet,
+    quantize,
+)
 
 HAS = {"vnni": "avx512_vnni" in loader.cpu_flags(), "avxvnni": "avx_vnni" in loader.cpu_flags()}
 TARGETS = {"vnni": "x86-vnni", "avxvnni": "llvm -mcpu=alderlake"}
