@@ -81,9 +81,9 @@ def test_dot_kernel_exact(kind, c, h, w, o, k, s, p, layouts):
     np.testing.assert_array_equal(out.numpy(), expected)
 
 
-def test_kernel_choice_per_target():
+def test_kernel_choice_per_target(monkeypatch):
     """AMX-INT8 where the target has it, VNNI on x86-vnni (and on a raw Cascade Lake / Zen 4 target),
-    AVX-VNNI on Alder Lake, sdot on aarch64-dotprod, generic code elsewhere."""
+    AVX-VNNI on Alder Lake, sdot on aarch64-dotprod, generic code elsewhere or with GRAPHOPT_INT8_DOT=0."""
     names = {t: getattr(int8_conv.kernel_for(get_target(t)), "name", None) for t in
              ("x86-vnni", "llvm -mcpu=znver4", "llvm -mcpu=alderlake", "aarch64-dotprod", "aarch64",
               "llvm -mcpu=haswell")}
@@ -93,6 +93,8 @@ def test_kernel_choice_per_target():
     assert spec.config["mcpu"] == "cascadelake" and "mattr" not in spec.config and "amx" not in spec.features
     host = get_target("x86")
     assert int8_conv.kernel_for(host).name == ("amx" if host.features.get("amx") else host.features["int8_dot"])
+    monkeypatch.setenv("GRAPHOPT_INT8_DOT", "0")
+    assert int8_conv.kernel_for(spec) is None and not int8_conv.available(get_target("aarch64-dotprod"))
 
 
 @pytest.mark.skipif(not HAS["vnni"] or shutil.which("objdump") is None, reason="needs AVX-512 VNNI and objdump")
