@@ -212,10 +212,12 @@ def _optimize(model: ir.Model, opt_level: int) -> tuple[ir.Model, list[str]]:
     result = run_pipeline(model, DEFAULT_PIPELINE, PassContext(opt_level=opt_level, options=options),
                           default_registry())
     applied = list(dict.fromkeys(r.name for r in result.records if r.modified))  # those that changed the model
-    if opt_level == 2:  # -O3 runs it in the pipeline; compiled, attention is one kernel (lowering/flash_attention.py)
+    from graphopt.backends.lowering.flash_attention import fused_attention_enabled
+
+    if opt_level == 2 and fused_attention_enabled():  # float32 attention as one CPU kernel (-O3 fuses all)
         from graphopt.passes.fuse_attention import FuseAttentionPass
 
-        if FuseAttentionPass(target_runtime="graphopt")(result.model).modified:
+        if FuseAttentionPass(target_runtime="graphopt", float32_only=True)(result.model).modified:
             applied.append("fuse_attention")
     return result.model, applied
 

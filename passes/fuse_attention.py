@@ -97,9 +97,10 @@ def match_attention(softmax: ir.Node):
 class FuseAttentionPass(ir.passes.InPlacePass):
     """Recognise scaled dot-product attention (graphopt-domain, or opset-23 Attention at opset >= 23)."""
 
-    def __init__(self, *, target_runtime: str = "onnx"):
+    def __init__(self, *, target_runtime: str = "onnx", float32_only: bool = False):
         super().__init__()
         self.target_runtime = check_target_runtime(target_runtime, "pass 'fuse_attention'")
+        self.float32_only = float32_only  # compile at -O2: only what its fused float32 kernel computes
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opsets = dict(model.opset_imports)  # an exact opset upgrade is a modification too
@@ -113,6 +114,8 @@ class FuseAttentionPass(ir.passes.InPlacePass):
                 if found is None:
                     continue
                 q, kt, perm, v, mask, scale, out, nodes = found
+                if self.float32_only and any(x is not None and x.dtype != ir.DataType.FLOAT for x in (q, v, mask)):
+                    continue
                 if domain == "unset":
                     domain = choose_domain(model, "Attention", self.target_runtime, may_upgrade=False)
                 node_domain = domain

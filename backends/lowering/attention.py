@@ -154,6 +154,9 @@ def _attention(ctx, inputs):
     if bias is not None and not isinstance(bias, relax.Var) and helpers.const_value(bias) is None:
         bias = ctx.emit(bias)
 
+    fused = _fused(ctx, q, k, v, bias, scale, dtype, heads_q == heads_kv)
+    if fused is not None:
+        return _from_4d(ctx, fused) if three_d else fused
     if heads_q != heads_kv:
         ctx.check(heads_q % heads_kv == 0, lambda: f"{heads_q} query heads do not group over {heads_kv} key/value heads")
         k = ctx.emit(op.repeat(k, heads_q // heads_kv, axis=1))
@@ -190,11 +193,35 @@ def _attention(ctx, inputs):
         qk_out = op.astype(qk_out, dtype)
     y = _matmul(probs, v, dtype)
     if three_d:
-        y = ctx.emit(y)
-        ys = helpers.static_shape(y)
-        y = op.reshape(op.permute_dims(y, [0, 2, 1, 3]), [ys[0], ys[2], ys[1] * ys[3]])
+        y = _from_4d(ctx, ctx.emit(y))
     outs = [y, present_k, present_v, qk_out]
     return outs[: ctx.num_outputs] if ctx.num_outputs > 1 else y
+
+
+def _from_4d(ctx, y):
+    """[B, H, S, Dv] -> [B, S, H*Dv]."""
+    ys = helpers.static_shape(y)
+    return op.reshape(op.permute_dims(y, [0, 2, 1, 3]), [ys[0], ys[2], ys[1] * ys[3]])
+
+
+def _fused(ctx, q, k, v, bias, scale: float, dtype: str, same_heads: bool):
+    """The float32 cases the fused kernel (``flash_attention.py``) computes exactly as specified: only Y
+    asked for, as many key/value heads as query heads, no softcap or other softmax precision, and a
+    bias known at lowering time with no row masked everywhere (those rows must give zeros, the
+    kernel's softmax would give NaN). None otherwise."""
+    from graphopt.backends.lowering.flash_attention import lower_fused_attention
+
+    softcap, precision = ctx.attr("softcap"), ctx.attr("softmax_precision")
+    if dtype != "float32" or ctx.num_outputs > 1 or not same_heads or (softcap is not None and float(softcap) > 0):
+        return None
+    if precision is not None and _ONNX_FLOAT.get(int(precision)) != dtype:
+        return None
+    if bias is not None:
+        value = helpers.const_value(bias)
+        if value is None or value.dtype != np.float32 or np.isneginf(np.max(value, axis=-1)).any():
+            return None
+        bias = const(value, dtype)
+    return lower_fused_attention(ctx, q, k, v, bias, scale)
 
 
 def _rotary_embedding(ctx, inputs):

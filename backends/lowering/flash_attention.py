@@ -37,6 +37,10 @@ LOWEST = -3.4028234663852886e38  # the running max starts at float32's lowest, s
 _ENABLED = contextvars.ContextVar("graphopt_fused_attention", default=True)
 
 
+def fused_attention_enabled() -> bool:
+    return _ENABLED.get()
+
+
 @contextlib.contextmanager
 def fused_attention(enabled: bool):
     """Within the block, ``lower_fused_attention`` applies only when ``enabled``."""

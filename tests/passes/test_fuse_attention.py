@@ -88,3 +88,14 @@ def test_rank_3_at_opset_23_uses_graphopt_domain_or_nothing():
     result = apply_and_compare(FuseAttentionPass(target_runtime="graphopt"), model_from_text(text))
     assert result.modified
     assert next(n for n in result.model.graph if n.op_type == "Attention").domain == "graphopt"
+
+
+def test_float32_only_leaves_other_dtypes():
+    model = _model(17)
+    assert FuseAttentionPass(target_runtime="graphopt", float32_only=True)(model).modified
+    half = model_from_text('<ir_version: 10, opset_import: ["" : 17]>\n'
+                           "g (float16[1,2,6,4] q, float16[1,2,6,4] k, float16[1,2,6,4] v) => (float16[1,2,6,4] y) {"
+                           " kt = Transpose<perm = [0, 1, 3, 2]>(k) \n s = MatMul(q, kt) \n p = Softmax<axis = -1>(s)"
+                           " \n y = MatMul(p, v) }")
+    assert not FuseAttentionPass(target_runtime="graphopt", float32_only=True)(half).modified
+    assert FuseAttentionPass(target_runtime="graphopt")(half).modified
