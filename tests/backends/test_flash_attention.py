@@ -127,3 +127,17 @@ def test_gpu_targets_keep_the_decomposed_attention():
     graphopt.compile(ir.serde.deserialize_model(model), target="cuda-sm80")
     names = list(last_gpu_report())
     assert any("softmax" in n for n in names) and not any("flash" in n for n in names), names
+
+
+@pytest.mark.parametrize("causal", [0, 1])
+def test_onnx_attention_op_uses_the_kernel(causal):
+    """The standard Attention (opset 23, [B, H, S, D], is_causal folded into a constant bias) lowers to
+    the fused kernel and matches ORT."""
+    shape = [1, 4, 20, 16]
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=causal)
+    graph = helper.make_graph([node], "a", [helper.make_tensor_value_info(n, F, shape) for n in "qkv"],
+                              [helper.make_tensor_value_info("y", F, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    _assert_fused(model)
+    feeds = _feeds({n: shape for n in "qkv"}, np.random.default_rng(3))
+    np.testing.assert_allclose(np.asarray(_compile(model)(**feeds)["y"]), _ort(model, feeds), rtol=1e-3, atol=1e-4)
