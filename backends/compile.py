@@ -307,6 +307,9 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False, precision: str 
     mod = rewrite_strided_pointwise(mod)  # after the layout choice and AMX (which gathers strided pixels)
     if cpu_rules:
         mod = rewrite_winograd(mod)
+        from graphopt.backends.schedules.dequant_matmul import rewrite_dequant_matmul
+
+        mod = rewrite_dequant_matmul(mod, lanes)  # weight-only int8/int4 matmuls read the quantized weight
         mod = rewrite_packed_matmul(mod, lanes)
         from graphopt.backends.schedules.padded_matmul import rewrite_padded_matmul
 
@@ -431,6 +434,9 @@ def compile_model(
             from graphopt.backends.schedules import features_of
 
             mod, params = pack_weight_params(mod, params, features_of(spec).lanes(32))
+            from graphopt.backends.schedules.dequant_matmul import pack_dequant_params
+
+            mod, params = pack_dequant_params(mod, params, features_of(spec).lanes(32))
     with stage("relax"):
         mod = _relax_passes(mod, spec, winograd=schedules, precision=precision)
     choices = None

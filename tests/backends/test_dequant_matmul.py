@@ -1,0 +1,123 @@
+"""Weight-only int8/int4 matmuls compiled to one kernel that reads the quantized weight
+(``backends/schedules/dequant_matmul.py``), compared with ONNX Runtime on the same ONNX file.
+
+ONNX Runtime is run with ``session.qdq_matmulnbits_accuracy_level`` 0: by default it fuses
+DequantizeLinear + MatMul into MatMulNBits and quantizes the activations to int8 (a different
+computation); level 0 computes in float32, the math the kernel does. The weights are big enough
+(over the lowering's constant-folding limit) that the DequantizeLinear reaches the compiler.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.backends.compile import compile_model
+from graphopt.backends.schedules import dequant_matmul
+from graphopt.passes.quantize_weights import quantize_weights
+
+K, N = 256, 333  # N: 5 tiles of 64 columns and a partial one
+
+
+def _model(rows, *, bits: int, symmetric: bool, gemm: bool = False, shared: bool = False) -> ir.Model:
+    """x [1, rows, K] -> MatMul by a quantized [K, N] weight (or Gemm by an [N, K] one, transB; or two
+    MatMuls sharing one weight) -> y."""
+    rng = np.random.default_rng(bits + 2 * symmetric)
+    inits, nodes = [], []
+    if gemm:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, K])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, N])
+        inits += [numpy_helper.from_array((0.05 * rng.standard_t(5, (N, K))).astype(np.float32), "w"),
+                  numpy_helper.from_array(rng.normal(size=N).astype(np.float32), "b")]
+        nodes.append(helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1))
+    else:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, K])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, N])
+        inits.append(numpy_helper.from_array((0.05 * rng.standard_t(5, (K, N))).astype(np.float32), "w"))
+        nodes.append(helper.make_node("MatMul", ["x", "w"], ["y0" if shared else "y"]))
+        if shared:
+            nodes += [helper.make_node("Relu", ["x"], ["xr"]), helper.make_node("MatMul", ["xr", "w"], ["y1"]),
+                      helper.make_node("Add", ["y0", "y1"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    return quantize_weights(model, bits=bits, symmetric=symmetric)
+
+
+def _ort(model: ir.Model, path, feeds) -> np.ndarray:
+    ir.save(model, str(path))
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _kernels(compiled) -> int:
+    return compiled.executable.as_text().count("call  dequant_matmul")
+
+
+def _check(compiled, model, tmp_path, rows_list, gemm=False):
+    for rows in rows_list:
+        x = np.random.default_rng(rows).normal(size=(rows, K) if gemm else (1, rows, K)).astype(np.float32)
+        want = _ort(model, tmp_path / "q.onnx", {"x": x})
+        got = compiled(x)["y"]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (4, False), (8, False), (4, True)])
+@pytest.mark.parametrize("embed", [True, False], ids=["constant", "argument"])
+def test_matches_ort_and_reads_the_quantized_weight(tmp_path, bits, symmetric, embed):
+    model = _model(1, bits=bits, symmetric=symmetric)
+    compiled = compile_model(model, target="x86", embed_params=embed)
+    assert _kernels(compiled) == 1
+    _check(compiled, model, tmp_path, [1])
+    if not embed:  # stored quantized, packed into the kernel's column panels
+        (q,) = [np.asarray(p) for name, p in compiled.params.items() if "__q" in name]
+        tile = q.shape[-1]
+        assert q.dtype == (np.int8 if symmetric else np.uint8) and q.shape == (-(-N // tile), K, tile)
+
+
+def test_several_rows_and_a_symbolic_row_count(tmp_path):
+    model = _model(5, bits=8, symmetric=False)
+    compiled = compile_model(model, target="x86", embed_params=False)
+    assert _kernels(compiled) == 1
+    _check(compiled, model, tmp_path, [5])
+    sym = _model("seq", bits=4, symmetric=True)
+    compiled = compile_model(sym, target="x86", embed_params=False, dim_bounds={"seq": 16})
+    assert _kernels(compiled) == 1
+    _check(compiled, sym, tmp_path, [1, 2, 7, 16])
+
+
+def test_weight_read_as_stored(tmp_path, monkeypatch):
+    """Arguments not packed (the kernel reads ``[K, N]`` in wide column runs, the last vector clamped)."""
+    monkeypatch.setattr(dequant_matmul, "pack_dequant_params", lambda mod, params, lanes: (mod, params))
+    for bits, symmetric, rows in ((8, True, 1), (4, False, 3)):
+        model = _model(rows, bits=bits, symmetric=symmetric)
+        compiled = compile_model(model, target="x86", embed_params=False)
+        assert _kernels(compiled) == 1
+        assert any(np.asarray(p).shape == (K, N) for p in compiled.params.values())
+        _check(compiled, model, tmp_path, [rows])
+
+
+def test_gemm_transposed_weight_and_a_shared_weight(tmp_path):
+    gemm = _model(2, bits=8, symmetric=True, gemm=True)
+    compiled = compile_model(gemm, target="x86", embed_params=True)  # transposed at compile time
+    assert _kernels(compiled) == 1
+    _check(compiled, gemm, tmp_path, [2], gemm=True)
+    compiled = compile_model(gemm, target="x86", embed_params=False)  # an [N, K] argument: float chain kept
+    assert _kernels(compiled) == 0
+    _check(compiled, gemm, tmp_path, [2], gemm=True)
+    shared = _model(1, bits=4, symmetric=False, shared=True)
+    compiled = compile_model(shared, target="x86", embed_params=False)
+    assert _kernels(compiled) == 2  # both matmuls on the kernel, the weight packed once
+    assert sum(np.asarray(p).dtype == np.uint8 for p in compiled.params.values()) == 2  # codes, zero points
+    _check(compiled, shared, tmp_path, [1])
+
+
+def test_turned_off_keeps_the_float_chain(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_DEQUANT_MATMUL", "0")
+    model = _model(1, bits=8, symmetric=True)
+    compiled = compile_model(model, target="x86", embed_params=False)
+    assert _kernels(compiled) == 0
+    _check(compiled, model, tmp_path, [1])
