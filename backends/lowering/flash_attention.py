@@ -31,6 +31,7 @@ from tvm.script import tirx as T
 
 ROWS = 4  # query rows per task: the score tile is ROWS x KEYS, the accumulator ROWS x Dv
 KEYS = 64  # keys per block: four 16-lane vectors
+VECTOR = 16  # head dims are padded to a multiple of this many lanes
 LOWEST = -3.4028234663852886e38  # the running max starts at float32's lowest, so exp(m_old - m_new) is 0
 
 # The kernel is CPU code (parallel loops, no thread binding): compile turns it off for GPU targets.
@@ -252,8 +253,17 @@ def lower_fused_attention(ctx, q, k, v, mask, scale: float):
         if flags is None:
             return None
         m = mask if helpers.rank_of(mask) == 4 else ctx.emit(op.reshape(mask, mdims))
+    # head dims padded with zeros to whole vectors (a 52-wide vector loop ran 10x slower than a 64-wide
+    # one: LLVM splits it into pieces); zero columns change no score and give zero output columns
+    d_pad, dv_pad = -int(d) % VECTOR, -int(dv) % VECTOR
+    if d_pad:
+        q, k = (ctx.emit(op.nn.pad(x, [0, 0] * 3 + [0, d_pad])) for x in (q, k))
+    if dv_pad:
+        v = ctx.emit(op.nn.pad(v, [0, 0] * 3 + [0, dv_pad]))
     kt = ctx.emit(op.permute_dims(k, [0, 1, 3, 2]))
-    kernel = attention_kernel(int(b), int(h), int(d), int(dv), flags, scale)
+    kernel = attention_kernel(int(b), int(h), int(d) + d_pad, int(dv) + dv_pad, flags, scale)
     gv = ctx.bb.add_func(kernel, "flash_attention")
-    out = ctx.emit(relax.call_tir(gv, [q, kt, v, m], relax.TensorType([b, h, sq, dv], "float32")))
+    out = ctx.emit(relax.call_tir(gv, [q, kt, v, m], relax.TensorType([b, h, sq, int(dv) + dv_pad], "float32")))
+    if dv_pad:
+        out = ctx.emit(op.strided_slice(out, axes=[3], begin=[0], end=[int(dv)]))
     return ctx.emit(op.squeeze(out, [0])) if three else out
