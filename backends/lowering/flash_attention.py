@@ -68,19 +68,24 @@ def fast_exp(x):
 
 
 def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, bool, bool, bool],
-                     scale: float) -> tvm.tirx.PrimFunc:
+                     scale: float, valid: int | None = None) -> tvm.tirx.PrimFunc:
     """The kernel over ``Q [batch, heads, sq, d]``, ``Kt [batch, heads, d, skv]``, ``V [batch, heads,
     skv, dv]`` and the additive mask ``M`` (``mask``: for each of its 4 dims, True = full, False =
-    broadcast, size 1; no mask is a [1, 1, 1, 1] zero); output ``O [batch, heads, sq, dv]``, all float32."""
+    broadcast, size 1; no mask is a [1, 1, 1, 1] zero); output ``O [batch, heads, sq, dv]``, all float32.
+    ``valid``: a static key count, the key axis of Kt, V (and of a mask over keys) padded to whole
+    ``KEYS`` blocks: the last block then reads contiguously, without the clamped index (a gather per
+    vector, the tail block cost ~2.5 full ones)."""
     R, KB = ROWS, KEYS  # read at call time
     f32 = "float32"
     scale_c = float(scale)
     mb, mh, mq, mk = mask
     mbi, mhi, mqi, mki = (int(x) for x in mask)  # index factors: 0 for a broadcast dim
+    padded = valid is not None
 
     @T.macro
-    def key_block(k0, tail, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0, sq, skv):
-        # s = q · Kt[:, k0:k0+KB] (+ mask), the keys past skv at -inf in the tail block
+    def key_block(k0, tail, pred, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0, sq, skv, limit):
+        # s = q · Kt[:, k0:k0+KB] (+ mask), the keys from ``limit`` on at -inf (``pred``); ``tail``: the
+        # key index clamped (a symbolic length: the buffers end at skv)
         for r, j in T.grid(R, KB):
             s[r, j] = T.float32(0)
         for dd in range(d):
@@ -96,8 +101,8 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
                     s[r, j] = s[r, j] + M[b * mbi, h * mhi, T.min(i0 + r, sq - 1) * mqi, T.min(k0 + j, skv - 1) * mki]
                 else:
                     s[r, j] = s[r, j] + M[b * mbi, h * mhi, T.min(i0 + r, sq - 1) * mqi, (k0 + j) * mki]
-                if tail:
-                    s[r, j] = T.Select(k0 + j < skv, s[r, j], T.float32(-float("inf")))
+                if pred:
+                    s[r, j] = T.Select(k0 + j < limit, s[r, j], T.float32(-float("inf")))
         for r in range(R):
             # the block's max: 16 lanes, then halving
             for c in T.unroll(KB // 16):
@@ -174,10 +179,20 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
                 lsum[r] = T.float32(0)
                 for e in T.vectorized(dv):
                     acc[r, e] = T.float32(0)
-            for kb in range(skv // KB):
-                key_block(kb * KB, False, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0, sq, skv)
-            if skv % KB > 0:
-                key_block(skv // KB * KB, True, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0, sq, skv)
+            if padded:  # a static length: K, V (and a mask over keys) padded to whole blocks
+                for kb in range(valid // KB):
+                    key_block(kb * KB, False, False, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0,
+                              sq, skv, skv)
+                if valid % KB > 0:
+                    key_block(valid // KB * KB, False, True, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b,
+                              h, i0, sq, skv, valid)
+            else:
+                for kb in range(skv // KB):
+                    key_block(kb * KB, False, False, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0,
+                              sq, skv, skv)
+                if skv % KB > 0:
+                    key_block(skv // KB * KB, True, True, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h,
+                              i0, sq, skv, skv)
             for r in range(R):
                 if i0 + r < sq:
                     for e in T.vectorized(dv):
@@ -260,8 +275,14 @@ def lower_fused_attention(ctx, q, k, v, mask, scale: float):
         q, k = (ctx.emit(op.nn.pad(x, [0, 0] * 3 + [0, d_pad])) for x in (q, k))
     if dv_pad:
         v = ctx.emit(op.nn.pad(v, [0, 0] * 3 + [0, dv_pad]))
+    valid = None
+    if isinstance(skv, tvm.tirx.IntImm) and int(skv) % KEYS:  # whole key blocks: no clamped reads
+        valid, pad = int(skv), -int(skv) % KEYS
+        k, v = (ctx.emit(op.nn.pad(x, [0, 0] * 2 + [0, pad, 0, 0])) for x in (k, v))
+        if flags[3]:
+            m = ctx.emit(op.nn.pad(m, [0, 0] * 3 + [0, pad]))
     kt = ctx.emit(op.permute_dims(k, [0, 1, 3, 2]))
-    kernel = attention_kernel(int(b), int(h), int(d) + d_pad, int(dv) + dv_pad, flags, scale)
+    kernel = attention_kernel(int(b), int(h), int(d) + d_pad, int(dv) + dv_pad, flags, scale, valid)
     gv = ctx.bb.add_func(kernel, "flash_attention")
     out = ctx.emit(relax.call_tir(gv, [q, kt, v, m], relax.TensorType([b, h, sq, int(dv) + dv_pad], "float32")))
     if dv_pad:
