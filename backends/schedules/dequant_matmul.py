@@ -31,11 +31,15 @@ import os
 
 import numpy as np
 import tvm
+from graphopt.backends.constants import rewrite_relax_functions
+from graphopt.backends.schedules.dequant_kernel import (
+    dequant_matmul_func,
+    nibble_offset,
+    pack_columns,
+    pack_nibbles,
+)
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
-from tvm.script import tirx as T
-
-from graphopt.backends.constants import rewrite_relax_functions
 
 log = logging.getLogger(__name__)
 _OPS = {name: tvm.ir.Op.get(f"relax.{name}")
@@ -43,185 +47,10 @@ _OPS = {name: tvm.ir.Op.get(f"relax.{name}")
 _Constant = tvm.ir.expr.Constant
 _QTYPES = ("int8", "uint8")
 _STYPES = ("float32", "float16")
-WIDE_COLUMNS = 1024  # a weight read as stored: columns a task streams per row (accumulators in L1)
 
 
 def enabled() -> bool:
     return os.environ.get("GRAPHOPT_DEQUANT_MATMUL", "1") != "0"
-
-
-# ---------------------------------------------------------------- the kernel
-
-
-def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, has_zp: bool, packed: bool,
-                        tile: int, rows: int) -> tirx.PrimFunc:
-    """``Y [m, n] = X [m, k] @ dequantize(Q)`` for any row count ``m``.
-
-    ``packed``: ``Q [ceil(n/tile), k, tile]``, scales and zero points ``[ceil(n/tile), k/block, tile]``
-    (zero-padded columns); else ``Q [k, n]``, scales and zero points ``[k/block, n]``."""
-    f32, i32 = "float32", "int32"
-    TL, R, B = tile, rows, block
-    KB, NT, NF = k // block, -(-n // tile), n // tile
-    # unpacked: tiles of WIDE columns, then one of W2 (whole vectors) + W3 (the last partial vector)
-    WIDE = max(TL, min(WIDE_COLUMNS, n // TL * TL))
-    WF = n // WIDE
-    W2 = (n - WF * WIDE) // TL * TL
-    W3 = n - WF * WIDE - W2
-    WR = int(W2 + W3 > 0)
-    qshape = (NT, k, TL) if packed else (k, n)
-    sshape = (NT, KB, TL) if packed else (KB, n)
-
-    @T.macro
-    def tile_rows(nt, i0, m, tail, X, Q, S, Z, Y, acc, blk):
-        for r, j in T.grid(R, TL):
-            acc[r, j] = T.float32(0)
-        for kb in range(KB):
-            for r, j in T.grid(R, TL):
-                blk[r, j] = T.float32(0)
-            for kk in range(B):
-                for r in T.unroll(R):
-                    for j in T.vectorized(TL):
-                        if packed:
-                            if has_zp:
-                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                    f32, T.Cast(i32, Q[nt, kb * B + kk, j]) - T.Cast(i32, Z[nt, kb, j]))
-                            else:
-                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                    f32, Q[nt, kb * B + kk, j])
-                        elif tail:
-                            if has_zp:
-                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                    f32, T.Cast(i32, Q[kb * B + kk, T.min(nt * TL + j, n - 1)])
-                                    - T.Cast(i32, Z[kb, T.min(nt * TL + j, n - 1)]))
-                            else:
-                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                    f32, Q[kb * B + kk, T.min(nt * TL + j, n - 1)])
-                        elif has_zp:
-                            blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                f32, T.Cast(i32, Q[kb * B + kk, nt * TL + j]) - T.Cast(i32, Z[kb, nt * TL + j]))
-                        else:
-                            blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                f32, Q[kb * B + kk, nt * TL + j])
-            for r in T.unroll(R):
-                for j in T.vectorized(TL):
-                    if packed:
-                        acc[r, j] = acc[r, j] + blk[r, j] * T.Cast(f32, S[nt, kb, j])
-                    elif tail:
-                        acc[r, j] = acc[r, j] + blk[r, j] * T.Cast(f32, S[kb, T.min(nt * TL + j, n - 1)])
-                    else:
-                        acc[r, j] = acc[r, j] + blk[r, j] * T.Cast(f32, S[kb, nt * TL + j])
-        for r in range(R):
-            if i0 + r < m:
-                if tail:
-                    for j in range(TL):
-                        if nt * TL + j < n:
-                            Y[i0 + r, nt * TL + j] = acc[r, j]
-                else:
-                    for j in T.vectorized(TL):
-                        Y[i0 + r, nt * TL + j] = acc[r, j]
-
-    @T.macro
-    def wide_tile(n0, nv, vw, clamp, i0, m, X, Q, S, Z, Y, acc, blk):
-        # Q [k, n] as stored: ``nv`` vectors of ``vw`` columns from ``n0`` (clamped: the last, partial
-        # vector), accumulators in L1; each weight row is read as one contiguous run of nv * vw bytes
-        for r, c in T.grid(R, nv * vw):
-            acc[r, c] = T.float32(0)
-        for kb in range(KB):
-            for r, c in T.grid(R, nv * vw):
-                blk[r, c] = T.float32(0)
-            for kk in range(B):
-                for r in T.unroll(R):
-                    for jj in range(nv):
-                        for j in T.vectorized(vw):
-                            if clamp:
-                                if has_zp:
-                                    blk[r, jj * vw + j] = blk[r, jj * vw + j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                        f32, T.Cast(i32, Q[kb * B + kk, T.min(n0 + j, n - 1)])
-                                        - T.Cast(i32, Z[kb, T.min(n0 + j, n - 1)]))
-                                else:
-                                    blk[r, jj * vw + j] = blk[r, jj * vw + j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                        f32, Q[kb * B + kk, T.min(n0 + j, n - 1)])
-                            elif has_zp:
-                                blk[r, jj * vw + j] = blk[r, jj * vw + j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                    f32, T.Cast(i32, Q[kb * B + kk, n0 + jj * vw + j]) - T.Cast(i32, Z[kb, n0 + jj * vw + j]))
-                            else:
-                                blk[r, jj * vw + j] = blk[r, jj * vw + j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                    f32, Q[kb * B + kk, n0 + jj * vw + j])
-            for r in T.unroll(R):
-                for jj in range(nv):
-                    for j in T.vectorized(vw):
-                        if clamp:
-                            acc[r, j] = acc[r, j] + blk[r, j] * T.Cast(f32, S[kb, T.min(n0 + j, n - 1)])
-                        else:
-                            acc[r, jj * vw + j] = acc[r, jj * vw + j] + blk[r, jj * vw + j] * T.Cast(
-                                f32, S[kb, n0 + jj * vw + j])
-        for r in range(R):
-            if i0 + r < m:
-                if clamp:
-                    for j in range(vw):
-                        if n0 + j < n:
-                            Y[i0 + r, n0 + j] = acc[r, j]
-                else:
-                    for jj in range(nv):
-                        for j in T.vectorized(vw):
-                            Y[i0 + r, n0 + jj * vw + j] = acc[r, jj * vw + j]
-
-    @T.macro
-    def body(X, Q, S, Z, Y, m):
-        if packed:
-            for nt in T.parallel(NT):
-                acc = T.decl_buffer((R, TL), f32, scope="local")
-                blk = T.decl_buffer((R, TL), f32, scope="local")
-                for rb in range((m + R - 1) // R):
-                    if nt < NF:
-                        tile_rows(nt, rb * R, m, False, X, Q, S, Z, Y, acc, blk)
-                    else:
-                        tile_rows(nt, rb * R, m, True, X, Q, S, Z, Y, acc, blk)
-        else:
-            for t in T.parallel(WF + WR):
-                acc = T.decl_buffer((R, WIDE), f32, scope="local")
-                blk = T.decl_buffer((R, WIDE), f32, scope="local")
-                for rb in range((m + R - 1) // R):
-                    if t < WF:
-                        wide_tile(t * WIDE, WIDE // TL, TL, False, rb * R, m, X, Q, S, Z, Y, acc, blk)
-                    else:
-                        if W2 > 0:
-                            wide_tile(WF * WIDE, W2 // TL, TL, False, rb * R, m, X, Q, S, Z, Y, acc, blk)
-                        if W3 > 0:
-                            wide_tile(WF * WIDE + W2, 1, W3, True, rb * R, m, X, Q, S, Z, Y, acc, blk)
-
-    if has_zp:
-        @T.prim_func(private=True)
-        def kernel(x: T.handle, q: T.handle, s: T.handle, z: T.handle, y: T.handle):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
-            m = T.int64()
-            X = T.match_buffer(x, (m, k), f32)
-            Q = T.match_buffer(q, qshape, qdtype)
-            S = T.match_buffer(s, sshape, sdtype)
-            Z = T.match_buffer(z, sshape, qdtype)
-            Y = T.match_buffer(y, (m, n), f32)
-            body(X, Q, S, Z, Y, m)
-    else:
-        @T.prim_func(private=True)
-        def kernel(x: T.handle, q: T.handle, s: T.handle, y: T.handle):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
-            m = T.int64()
-            X = T.match_buffer(x, (m, k), f32)
-            Q = T.match_buffer(q, qshape, qdtype)
-            S = T.match_buffer(s, sshape, sdtype)
-            Y = T.match_buffer(y, (m, n), f32)
-            body(X, Q, S, None, Y, m)
-
-    return kernel
-
-
-def pack_columns(a: np.ndarray, tile: int) -> np.ndarray:
-    """``[R, N]`` → ``[ceil(N/tile), R, tile]``, the columns past ``N`` zero."""
-    r, n = a.shape
-    nt = -(-n // tile)
-    padded = np.zeros((r, nt * tile), a.dtype)
-    padded[:, :n] = a
-    return np.ascontiguousarray(padded.reshape(r, nt, tile).transpose(1, 0, 2))
 
 
 # ---------------------------------------------------------------- the pattern
@@ -241,12 +70,12 @@ def _is_leaf(e) -> bool:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod, lanes: int, arguments: frozenset = frozenset()):
+    def __init__(self, mod, lanes: int, arguments: tuple = ()):
         super().__init__(mod)
         self.tile = 4 * lanes
         self.rewritten = 0
-        self.arguments = arguments  # weight arguments this rewrite may repack (read by one matmul only)
-        self.packed: dict = {}  # argument Var -> the packed Var replacing it
+        self.arguments = arguments  # (Var, array) of weight arguments this rewrite may repack
+        self.packed: list = []  # (argument Var, the packed Var replacing it, nibble offset or None)
 
     # -- looking through bindings --------------------------------------------------------------
 
@@ -353,34 +182,47 @@ class _Rewriter(PyExprMutator):
         self.rewritten += 1
         return self._kernel_call(call, m)
 
+    def _argument(self, leaf):
+        return next((a for v, a in self.arguments if v.same_as(leaf)), None)
+
+    def _pack_arguments(self, leaves: list, offset: int | None) -> list:
+        """The packed Vars replacing argument ``leaves`` (codes first; ``offset``: 4-bit codes)."""
+        out = []
+        for i, leaf in enumerate(leaves):
+            done = next((new for old, new, _ in self.packed if old.same_as(leaf)), None)
+            if done is None:  # not yet packed (a weight read by two matmuls is packed once)
+                rows, cols = (int(d) for d in leaf.ty.shape)
+                nib = offset is not None and i == 0
+                dtype = "uint8" if nib else leaf.ty.dtype
+                done = relax.Var(f"{leaf.name}_packed",
+                                 relax.TensorType([-(-cols // self.tile), rows // 2 if nib else rows, self.tile], dtype))
+                self.packed.append((leaf, done, offset if nib else None))
+            out.append(done)
+        return out
+
     def _kernel_call(self, call, m: _Match):
         x = call.args[0]
         k = int(x.ty.shape[-1])
         n = int(m.q.ty.shape[0 if m.transposed else 1])
-        packed = isinstance(m.q, _Constant) and isinstance(m.scale, _Constant) and (
-            m.zp is None or isinstance(m.zp, _Constant))
         leaves = [m.q, m.scale] + ([m.zp] if m.zp is not None else [])
+        offset, packed = None, all(isinstance(leaf, _Constant) for leaf in leaves)
         if packed:
             arrays = [leaf.value.numpy() for leaf in leaves]
             if m.transposed:
                 arrays = [a.T for a in arrays]
+            offset = nibble_offset(arrays[0])
             leaves = [relax.const(pack_columns(a, self.tile)) for a in arrays]
-        elif not m.transposed and all(any(leaf.same_as(v) for v in self.arguments) for leaf in leaves):
+            if offset is not None:
+                leaves[0] = relax.const(pack_nibbles(leaves[0].value.numpy(), offset))
+        elif not m.transposed and all(self._argument(leaf) is not None for leaf in leaves):
             packed = True  # arguments packed like constants, lazily (pack_dequant_params)
-            for i, leaf in enumerate(leaves):
-                done = next((v for old, v in self.packed.items() if old.same_as(leaf)), None)
-                if done is not None:  # a weight read by two matmuls: packed once
-                    leaves[i] = done
-                    continue
-                rows, cols = (int(d) for d in leaf.ty.shape)
-                new = relax.Var(f"{leaf.name}_packed",
-                                relax.TensorType([-(-cols // self.tile), rows, self.tile], leaf.ty.dtype))
-                self.packed[leaf] = new
-                leaves[i] = new
+            offset = next((o for old, _, o in self.packed if old.same_as(m.q)), None) if any(
+                old.same_as(m.q) for old, _, _ in self.packed) else nibble_offset(self._argument(m.q))
+            leaves = self._pack_arguments(leaves, offset)
         lead = list(x.ty.shape)[:-1]
         rows1 = all(isinstance(d, tirx.IntImm) and int(d) == 1 for d in lead)
         func = dequant_matmul_func(k, n, m.block, m.q.ty.dtype, m.scale.ty.dtype, m.zp is not None, packed,
-                                   self.tile, 1 if rows1 else 2)
+                                   self.tile, 1 if rows1 else 2, offset)
         gv = self.builder_.add_func(func, "dequant_matmul")
         x2 = x if len(lead) == 1 else self.builder_.emit(relax.op.reshape(x, [-1, k]))
         rows = x2.ty.shape[0]
@@ -423,25 +265,53 @@ def pack_dequant_params(mod, params: dict, lanes: int):
     ``rewrite_dequant_matmul``, which reads them as stored."""
     from graphopt.backends.packed_params import PackedWeight
 
+    NibbleWeight = _nibble_weight_class()
     if not enabled() or not params:
         return mod, params
     main = mod["main"]
     num_input = len(main.params) - len(params)
     weights = dict(zip(main.params[num_input:], params))  # Var -> name
     uses = _uses(main)
-    arguments = frozenset(v for v, name in weights.items()
-                          if uses.get(v, 0) == 1 and np.asarray(params[name]).ndim == 2)
+    arguments = tuple((v, np.asarray(params[name])) for v, name in weights.items()
+                      if uses.get(v, 0) == 1 and np.asarray(params[name]).ndim == 2)
     if not arguments:
         return mod, params
     rw = _Rewriter(mod, lanes, arguments)
     body = rw.visit_expr(main)
     if not rw.packed:
         return mod, params
-    new_params = [next((new for old, new in rw.packed.items() if old.same_as(p)), p) for p in body.params]
+    new_params = [next((new for old, new, _ in rw.packed if old.same_as(p)), p) for p in body.params]
     func = relax.Function(new_params, body.body, body.ret_ty, body.is_pure, body.attrs, body.span)
     rw.builder_.update_func(mod.get_global_var("main"), func)
-    tile = rw.tile
-    out = {name: PackedWeight(np.asarray(params[name]), tile) if any(v.same_as(o) for o in rw.packed) else params[name]
-           for v, name in weights.items()}
+    out = {}
+    for v, name in weights.items():
+        how = next(((o,) for old, _, o in rw.packed if old.same_as(v)), None)
+        if how is None:
+            out[name] = params[name]
+        elif how[0] is None:
+            out[name] = PackedWeight(np.asarray(params[name]), rw.tile)
+        else:
+            out[name] = NibbleWeight(np.asarray(params[name]), rw.tile, how[0])
     log.debug("%d weight arguments packed for dequantized matmuls", len(rw.packed))
     return relax.transform.DeadCodeElimination()(rw.builder_.get()), out
+
+
+def _nibble_weight_class():
+    from graphopt.backends.packed_params import PackedWeight
+
+    class NibbleWeight(PackedWeight):
+        """``PackedWeight`` of 4-bit codes, two a byte (``pack_nibbles``), packed on request."""
+
+        def __init__(self, source: np.ndarray, lanes: int, offset: int) -> None:
+            super().__init__(source, lanes)
+            self.offset = offset
+            self.shape = (self.shape[0], self.shape[1] // 2, self.shape[2])
+            self.dtype = np.dtype(np.uint8)
+            self.nbytes = int(np.prod(self.shape))
+
+        def __array__(self, dtype=None, copy=None) -> np.ndarray:
+            panels = PackedWeight(self.source, self.lanes).__array__()
+            out = pack_nibbles(panels, self.offset)
+            return out if dtype is None else out.astype(dtype, copy=False)
+
+    return NibbleWeight

@@ -74,8 +74,9 @@ def test_matches_ort_and_reads_the_quantized_weight(tmp_path, bits, symmetric, e
     _check(compiled, model, tmp_path, [1])
     if not embed:  # stored quantized, packed into the kernel's column panels
         (q,) = [np.asarray(p) for name, p in compiled.params.items() if "__q" in name]
-        tile = q.shape[-1]
-        assert q.dtype == (np.int8 if symmetric else np.uint8) and q.shape == (-(-N // tile), K, tile)
+        tile = q.shape[-1]  # int4: two codes a byte
+        assert q.dtype == (np.uint8 if bits == 4 or not symmetric else np.int8)
+        assert q.shape == (-(-N // tile), K // 2 if bits == 4 else K, tile)
 
 
 def test_several_rows_and_a_symbolic_row_count(tmp_path):

@@ -1,0 +1,210 @@
+"""The TIR kernel of ``dequant_matmul.py`` (a matmul reading block-quantized int8/uint8/4-bit weights)
+and the numpy packing of its weights into column panels.
+
+Two forms of the weight: packed ``[ceil(N/T), K, T]`` panels (a tile of ``T = 4 x lanes`` columns
+streams one contiguous panel, accumulators in registers; 4-bit codes two a byte), or ``[K, N]`` as
+stored (a task streams each weight row over ``WIDE_COLUMNS`` columns, accumulators in L1).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+WIDE_COLUMNS = 1024  # a weight read as stored: columns a task streams per row (accumulators in L1)
+
+
+@functools.lru_cache(maxsize=64)  # one per weight shape: parsing a kernel takes 0.3 s, GPT-2 has 73 matmuls
+def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, has_zp: bool, packed: bool,
+                        tile: int, rows: int, nibble_offset: int | None = None) -> tirx.PrimFunc:
+    """``Y [m, n] = X [m, k] @ dequantize(Q)`` for any row count ``m``.
+
+    ``packed``: ``Q [ceil(n/tile), k, tile]``, scales and zero points ``[ceil(n/tile), k/block, tile]``
+    (zero-padded columns); else ``Q [k, n]``, scales and zero points ``[k/block, n]``.
+    ``nibble_offset`` (packed only): ``Q`` holds 4-bit values two a byte, ``[ceil(n/tile), k/2, tile]``
+    uint8 (``pack_nibbles``), each stored plus this offset (8 for int4, 0 for uint4)."""
+    f32, i32 = "float32", "int32"
+    TL, R, B = tile, rows, block
+    KB, NT, NF = k // block, -(-n // tile), n // tile
+    # unpacked: tiles of WIDE columns, then one of W2 (whole vectors) + W3 (the last partial vector)
+    WIDE = max(TL, min(WIDE_COLUMNS, n // TL * TL))
+    WF = n // WIDE
+    W2 = (n - WF * WIDE) // TL * TL
+    W3 = n - WF * WIDE - W2
+    WR = int(W2 + W3 > 0)
+    nibbles = nibble_offset is not None
+    OFF = nibble_offset or 0
+    qshape = ((NT, k // 2, TL) if nibbles else (NT, k, TL)) if packed else (k, n)
+    qstore = "uint8" if nibbles else qdtype
+    sshape = (NT, KB, TL) if packed else (KB, n)
+
+    @T.macro
+    def tile_rows(nt, i0, m, tail, X, Q, S, Z, Y, acc, blk):
+        # packed: one panel of TL columns, R rows, accumulators in registers
+        for r, j in T.grid(R, TL):
+            acc[r, j] = T.float32(0)
+        for kb in range(KB):
+            for r, j in T.grid(R, TL):
+                blk[r, j] = T.float32(0)
+            if nibbles:  # two 4-bit values a byte: k even in the low nibble
+                for kk in range(B // 2):
+                    for r in T.unroll(R):
+                        for j in T.vectorized(TL):
+                            if has_zp:
+                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 2 * kk] * T.Cast(
+                                    f32, T.Cast(i32, T.bitwise_and(Q[nt, kb * (B // 2) + kk, j], T.uint8(15)))
+                                    - T.Cast(i32, Z[nt, kb, j]) - OFF)
+                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 2 * kk + 1] * T.Cast(
+                                    f32, T.Cast(i32, T.shift_right(Q[nt, kb * (B // 2) + kk, j], T.uint8(4)))
+                                    - T.Cast(i32, Z[nt, kb, j]) - OFF)
+                            else:
+                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 2 * kk] * T.Cast(
+                                    f32, T.Cast(i32, T.bitwise_and(Q[nt, kb * (B // 2) + kk, j], T.uint8(15))) - OFF)
+                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 2 * kk + 1] * T.Cast(
+                                    f32, T.Cast(i32, T.shift_right(Q[nt, kb * (B // 2) + kk, j], T.uint8(4))) - OFF)
+            else:
+                for kk in range(B):
+                    for r in T.unroll(R):
+                        for j in T.vectorized(TL):
+                            if has_zp:
+                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
+                                    f32, T.Cast(i32, Q[nt, kb * B + kk, j]) - T.Cast(i32, Z[nt, kb, j]))
+                            else:
+                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
+                                    f32, Q[nt, kb * B + kk, j])
+            for r in T.unroll(R):
+                for j in T.vectorized(TL):
+                    acc[r, j] = acc[r, j] + blk[r, j] * T.Cast(f32, S[nt, kb, j])
+        for r in range(R):
+            if i0 + r < m:
+                if tail:
+                    for j in range(TL):
+                        if nt * TL + j < n:
+                            Y[i0 + r, nt * TL + j] = acc[r, j]
+                else:
+                    for j in T.vectorized(TL):
+                        Y[i0 + r, nt * TL + j] = acc[r, j]
+
+    @T.macro
+    def wide_tile(n0, nv, vw, clamp, i0, m, X, Q, S, Z, Y, acc, blk):
+        # Q [k, n] as stored: ``nv`` vectors of ``vw`` columns from ``n0`` (clamped: the last, partial
+        # vector), accumulators in L1; each weight row is read as one contiguous run of nv * vw bytes
+        for r, c in T.grid(R, nv * vw):
+            acc[r, c] = T.float32(0)
+        for kb in range(KB):
+            for r, c in T.grid(R, nv * vw):
+                blk[r, c] = T.float32(0)
+            for kk in range(B):
+                for r in T.unroll(R):
+                    for jj in range(nv):
+                        for j in T.vectorized(vw):
+                            if clamp:
+                                if has_zp:
+                                    blk[r, jj * vw + j] = blk[r, jj * vw + j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
+                                        f32, T.Cast(i32, Q[kb * B + kk, T.min(n0 + j, n - 1)])
+                                        - T.Cast(i32, Z[kb, T.min(n0 + j, n - 1)]))
+                                else:
+                                    blk[r, jj * vw + j] = blk[r, jj * vw + j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
+                                        f32, Q[kb * B + kk, T.min(n0 + j, n - 1)])
+                            elif has_zp:
+                                blk[r, jj * vw + j] = blk[r, jj * vw + j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
+                                    f32, T.Cast(i32, Q[kb * B + kk, n0 + jj * vw + j]) - T.Cast(i32, Z[kb, n0 + jj * vw + j]))
+                            else:
+                                blk[r, jj * vw + j] = blk[r, jj * vw + j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
+                                    f32, Q[kb * B + kk, n0 + jj * vw + j])
+            for r in T.unroll(R):
+                for jj in range(nv):
+                    for j in T.vectorized(vw):
+                        if clamp:
+                            acc[r, j] = acc[r, j] + blk[r, j] * T.Cast(f32, S[kb, T.min(n0 + j, n - 1)])
+                        else:
+                            acc[r, jj * vw + j] = acc[r, jj * vw + j] + blk[r, jj * vw + j] * T.Cast(
+                                f32, S[kb, n0 + jj * vw + j])
+        for r in range(R):
+            if i0 + r < m:
+                if clamp:
+                    for j in range(vw):
+                        if n0 + j < n:
+                            Y[i0 + r, n0 + j] = acc[r, j]
+                else:
+                    for jj in range(nv):
+                        for j in T.vectorized(vw):
+                            Y[i0 + r, n0 + jj * vw + j] = acc[r, jj * vw + j]
+
+    @T.macro
+    def body(X, Q, S, Z, Y, m):
+        if packed:
+            for nt in T.parallel(NT):
+                acc = T.decl_buffer((R, TL), f32, scope="local")
+                blk = T.decl_buffer((R, TL), f32, scope="local")
+                for rb in range((m + R - 1) // R):
+                    if nt < NF:
+                        tile_rows(nt, rb * R, m, False, X, Q, S, Z, Y, acc, blk)
+                    else:
+                        tile_rows(nt, rb * R, m, True, X, Q, S, Z, Y, acc, blk)
+        else:
+            for t in T.parallel(WF + WR):
+                acc = T.decl_buffer((R, WIDE), f32, scope="local")
+                blk = T.decl_buffer((R, WIDE), f32, scope="local")
+                for rb in range((m + R - 1) // R):
+                    if t < WF:
+                        wide_tile(t * WIDE, WIDE // TL, TL, False, rb * R, m, X, Q, S, Z, Y, acc, blk)
+                    else:
+                        if W2 > 0:
+                            wide_tile(WF * WIDE, W2 // TL, TL, False, rb * R, m, X, Q, S, Z, Y, acc, blk)
+                        if W3 > 0:
+                            wide_tile(WF * WIDE + W2, 1, W3, True, rb * R, m, X, Q, S, Z, Y, acc, blk)
+
+    if has_zp:
+        @T.prim_func(private=True)
+        def kernel(x: T.handle, q: T.handle, s: T.handle, z: T.handle, y: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            m = T.int64()
+            X = T.match_buffer(x, (m, k), f32)
+            Q = T.match_buffer(q, qshape, qstore)
+            S = T.match_buffer(s, sshape, sdtype)
+            Z = T.match_buffer(z, sshape, qdtype)
+            Y = T.match_buffer(y, (m, n), f32)
+            body(X, Q, S, Z, Y, m)
+    else:
+        @T.prim_func(private=True)
+        def kernel(x: T.handle, q: T.handle, s: T.handle, y: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            m = T.int64()
+            X = T.match_buffer(x, (m, k), f32)
+            Q = T.match_buffer(q, qshape, qstore)
+            S = T.match_buffer(s, sshape, sdtype)
+            Y = T.match_buffer(y, (m, n), f32)
+            body(X, Q, S, None, Y, m)
+
+    return kernel
+
+
+def nibble_offset(q: np.ndarray) -> int | None:
+    """8 for int8 codes within int4's range, 0 for uint8 codes within uint4's, else None."""
+    if q.size == 0 or q.shape[-2] % 2:
+        return None
+    lo, hi = int(q.min()), int(q.max())
+    if q.dtype == np.int8 and lo >= -8 and hi <= 7:
+        return 8
+    if q.dtype == np.uint8 and hi <= 15:
+        return 0
+    return None
+
+
+def pack_nibbles(panels: np.ndarray, offset: int) -> np.ndarray:
+    """``[NT, K, T]`` 4-bit codes → ``[NT, K/2, T]`` uint8: (code + offset) of row 2i in the low nibble."""
+    v = (panels.astype(np.int16) + offset).astype(np.uint8)
+    return np.ascontiguousarray(v[:, 0::2] | (v[:, 1::2] << 4))
+
+
+def pack_columns(a: np.ndarray, tile: int) -> np.ndarray:
+    """``[R, N]`` → ``[ceil(N/tile), R, tile]``, the columns past ``N`` zero."""
+    r, n = a.shape
+    nt = -(-n // tile)
+    padded = np.zeros((r, nt * tile), a.dtype)
+    padded[:, :n] = a
+    return np.ascontiguousarray(padded.reshape(r, nt, tile).transpose(1, 0, 2))
