@@ -38,7 +38,8 @@ def _panel(ax, rows, base, best, x_of, xlabel, max_drop, within) -> None:
     pts = [(x_of(r), r["score"]) for r in rows]
     front = [rows[i] for i in pareto(pts)]
     ax.plot([x_of(r) for r in front], [r["score"] for r in front], color="tab:orange", linewidth=1.5,
-            drawstyle="steps-post", label="Pareto front", zorder=1)
+            drawstyle="steps-post", marker="o", markersize=10, markerfacecolor="none",
+            label="Pareto front", zorder=1)  # the rings show a front of one point too
     for i, r in enumerate(front):
         if r is not best:  # alternate below and above the line, on a light box, so that neighbours stay legible
             ax.annotate(r["label"], (x_of(r), r["score"]), textcoords="offset points",
