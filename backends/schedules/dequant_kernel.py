@@ -24,8 +24,8 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
 
     ``packed``: ``Q [ceil(n/tile), k, tile]``, scales and zero points ``[ceil(n/tile), k/block, tile]``
     (zero-padded columns); else ``Q [k, n]``, scales and zero points ``[k/block, n]``.
-    ``nibble_offset`` (packed only): ``Q`` holds 4-bit values two a byte, ``[ceil(n/tile), k/2, tile]``
-    uint8 (``pack_nibbles``), each stored plus this offset (8 for int4, 0 for uint4)."""
+    ``nibble_offset`` (packed only): ``Q`` holds 4-bit codes eight a word, ``[ceil(n/tile), k/8, tile]``
+    int32 (``pack_nibbles``), each stored plus this offset (8 for int4, 0 for uint4)."""
     f32, i32 = "float32", "int32"
     TL, R, B = tile, rows, block
     KB, NT, NF = k // block, -(-n // tile), n // tile
@@ -37,8 +37,8 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
     WR = int(W2 + W3 > 0)
     nibbles = nibble_offset is not None
     OFF = nibble_offset or 0
-    qshape = ((NT, k // 2, TL) if nibbles else (NT, k, TL)) if packed else (k, n)
-    qstore = "uint8" if nibbles else qdtype
+    qshape = ((NT, k // 8, TL) if nibbles else (NT, k, TL)) if packed else (k, n)
+    qstore = "int32" if nibbles else qdtype
     sshape = (NT, KB, TL) if packed else (KB, n)
 
     @T.macro
@@ -49,22 +49,18 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
         for kb in range(KB):
             for r, j in T.grid(R, TL):
                 blk[r, j] = T.float32(0)
-            if nibbles:  # two 4-bit values a byte: k even in the low nibble
-                for kk in range(B // 2):
+            if nibbles:  # eight 4-bit codes a 32-bit word, k = 8i + t in bits 4t..4t+3 (32-bit shifts)
+                for kk in range(B // 8):
                     for r in T.unroll(R):
-                        for j in T.vectorized(TL):
-                            if has_zp:
-                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 2 * kk] * T.Cast(
-                                    f32, T.Cast(i32, T.bitwise_and(Q[nt, kb * (B // 2) + kk, j], T.uint8(15)))
-                                    - T.Cast(i32, Z[nt, kb, j]) - OFF)
-                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 2 * kk + 1] * T.Cast(
-                                    f32, T.Cast(i32, T.shift_right(Q[nt, kb * (B // 2) + kk, j], T.uint8(4)))
-                                    - T.Cast(i32, Z[nt, kb, j]) - OFF)
-                            else:
-                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 2 * kk] * T.Cast(
-                                    f32, T.Cast(i32, T.bitwise_and(Q[nt, kb * (B // 2) + kk, j], T.uint8(15))) - OFF)
-                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 2 * kk + 1] * T.Cast(
-                                    f32, T.Cast(i32, T.shift_right(Q[nt, kb * (B // 2) + kk, j], T.uint8(4))) - OFF)
+                        for t in T.unroll(8):
+                            for j in T.vectorized(TL):
+                                if has_zp:
+                                    blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 8 * kk + t] * T.Cast(
+                                        f32, T.bitwise_and(T.shift_right(Q[nt, kb * (B // 8) + kk, j], 4 * t), 15)
+                                        - T.Cast(i32, Z[nt, kb, j]) - OFF)
+                                else:
+                                    blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 8 * kk + t] * T.Cast(
+                                        f32, T.bitwise_and(T.shift_right(Q[nt, kb * (B // 8) + kk, j], 4 * t), 15) - OFF)
             else:
                 for kk in range(B):
                     for r in T.unroll(R):
@@ -184,8 +180,8 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
 
 
 def nibble_offset(q: np.ndarray) -> int | None:
-    """8 for int8 codes within int4's range, 0 for uint8 codes within uint4's, else None."""
-    if q.size == 0 or q.shape[-2] % 2:
+    """8 for int8 codes within int4's range, 0 for uint8 codes within uint4's (K a multiple of 8), else None."""
+    if q.size == 0 or q.shape[-2] % 8:
         return None
     lo, hi = int(q.min()), int(q.max())
     if q.dtype == np.int8 and lo >= -8 and hi <= 7:
@@ -196,9 +192,12 @@ def nibble_offset(q: np.ndarray) -> int | None:
 
 
 def pack_nibbles(panels: np.ndarray, offset: int) -> np.ndarray:
-    """``[NT, K, T]`` 4-bit codes → ``[NT, K/2, T]`` uint8: (code + offset) of row 2i in the low nibble."""
-    v = (panels.astype(np.int16) + offset).astype(np.uint8)
-    return np.ascontiguousarray(v[:, 0::2] | (v[:, 1::2] << 4))
+    """``[NT, K, T]`` 4-bit codes → ``[NT, K/8, T]`` int32: (code + offset) of row 8i + t in bits 4t..4t+3."""
+    v = (panels.astype(np.int16) + offset).astype(np.uint32)
+    words = np.zeros((v.shape[0], v.shape[1] // 8, v.shape[2]), np.uint32)
+    for t in range(8):
+        words |= v[:, t::8] << np.uint32(4 * t)
+    return words.view(np.int32)
 
 
 def pack_columns(a: np.ndarray, tile: int) -> np.ndarray:

@@ -193,9 +193,9 @@ class _Rewriter(PyExprMutator):
             if done is None:  # not yet packed (a weight read by two matmuls is packed once)
                 rows, cols = (int(d) for d in leaf.ty.shape)
                 nib = offset is not None and i == 0
-                dtype = "uint8" if nib else leaf.ty.dtype
+                dtype = "int32" if nib else leaf.ty.dtype
                 done = relax.Var(f"{leaf.name}_packed",
-                                 relax.TensorType([-(-cols // self.tile), rows // 2 if nib else rows, self.tile], dtype))
+                                 relax.TensorType([-(-cols // self.tile), rows // 8 if nib else rows, self.tile], dtype))
                 self.packed.append((leaf, done, offset if nib else None))
             out.append(done)
         return out
@@ -300,14 +300,14 @@ def _nibble_weight_class():
     from graphopt.backends.packed_params import PackedWeight
 
     class NibbleWeight(PackedWeight):
-        """``PackedWeight`` of 4-bit codes, two a byte (``pack_nibbles``), packed on request."""
+        """``PackedWeight`` of 4-bit codes, eight a 32-bit word (``pack_nibbles``), packed on request."""
 
         def __init__(self, source: np.ndarray, lanes: int, offset: int) -> None:
             super().__init__(source, lanes)
             self.offset = offset
-            self.shape = (self.shape[0], self.shape[1] // 2, self.shape[2])
-            self.dtype = np.dtype(np.uint8)
-            self.nbytes = int(np.prod(self.shape))
+            self.shape = (self.shape[0], self.shape[1] // 8, self.shape[2])
+            self.dtype = np.dtype(np.int32)
+            self.nbytes = int(np.prod(self.shape)) * 4
 
         def __array__(self, dtype=None, copy=None) -> np.ndarray:
             panels = PackedWeight(self.source, self.lanes).__array__()
