@@ -12,16 +12,18 @@ LegalizeOps, CPU targets only) replaces each such matmul by one ``call_tir`` to 
 
 * parallel over tiles of ``4 x lanes`` output columns; in a tile, ``R`` rows (1 when the matmul has
   one row: a decode step's GEMV; 2 otherwise) accumulate ``x[i, k] * float(q[k, n] - z)`` over one
-  quantization block in registers, then add the block's sum times its scale: the weight is read as
-  stored (int8/uint8; 4-bit values are held one a byte by the lowering) and converted in registers;
+  quantization block in registers, then add the block's sum times its scale: the codes are read as
+  bytes (int8/uint8), or eight a 32-bit word when they fit 4 bits (int4/uint4, which the lowering
+  holds one a byte), and converted in registers;
 * a constant weight (embedded in the library) is prepacked at compile time to ``[N/T, K, T]`` (a tile
   streams one contiguous panel; a Gemm's ``[N, K]`` weight is transposed there too), scales and zero
-  points to ``[N/T, K/B, T]``; a weight passed as an argument (models over the embedding limit) is
-  read ``[K, N]`` as stored, the last partial tile with clamped columns.
+  points to ``[N/T, K/B, T]``; so is a weight passed as an argument (models over the embedding limit,
+  ``pack_dequant_params``: packed lazily when the bundle is written) that nothing else reads; any
+  other argument is read ``[K, N]`` as stored, in wide column runs.
 
 Taken when: the weight is a constant or an argument of the function, int8/uint8, its scale (and
 zero point) likewise, blocks along K dividing K (no partial last block), ``x`` float32 with a static
-K. Anything else keeps the elementwise chain. ``GRAPHOPT_DEQUANT_MATMUL=0`` turns the rewrite off.
+K, and a transposed weight (``[N, K]``) constant or packed. Anything else keeps the elementwise chain. ``GRAPHOPT_DEQUANT_MATMUL=0`` turns the rewrite off.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class _Rewriter(PyExprMutator):
         self.tile = 4 * lanes
         self.rewritten = 0
         self.arguments = arguments  # (Var, array) of weight arguments this rewrite may repack
-        self.packed: list = []  # (argument Var, the packed Var replacing it, nibble offset or None)
+        self.packed: list = []  # (argument Var, its packed Var, nibble offset or None, read transposed)
 
     # -- looking through bindings --------------------------------------------------------------
 
@@ -164,8 +166,8 @@ class _Rewriter(PyExprMutator):
         kq, ks = int(q.shape[k_axis]), int(s.shape[k_axis])
         if kq != int(shape[-1]) or ks * m.block != kq:
             return f"blocks of {m.block} do not tile K = {kq} exactly"
-        if m.transposed and not isinstance(m.q, _Constant):
-            return "a transposed weight passed as an argument"
+        if m.transposed and not isinstance(m.q, _Constant) and not self._packable(m):
+            return "a transposed weight passed as an argument that is not packed"
         return None
 
     def visit_call_(self, call):
@@ -185,18 +187,26 @@ class _Rewriter(PyExprMutator):
     def _argument(self, leaf):
         return next((a for v, a in self.arguments if v.same_as(leaf)), None)
 
-    def _pack_arguments(self, leaves: list, offset: int | None) -> list:
+    def _packable(self, m: _Match) -> bool:
+        """Whether the weight's leaves are arguments this rewrite packs (each one way round only)."""
+        leaves = [m.q, m.scale] + ([m.zp] if m.zp is not None else [])
+        return all(self._argument(leaf) is not None and all(
+            t == m.transposed for old, _, _, t in self.packed if old.same_as(leaf)) for leaf in leaves)
+
+    def _pack_arguments(self, leaves: list, offset: int | None, transposed: bool) -> list:
         """The packed Vars replacing argument ``leaves`` (codes first; ``offset``: 4-bit codes)."""
         out = []
         for i, leaf in enumerate(leaves):
-            done = next((new for old, new, _ in self.packed if old.same_as(leaf)), None)
+            done = next((new for old, new, _, _ in self.packed if old.same_as(leaf)), None)
             if done is None:  # not yet packed (a weight read by two matmuls is packed once)
                 rows, cols = (int(d) for d in leaf.ty.shape)
+                if transposed:
+                    rows, cols = cols, rows
                 nib = offset is not None and i == 0
                 dtype = "int32" if nib else leaf.ty.dtype
                 done = relax.Var(f"{leaf.name}_packed",
                                  relax.TensorType([-(-cols // self.tile), rows // 8 if nib else rows, self.tile], dtype))
-                self.packed.append((leaf, done, offset if nib else None))
+                self.packed.append((leaf, done, offset if nib else None, transposed))
             out.append(done)
         return out
 
@@ -214,11 +224,12 @@ class _Rewriter(PyExprMutator):
             leaves = [relax.const(pack_columns(a, self.tile)) for a in arrays]
             if offset is not None:
                 leaves[0] = relax.const(pack_nibbles(leaves[0].value.numpy(), offset))
-        elif not m.transposed and all(self._argument(leaf) is not None for leaf in leaves):
+        elif self._packable(m):
             packed = True  # arguments packed like constants, lazily (pack_dequant_params)
-            offset = next((o for old, _, o in self.packed if old.same_as(m.q)), None) if any(
-                old.same_as(m.q) for old, _, _ in self.packed) else nibble_offset(self._argument(m.q))
-            leaves = self._pack_arguments(leaves, offset)
+            done = [o for old, _, o, _ in self.packed if old.same_as(m.q)]
+            q = self._argument(m.q)
+            offset = done[0] if done else nibble_offset(q.T if m.transposed else q)
+            leaves = self._pack_arguments(leaves, offset, m.transposed)
         lead = list(x.ty.shape)[:-1]
         rows1 = all(isinstance(d, tirx.IntImm) and int(d) == 1 for d in lead)
         func = dequant_matmul_func(k, n, m.block, m.q.ty.dtype, m.scale.ty.dtype, m.zp is not None, packed,
@@ -280,18 +291,17 @@ def pack_dequant_params(mod, params: dict, lanes: int):
     body = rw.visit_expr(main)
     if not rw.packed:
         return mod, params
-    new_params = [next((new for old, new, _ in rw.packed if old.same_as(p)), p) for p in body.params]
+    new_params = [next((new for old, new, _, _ in rw.packed if old.same_as(p)), p) for p in body.params]
     func = relax.Function(new_params, body.body, body.ret_ty, body.is_pure, body.attrs, body.span)
     rw.builder_.update_func(mod.get_global_var("main"), func)
     out = {}
     for v, name in weights.items():
-        how = next(((o,) for old, _, o in rw.packed if old.same_as(v)), None)
+        how = next(((o, t) for old, _, o, t in rw.packed if old.same_as(v)), None)
         if how is None:
             out[name] = params[name]
-        elif how[0] is None:
-            out[name] = PackedWeight(np.asarray(params[name]), rw.tile)
-        else:
-            out[name] = NibbleWeight(np.asarray(params[name]), rw.tile, how[0])
+            continue
+        source = np.asarray(params[name]).T if how[1] else np.asarray(params[name])  # [K or blocks, N]
+        out[name] = PackedWeight(source, rw.tile) if how[0] is None else NibbleWeight(source, rw.tile, how[0])
     log.debug("%d weight arguments packed for dequantized matmuls", len(rw.packed))
     return relax.transform.DeadCodeElimination()(rw.builder_.get()), out
 

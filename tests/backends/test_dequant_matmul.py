@@ -102,13 +102,12 @@ def test_weight_read_as_stored(tmp_path, monkeypatch):
 
 
 def test_gemm_transposed_weight_and_a_shared_weight(tmp_path):
-    gemm = _model(2, bits=8, symmetric=True, gemm=True)
-    compiled = compile_model(gemm, target="x86", embed_params=True)  # transposed at compile time
-    assert _kernels(compiled) == 1
-    _check(compiled, gemm, tmp_path, [2], gemm=True)
-    compiled = compile_model(gemm, target="x86", embed_params=False)  # an [N, K] argument: float chain kept
-    assert _kernels(compiled) == 0
-    _check(compiled, gemm, tmp_path, [2], gemm=True)
+    for bits, symmetric in ((8, True), (4, False)):
+        gemm = _model(2, bits=bits, symmetric=symmetric, gemm=True)
+        for embed in (True, False):  # transposed at compile time; an [N, K] argument, packed transposed
+            compiled = compile_model(gemm, target="x86", embed_params=embed)
+            assert _kernels(compiled) == 1
+            _check(compiled, gemm, tmp_path, [2], gemm=True)
     shared = _model(1, bits=4, symmetric=False, shared=True)
     compiled = compile_model(shared, target="x86", embed_params=False)
     assert _kernels(compiled) == 2  # both matmuls on the kernel, the weight packed once
