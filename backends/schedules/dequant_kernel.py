@@ -37,43 +37,47 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
     WR = int(W2 + W3 > 0)
     nibbles = nibble_offset is not None
     OFF = nibble_offset or 0
+    shifted = has_zp or OFF != 0  # codes to shift by a per-block offset
     qshape = ((NT, k // 8, TL) if nibbles else (NT, k, TL)) if packed else (k, n)
     qstore = "int32" if nibbles else qdtype
     sshape = (NT, KB, TL) if packed else (KB, n)
 
     @T.macro
-    def tile_rows(nt, i0, m, tail, X, Q, S, Z, Y, acc, blk):
-        # packed: one panel of TL columns, R rows, accumulators in registers
+    def tile_rows(nt, i0, m, tail, X, Q, S, Z, Y, acc, blk, xs):
+        # packed: one panel of TL columns, R rows, accumulators in registers. Offsets (zero point, the
+        # 4-bit codes' +8) are taken off once a block: sum x * (c - o) = sum x * c - o * sum x
         for r, j in T.grid(R, TL):
             acc[r, j] = T.float32(0)
         for kb in range(KB):
             for r, j in T.grid(R, TL):
                 blk[r, j] = T.float32(0)
+            if shifted:
+                for r in range(R):
+                    xs[r] = T.float32(0)
+                    for kk in range(B):
+                        xs[r] = xs[r] + X[T.min(i0 + r, m - 1), kb * B + kk]
             if nibbles:  # eight 4-bit codes a 32-bit word, k = 8i + t in bits 4t..4t+3 (32-bit shifts)
                 for kk in range(B // 8):
                     for r in T.unroll(R):
                         for t in T.unroll(8):
                             for j in T.vectorized(TL):
-                                if has_zp:
-                                    blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 8 * kk + t] * T.Cast(
-                                        f32, T.bitwise_and(T.shift_right(Q[nt, kb * (B // 8) + kk, j], 4 * t), 15)
-                                        - T.Cast(i32, Z[nt, kb, j]) - OFF)
-                                else:
-                                    blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 8 * kk + t] * T.Cast(
-                                        f32, T.bitwise_and(T.shift_right(Q[nt, kb * (B // 8) + kk, j], 4 * t), 15) - OFF)
+                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 8 * kk + t] * T.Cast(
+                                    f32, T.bitwise_and(T.shift_right(Q[nt, kb * (B // 8) + kk, j], 4 * t), 15))
             else:
                 for kk in range(B):
                     for r in T.unroll(R):
                         for j in T.vectorized(TL):
-                            if has_zp:
-                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                    f32, T.Cast(i32, Q[nt, kb * B + kk, j]) - T.Cast(i32, Z[nt, kb, j]))
-                            else:
-                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                    f32, Q[nt, kb * B + kk, j])
+                            blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
+                                f32, Q[nt, kb * B + kk, j])
             for r in T.unroll(R):
                 for j in T.vectorized(TL):
-                    acc[r, j] = acc[r, j] + blk[r, j] * T.Cast(f32, S[nt, kb, j])
+                    if has_zp:
+                        acc[r, j] = acc[r, j] + (blk[r, j] - (T.Cast(f32, Z[nt, kb, j]) + T.float32(OFF)) * xs[r]) * T.Cast(
+                            f32, S[nt, kb, j])
+                    elif shifted:
+                        acc[r, j] = acc[r, j] + (blk[r, j] - T.float32(OFF) * xs[r]) * T.Cast(f32, S[nt, kb, j])
+                    else:
+                        acc[r, j] = acc[r, j] + blk[r, j] * T.Cast(f32, S[nt, kb, j])
         for r in range(R):
             if i0 + r < m:
                 if tail:
@@ -136,11 +140,12 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
             for nt in T.parallel(NT):
                 acc = T.decl_buffer((R, TL), f32, scope="local")
                 blk = T.decl_buffer((R, TL), f32, scope="local")
+                xs = T.decl_buffer((R,), f32, scope="local")
                 for rb in range((m + R - 1) // R):
                     if nt < NF:
-                        tile_rows(nt, rb * R, m, False, X, Q, S, Z, Y, acc, blk)
+                        tile_rows(nt, rb * R, m, False, X, Q, S, Z, Y, acc, blk, xs)
                     else:
-                        tile_rows(nt, rb * R, m, True, X, Q, S, Z, Y, acc, blk)
+                        tile_rows(nt, rb * R, m, True, X, Q, S, Z, Y, acc, blk, xs)
         else:
             for t in T.parallel(WF + WR):
                 acc = T.decl_buffer((R, WIDE), f32, scope="local")
