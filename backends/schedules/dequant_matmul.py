@@ -272,8 +272,8 @@ def pack_dequant_params(mod, params: dict, lanes: int):
     of ``main`` (weights left outside the library) rewritten to the kernel over packed arguments: their
     types in ``mod`` become ``[ceil(N/T), rows, T]``, their arrays in ``params`` ``PackedWeight`` (packed
     one at a time when the bundle is written or a runner takes them, never all held twice). Only
-    arguments read by that one dequantization are packed; the others are left to
-    ``rewrite_dequant_matmul``, which reads them as stored."""
+    arguments read by that one dequantization are packed; a matmul over other arguments gets the
+    kernel too, reading them as stored (as ``rewrite_dequant_matmul`` would)."""
     from graphopt.backends.packed_params import PackedWeight
 
     NibbleWeight = _nibble_weight_class()
