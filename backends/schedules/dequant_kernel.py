@@ -14,6 +14,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+PANEL_ROWS = 4  # packed, more than one row: rows a register tile accumulates over a dequantized block
 WIDE_COLUMNS = 1024  # a weight read as stored: columns a task streams per row (accumulators in L1)
 
 
@@ -28,6 +29,8 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
     int32 (``pack_nibbles``), each stored plus this offset (8 for int4, 0 for uint4)."""
     f32, i32 = "float32", "int32"
     TL, R, B = tile, rows, block
+    RM = PANEL_ROWS
+    R1 = 1
     KB, NT, NF = k // block, -(-n // tile), n // tile
     # unpacked: tiles of WIDE columns, then one of W2 (whole vectors) + W3 (the last partial vector)
     WIDE = max(TL, min(WIDE_COLUMNS, n // TL * TL))
@@ -44,32 +47,32 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
 
     @T.macro
     def tile_rows(nt, i0, m, tail, X, Q, S, Z, Y, acc, blk, xs):
-        # packed: one panel of TL columns, R rows, accumulators in registers. Offsets (zero point, the
+        # packed, one row (a decode step's GEMV): one panel of TL columns, accumulators in registers. Offsets (zero point, the
         # 4-bit codes' +8) are taken off once a block: sum x * (c - o) = sum x * c - o * sum x
-        for r, j in T.grid(R, TL):
+        for r, j in T.grid(R1, TL):
             acc[r, j] = T.float32(0)
         for kb in range(KB):
-            for r, j in T.grid(R, TL):
+            for r, j in T.grid(R1, TL):
                 blk[r, j] = T.float32(0)
             if shifted:
-                for r in range(R):
+                for r in range(R1):
                     xs[r] = T.float32(0)
                     for kk in range(B):
                         xs[r] = xs[r] + X[T.min(i0 + r, m - 1), kb * B + kk]
             if nibbles:  # eight 4-bit codes a 32-bit word, k = 8i + t in bits 4t..4t+3 (32-bit shifts)
                 for kk in range(B // 8):
-                    for r in T.unroll(R):
+                    for r in T.unroll(R1):
                         for t in T.unroll(8):
                             for j in T.vectorized(TL):
                                 blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 8 * kk + t] * T.Cast(
                                     f32, T.bitwise_and(T.shift_right(Q[nt, kb * (B // 8) + kk, j], 4 * t), 15))
             else:
                 for kk in range(B):
-                    for r in T.unroll(R):
+                    for r in T.unroll(R1):
                         for j in T.vectorized(TL):
                             blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
                                 f32, Q[nt, kb * B + kk, j])
-            for r in T.unroll(R):
+            for r in T.unroll(R1):
                 for j in T.vectorized(TL):
                     if has_zp:
                         acc[r, j] = acc[r, j] + (blk[r, j] - (T.Cast(f32, Z[nt, kb, j]) + T.float32(OFF)) * xs[r]) * T.Cast(
@@ -78,7 +81,7 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
                         acc[r, j] = acc[r, j] + (blk[r, j] - T.float32(OFF) * xs[r]) * T.Cast(f32, S[nt, kb, j])
                     else:
                         acc[r, j] = acc[r, j] + blk[r, j] * T.Cast(f32, S[nt, kb, j])
-        for r in range(R):
+        for r in range(R1):
             if i0 + r < m:
                 if tail:
                     for j in range(TL):
@@ -135,17 +138,71 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
                             Y[i0 + r, n0 + jj * vw + j] = acc[r, jj * vw + j]
 
     @T.macro
+    def panel_rows(nt, m, tail, X, Q, S, Z, Y, deq, acc):
+        # several rows: each block of the panel dequantized once (scale folded in) into deq [B, TL] (L1),
+        # then RM rows at a time accumulate over it, their sums kept in Y between blocks
+        for kb in range(KB):
+            if nibbles:
+                for k8 in range(B // 8):
+                    for t in T.unroll(8):
+                        for j in T.vectorized(TL):
+                            if has_zp:
+                                deq[8 * k8 + t, j] = T.Cast(f32, T.bitwise_and(T.shift_right(
+                                    Q[nt, kb * (B // 8) + k8, j], 4 * t), 15) - T.Cast(i32, Z[nt, kb, j]) - OFF) * T.Cast(
+                                    f32, S[nt, kb, j])
+                            else:
+                                deq[8 * k8 + t, j] = T.Cast(f32, T.bitwise_and(T.shift_right(
+                                    Q[nt, kb * (B // 8) + k8, j], 4 * t), 15) - OFF) * T.Cast(f32, S[nt, kb, j])
+            else:
+                for kk in range(B):
+                    for j in T.vectorized(TL):
+                        if has_zp:
+                            deq[kk, j] = T.Cast(f32, T.Cast(i32, Q[nt, kb * B + kk, j]) - T.Cast(i32, Z[nt, kb, j])) * T.Cast(
+                                f32, S[nt, kb, j])
+                        else:
+                            deq[kk, j] = T.Cast(f32, Q[nt, kb * B + kk, j]) * T.Cast(f32, S[nt, kb, j])
+            for rb in range((m + RM - 1) // RM):
+                if kb == 0:
+                    for r, j in T.grid(RM, TL):
+                        acc[r, j] = T.float32(0)
+                else:
+                    for r in T.unroll(RM):
+                        for j in T.vectorized(TL):
+                            acc[r, j] = Y[T.min(rb * RM + r, m - 1), T.min(nt * TL + j, n - 1)]
+                for kk in range(B):
+                    for r in T.unroll(RM):
+                        for j in T.vectorized(TL):
+                            acc[r, j] = acc[r, j] + X[T.min(rb * RM + r, m - 1), kb * B + kk] * deq[kk, j]
+                for r in range(RM):
+                    if rb * RM + r < m:
+                        if tail:
+                            for j in range(TL):
+                                if nt * TL + j < n:
+                                    Y[rb * RM + r, nt * TL + j] = acc[r, j]
+                        else:
+                            for j in T.vectorized(TL):
+                                Y[rb * RM + r, nt * TL + j] = acc[r, j]
+
+    @T.macro
     def body(X, Q, S, Z, Y, m):
         if packed:
             for nt in T.parallel(NT):
-                acc = T.decl_buffer((R, TL), f32, scope="local")
-                blk = T.decl_buffer((R, TL), f32, scope="local")
-                xs = T.decl_buffer((R,), f32, scope="local")
-                for rb in range((m + R - 1) // R):
+                if R > 1 and m > 1:
+                    deq = T.decl_buffer((B, TL), f32, scope="local")
+                    accm = T.decl_buffer((RM, TL), f32, scope="local")
                     if nt < NF:
-                        tile_rows(nt, rb * R, m, False, X, Q, S, Z, Y, acc, blk, xs)
+                        panel_rows(nt, m, False, X, Q, S, Z, Y, deq, accm)
                     else:
-                        tile_rows(nt, rb * R, m, True, X, Q, S, Z, Y, acc, blk, xs)
+                        panel_rows(nt, m, True, X, Q, S, Z, Y, deq, accm)
+                else:
+                    acc = T.decl_buffer((R1, TL), f32, scope="local")
+                    blk = T.decl_buffer((R1, TL), f32, scope="local")
+                    xs = T.decl_buffer((R1,), f32, scope="local")
+                    for i in range(m):
+                        if nt < NF:
+                            tile_rows(nt, i, m, False, X, Q, S, Z, Y, acc, blk, xs)
+                        else:
+                            tile_rows(nt, i, m, True, X, Q, S, Z, Y, acc, blk, xs)
         else:
             for t in T.parallel(WF + WR):
                 acc = T.decl_buffer((R, WIDE), f32, scope="local")
