@@ -10,9 +10,10 @@ which, left alone, runs as a kernel of its own at every call, writing the whole 
 the matmul after it loses its packed kernel. ``rewrite_dequant_matmul`` (a Relax pass run before
 LegalizeOps, CPU targets only) replaces each such matmul by one ``call_tir`` to ``dequant_matmul_func``:
 
-* parallel over tiles of ``4 x lanes`` output columns; in a tile, ``R`` rows (1 when the matmul has
-  one row: a decode step's GEMV; 2 otherwise) accumulate ``x[i, k] * float(q[k, n] - z)`` over one
-  quantization block in registers, then add the block's sum times its scale: the codes are read as
+* parallel over tiles of ``4 x lanes`` output columns; one row (a decode step's GEMV) accumulates
+  ``x[k] * float(q[k, n])`` over one quantization block in registers, then adds the block's sum, less
+  the zero point times the block's sum of ``x``, times its scale; more rows dequantize each block of
+  the tile once into L1 (scale folded in) and run 4 rows a register tile over it; the codes are read as
   bytes (int8/uint8), or eight a 32-bit word when they fit 4 bits (int4/uint4, which the lowering
   holds one a byte), and converted in registers;
 * a constant weight (embedded in the library) is prepacked at compile time to ``[N/T, K, T]`` (a tile
@@ -23,7 +24,8 @@ LegalizeOps, CPU targets only) replaces each such matmul by one ``call_tir`` to 
 
 Taken when: the weight is a constant or an argument of the function, int8/uint8, its scale (and
 zero point) likewise, blocks along K dividing K (no partial last block), ``x`` float32 with a static
-K, and a transposed weight (``[N, K]``) constant or packed. Anything else keeps the elementwise chain. ``GRAPHOPT_DEQUANT_MATMUL=0`` turns the rewrite off.
+K, and a transposed weight (``[N, K]``) constant or packed. Anything else keeps the elementwise
+chain. ``GRAPHOPT_DEQUANT_MATMUL=0`` turns the rewrite off.
 """
 
 from __future__ import annotations
