@@ -183,7 +183,9 @@ def test_cli_check_names_the_wrong_pass(tmp_path, capsys, monkeypatch):
     from graphopt.core import io
 
     registry = _registry()
-    monkeypatch.setattr(PassRegistry, "default", classmethod(lambda cls, plugins=True: registry))
+    import graphopt.front.api
+
+    monkeypatch.setattr(graphopt.front.api, "default_registry", lambda plugins=True: registry)
     src = io.save(_model(), tmp_path / "m.onnx")
     out = tmp_path / "o.onnx"
     code = cli.main(["optimize", str(src), "-o", str(out), "--passes", "identity,flip", "--check",
