@@ -1,4 +1,4 @@
-"""exp, sigmoid and softmax through the fast_exp legalization: numerics against ONNX Runtime over the
+"""exp, erf, sigmoid and softmax through the fast legalizations: numerics against ONNX Runtime over the
 whole float32 range the ops see, and the switch that turns it off."""
 
 from __future__ import annotations
@@ -66,8 +66,22 @@ def test_extreme_inputs(tmp_path):
     assert e[0, -1] > 1e38  # exp(1e4): clamped at exp(88.38), where the library gives inf
 
 
+def test_erf_matches_ort_and_float64(tmp_path):
+    """erf (exact GELU's) through fast_erf: within 5e-7 of erf in float64 over [-6, 6] and beyond, NaN kept."""
+    import math
+
+    x = np.concatenate([np.linspace(-6, 6, 4093), [0.0, -0.0, 1e-30, 3.999, 4.001, 1e4, -1e4]]).astype(np.float32)
+    x = x.reshape(1, -1)
+    got, want = run_both(tmp_path, unary_model("Erf", x.shape), x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    exact = np.vectorize(math.erf)(x.astype(np.float64))
+    assert np.abs(got - exact).max() < 5e-7
+    nan, _ = run_both(tmp_path, unary_model("Erf", (1, 2)), np.array([[np.nan, 1.0]], np.float32))
+    assert np.isnan(nan[0, 0]) and abs(nan[0, 1] - math.erf(1.0)) < 5e-7
+
+
 def test_legalize_map_switch(monkeypatch):
-    assert set(fast_math.legalize_map()) == {"relax.exp", "relax.sigmoid", "relax.nn.softmax"}
+    assert set(fast_math.legalize_map()) == {"relax.exp", "relax.erf", "relax.sigmoid", "relax.nn.softmax"}
     monkeypatch.setenv("GRAPHOPT_FAST_MATH", "0")
     assert fast_math.legalize_map() == {}
 
