@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.reconstruct import _conv_params, im2col
+from graphopt.passes.reconstruct import NormalSums, _conv_params, sample_rows
 from graphopt.passes.rewrite_utils import const_array
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound's values)
@@ -40,10 +40,11 @@ def _dq_weight(node: ir.Node) -> ir.Node | None:
     return dq if dq.inputs[0].dtype == ir.DataType.INT8 else None
 
 
-class _Layer:
+class _Layer(NormalSums):
     """One quantized layer: its weights as a [K, O] matrix in integer units, and the sums of its rows."""
 
     def __init__(self, node: ir.Node, dq: ir.Node, float_node: ir.Node):
+        super().__init__()
         self.node, self.dq = node, dq
         self.op = node.op_type
         self.trans_b = self.op == "Gemm" and node.attributes.get_int("transB", 0)
@@ -63,8 +64,6 @@ class _Layer:
             if bdq is not None and bdq.op_type == "DequantizeLinear":
                 bias = const_array(bdq.inputs[0]).astype(np.float64) * np.asarray(const_array(bdq.inputs[1]), np.float64)
         self.bias = np.zeros(n_out) if bias is None else np.asarray(bias, np.float64).reshape(-1)
-        self.A = self.B = None
-        self.yy, self.rows_seen = 0.0, 0
 
     def _matrix(self, w: np.ndarray) -> np.ndarray:
         if self.op == "Conv":
@@ -76,28 +75,14 @@ class _Layer:
             return m.T.reshape(self.q_shape)
         return m.T if self.trans_b else m
 
-    def add(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, max_rows: int) -> None:
-        if self.op == "Conv":
-            total = y.shape[0] * y.shape[2] * y.shape[3]
-            pick = rng.choice(total, max_rows, replace=False) if total > max_rows else np.arange(total)
-            x = im2col(x, self.node, self.q_shape[2], self.q_shape[3], y.shape[2:], pick)
-            y = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])[pick]
-        else:
-            x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-            if len(x) > max_rows:
-                pick = rng.choice(len(x), max_rows, replace=False)
-                x, y = x[pick], y[pick]
-        x, y = x.astype(np.float64), y.astype(np.float64) - self.bias
-        a, b = x.T @ x, x.T @ y
-        self.A = a if self.A is None else self.A + a
-        self.B = b if self.B is None else self.B + b
-        self.yy += float((y ** 2).sum())
-        self.rows_seen += len(x)
+    def add_sample(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, max_rows: int) -> None:
+        """One sample's rows, the layer's bias taken off the targets."""
+        x, y = sample_rows(self.node, self.q_shape[2:4], x, y, rng, max_rows)
+        self.add(x.astype(np.float64), y.astype(np.float64) - self.bias)
 
-    def error(self, q: np.ndarray) -> float:
-        w = (q - self.zp) * self.scale
-        err = float(((self.A @ w) * w).sum() - 2 * (w * self.B).sum() + self.yy)
-        return max(err, 0.0) / max(self.yy, 1e-30)
+    def error_q(self, q: np.ndarray) -> float:
+        """The relative error of integer weights ``q`` [K, O]."""
+        return self.error((q - self.zp) * self.scale)
 
     def learn(self, iterations: int, lr: float, reg: float, warmup: float) -> np.ndarray:
         """The integer weights [K, O] with learned rounding (round-to-nearest when that is better)."""
@@ -111,7 +96,7 @@ class _Layer:
         a = self.A / self.yy
         b = self.B / self.yy
         scale = self.scale
-        base = self.error(nearest)
+        base = self.error_q(nearest)
         lam = reg * max(base, 1e-12) / v.size
         start = int(warmup * iterations)
         for it in range(iterations):
@@ -130,7 +115,7 @@ class _Layer:
             v -= lr * (m1 / (1 - 0.9 ** (it + 1))) / (np.sqrt(m2 / (1 - 0.999 ** (it + 1))) + 1e-8)
         h = np.clip(1.0 / (1.0 + np.exp(-v)) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
         learned = np.where(fixed, nearest, np.clip(floor + (h >= 0.5), -128, 127))
-        return learned if self.error(learned) < base else nearest
+        return learned if self.error_q(learned) < base else nearest
 
 
 class AdaRoundPass(ir.passes.InPlacePass):
@@ -183,7 +168,7 @@ class AdaRoundPass(ir.passes.InPlacePass):
             teacher = run_outputs(self.float_model, ys, self.data)
             for sv, tv in zip(student, teacher):
                 for layer, xn, yn in zip(chunk, xs, ys):
-                    layer.add(sv[xn], tv[yn], rng, self.max_rows)
+                    layer.add_sample(sv[xn], tv[yn], rng, self.max_rows)
             for layer in chunk:
                 modified |= self._round(layer)
         return ir.passes.PassResult(model, modified=modified)
@@ -196,7 +181,7 @@ class AdaRoundPass(ir.passes.InPlacePass):
             return False
         nearest = np.clip(np.round(layer.t), -128, 127)
         q = layer.learn(self.iterations, self.lr, self.reg, self.warmup)
-        self.errors[name] = (layer.error(nearest), layer.error(q))
+        self.errors[name] = (layer.error_q(nearest), layer.error_q(q))
         layer.A = layer.B = None
         old = const_array(layer.dq.inputs[0])
         new = layer._unmatrix(q).astype(np.int8)

@@ -45,10 +45,47 @@ def im2col(x: np.ndarray, node: ir.Node, kh: int, kw: int, out_hw: tuple[int, in
     return np.stack(cols, axis=2).reshape(len(positions), -1)
 
 
-class _Layer:
+def sample_rows(node: ir.Node, kernel_hw: tuple[int, int], x: np.ndarray, y: np.ndarray,
+                rng: np.random.Generator, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, targets) of one sample for a layer: a Conv's im2col patches at up to ``max_rows`` random
+    output positions with its outputs there ([P, O]), or up to ``max_rows`` rows of a Gemm/MatMul."""
+    if node.op_type == "Conv":
+        total = y.shape[0] * y.shape[2] * y.shape[3]
+        pick = rng.choice(total, max_rows, replace=False) if total > max_rows else np.arange(total)
+        x = im2col(x, node, kernel_hw[0], kernel_hw[1], y.shape[2:], pick)
+        return x, y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])[pick]
+    x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    if len(x) > max_rows:
+        pick = rng.choice(len(x), max_rows, replace=False)
+        x, y = x[pick], y[pick]
+    return x, y
+
+
+class NormalSums:
+    """``A = sum x x^T``, ``B = sum x y^T`` and ``yy = sum y^2`` over the rows seen: enough to give the
+    relative squared error of any weights ``m`` [D, O] without the rows."""
+
+    def __init__(self):
+        self.A = self.B = None
+        self.yy, self.rows_seen = 0.0, 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        a, b = x.T @ x, x.T @ y
+        self.A = a if self.A is None else self.A + a
+        self.B = b if self.B is None else self.B + b
+        self.yy += float((y ** 2).sum())
+        self.rows_seen += len(x)
+
+    def error(self, m: np.ndarray) -> float:
+        err = float(((self.A @ m) * m).sum() - 2 * (m * self.B).sum() + self.yy)
+        return max(err, 0.0) / max(self.yy, 1e-30)
+
+
+class _Layer(NormalSums):
     """One layer to refit: how its rows and targets are formed and how new weights are written."""
 
     def __init__(self, node: ir.Node, kept_out: np.ndarray | None):
+        super().__init__()
         self.node, self.kept_out = node, kept_out
         w = const_array(node.inputs[1])
         self.op = node.op_type
@@ -59,8 +96,6 @@ class _Layer:
         n_out = w.shape[0] if self.op == "Conv" else (w.shape[0] if self.trans_b else w.shape[1])
         # a bias column where the layer has a [N] bias, or can take one (Conv, Gemm without C)
         self.fit_bias = (bias is not None and bias.size == n_out) or (not has_bias and self.op in ("Conv", "Gemm"))
-        self.A = self.B = None
-        self.yy, self.rows_seen = 0.0, 0
 
     def matrix(self) -> np.ndarray:
         """Current weights as [D, O] (bias row last when fitted)."""
@@ -73,33 +108,13 @@ class _Layer:
         return m
 
     def rows(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, max_rows: int):
-        if self.op == "Conv":
-            total = y.shape[0] * y.shape[2] * y.shape[3]
-            pick = rng.choice(total, max_rows, replace=False) if total > max_rows else np.arange(total)
-            x = im2col(x, self.node, self.w_shape[2], self.w_shape[3], y.shape[2:], pick)
-            y = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])[pick]
-        else:
-            x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-            if len(x) > max_rows:
-                pick = rng.choice(len(x), max_rows, replace=False)
-                x, y = x[pick], y[pick]
+        x, y = sample_rows(self.node, self.w_shape[2:4], x, y, rng, max_rows)
         if self.kept_out is not None:
             y = y[:, self.kept_out]
         x = x.astype(np.float64)
         if self.fit_bias:
             x = np.hstack([x, np.ones((len(x), 1))])
         return x, y.astype(np.float64)
-
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        a, b = x.T @ x, x.T @ y
-        self.A = a if self.A is None else self.A + a
-        self.B = b if self.B is None else self.B + b
-        self.yy += float((y ** 2).sum())
-        self.rows_seen += len(x)
-
-    def error(self, m: np.ndarray) -> float:
-        err = float(((self.A @ m) * m).sum() - 2 * (m * self.B).sum() + self.yy)
-        return max(err, 0.0) / max(self.yy, 1e-30)
 
     def write(self, graph: ir.Graph, m: np.ndarray) -> list[ir.Value]:
         node = self.node
