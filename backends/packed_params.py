@@ -93,26 +93,39 @@ def _uses(func) -> dict:
     return counts
 
 
+def weight_arguments(main, params: dict) -> tuple[dict, list]:
+    """(Var -> name of every weight argument of ``main``, in order; those Vars read exactly once and
+    holding a matrix: the ones a rewrite may replace by a packed form)."""
+    num_input = len(main.params) - len(params)
+    weights = dict(zip(main.params[num_input:], params))
+    uses = _uses(main)
+    return weights, [v for v, name in weights.items() if uses.get(v, 0) == 1 and np.asarray(params[name]).ndim == 2]
+
+
+def with_main_params(builder, mod, body, replaced) -> object:
+    """The builder's module with ``main`` = ``body`` whose parameters ``old`` are ``new`` for each
+    ``(old, new)`` in ``replaced``."""
+    new_params = [next((new for old, new in replaced if old.same_as(p)), p) for p in body.params]
+    func = relax.Function(new_params, body.body, body.ret_ty, body.is_pure, body.attrs, body.span)
+    builder.update_func(mod.get_global_var("main"), func)
+    return builder.get()
+
+
 def pack_weight_params(mod, params: dict, lanes: int):
     """``(mod, params)`` with each weight argument of ``main`` that one matmul reads (see the module
     docstring) replaced by its packed form: the argument's type in ``mod``, a ``PackedWeight`` in ``params``."""
     if not packed_matmul.enabled() or not params:
         return mod, params
     main = mod["main"]
-    num_input = len(main.params) - len(params)
-    weights = dict(zip(main.params[num_input:], params))  # Var -> name
-    uses = _uses(main)
-    candidates = {v: params[name] for v, name in weights.items()
-                  if uses.get(v, 0) == 1 and np.asarray(params[name]).ndim == 2}
+    weights, single = weight_arguments(main, params)
+    candidates = {v: params[weights[v]] for v in single}
     if not candidates:
         return mod, params
     rw = _Rewriter(mod, candidates, lanes)
     body = rw.visit_expr(main)
     if not rw.packed:
         return mod, params
-    new_params = [next((new for old, new in rw.packed.items() if old.same_as(p)), p) for p in body.params]
-    func = relax.Function(new_params, body.body, body.ret_ty, body.is_pure, body.attrs, body.span)
-    rw.builder_.update_func(mod.get_global_var("main"), func)
+    new_mod = with_main_params(rw.builder_, mod, body, rw.packed.items())
     out = {name: PackedWeight(np.asarray(params[name]), lanes) if v in rw.packed else params[name]
            for v, name in weights.items()}
-    return rw.builder_.get(), out
+    return new_mod, out

@@ -258,17 +258,6 @@ def rewrite_dequant_matmul(mod, lanes: int):
     return relax.transform.DeadCodeElimination()(new)
 
 
-def _uses(func) -> dict:
-    counts: dict = {}
-
-    def visit(e):
-        if isinstance(e, relax.Var):
-            counts[e] = counts.get(e, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, visit)
-    return counts
-
-
 def pack_dequant_params(mod, params: dict, lanes: int):
     """``(mod, params)`` with each dequantized matmul whose weight, scale and zero point are arguments
     of ``main`` (weights left outside the library) rewritten to the kernel over packed arguments: their
@@ -276,26 +265,21 @@ def pack_dequant_params(mod, params: dict, lanes: int):
     one at a time when the bundle is written or a runner takes them, never all held twice). Only
     arguments read by that one dequantization are packed; a matmul over other arguments gets the
     kernel too, reading them as stored (as ``rewrite_dequant_matmul`` would)."""
-    from graphopt.backends.packed_params import PackedWeight
+    from graphopt.backends.packed_params import PackedWeight, weight_arguments, with_main_params
 
     NibbleWeight = _nibble_weight_class()
     if not enabled() or not params:
         return mod, params
     main = mod["main"]
-    num_input = len(main.params) - len(params)
-    weights = dict(zip(main.params[num_input:], params))  # Var -> name
-    uses = _uses(main)
-    arguments = tuple((v, np.asarray(params[name])) for v, name in weights.items()
-                      if uses.get(v, 0) == 1 and np.asarray(params[name]).ndim == 2)
+    weights, single = weight_arguments(main, params)
+    arguments = tuple((v, np.asarray(params[weights[v]])) for v in single)
     if not arguments:
         return mod, params
     rw = _Rewriter(mod, lanes, arguments)
     body = rw.visit_expr(main)
     if not rw.packed:
         return mod, params
-    new_params = [next((new for old, new, _, _ in rw.packed if old.same_as(p)), p) for p in body.params]
-    func = relax.Function(new_params, body.body, body.ret_ty, body.is_pure, body.attrs, body.span)
-    rw.builder_.update_func(mod.get_global_var("main"), func)
+    new_mod = with_main_params(rw.builder_, mod, body, [(old, new) for old, new, _, _ in rw.packed])
     out = {}
     for v, name in weights.items():
         how = next(((o, t) for old, _, o, t in rw.packed if old.same_as(v)), None)
@@ -305,7 +289,7 @@ def pack_dequant_params(mod, params: dict, lanes: int):
         source = np.asarray(params[name]).T if how[1] else np.asarray(params[name])  # [K or blocks, N]
         out[name] = PackedWeight(source, rw.tile) if how[0] is None else NibbleWeight(source, rw.tile, how[0])
     log.debug("%d weight arguments packed for dequantized matmuls", len(rw.packed))
-    return relax.transform.DeadCodeElimination()(rw.builder_.get()), out
+    return relax.transform.DeadCodeElimination()(new_mod), out
 
 
 def _nibble_weight_class():
