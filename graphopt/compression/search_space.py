@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import random
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 from graphopt.compression.calibration import METHODS
 from graphopt.compression.compress import QUANTIZE_MODES, WEIGHT_DTYPES
 from graphopt.core.errors import UsageError
+from graphopt.core.io import read_json_object
 
 FORMATS = ("none", *WEIGHT_DTYPES, *QUANTIZE_MODES)
 FALLBACK_FORMATS = ("int8", "int8-dynamic")  # formats the quantization budget fallback applies to
@@ -164,15 +164,7 @@ def load_space(path: str | os.PathLike | None) -> dict[str, tuple]:
     space = dict(DEFAULT_SPACE)
     if path is None:
         return space
-    try:
-        with open(path, encoding="utf-8") as f:
-            given = json.load(f)
-    except OSError as e:
-        raise UsageError(f"--space {path}: cannot read it ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"--space {path}: not valid JSON ({e})") from None
-    if not isinstance(given, dict):
-        raise UsageError(f"--space {path}: expected a JSON object of lists (keys: {', '.join(DEFAULT_SPACE)})")
+    given = read_json_object(path, "--space", f"a JSON object of lists (keys: {', '.join(DEFAULT_SPACE)})")
     for key, values in given.items():
         k = _norm_key(key)
         if k not in CHECKS:

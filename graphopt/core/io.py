@@ -20,7 +20,7 @@ from typing import BinaryIO
 import onnx
 import onnx_ir as ir
 
-from graphopt.core.errors import GraphoptError, ModelLoadError
+from graphopt.core.errors import GraphoptError, ModelLoadError, UsageError
 
 # protobuf cannot serialize a message of 2 GiB or more: above this, weights go to external data.
 _PROTO_LIMIT = 2**31 - 2**26
@@ -305,6 +305,23 @@ def _external_data_files(model: ir.Model) -> set[Path]:
                 files.add(Path(v.const_value.path).resolve())
     return files
 
+
+
+def read_json_object(path: str | os.PathLike, option: str, expected: str) -> dict:
+    """The JSON object in the file ``path`` that ``option`` names; a UsageError naming both when the file
+    cannot be read, is not JSON, or is not an object (``expected``: what the object should hold)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot read it ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{option} {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{option} {path}: expected {expected}")
+    return data
 
 
 @contextlib.contextmanager

@@ -198,18 +198,9 @@ def apply_config(args: argparse.Namespace) -> None:
 
 
 def _read_config(path: str) -> dict:
-    import json
+    from graphopt.core.io import read_json_object
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise UsageError(f"--config {path}: cannot read it ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"--config {path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected a JSON object of option names and values")
-    return data
+    return read_json_object(path, "--config", "a JSON object of option names and values")
 
 
 def _config_value(path, key, value, acts: list):
