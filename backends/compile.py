@@ -365,6 +365,8 @@ def _build(mod, spec: TargetSpec):
     import tvm
     from tvm import relax
 
+    from graphopt.backends.noalias import mark_single_buffer_noalias
+
     # TVM's default pipeline minus the legalization already done (written out: in TVM 0.27
     # relax.pipeline.dataflow_lower_passes does not resolve for llvm targets).
     mod = replace_empty_constants(mod)
@@ -376,6 +378,7 @@ def _build(mod, spec: TargetSpec):
         *([rt.RewriteCUDAGraph()] if spec.kind == "cuda" else []),
         rt.LowerAllocTensor(), rt.KillAfterLastUse(), rt.LowerRuntimeBuiltin(), rt.ComputePrimValue(),
         rt.VMShapeLower(), rt.AttachGlobalSymbol(),
+        mark_single_buffer_noalias,  # after VMShapeLower: its shape functions (backends/noalias.py)
     ])
     with t:
         return tvm.compile(mod, target=t, relax_pipeline=lower)

@@ -76,8 +76,9 @@ class _Rewriter(PyExprMutator):
         if match is None or packed_matmul.why_not_shape(call, w, self.lanes) is not None:
             return call
         k, n = (int(d) for d in w.ty.shape)
-        new = relax.Var(f"{w.name}_packed", relax.TensorType([-(-n // self.lanes), k, self.lanes], "float32"))
-        self.packed[match] = new
+        width = packed_matmul.panel_lanes(n, self.lanes)
+        new = relax.Var(f"{w.name}_packed", relax.TensorType([-(-n // width), k, width], "float32"))
+        self.packed[match] = new, width
         return self.builder_.call_te(packed_matmul.packed_matmul_te, call.args[0], new, n,
                                      primfunc_name_hint="packed_matmul")
 
@@ -125,7 +126,7 @@ def pack_weight_params(mod, params: dict, lanes: int):
     body = rw.visit_expr(main)
     if not rw.packed:
         return mod, params
-    new_mod = with_main_params(rw.builder_, mod, body, rw.packed.items())
-    out = {name: PackedWeight(np.asarray(params[name]), lanes) if v in rw.packed else params[name]
+    new_mod = with_main_params(rw.builder_, mod, body, [(v, new) for v, (new, _) in rw.packed.items()])
+    out = {name: PackedWeight(np.asarray(params[name]), rw.packed[v][1]) if v in rw.packed else params[name]
            for v, name in weights.items()}
     return new_mod, out

@@ -31,6 +31,18 @@ class TilePlan:
     parallel_extent: int
 
 
+PANEL_BLOCK = "packed_matmul"  # a packed matmul's product block (packed_matmul.py)
+PANEL_VECTORS = 3  # the most vectors one register tile spans
+
+
+def panel_vectors(stmt, extent: int, lanes: int) -> int:
+    """Vectors of a packed matmul's panel (its vector axis, 1 to ``PANEL_VECTORS`` vectors wide), which
+    one register tile spans whole; 0 for any other block."""
+    if stmt.name_hint != PANEL_BLOCK or extent % lanes or not lanes <= extent <= PANEL_VECTORS * lanes:
+        return 0
+    return extent // lanes
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -98,7 +110,8 @@ def plan_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, axes: list[
         return None
     knobs = knobs or Knobs()
     lanes = feats.lanes(stmt.writes[0].source.dtype.bits)
-    vt = vector_tile(axes[vec].extent, lanes)
+    panel = panel_vectors(stmt, axes[vec].extent, lanes)
+    vt = panel * lanes if panel else vector_tile(axes[vec].extent, lanes)
     vt = knobs.pick("vt", vt, [d for d in (lanes, 2 * lanes) if axes[vec].extent % d == 0])
     nvec = math.ceil(vt / lanes)
     cands = [i for i in spatial if i != vec and axes[i].extent > 1]
@@ -133,12 +146,16 @@ def apply_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, plan: Tile
         elif i == plan.vec_axis:
             o, v_i = sch.split(a.loop, [None, plan.vec_tile])
             outer_s.append(o)
+            lanes = feats.lanes(sch.get(block).writes[0].source.dtype.bits)
         elif i == plan.reg_axis:
             o, u_i = sch.split(a.loop, [None, plan.reg_tile])
             outer_s.append(o)
         else:
             outer_s.append(a.loop)
-    inner = ([u_i] if plan.reg_axis is not None else []) + [v_i]
+    v_o = None
+    if plan.vec_tile > 2 * lanes and plan.vec_tile % lanes == 0:  # a 3-vector panel: 3 vectors unrolled
+        v_o, v_i = sch.split(v_i, [None, lanes])
+    inner = ([u_i] if plan.reg_axis is not None else []) + ([v_o] if v_o is not None else []) + [v_i]
     if plan.reg_axis is not None and knobs.pick(
             "reg_outer", _streams_more_than_it_reuses(sch.get(block), axes[plan.reg_axis].var), (True, False)):
         # the register axis's tile loop innermost of the outer loops: the data the vector loads read
@@ -159,18 +176,28 @@ def apply_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, plan: Tile
     sch.vectorize(v_i)
     if plan.reg_axis is not None:
         sch.unroll(u_i)
-    split_init_and_vectorize(sch, block, reds[0], wb)
+    if v_o is not None:
+        sch.unroll(v_o)
+    split_init_and_vectorize(sch, block, reds[0], wb, lanes if v_o is not None else None)
     return plan
 
 
-def split_init_and_vectorize(sch: s_tir.Schedule, block, reduction_loop, write_back) -> None:
+def split_init_and_vectorize(sch: s_tir.Schedule, block, reduction_loop, write_back,
+                             lanes: int | None = None) -> None:
     """Split the reduction's init off at ``reduction_loop``, then vectorize the innermost loop of the
-    init and of the write-back block where it is not already."""
+    init and of the write-back block where it is not already (in vectors of ``lanes`` when given: a
+    48-lane vector LLVM legalizes in masked pieces)."""
     init = sch.decompose_reduction(block, reduction_loop)
     for b in (init, write_back):
         loops = sch.get_loops(b)
-        if sch.get(loops[-1]).kind != tirx.ForKind.VECTORIZED:
-            _try(sch.vectorize, loops[-1])
+        if sch.get(loops[-1]).kind == tirx.ForKind.VECTORIZED:
+            continue
+        last = loops[-1]
+        extent = sch.get(last).extent
+        if lanes and isinstance(extent, tirx.IntImm) and int(extent) > lanes and int(extent) % lanes == 0:
+            outer, last = sch.split(last, [None, lanes])
+            _try(sch.unroll, outer)
+        _try(sch.vectorize, last)
 
 
 def pad_into_tiles(sch: s_tir.Schedule, block, knobs: Knobs, default: bool) -> None:
