@@ -108,3 +108,33 @@ def test_why_not_accepts_a_wide_constant():
     call, w = _matmul_call((4, 32), (32, 6625))
     assert packed_matmul.why_not(call, w, 16) is None
     assert isinstance(w, tvm.ir.expr.Constant)
+
+
+@pytest.mark.parametrize("n,lanes,width", [
+    (3072, 16, 48),  # BERT's FFN: whole 3-vector panels
+    (384, 16, 48),
+    (64, 16, 32),  # 48 would pad 64 to 96: two vectors fit exactly
+    (16, 16, 16),
+    (1000, 16, 48),  # 1008 columns: 0.8% padding for the wider tile
+    (384, 8, 24),  # AVX2: 3 vectors of 8
+])
+def test_panel_lanes_prefers_wide_panels_without_much_padding(n, lanes, width):
+    assert packed_matmul.panel_lanes(n, lanes) == width
+
+
+def test_three_vector_panel_is_one_register_tile(tmp_path):
+    """A 48-column panel: 8 rows x 3 vectors of accumulators, the 3 vectors unrolled inside the rows."""
+    from graphopt.backends.compile import fused_module
+    from graphopt.backends.schedules import apply_default_schedules
+    from graphopt.backends.targets import get_target
+
+    rng = np.random.default_rng(3)
+    model = head_model((1, 64, 96), 192, rng)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    spec = get_target({"preset": "x86", "mcpu": "skylake-avx512"})
+    mod = apply_default_schedules(fused_module(api.load(path), spec), spec)
+    func = next(f for gv, f in mod.functions.items() if "packed_matmul" in gv.name_hint)
+    text = func.script()
+    assert "T.Buffer((T.int64(4), T.int64(96), T.int64(48))" in text  # 192 columns as 4 panels of 48
+    assert "T.unroll(T.int64(8))" in text and "T.unroll(T.int64(3))" in text and "T.vectorized(T.int64(16))" in text
