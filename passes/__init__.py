@@ -26,6 +26,7 @@ BUILTIN_PASSES: dict[str, tuple[str, str, str]] = {
     # folding and simplification
     "constant_folding": (_P + "constant_folding", "ConstantFoldingPass", "fold constant subgraphs, shape subgraphs included, bounded by output size"),
     "merge_chains": (_P + "merge_chains", "MergeChainsPass", "merge Transpose/Reshape chains, cancel Squeeze/Unsqueeze pairs"),
+    "fuse_sibling_matmuls": (_P + "fuse_sibling_matmuls", "FuseSiblingMatMulsPass", "merge MatMuls that share their input and have constant weights (Q/K/V projections) into one MatMul and a Split"),
     "fuse_bias": (_P + "fuse_bias", "FuseBiasPass", "fuse Conv+Add(bias) and MatMul+Add into Gemm where exact"),
     # aggressive fusion
     "fuse_activations": (_P + "fuse_activations", "FuseActivationsPass", "recognise Gelu, HardSwish and Mish as single ops"),

@@ -13,7 +13,9 @@ Why this order:
    computed Reshape/Expand targets into constants, which is what lets no-op Reshapes, Transpose and
    Reshape chains and Squeeze/Unsqueeze pairs be recognised and cancelled; each cancellation can
    create new constant subgraphs, hence the loop.
-4. Bias fusion (-O2) after simplification, when Conv/MatMul and their Add are adjacent.
+4. Sibling and bias fusion (-O2) after simplification, when Conv/MatMul and their Add are adjacent:
+   MatMuls sharing an input merge first (one wider product, then a Split), so that the merged
+   MatMul + Add is what bias fusion sees.
 5. Pattern fusion (-O3) last among rewrites: Gelu, LayerNorm, HardSwish, Mish and attention are
    matched on the canonical, simplified form, so each rule has one shape to look for. Conv/Gemm +
    activation (ONNX Runtime's FusedConv/FusedGemm, only for ``target_runtime="ort"``) comes after
@@ -57,6 +59,7 @@ DEFAULT_PIPELINE = (
     # -O3 folds weights that old exports generate at run time (ConstantOfShape of a big shape): the
     # saved file grows by their bytes, so -O2 keeps its 1 MiB bound, and -O3 bounds it at 1 GiB a tensor.
     Step("constant_folding", 3, options=(("max_output_bytes", 1 << 30),)),
+    Step("fuse_sibling_matmuls", 2),  # before fuse_bias: a merged rank-2 MatMul + Add still becomes a Gemm
     Step("fuse_bias", 2),
     Step("fuse_activations", 3),
     Step("fuse_layernorm", 3),

@@ -1,0 +1,70 @@
+"""FuseSiblingMatMulsPass: MatMuls sharing an input with constant weights become one MatMul and a Split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graph_testing import RNG, apply_and_compare, model_from_text, ops
+from graphopt.passes.fuse_sibling_matmuls import FuseSiblingMatMulsPass
+
+
+def _w(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def _qkv(opset: int, biases: tuple[bool, bool, bool]):
+    lines, inits = [], {}
+    for i, (name, has_bias) in enumerate(zip("qkv", biases)):
+        inits[f"w{name}"] = _w(16, 8 + 4 * i)
+        if has_bias:
+            inits[f"b{name}"] = _w(8 + 4 * i)
+            lines.append(f"m{name} = MatMul(x, w{name})\n{name} = Add(m{name}, b{name})")
+        else:
+            lines.append(f"{name} = MatMul(x, w{name})")
+    body = "\n".join(lines)
+    text = f'''<ir_version: 8, opset_import: ["" : {opset}]>
+        g (float[2,5,16] x) => (float[2,5,8] yq, float[2,5,12] yk, float[2,5,16] yv) {{
+            {body}
+            yq = Relu(q)
+            yk = Sigmoid(k)
+            yv = Neg(v)
+        }}'''
+    return model_from_text(text, **inits)
+
+
+@pytest.mark.parametrize("opset", [11, 17])  # Split's sizes: an attribute before opset 13, an input since
+@pytest.mark.parametrize("biases", [(True, True, True), (False, False, False), (True, False, True)])
+def test_projections_merge_into_one_matmul(opset, biases):
+    result = apply_and_compare(FuseSiblingMatMulsPass(), _qkv(opset, biases), rtol=1e-6, atol=1e-6)
+    assert result.modified
+    counts = ops(result.model)
+    assert counts["MatMul"] == 1 and counts["Split"] == 1
+    assert counts.get("Add", 0) == (1 if any(biases) else 0)  # one bias Add; zeros for a sibling without one
+
+
+def test_one_matmul_or_a_computed_weight_stays():
+    model = model_from_text(
+        '''<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,16] x, float[16,4] w2) => (float[2,8] a, float[2,4] b) {
+            a = MatMul(x, w1)
+            b = MatMul(x, w2)
+        }''', w1=_w(16, 8))
+    p = FuseSiblingMatMulsPass()
+    result = p(model)
+    assert not result.modified
+    assert any("not a constant" in s for s in p.skipped), p.skipped
+    assert ops(result.model)["MatMul"] == 2
+
+
+def test_graph_output_matmul_stays_out():
+    model = model_from_text(
+        '''<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,16] x) => (float[2,8] a, float[2,4] r) {
+            a = MatMul(x, w1)
+            b = MatMul(x, w2)
+            r = Relu(b)
+        }''', w1=_w(16, 8), w2=_w(16, 4))
+    p = FuseSiblingMatMulsPass()
+    assert not p(model).modified
+    assert any("graph output" in s for s in p.skipped), p.skipped
