@@ -1,20 +1,19 @@
-"""Lowering rules: nn (convolutions, pooling, normalizations); Resize, attention and sampling ops live in
-resize.py, attention.py and image.py, whose rules are part of this family."""
+"""Lowering rules: nn (convolutions, pooling, normalizations); ConvTranspose, Resize, attention and sampling
+ops live in conv_transpose.py, resize.py, attention.py and image.py, whose rules are part of this family."""
 
 from __future__ import annotations
 
 import numpy as np
 from tvm import relax
 
-from graphopt.backends.lowering import attention, helpers, image, resize
+from graphopt.backends.lowering import attention, conv_transpose, helpers, image, resize
 from graphopt.backends.lowering.helpers import const, scalar
 from graphopt.backends.lowering.rules import OpRule
 
 op = relax.op
 
 _CONV = {1: op.nn.conv1d, 2: op.nn.conv2d, 3: op.nn.conv3d}
-_CONV_T = {1: op.nn.conv1d_transpose, 2: op.nn.conv2d_transpose, 3: op.nn.conv3d_transpose}
-_LAYOUT = {1: ("NCW", "OIW", "IOW"), 2: ("NCHW", "OIHW", "IOHW"), 3: ("NCDHW", "OIDHW", "IODHW")}
+_LAYOUT = {1: ("NCW", "OIW"), 2: ("NCHW", "OIHW"), 3: ("NCDHW", "OIDHW")}
 _MAX_POOL = {1: op.nn.max_pool1d, 2: op.nn.max_pool2d, 3: op.nn.max_pool3d}
 _AVG_POOL = {1: op.nn.avg_pool1d, 2: op.nn.avg_pool2d, 3: op.nn.avg_pool3d}
 
@@ -60,7 +59,7 @@ def conv(ctx, x, w, out_dtype: str | None = None) -> relax.Expr:
     ctx.check(n in _CONV, lambda: f"{n}-D convolution is not supported (1-D, 2-D and 3-D are)")
     kernel = list(ctx.attr("kernel_shape") or helpers.static_shape(w)[2:])
     strides, dilations, pads = _window(ctx, kernel)
-    data_layout, kernel_layout, _ = _LAYOUT[n]
+    data_layout, kernel_layout = _LAYOUT[n]
     dtype = helpers.dtype_of(x)
     wide = out_dtype is None and dtype in ("float16", "bfloat16")  # accumulate 16-bit floats in float32
     if n == 1:  # as a 2-D conv of height 1: the conv2d schedules serve it (1-D convs ran as scalar loops:
@@ -82,81 +81,6 @@ def conv(ctx, x, w, out_dtype: str | None = None) -> relax.Expr:
 def lower_conv(ctx, inputs):
     bias = inputs[2] if len(inputs) > 2 else None
     return _add_bias(conv(ctx, inputs[0], inputs[1]), bias, len(_static_shape(ctx, 0)))
-
-
-def _patch_conv_transpose(ctx, x, w, xshape, kernel) -> relax.Expr:
-    """A 2-D transposed conv whose stride equals its kernel (no pads, dilation or output padding).
-
-    Each input pixel writes its own kh x kw patch and patches do not overlap, so it is a 1x1 conv to
-    O*kh*kw channels followed by depth-to-space: 1/(kh*kw) of the multiply-adds of the conv over the
-    zero-dilated input that conv2d_transpose computes, and a conv the CPU schedules vectorize well
-    (PP-OCRv4 det's 2x2/2 upsampling heads).
-    """
-    c, o = _static_shape(ctx, 1)[:2]
-    kh, kw = kernel
-    batch, _, h, wd = xshape
-    w1 = ctx.emit(op.reshape(op.permute_dims(w, [1, 2, 3, 0]), [o * kh * kw, c, 1, 1]))
-    y = ctx.emit(op.nn.conv2d(x, w1))  # [N, O*kh*kw, H, W], channel (o, a, b)
-    y = ctx.emit(op.reshape(y, [batch, o, kh, kw, h, wd]))
-    y = ctx.emit(op.permute_dims(y, [0, 1, 4, 2, 5, 3]))  # [N, O, H, kh, W, kw]
-    return op.reshape(y, [batch, o, h * kh, wd * kw])
-
-
-def _conv_transpose(ctx, inputs):
-    x, w = inputs[0], inputs[1]
-    bias = inputs[2] if len(inputs) > 2 else None
-    xshape = _static_shape(ctx, 0)
-    rank = len(xshape)
-    n = rank - 2
-    ctx.check(n in _CONV_T, lambda: f"{n}-D transposed convolution is not supported")
-    group = int(ctx.attr("group", 1))
-    kernel = list(ctx.attr("kernel_shape") or _static_shape(ctx, 1)[2:])
-    strides = list(ctx.attr("strides") or [1] * n)
-    dilations = list(ctx.attr("dilations") or [1] * n)
-    out_pad = list(ctx.attr("output_padding") or [0] * n)
-    auto_pad = ctx.attr("auto_pad", "NOTSET")
-    out_shape = ctx.attr("output_shape")
-    full = [s * (i - 1) + (k - 1) * d + 1 for i, s, k, d in zip(xshape[2:], strides, kernel, dilations)]
-    if out_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        target = list(out_shape)[-n:] if out_shape is not None else [i * s for i, s in zip(xshape[2:], strides)]
-        begins, ends = [], []
-        for f, op_, t in zip(full, out_pad, target):
-            total = f + op_ - t
-            small, big = total // 2, total - total // 2
-            upper = auto_pad == "SAME_UPPER"
-            begins.append(small if upper else big)
-            ends.append(big if upper else small)
-        pads = begins + ends
-    elif auto_pad == "VALID":
-        pads = [0] * (2 * n)
-    else:
-        pads = list(ctx.attr("pads") or [0] * (2 * n))
-    if (n == 2 and group == 1 and strides == kernel and not any(pads) and not any(out_pad)
-            and all(d == 1 for d in dilations) and helpers.dtype_of(x) == "float32"):
-        return _add_bias(_patch_conv_transpose(ctx, x, w, xshape, kernel), bias, rank)
-    data_layout, _, kernel_layout = _LAYOUT[n]
-    native = all(p >= 0 for p in pads) and all(0 <= o < max(s, d) for o, s, d in zip(out_pad, strides, dilations))
-    if native:
-        y = _CONV_T[n](
-            x, w, strides=strides, padding=pads, output_padding=out_pad, dilation=dilations, groups=group,
-            data_layout=data_layout, kernel_layout=kernel_layout,
-        )
-        return _add_bias(y, bias, rank)
-    # General case: the full transposed convolution, then crop (positive pads) or zero-extend
-    # (negative pads, output_padding) each spatial axis.
-    y = ctx.emit(_CONV_T[n](
-        x, w, strides=strides, padding=[0] * (2 * n), dilation=dilations, groups=group,
-        data_layout=data_layout, kernel_layout=kernel_layout,
-    ))
-    lo = [max(p, 0) for p in pads[:n]]
-    sizes = [f + o - b - e for f, o, b, e in zip(full, out_pad, pads[:n], pads[n:])]
-    extend_lo = [max(-p, 0) for p in pads[:n]]
-    hi = [min(f, lo_ + s - el) for f, lo_, s, el in zip(full, lo, sizes, extend_lo)]
-    y = ctx.emit(op.strided_slice(y, axes=list(range(2, rank)), begin=lo, end=hi))
-    extend_hi = [s - el - (h - l) for s, el, h, l in zip(sizes, extend_lo, hi, lo)]
-    if any(extend_lo) or any(extend_hi):
-        y = op.nn.pad(y, [0, 0, 0, 0] + [v for pair in zip(extend_lo, extend_hi) for v in pair])
-    return _add_bias(y, bias, rank)
 
 
 # ---------------------------------------------------------------- pooling
@@ -521,7 +445,7 @@ def _causal_conv_with_state(ctx, inputs):
 
 RULES = (
     OpRule("Conv", lower_conv, kind="native"),
-    OpRule("ConvTranspose", _conv_transpose, kind="native"),
+    OpRule("ConvTranspose", conv_transpose.lower_conv_transpose, kind="native"),
     OpRule("MaxPool", _max_pool, kind="native"),
     OpRule("AveragePool", _avg_pool, kind="native"),
     OpRule("LpPool", _lp_pool, kind="decomposed"),
