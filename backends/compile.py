@@ -292,10 +292,11 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False, precision: str 
 
         feats = features_of(spec)
         lanes = feats.lanes(32)
-        from graphopt.backends.schedules import int8_conv
+        from graphopt.backends.schedules import int8_conv, int8_matmul
 
         if int8_conv.available(spec):  # integer convs (QDQ models) to AMX-INT8 kernels, NCHW uint8
             mod = int8_conv.rewrite_int8_conv(mod, spec)
+        mod = int8_matmul.rewrite_int8_matmul(mod, spec)  # MatMulInteger with a constant weight on VNNI
         # constants folded first: the layout's choice reads weights (a padded conv's, a broadcast's)
         mod = to_blocked_layout(fold_layout_of_constants(mod), lanes)
     mod = fold_layout_of_constants(mod)

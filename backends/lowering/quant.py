@@ -181,31 +181,40 @@ def _int_conv(ctx, x, x_zp, w, w_zp) -> relax.Expr:
 _FLOAT32_EXACT = 1 << 24
 
 
-def _exact_in_float32(ctx, a, b_index: int, b_zp_index: int) -> bool:
-    """Whether a float32 matmul gives the int32 product exactly: ``b`` and its zero point are constants
-    and every partial sum stays an integer below 2**24 in magnitude, in any summation order. With 8-bit
-    ``a``, |a - a_zp| <= 255, so the bound is 255 times the largest column sum of |b - b_zp|."""
-    if helpers.dtype_of(a) not in ("uint8", "int8"):
-        return False
+def _centered_weight(ctx, b_index: int, b_zp_index: int) -> np.ndarray | None:
+    """``b - b_zp`` (int64) when ``b`` and its zero point (scalar or one per column) are constants, else None."""
     b = ctx.const(b_index)
     zp = ctx.const(b_zp_index) if ctx.has_input(b_zp_index) else np.zeros((), np.int64)
-    if b is None or zp is None or b.ndim < 2 or zp.size not in (1, b.shape[-1]):
+    if b is None or zp is None or b.ndim < 2 or zp.size not in (1, b.shape[-1]) or b.dtype.kind not in "iu":
+        return None
+    return b.astype(np.int64) - zp.astype(np.int64).reshape(-1 if zp.size > 1 else ())
+
+
+def _exact_in_float32(a, centered: np.ndarray | None) -> bool:
+    """Whether a float32 matmul gives the int32 product exactly: the weight is constant (``centered``,
+    ``b - b_zp``) and every partial sum stays an integer below 2**24 in magnitude, in any summation
+    order. With 8-bit ``a``, |a - a_zp| <= 255, so the bound is 255 times the largest column sum of
+    |b - b_zp|."""
+    if helpers.dtype_of(a) not in ("uint8", "int8") or centered is None:
         return False
-    centered = np.abs(b.astype(np.int64) - zp.astype(np.int64).reshape(-1 if zp.size > 1 else ()))
-    return 255 * int(centered.sum(axis=-2).max(initial=0)) < _FLOAT32_EXACT
+    return 255 * int(np.abs(centered).sum(axis=-2).max(initial=0)) < _FLOAT32_EXACT
 
 
-def _int_matmul(ctx, a, a_zp, b, b_zp, exact_float: bool = False) -> relax.Expr:
-    """The int32 product of (a - a_zp) and (b - b_zp). With ``exact_float`` (see ``_exact_in_float32``) it
-    is computed as a float32 matmul, which the float matmul schedules serve, and converted back: the
-    same integers."""
+def _int_matmul(ctx, a, a_zp, b, b_zp, exact_float: bool = False, centered: np.ndarray | None = None) -> relax.Expr:
+    """The int32 product of (a - a_zp) and (b - b_zp); ``centered``: ``b - b_zp`` computed at compile time
+    (a constant operand, as the VNNI rewrite ``schedules/int8_matmul.py`` reads it). With ``exact_float``
+    (see ``_exact_in_float32``) it is computed as a float32 matmul, which the float matmul schedules
+    serve, and converted back: the same integers."""
     a_rank, b_rank = helpers.rank_of(a), helpers.rank_of(b)
     dtype = "float32" if exact_float else "int32"
     ai = _minus_zero_point(a, a_zp, per_row_axis=a_rank - 2 if a_rank >= 2 else None, rank=a_rank, dtype=dtype)
-    bi = _minus_zero_point(b, b_zp, per_row_axis=b_rank - 1, rank=b_rank, dtype=dtype)
+    if centered is not None:
+        bi = relax.const(centered.astype(dtype))
+    else:
+        bi = ctx.emit(_minus_zero_point(b, b_zp, per_row_axis=b_rank - 1, rank=b_rank, dtype=dtype))
     if exact_float:
-        return op.astype(op.matmul(ctx.emit(ai), ctx.emit(bi), out_dtype="float32"), "int32")
-    return op.matmul(ctx.emit(ai), ctx.emit(bi), out_dtype="int32")
+        return op.astype(op.matmul(ctx.emit(ai), bi, out_dtype="float32"), "int32")
+    return op.matmul(ctx.emit(ai), bi, out_dtype="int32")
 
 
 def _optional(inputs, i):
@@ -217,8 +226,9 @@ def _conv_integer(ctx, inputs):
 
 
 def _matmul_integer(ctx, inputs):
-    exact = _exact_in_float32(ctx, inputs[0], 1, 3)
-    return _int_matmul(ctx, inputs[0], _optional(inputs, 2), inputs[1], _optional(inputs, 3), exact_float=exact)
+    centered = _centered_weight(ctx, 1, 3)
+    return _int_matmul(ctx, inputs[0], _optional(inputs, 2), inputs[1], _optional(inputs, 3),
+                       exact_float=_exact_in_float32(inputs[0], centered), centered=centered)
 
 
 def _requantize(ctx, acc, multiplier, y_zp, out_dtype):

@@ -269,11 +269,22 @@ def _schedule(func: tirx.PrimFunc, dot: Dot, threads: int, in_layout: str) -> ti
     fused = sch.fuse(ph, r) if in_layout == "NHWC" else sch.fuse(ph, ch)
     if threads > 1:
         sch.parallel(sch.split(fused, [threads, None])[0])
-    dot_block = sch.get_sblock("dot")
-    t, b, tap, _, i, j, n, _ = sch.get_loops(dot_block)
+    schedule_dot_tile(sch, sch.get_sblock("dot"), dot, threads)
+    requant = sch.get_sblock("requant")
+    sch.vectorize(sch.get_loops(requant)[-1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def schedule_dot_tile(sch: s_tir.Schedule, dot_block, dot: Dot, threads: int) -> None:
+    """Schedule a register-tile product block with loops ``(tile, block, reductions..., i, j, lanes, 4)``
+    into an accumulator ``[tiles, blocks, i, j, lanes]``: the tiles parallel, the sums kept in
+    registers (init vectorized, ``i`` and ``j`` unrolled), the ``lanes``x4 product tensorized with
+    ``dot``'s intrinsic. Shared by ``qconv_func`` and ``int8_matmul.qmatmul_func``."""
+    loops = sch.get_loops(dot_block)
+    t, b, first, (i, j, n) = loops[0], loops[1], loops[2], loops[-4:-1]
     if threads > 1:  # (before the reduction's init is split off: parallel needs a whole reduction block)
         sch.parallel(sch.fuse(t, b))
-    init = sch.decompose_reduction(dot_block, tap)
+    init = sch.decompose_reduction(dot_block, first)
     sch.tensorize(n, dot.intrinsic)
     sch.set_scope(init, 0, "local")  # (after tensorize: the intrinsic's buffers are global)
     sch.unroll(i)
@@ -282,6 +293,3 @@ def _schedule(func: tirx.PrimFunc, dot: Dot, threads: int, in_layout: str) -> ti
     sch.vectorize(inn)
     sch.unroll(ij)
     sch.unroll(ii)
-    requant = sch.get_sblock("requant")
-    sch.vectorize(sch.get_loops(requant)[-1])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)

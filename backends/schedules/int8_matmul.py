@@ -1,0 +1,282 @@
+"""Integer matmuls with a constant weight on VNNI (``vpdpbusd``): ``MatMulInteger`` as ONNX Runtime's
+``quantize_dynamic`` writes it, a Relax rewrite and its kernel.
+
+The lowering (``lowering/quant.py``) writes ``MatMulInteger(a_u8, b, a_zp, b_zp)`` with a constant
+``b`` as a matmul of ``a - a_zp`` by the constant ``B = b - b_zp`` (int32, or float32 where that is
+exact), cast back to int32; a dynamically quantized model follows it with ``Cast(float) -> Mul(scale)``.
+``rewrite_int8_matmul`` replaces each such chain by one ``call_tir`` of ``qmatmul_func``:
+
+* the weight, packed once at compile time: ``B = W + d`` per column, ``W`` int8 (``d = 0`` where the
+  column fits int8, as for int8 weights with zero point 0; else ``min + 128``), packed by
+  ``int8_dot.Dot.pack_weight`` into blocks of ``lanes`` columns x 4 rows;
+* the products: ``qi`` rows x ``obi`` blocks of ``lanes`` columns a register tile, the ``lanes``x4
+  block tensorized with the dot-product intrinsic of ``int8_dot`` (uint8 activations x int8 weights);
+* the zero points folded in, exact in int32:
+  ``Σ(x - zx)·B = Σx·W - zx·ΣW[n] + d[n]·(Σx[m] - K·zx)`` (the row sums only when some ``d`` is not 0);
+* the dequantization on the way out, ``float32(acc) · scale`` (a scalar or one per column), the
+  same float32 operations as the Cast and Mul it replaces: results are bit-identical.
+
+Rows are padded to whole tiles and K to a multiple of 4 (zeros) by a copy only where needed.
+``GRAPHOPT_INT8_DOT=0`` keeps the generic integer matmul.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.script import tirx as T
+
+from . import int8_dot
+from .features import int8_dot_kind
+from .int8_conv import SERIAL_MACS, _Bindings
+from .int8_layout import rewrite_block, shape_of
+
+_OP = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("matmul", "subtract", "astype", "multiply", "reshape")}
+_FLOAT32_EXACT = 1 << 24
+
+
+def tile(m: int, nb: int, dot: int8_dot.Dot) -> tuple[int, int]:
+    """(rows ``qi``, column blocks ``obi``) of a register tile: the least padded work over ``m`` rows
+    and ``nb`` blocks, then the most accumulators, then the most blocks."""
+    options = [(qi, obi) for obi in range(1, min(4, nb) + 1) for qi in range(1, min(12, dot.accumulators // obi) + 1)]
+    return min(options, key=lambda t: (math.ceil(m / t[0]) * t[0] * math.ceil(nb / t[1]) * t[1], -t[0] * t[1], -t[1]))
+
+
+def pack(dot: int8_dot.Dot, centered: np.ndarray, m: int) -> dict:
+    """The constants of a ``[K, N]`` integer weight ``centered`` (``b - b_zp``, int64) for ``m`` rows:
+    ``wp`` ``[blocks, K/4, lanes, 4]`` int8, ``colsum`` and ``shift`` (``d``) per padded column."""
+    k, n = centered.shape
+    lo, hi = centered.min(axis=0, initial=0), centered.max(axis=0, initial=0)
+    if int((hi - lo).max(initial=0)) > 255:
+        raise ValueError("weight columns span more than 8 bits")
+    shift = np.where((lo >= -128) & (hi <= 127), 0, lo + 128).astype(np.int64)
+    w = (centered - shift).astype(np.int8)
+    qi, obi = tile(m, math.ceil(n / dot.lanes), dot)
+    cols = math.ceil(math.ceil(n / dot.lanes) / obi) * obi * dot.lanes
+    full = np.zeros((k, cols), np.int8)
+    full[:, :n] = w
+    wp = dot.pack_weight(np.ascontiguousarray(full.T)[:, :, None, None])  # [blocks, 1, K/4, lanes, 4]
+    colsum, d = np.zeros(cols, np.int32), np.zeros(cols, np.int32)
+    colsum[:n], d[:n] = w.astype(np.int32).sum(axis=0), shift
+    return {"wp": wp.reshape(wp.shape[0], *wp.shape[2:]), "colsum": colsum, "shift": d}
+
+
+def qmatmul_func(dot: int8_dot.Dot, m: int, k: int, n: int, *, rows: bool, scales: int, threads: int) -> tirx.PrimFunc:
+    """The scheduled PrimFunc ``(x, zx, wp, colsum[, shift][, scale], out)``: ``x`` ``[m, k]`` uint8,
+    ``zx`` ``[1]`` uint8, the constants of ``pack``; ``rows``: some ``shift`` is not 0 (takes ``shift``);
+    ``scales``: 0 for an int32 ``out``, else the scale's length (1 or ``n``) for a float32 one."""
+    int8_dot._intrinsics(dot)
+    lanes = dot.lanes
+    qi, obi = tile(m, math.ceil(n / lanes), dot)
+    obo = math.ceil(math.ceil(n / lanes) / obi)
+    nbp, k4, qt = obo * obi, math.ceil(k / 4), math.ceil(m / qi)
+    cols, mp, kp = obo * obi * lanes, qt * qi, k4 * 4
+    copy = mp != m or kp != k
+    out_dtype = "float32" if scales else "int32"
+    ns = max(scales, 1)
+
+    def value(acc, zx, colsum, shift, rsum, scale, row, col):
+        z = T.Cast("int32", zx[0])
+        v = acc - z * colsum[col]
+        if rows:
+            v = v + shift[col] * (rsum[row] - k * z)
+        if not scales:
+            return v
+        return T.Cast("float32", v) * scale[T.min(col, ns - 1)]
+
+    @T.prim_func(s_tir=True, private=True)
+    def qmm(x: T.Buffer((m, k), "uint8"), zx: T.Buffer((1,), "uint8"), wp: T.Buffer((nbp, k4, lanes, 4), "int8"),
+            colsum: T.Buffer((cols,), "int32"), shift: T.Buffer((cols,), "int32"), scale: T.Buffer((ns,), "float32"),
+            out: T.Buffer((m, n), out_dtype)):
+        T.func_attr({"tirx.noalias": True, "graphopt.flops": 2 * m * k * n})
+        with T.sblock("root"):
+            acc = T.sblock_alloc_buffer((qt, obo, qi, obi, lanes), "int32")
+            rsum = T.sblock_alloc_buffer((mp if rows else 1,), "int32")
+            if copy:
+                xs = T.sblock_alloc_buffer((mp, kp), "uint8")
+                for r, c in T.grid(mp, kp):
+                    with T.sblock("pad"):
+                        vr, vc = T.axis.remap("SS", [r, c])
+                        xs[vr, vc] = T.if_then_else(vr < m and vc < k, x[T.min(vr, m - 1), T.min(vc, k - 1)], T.uint8(0))
+            else:
+                xs = x
+            if rows:
+                for r, c in T.grid(mp, kp):
+                    with T.sblock("rowsum"):
+                        vr, vc = T.axis.remap("SR", [r, c])
+                        with T.init():
+                            rsum[vr] = 0
+                        rsum[vr] = rsum[vr] + T.Cast("int32", xs[vr, vc])
+            for b, t in T.grid(obo, qt):  # a weight tile stays in cache over the rows
+                for kc, i, j, nn, kk in T.grid(k4, qi, obi, lanes, 4):
+                    with T.sblock("dot"):
+                        vb, vt, vkc, vi, vj, vn, vk = T.axis.remap("SSRSSSR", [b, t, kc, i, j, nn, kk])
+                        with T.init():
+                            acc[vt, vb, vi, vj, vn] = 0
+                        acc[vt, vb, vi, vj, vn] = acc[vt, vb, vi, vj, vn] + T.Cast(
+                            "int32", xs[vt * qi + vi, vkc * 4 + vk]) * T.Cast("int32", wp[vb * obi + vj, vkc, vn, vk])
+                for i, j, nn in T.grid(qi, obi, lanes):
+                    with T.sblock("epilogue"):
+                        vb, vt, vi, vj, vn = T.axis.remap("SSSSS", [b, t, i, j, nn])
+                        T.where(t * qi + i < m and (b * obi + j) * lanes + nn < n)
+                        out[vt * qi + vi, (vb * obi + vj) * lanes + vn] = value(
+                            acc[vt, vb, vi, vj, vn], zx, colsum, shift, rsum, scale, vt * qi + vi,
+                            (vb * obi + vj) * lanes + vn)
+
+    unused = {name for name, used in (("shift", rows), ("scale", scales)) if not used}
+    func = _drop_params(qmm, unused)
+    threads = threads if m * k * n >= SERIAL_MACS["dot"] else 1
+    return _schedule(func, dot, threads, copy, rows)
+
+
+def _drop_params(func: tirx.PrimFunc, names: set) -> tirx.PrimFunc:
+    """``func`` without the (unused) buffer parameters named ``names``."""
+    return tirx.PrimFunc([p for p in func.params if p.name not in names], func.body, func.ret_type, func.attrs)
+
+
+def _schedule(func: tirx.PrimFunc, dot: int8_dot.Dot, threads: int, copy: bool, rows: bool) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    if copy:
+        r, c = sch.get_loops(sch.get_sblock("pad"))
+        if threads > 1:
+            sch.parallel(r)
+        sch.vectorize(sch.split(c, [None, 4])[1])
+    if rows:
+        r, _ = sch.get_loops(sch.get_sblock("rowsum"))
+        if threads > 1:
+            sch.parallel(r)
+    int8_dot.schedule_dot_tile(sch, sch.get_sblock("dot"), dot, threads)
+    sch.vectorize(sch.get_loops(sch.get_sblock("epilogue"))[-1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _bound(b: _Bindings, expr, op: str):
+    """The call of ``op`` that var ``expr`` is bound to, else None."""
+    value = b.value.get(expr) if isinstance(expr, relax.Var) else None
+    return value if isinstance(value, relax.Call) and value.op.same_as(_OP[op]) else None
+
+
+def _numel(expr) -> int | None:
+    shape = shape_of(expr)
+    return None if shape is None else math.prod(shape)
+
+
+def _activation(b: _Bindings, expr, dtype: str):
+    """(x, zx) when ``expr`` is ``astype(x_u8, dtype) - astype(zx_u8, dtype)`` (or ``astype(x_u8)``), zx a
+    single value (None: 0), else None."""
+    sub = _bound(b, expr, "subtract")
+    x_cast = _bound(b, sub.args[0] if sub is not None else expr, "astype")
+    if x_cast is None or str(x_cast.attrs.dtype) != dtype or x_cast.args[0].ty.dtype != "uint8":
+        return None
+    if sub is None:
+        return x_cast.args[0], None
+    z_cast = _bound(b, sub.args[1], "astype")
+    if z_cast is None or z_cast.args[0].ty.dtype != "uint8" or _numel(z_cast.args[0]) != 1:
+        return None
+    return x_cast.args[0], z_cast.args[0]
+
+
+def _single_use(b: _Bindings, var, op: str):
+    """The one binding that uses ``var``, when it is a call of ``op``: (its var, its call), else None."""
+    if b.uses[var] != 1:
+        return None
+    for v, value in b.value.items():
+        if isinstance(value, relax.Call) and value.op.same_as(_OP[op]) and any(a.same_as(var) for a in value.args):
+            return v, value
+    return None
+
+
+def match(b: _Bindings, var, mm: relax.Call) -> dict | None:
+    """The MatMulInteger chain whose matmul ``mm`` is bound to ``var``: ``x`` ``[..., K]`` uint8, ``zx``,
+    ``weight`` (``[K, N]``, int64), ``scale`` (None: int32 out) and ``end`` (the var it replaces)."""
+    dtype = str(mm.attrs.out_dtype)
+    if dtype not in ("int32", "float32"):
+        return None
+    act = _activation(b, mm.args[0], dtype)
+    weight = b.constant(mm.args[1])
+    if act is None or weight is None or weight.ndim != 2 or shape_of(act[0]) is None:
+        return None
+    if shape_of(act[0])[-1] != weight.shape[0] or np.any(np.round(weight) != weight):
+        return None
+    weight = weight.astype(np.int64)
+    if weight.size == 0 or int(np.ptp(weight, axis=0).max()) > 255:
+        return None
+    end = var
+    if dtype == "float32":  # exact only below 2**24 (lowering/quant.py picks this form only then)
+        cast = _single_use(b, var, "astype")
+        if 255 * int(np.abs(weight).sum(axis=0).max(initial=0)) >= _FLOAT32_EXACT or cast is None \
+                or str(cast[1].attrs.dtype) != "int32":
+            return None
+        end = cast[0]
+    m = {"x": act[0], "zx": act[1], "weight": weight, "scale": None, "end": end}
+    to_float = _single_use(b, end, "astype")
+    if to_float is None or str(to_float[1].attrs.dtype) != "float32":
+        return m
+    scaled = _single_use(b, to_float[0], "multiply")
+    if scaled is None:
+        return m
+    args = scaled[1].args
+    scale = args[1] if args[0].same_as(to_float[0]) else args[0]
+    s_shape, n = shape_of(scale), weight.shape[1]
+    if scale.ty.dtype != "float32" or s_shape is None or len(s_shape) > len(shape_of(act[0])) \
+            or any(d != 1 for d in s_shape[:-1]) or (s_shape and s_shape[-1] not in (1, n)):
+        return m
+    return {**m, "scale": scale, "scales": math.prod(s_shape), "end": scaled[0]}
+
+
+def _call(bb, dot: int8_dot.Dot, m: dict, threads: int, x):
+    """(the kernel call of match ``m`` reading ``x``, bindings to put before it)."""
+    shape = shape_of(m["x"])
+    rows, (k, n) = math.prod(shape[:-1]), m["weight"].shape
+    consts = pack(dot, m["weight"], rows)
+    has_rows, scales = bool(consts["shift"].any()), m["scales"] if m["scale"] is not None else 0
+    func = qmatmul_func(dot, rows, k, n, rows=has_rows, scales=scales, threads=threads)
+    flat = relax.DataflowVar("qmm_rows", relax.TensorType([rows, k], "uint8"))
+    pre = [relax.VarBinding(flat, relax.op.reshape(x, [rows, k]))]
+    zx = relax.const(np.zeros(1, np.uint8)) if m["zx"] is None else relax.op.reshape(m["zx"], [1])
+    args = [flat, zx, relax.const(consts["wp"]), relax.const(consts["colsum"])]
+    if has_rows:
+        args.append(relax.const(consts["shift"]))
+    if scales:
+        args.append(relax.op.reshape(m["scale"], [scales]))
+    out = relax.DataflowVar("qmm_out", relax.TensorType([rows, n], "float32" if scales else "int32"))
+    pre.append(relax.VarBinding(out, relax.call_tir(bb.add_func(func, "vnni_qmatmul"), args, out.ty)))
+    return relax.op.reshape(out, [*shape[:-1], n]), pre
+
+
+def rewrite_int8_matmul(mod: tvm.IRModule, spec) -> tvm.IRModule:
+    """Every MatMulInteger chain of ``mod`` (see ``match``) as a call of ``qmatmul_func``, on targets
+    with a uint8 x int8 dot product (VNNI, AVX-VNNI); other modules unchanged."""
+    kind = int8_dot_kind(spec) if not getattr(spec, "is_gpu", False) else None
+    if kind not in ("vnni", "avxvnni") or os.environ.get("GRAPHOPT_INT8_DOT", "1") == "0":
+        return mod
+    dot, threads = int8_dot.DOTS[kind], spec.features.get("cores", 1)
+    bb = relax.BlockBuilder(tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs))
+    total = 0
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, relax.Function):
+            continue
+        b = _Bindings(func)
+        found = {}
+        for var, value in b.value.items():
+            if isinstance(value, relax.Call) and value.op.same_as(_OP["matmul"]):
+                m = match(b, var, value)
+                if m is not None:
+                    found[m["end"]] = m
+        if not found:
+            continue
+        total += len(found)
+
+        def call(m, x, _in_layout, _out_layout):
+            return _call(bb, dot, m, threads, x)
+
+        blocks = [type(block)(rewrite_block(block, found, set(), call)) for block in func.body.blocks]
+        bb.update_func(gv, relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty,
+                                          func.is_pure, func.attrs))
+    if not total:
+        return mod
+    return relax.transform.DeadCodeElimination()(relax.transform.Normalize()(bb.get()))
