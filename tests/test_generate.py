@@ -4,6 +4,7 @@ Runtime does (tokens, and logits at every step); bad requests and bad caches are
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -114,17 +115,65 @@ def test_bad_caches_are_refused_naming_the_input(tiny):
         assert message in str(info.value)
 
 
-def test_generate_compiles_an_onnx_decoder_into_a_decode_bundle(tiny):
-    """From an ONNX file: compiled with input_ids fixed at one token and past bounded by the request;
-    the prompt goes in one token per call, and the tokens and logits are ORT's (prefilled in one call)."""
+def test_generate_compiles_an_onnx_decoder_with_a_one_call_prefill(tiny):
+    """From an ONNX file without bounds: the sequence dim bounded by the prompt (the prompt in one call),
+    past by the request; tokens and logits are ORT's."""
     path, _ = tiny
+    layout = gen.decoder_layout([("input_ids", [1, "seq"], "int64"),
+                                 ("past_key_values.0.key", [1, 4, "past", 16], "float32")],
+                                ["logits", "present.0.key"], str(path))
+    assert gen.compile_plan(layout, PROMPT, 6, None, str(path)) == (None, {"seq": 5, "past": 10})
+    assert gen.compile_plan(layout, PROMPT, 6, {"past": 12}, str(path)) == (["input_ids:1,1"], {"past": 12})
+    unnamed = dataclasses.replace(layout, seq_dim=None)  # no name for the sequence dim: a decode bundle
+    assert gen.compile_plan(unnamed, PROMPT, 6, None, str(path)) == (["input_ids:1,1"], {"past": 10})
     result = api.generate(path, PROMPT, 6, against="ort", keep_logits=True, warmup=False)
     go, ref = result["graphopt"], result["ort"]
     assert result["compile_s"] > 0 and go.tokens == ref.tokens
     for i, (a, b) in enumerate(zip(go.logits, ref.logits)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=f"logits of step {i}")
+
+
+def test_generate_compiles_a_decode_bundle_when_only_past_is_bounded(tiny):
+    """``dim_bounds`` naming only the cache dim: input_ids fixed at one token, the prompt one token per
+    call; ORT's tokens and logits (ORT prefilled in one call)."""
+    path, _ = tiny
+    result = api.generate(path, PROMPT, 5, dim_bounds={"past": 12}, against="ort", keep_logits=True, warmup=False)
+    go, ref = result["graphopt"], result["ort"]
+    assert go.tokens == ref.tokens
+    for i, (a, b) in enumerate(zip(go.logits, ref.logits)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=f"logits of step {i}")
     with pytest.raises(UsageError, match=r"needs a cache of 10, the bundle serves past up to 9 "):
         api.generate(path, PROMPT, 7, dim_bounds={"past": 9}, warmup=False)
+
+
+def test_prompt_in_one_call_and_caches_kept_on_the_device(tiny):
+    """``device_step``: the prompt goes in one call, each later call takes the previous call's caches
+    as the library returned them (TVM tensors, no numpy round trip) and gives the tokens and logits of
+    the checked numpy call; a first call with a bad cache is refused naming the input."""
+    import tvm
+
+    _, bundle = tiny
+    module = api.load_bundle(bundle)
+    layout = gen.decoder_layout(module.inputs, module.output_names, str(bundle))
+    inner = gen.device_step(module.runner, lambda a: tvm.runtime.tensor(a))
+    calls = []
+
+    def step(feeds):
+        calls.append({n: (isinstance(v, np.ndarray), tuple(v.shape)) for n, v in feeds.items()})
+        return inner(feeds)
+
+    got = gen.greedy(step, layout, PROMPT, 6, keep_logits=True)
+    want = gen.greedy(lambda feeds: module(**feeds), layout, PROMPT, 6, keep_logits=True)
+    assert got.tokens == want.tokens
+    for a, b in zip(got.logits, want.logits):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 6 and calls[0]["input_ids"] == (True, (1, 5))
+    assert all(not c["past_key_values.1.value"][0] and c["past_key_values.1.value"][1] == (1, 4, 4 + i, 16)
+               for i, c in enumerate(calls[1:], start=1))
+    bad = {n: np.zeros((1, 4, 0, 16), np.float32) for n in layout.cache_dims}
+    bad["past_key_values.0.value"] = np.zeros((1, 4, 0, 8), np.float32)
+    with pytest.raises(GraphoptError, match="input 'past_key_values.0.value': shape"):
+        inner({"input_ids": np.array([[1]], np.int64), **bad})
 
 
 def test_a_model_that_is_not_a_kv_cache_decoder_is_refused(tmp_path):

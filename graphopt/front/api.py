@@ -262,9 +262,11 @@ def generate(
 
     ``model``: a bundle compiled with symbolic sequence and cache dims (``--max seq=N --max past=N``) or
     a decode bundle (``--input-shape input_ids:1,1 --max past=N``: the prompt goes in one token per
-    call), or an ONNX decoder (a file, ``gen:gpt2``) compiled here as a decode bundle with ``past``
-    bounded by what the request needs (``dim_bounds`` naming the sequence dim too: one prefill call). ``against="ort"`` runs the same loop on the ONNX (the bundle's recorded
-    source) in ONNX Runtime in this run. ``warmup`` runs two tokens first, untimed. Returns
+    call), or an ONNX decoder (a file, ``gen:gpt2``) compiled here (``generate.compile_plan``: without
+    ``dim_bounds``, the sequence dim bounded by the prompt, one prefill call, and ``past`` by what the
+    request needs). The caches stay on the device from step to step (``generate.device_step``).
+    ``against="ort"`` runs the same loop on the ONNX (the bundle's recorded source) in ONNX Runtime in
+    this run. ``warmup`` runs two tokens first, untimed. Returns
     ``{"model", "source", "compile_s", "graphopt": Trace, "ort": Trace | None}``.
     """
     import dataclasses
@@ -292,11 +294,7 @@ def generate(
                  onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name)
                 for i in graph.input if i.name not in inits]
         lay = gen.decoder_layout(rows, [o.name for o in graph.output], source)
-        if not isinstance(lay.past_dim, str):
-            raise UsageError(f"{source}: name the cache dim of the past inputs (dim_param) to generate with it")
-        bounds = dict(dim_bounds or {lay.past_dim: len(prompt_ids) + max_new_tokens - 1})
-        # a symbolic sequence dim only where asked for: else a decode bundle (one static row, the fast path)
-        shapes = None if lay.seq_dim in bounds else ["input_ids:1,1"]
+        shapes, bounds = gen.compile_plan(lay, list(prompt_ids), max_new_tokens, dim_bounds, source)
         gen.check_request(dataclasses.replace(lay, seq_dim=lay.seq_dim if shapes is None else 1),
                           list(prompt_ids), max_new_tokens, bounds, str(model))  # before minutes of compiling
         t0 = time.perf_counter()
@@ -307,7 +305,10 @@ def generate(
     vocab = logits_shape[-1] if logits_shape and isinstance(logits_shape[-1], int) else None
     layout = dataclasses.replace(layout, vocab=vocab)
     gen.check_request(layout, list(prompt_ids), max_new_tokens, bounds, str(model))
-    steps = {"graphopt": (lambda feeds: module(**feeds), layout)}
+    import tvm
+
+    runner = module.runner if hasattr(module.runner, "vm") else module.runner()  # a bundle's, or compiled
+    steps = {"graphopt": (gen.device_step(runner, lambda a: tvm.runtime.tensor(a, runner.device)), layout)}
     if against == "ort":
         if source is None:
             raise UsageError(f"{model}: --against ort needs the bundle's source ONNX, which is missing or changed")

@@ -12,6 +12,16 @@ bundle: every matmul has one static row, graphopt's fast path) reads the prompt 
 instead. Time to first token is the prefill call(s) plus the argmax; the per-token latency is each
 later call plus its argmax. The same loop drives a compiled bundle and ONNX
 Runtime (``step`` is any callable ``feeds -> {output: array}``).
+
+A compiled decoder runs through ``device_step``: the caches it returns stay TVM tensors and go back in
+as the next call's ``past`` without a copy to numpy and back (at past 600 on gen:gpt2 those copies
+took half of a decode step); only the logits come to numpy. Its first call, on numpy inputs, is
+checked as every bundle call is (names, dtypes, shapes, bounds).
+
+``compile_plan`` picks what ``generate`` compiles an ONNX decoder into when no bounds are given: a
+bundle whose sequence dim is symbolic and bounded by the prompt (the prompt in one call) and whose
+cache dim is bounded by the request. Such a bundle's matmuls take a one-row path in each decode step
+(backends/schedules/gemv.py), as fast as a decode bundle's static one-row matmuls.
 """
 
 from __future__ import annotations
@@ -138,13 +148,58 @@ def greedy(step: Step, layout: Layout, prompt: Sequence[int], max_new_tokens: in
         cache = {past: out[present] for past, present in layout.cache}
         if i < len(chunks) - 1:
             continue  # still reading the prompt
-        last = np.asarray(out[layout.logits])[0, -1]
+        last = _host(out[layout.logits])[0, -1]
         tokens.append(int(np.argmax(last)))
         times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         if keep_logits:
             kept.append(np.array(last))
     return Trace(tokens, times[0], times[1:], kept)
+
+
+def _host(value) -> np.ndarray:
+    """A step's output as a numpy array (a TVM tensor is copied out)."""
+    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+
+
+def device_step(runner, to_device: Callable[[np.ndarray], object]) -> Step:
+    """A ``step`` running a compiled decoder's ``runner`` (a loaded bundle's or a compiled module's)
+    whose outputs stay TVM tensors: ``greedy`` hands the caches back as the next call's inputs on the
+    device. ``to_device`` makes a device tensor of a numpy array. A call on numpy inputs only is
+    checked first as every bundle call is (the first call of a decoding; later calls take the
+    library's own outputs as caches, and ``greedy``'s token ids)."""
+    names, outputs = runner.input_names, runner.output_names
+    params = list(getattr(runner, "_params", ()))
+
+    def step(feeds: dict) -> dict:
+        if all(isinstance(v, np.ndarray) for v in feeds.values()):
+            try:
+                runner.check_inputs((), feeds)
+            except ValueError as e:  # the loader's InputError: one line naming the input
+                raise GraphoptError(str(e)) from None
+        args = [to_device(np.ascontiguousarray(feeds[n])) if isinstance(feeds[n], np.ndarray) else feeds[n]
+                for n in names]
+        result = runner.vm["main"](*args, *params)
+        return dict(zip(outputs, [result] if hasattr(result, "numpy") else list(result)))
+
+    return step
+
+
+def compile_plan(layout: Layout, prompt: Sequence[int], max_new_tokens: int,
+                 dim_bounds: Mapping[str, int] | None, where: str) -> tuple[list[str] | None, dict[str, int]]:
+    """``(input_shapes, dim_bounds)`` to compile an ONNX decoder with for this request: the given
+    bounds (a decode bundle, ``input_ids:1,1``, unless they bound the sequence dim), else the
+    sequence dim bounded by the prompt and the cache dim by prompt + new tokens (a decode bundle
+    when the model leaves its sequence dim unnamed)."""
+    if not isinstance(layout.past_dim, str):
+        raise UsageError(f"{where}: name the cache dim of the past inputs (dim_param) to generate with it")
+    if dim_bounds:
+        bounds = dict(dim_bounds)
+    else:
+        bounds = {layout.past_dim: len(prompt) + max_new_tokens - 1}
+        if isinstance(layout.seq_dim, str) and layout.seq_dim != layout.past_dim:
+            bounds[layout.seq_dim] = max(1, len(prompt))
+    return (None if layout.seq_dim in bounds else ["input_ids:1,1"]), bounds
 
 
 def ort_decoder(onnx_path: str, threads: int | None = None) -> tuple[Step, Layout]:
