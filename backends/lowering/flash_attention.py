@@ -29,7 +29,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-ROWS = 4  # query rows per task: the score tile is ROWS x KEYS, the accumulator ROWS x Dv
+ROWS = 6  # query rows per task: the score tile is ROWS x KEYS, the accumulator ROWS x Dv (24 of 32 vector registers)
 KEYS = 64  # keys per block: four 16-lane vectors
 VECTOR = 16  # head dims are padded to a multiple of this many lanes
 LOWEST = -3.4028234663852886e38  # the running max starts at float32's lowest, so exp(m_old - m_new) is 0
@@ -81,22 +81,23 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
     mb, mh, mq, mk = mask
     mbi, mhi, mqi, mki = (int(x) for x in mask)  # index factors: 0 for a broadcast dim
     padded = valid is not None
+    tail_width = -(-(valid % KB) // VECTOR) * VECTOR if padded else KB  # the last block's whole vectors
 
     @T.macro
-    def key_block(k0, tail, pred, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0, sq, skv, limit):
-        # s = q · Kt[:, k0:k0+KB] (+ mask), the keys from ``limit`` on at -inf (``pred``); ``tail``: the
+    def key_block(k0, width, tail, pred, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0, sq, skv, limit):
+        # s = q · Kt[:, k0:k0+width] (+ mask), the keys from ``limit`` on at -inf (``pred``); ``tail``: the
         # key index clamped (a symbolic length: the buffers end at skv)
-        for r, j in T.grid(R, KB):
+        for r, j in T.grid(R, width):
             s[r, j] = T.float32(0)
         for dd in range(d):
             for r in T.unroll(R):
-                for j in T.vectorized(KB):
+                for j in T.vectorized(width):
                     if tail:
                         s[r, j] = s[r, j] + qs[r, dd] * KT[b, h, dd, T.min(k0 + j, skv - 1)]
                     else:
                         s[r, j] = s[r, j] + qs[r, dd] * KT[b, h, dd, k0 + j]
         for r in T.unroll(R):
-            for j in T.vectorized(KB):
+            for j in T.vectorized(width):
                 if tail:
                     s[r, j] = s[r, j] + M[b * mbi, h * mhi, T.min(i0 + r, sq - 1) * mqi, T.min(k0 + j, skv - 1) * mki]
                 else:
@@ -105,7 +106,7 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
                     s[r, j] = T.Select(k0 + j < limit, s[r, j], T.float32(-float("inf")))
         for r in range(R):
             # the block's max: 16 lanes, then halving
-            for c in T.unroll(KB // 16):
+            for c in T.unroll(width // 16):
                 for lane in T.vectorized(16):
                     if c == 0:
                         red[lane] = s[r, lane]
@@ -122,9 +123,9 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
             m_new[0] = T.max(mx[r], red[0])
             alpha[0] = fast_exp(mx[r] - m_new[0])
             mx[r] = m_new[0]
-            for j in T.vectorized(KB):
+            for j in T.vectorized(width):
                 s[r, j] = fast_exp(s[r, j] - m_new[0])
-            for c in T.unroll(KB // 16):
+            for c in T.unroll(width // 16):
                 for lane in T.vectorized(16):
                     if c == 0:
                         red[lane] = s[r, lane]
@@ -141,7 +142,7 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
             lsum[r] = lsum[r] * alpha[0] + red[0]
             for e in T.vectorized(dv):
                 acc[r, e] = acc[r, e] * alpha[0]
-        for j in range(KB):
+        for j in range(width):
             for r in T.unroll(R):
                 for e in T.vectorized(dv):
                     if tail:
@@ -181,17 +182,17 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
                     acc[r, e] = T.float32(0)
             if padded:  # a static length: K, V (and a mask over keys) padded to whole blocks
                 for kb in range(valid // KB):
-                    key_block(kb * KB, False, False, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0,
+                    key_block(kb * KB, KB, False, False, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0,
                               sq, skv, skv)
                 if valid % KB > 0:
-                    key_block(valid // KB * KB, False, True, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b,
+                    key_block(valid // KB * KB, tail_width, False, True, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b,
                               h, i0, sq, skv, valid)
             else:
                 for kb in range(skv // KB):
-                    key_block(kb * KB, False, False, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0,
+                    key_block(kb * KB, KB, False, False, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0,
                               sq, skv, skv)
                 if skv % KB > 0:
-                    key_block(skv // KB * KB, True, True, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h,
+                    key_block(skv // KB * KB, KB, True, True, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h,
                               i0, sq, skv, skv)
             for r in range(R):
                 if i0 + r < sq:
@@ -276,8 +277,8 @@ def lower_fused_attention(ctx, q, k, v, mask, scale: float):
     if dv_pad:
         v = ctx.emit(op.nn.pad(v, [0, 0] * 3 + [0, dv_pad]))
     valid = None
-    if isinstance(skv, tvm.tirx.IntImm) and int(skv) % KEYS:  # whole key blocks: no clamped reads
-        valid, pad = int(skv), -int(skv) % KEYS
+    if isinstance(skv, tvm.tirx.IntImm) and int(skv) % KEYS:  # whole key vectors: no clamped reads
+        valid, pad = int(skv), -int(skv) % VECTOR
         k, v = (ctx.emit(op.nn.pad(x, [0, 0] * 2 + [0, pad, 0, 0])) for x in (k, v))
         if flags[3]:
             m = ctx.emit(op.nn.pad(m, [0, 0] * 3 + [0, pad]))
