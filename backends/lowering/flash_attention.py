@@ -11,8 +11,9 @@ rows of one (batch, head) (tasks run in parallel over batch x heads x row blocks
   the keys (K is read transposed, ``Kt [B, H, D, skv]``: one key block of one head dim is a vector),
   plus the mask; then the online softmax (running max ``m`` and sum ``l`` per row; the accumulator
   rescaled by ``exp(m_old - m_new)``) and ``acc += p·V`` vectorized over the value dim;
-* a last, partial key block (``skv`` not a multiple of ``KEYS``) clamps its key index and gives the
-  keys past the end a score of -inf; full blocks carry no bounds check;
+* a last, partial key block (``skv`` not a multiple of ``KEYS``) gives the keys past the end a score
+  of -inf; with a static ``skv`` it is as wide as the vectors it needs (K and V padded to whole
+  vectors), with a symbolic one it clamps its key index; full blocks carry no bounds check;
 * the output row is ``acc / l``.
 
 Only a ``ROWS x KEYS`` tile of the scores exists at any time. ``exp`` is the Cephes-style polynomial of
@@ -73,8 +74,8 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
     skv, dv]`` and the additive mask ``M`` (``mask``: for each of its 4 dims, True = full, False =
     broadcast, size 1; no mask is a [1, 1, 1, 1] zero); output ``O [batch, heads, sq, dv]``, all float32.
     ``valid``: a static key count, the key axis of Kt, V (and of a mask over keys) padded to whole
-    ``KEYS`` blocks: the last block then reads contiguously, without the clamped index (a gather per
-    vector, the tail block cost ~2.5 full ones)."""
+    vectors: the last block spans only the vectors it needs and reads contiguously, without the clamped
+    index (a gather per vector, the tail block cost ~2.5 full ones)."""
     R, KB = ROWS, KEYS  # read at call time
     f32 = "float32"
     scale_c = float(scale)
