@@ -316,6 +316,9 @@ def _relax_passes(mod, spec: TargetSpec, winograd: bool = False, precision: str 
 
         mod = rewrite_padded_matmul(mod, lanes)  # symbolic-dim matmuls of two activations, in whole tiles
         legalize.update(legalize_map())
+        from graphopt.backends.schedules.layer_norm import legalize_layer_norm
+
+        legalize["relax.nn.layer_norm"] = legalize_layer_norm(lanes)  # vector-wide partial sums
     seq = [
         *relax.pipeline.library_dispatch_passes(spec.target),
         relax.transform.LegalizeOps(customize_legalize_map=legalize),

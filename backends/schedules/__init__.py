@@ -23,6 +23,7 @@ from .conv2d import schedule_conv2d
 from .conv2d_blocked import schedule_conv2d_blocked
 from .features import CPUFeatures, Knobs, RuleContext, features_of
 from .injective import schedule_injective
+from .layer_norm import schedule_layer_norm
 from .matmul import schedule_matmul
 from .pooling import schedule_pool
 from .prepack import constant_params, repack_constants
@@ -41,6 +42,7 @@ Rule = Callable[[tirx.PrimFunc, RuleContext], "s_tir.Schedule | None"]
 RULES: tuple[tuple[str, Rule], ...] = (
     ("winograd", schedule_winograd),
     ("softmax", schedule_softmax),
+    ("layer_norm", schedule_layer_norm),
     ("normalization", schedule_normalization),
     ("conv2d_blocked", schedule_conv2d_blocked),
     ("conv2d", schedule_conv2d),

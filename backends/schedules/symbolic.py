@@ -257,6 +257,10 @@ def schedule_function(func: tirx.PrimFunc, feats: CPUFeatures, bounds: dict[str,
     sch = s_tir.Schedule(func)
     parallel = work_at_bound(sch, bounds or {}) >= PARALLEL_MIN
     reductions = [b for b in root_blocks(sch) if is_reduction_block(sch, b)]
+    from .layer_norm import schedule_layer_norm
+
+    if (ln := schedule_layer_norm(func, parallel=parallel)) is not None:
+        return ln.mod["main"], "layer_norm" if parallel else "layer_norm (serial)"
     if len(reductions) >= 2 and _symbolic_reduction(sch, reductions):
         # softmax over a symbolic row: dlight's vector loops would carry a predicate (scalar code) and
         # write the row's intermediates to memory; elementwise stages inlined into the reductions and
