@@ -31,9 +31,10 @@ from tvm import relax, s_tir, tirx
 from tvm.script import tirx as T
 
 from . import int8_dot
-from .features import int8_dot_kind
+from .features import features_of, int8_dot_kind
 from .int8_conv import SERIAL_MACS, _Bindings
 from .int8_layout import rewrite_block, shape_of
+from .value_range import rewrite_value_range
 
 _OP = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("matmul", "subtract", "astype", "multiply", "reshape")}
 _FLOAT32_EXACT = 1 << 24
@@ -228,14 +229,20 @@ def match(b: _Bindings, var, mm: relax.Call) -> dict | None:
     return {**m, "scale": scale, "scales": math.prod(s_shape), "end": scaled[0]}
 
 
-def _call(bb, dot: int8_dot.Dot, m: dict, threads: int, x):
-    """(the kernel call of match ``m`` reading ``x``, bindings to put before it)."""
+def _caller(bb, dot: int8_dot.Dot, threads: int, block):
+    """``rewrite_block``'s kernel call for the bindings of ``block``."""
+    var = relax.DataflowVar if isinstance(block, relax.DataflowBlock) else relax.Var
+    return lambda m, x, _in_layout, _out_layout: _call(bb, dot, m, threads, x, var)
+
+
+def _call(bb, dot: int8_dot.Dot, m: dict, threads: int, x, var=relax.DataflowVar):
+    """(the kernel call of match ``m`` reading ``x``, bindings to put before it; new vars of type ``var``)."""
     shape = shape_of(m["x"])
     rows, (k, n) = math.prod(shape[:-1]), m["weight"].shape
     consts = pack(dot, m["weight"], rows)
     has_rows, scales = bool(consts["shift"].any()), m["scales"] if m["scale"] is not None else 0
     func = qmatmul_func(dot, rows, k, n, rows=has_rows, scales=scales, threads=threads)
-    flat = relax.DataflowVar("qmm_rows", relax.TensorType([rows, k], "uint8"))
+    flat = var("qmm_rows", relax.TensorType([rows, k], "uint8"))
     pre = [relax.VarBinding(flat, relax.op.reshape(x, [rows, k]))]
     zx = relax.const(np.zeros(1, np.uint8)) if m["zx"] is None else relax.op.reshape(m["zx"], [1])
     args = [flat, zx, relax.const(consts["wp"]), relax.const(consts["colsum"])]
@@ -243,18 +250,21 @@ def _call(bb, dot: int8_dot.Dot, m: dict, threads: int, x):
         args.append(relax.const(consts["shift"]))
     if scales:
         args.append(relax.op.reshape(m["scale"], [scales]))
-    out = relax.DataflowVar("qmm_out", relax.TensorType([rows, n], "float32" if scales else "int32"))
+    out = var("qmm_out", relax.TensorType([rows, n], "float32" if scales else "int32"))
     pre.append(relax.VarBinding(out, relax.call_tir(bb.add_func(func, "vnni_qmatmul"), args, out.ty)))
     return relax.op.reshape(out, [*shape[:-1], n]), pre
 
 
 def rewrite_int8_matmul(mod: tvm.IRModule, spec) -> tvm.IRModule:
     """Every MatMulInteger chain of ``mod`` (see ``match``) as a call of ``qmatmul_func``, on targets
-    with a uint8 x int8 dot product (VNNI, AVX-VNNI); other modules unchanged."""
+    with a uint8 x int8 dot product (VNNI, AVX-VNNI); on every CPU target, the range of a dynamically
+    quantized tensor in one pass (``value_range.py``)."""
+    threads = spec.features.get("cores", 1)
+    mod = rewrite_value_range(mod, features_of(spec).lanes(32), threads)
     kind = int8_dot_kind(spec) if not getattr(spec, "is_gpu", False) else None
     if kind not in ("vnni", "avxvnni") or os.environ.get("GRAPHOPT_INT8_DOT", "1") == "0":
         return mod
-    dot, threads = int8_dot.DOTS[kind], spec.features.get("cores", 1)
+    dot = int8_dot.DOTS[kind]
     bb = relax.BlockBuilder(tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs))
     total = 0
     for gv, func in list(mod.functions_items()):
@@ -271,10 +281,8 @@ def rewrite_int8_matmul(mod: tvm.IRModule, spec) -> tvm.IRModule:
             continue
         total += len(found)
 
-        def call(m, x, _in_layout, _out_layout):
-            return _call(bb, dot, m, threads, x)
-
-        blocks = [type(block)(rewrite_block(block, found, set(), call)) for block in func.body.blocks]
+        blocks = [type(block)(rewrite_block(block, found, set(), _caller(bb, dot, threads, block)))
+                  for block in func.body.blocks]
         bb.update_func(gv, relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty,
                                           func.is_pure, func.attrs))
     if not total:

@@ -84,12 +84,14 @@ def compiled(tmp_path_factory):
 
 @needs_vnni
 def test_every_matmul_integer_on_vpdpbusd(compiled):
-    """All six MatMulIntegers become kernel calls whose products are vpdpbusd (with the Cast + Mul of
-    the two dynamically quantized ones folded in: no separate int32 -> float32 kernel left)."""
+    """All six MatMulIntegers become kernel calls whose products are vpdpbusd; the range of the
+    dynamically quantized input is one vectorized kernel."""
     _, _, bundle = compiled
     products = _count_per_function(bundle / "lib.so", "vpdpbusd")
     kernels = [n for n in products if n.startswith("vnni_qmatmul")]
     assert len(kernels) == 6, products
+    # DynamicQuantizeLinear's minimum and maximum: one vector pass (value_range.py)
+    assert [n for n in _count_per_function(bundle / "lib.so", "vmaxps") if n.startswith("value_range")]
 
 
 @needs_vnni
@@ -148,3 +150,20 @@ def test_tile_pads_least():
     for m, nb in [(128, 32), (16, 2008), (7, 5), (3, 1)]:
         qi, obi = int8_matmul.tile(m, nb, dot)
         assert qi * obi <= dot.accumulators and (m % qi == 0 or qi >= m) and nb % obi == 0
+
+
+@pytest.mark.parametrize("n,threads", [(7, 1), (1000, 2), (300007, 2)])
+def test_value_range_kernel(n, threads):
+    """DynamicQuantizeLinear's minimum and maximum in one pass: fewer values than a vector, a tail after
+    whole vectors, two threads; the extremes placed at the ends and inside."""
+    import tvm
+    from graphopt.backends.schedules.value_range import range_func
+    from graphopt.backends.targets import get_target
+
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    x[n // 3], x[-1] = 40.0, -50.0
+    lib = tvm.compile(tvm.IRModule({"main": range_func(n, 16, threads).with_attr("global_symbol", "main")}),
+                      target=get_target("x86").target)
+    lo, hi = (tvm.runtime.tensor(np.zeros((), np.float32)) for _ in range(2))
+    lib["main"](tvm.runtime.tensor(x), lo, hi)
+    assert (float(lo.numpy()), float(hi.numpy())) == (-50.0, 40.0)
