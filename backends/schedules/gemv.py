@@ -1,20 +1,22 @@
-"""One-row packed matmuls (GEMV): a decode step's matmuls, where the whole weight streams once per row.
+"""Packed matmuls over a few rows (GEMV): a decode step's matmuls, where the weight streams once a call.
 
 A packed matmul (``packed_matmul.py``) over a symbolic row count is computed in whole tiles of
 ``PAD_ROWS`` rows, the row index clamped (``symbolic.py``): at one row, a decode step of a bundle that
 serves prefill and decode (``--max seq=N --max past=N``), the 8-row register tile computes the same
-row 8 times, with one panel (up to 3 vectors) per tile. A GEMV wants the opposite tile: one row and
-several panels, each broadcast of ``x`` feeding ``panels x vectors`` independent accumulators.
+row 8 times over one panel (up to 3 vectors) at a time: one stream through the weight, and 8x the
+multiply-adds. A GEMV wants the opposite tile: one row and several panels, each broadcast of ``x``
+feeding ``panels x vectors`` independent accumulators, several panels streamed at once.
 
-``with_one_row_path(func, scheduled, feats)`` versions such a function on its row count: the body
-becomes ``if rows == 1: <GEMV loop nest> else: <the tiled loop nest>``. The GEMV nest is a schedule of
-the same function (same buffers): the row loop outermost and cut to one iteration (the padding rows
-are clamped copies of row 0 that nothing reads), the panels split into register tiles of
-``tiling.accumulator_tile`` panels (8 panels x 3 vectors = 24 accumulators on AVX-512) that run
-parallel, ``k`` inside, the panel and vector loops unrolled, the epilogue (bias, GELU, residual)
-inlined into the write-back, as the static one-row rule does (``tiling.apply_contraction``: a
-one-row block's register axis is the panel axis). One library then serves the prompt in one call
-and each decode step at the one-row speed.
+``with_few_row_paths(func, scheduled, feats)`` versions such a function on its row count ``m``: the
+body becomes ``if m == 1: <1-row nest> elif m <= 4: <4-row nest> else: <the tiled nest>``. Each
+version is a schedule of the same function (same buffers): the row tiles' loop outermost and cut to
+one iteration (the rows past ``m`` are clamped copies of row ``m - 1`` that the write-back skips),
+the panels split into register tiles of ``tiling.accumulator_tile`` panels (1 row: 8 panels x 3
+vectors = 24 accumulators on AVX-512; 4 rows: 2 panels) that run parallel, ``k`` inside, the row,
+panel and vector loops unrolled, the epilogue (bias, GELU, residual) inlined into the write-back, as
+the static rule does for one static row (``tiling.apply_contraction``: a one-row block's register
+axis is the panel axis). One library then reads a prompt in one call and runs each decode step at
+the one-row speed.
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ def row_count(func: tirx.PrimFunc):
     return None
 
 
-def schedule_one_row(func: tirx.PrimFunc, feats: CPUFeatures, parallel: bool = True) -> tirx.PrimFunc | None:
-    """``func`` (a packed matmul, rows padded) scheduled for one row: every loop nest the rows loop
-    encloses computes row 0 only once the caller cuts that loop (see ``_cut_rows``); None when the
-    block is not the expected packed matmul."""
+def schedule_rows(func: tirx.PrimFunc, feats: CPUFeatures, rows: int = 1, parallel: bool = True
+                  ) -> tirx.PrimFunc | None:
+    """``func`` (a packed matmul, rows padded) scheduled for tiles of ``rows`` rows (1, 2 or 4) times
+    several panels: the row tiles' loop outermost, so that cutting it (``_cut_rows``) computes the first
+    ``rows`` rows only; None when the block is not the expected packed matmul."""
     from . import _inline_data_movement
     from .symbolic import schedule_block
 
@@ -61,7 +64,7 @@ def schedule_one_row(func: tirx.PrimFunc, feats: CPUFeatures, parallel: bool = T
     stmt = sch.get(block)
     if len(loops) != len(stmt.iter_vars) or len(loops) < 4:
         return None
-    *lead, rows, panels, lanes_loop, k = loops
+    *lead, row_loop, panels, lanes_loop, k = loops
     nb, width = (sch.get(lp).extent for lp in (panels, lanes_loop))
     if not (isinstance(nb, tirx.IntImm) and isinstance(width, tirx.IntImm)):
         return None
@@ -69,19 +72,20 @@ def schedule_one_row(func: tirx.PrimFunc, feats: CPUFeatures, parallel: bool = T
     nvec = panel_vectors(stmt, int(width), lanes)
     if not nvec:
         return None
-    tile = accumulator_tile(feats, int(nb), nvec)
+    tile = accumulator_tile(feats, int(nb), nvec * rows)
+    r_o, r_i = sch.split(row_loop, [None, rows]) if rows > 1 else (row_loop, None)
     p_o, p_i = sch.split(panels, [None, tile])
     v_o, v_i = sch.split(lanes_loop, [None, lanes]) if nvec > 1 else (None, lanes_loop)
-    sch.reorder(rows, *lead, p_o, k, p_i, *([v_o] if v_o is not None else []), v_i)
+    inner = [lp for lp in (r_i, p_i, v_o) if lp is not None]
+    sch.reorder(r_o, *lead, p_o, k, *inner, v_i)
     wb = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(wb, p_o, preserve_unit_loops=True)
     _inline_epilogue(sch, wb)
     if parallel and int(nb) // tile > 1:
         sch.parallel(p_o)
     sch.vectorize(v_i)
-    sch.unroll(p_i)
-    if v_o is not None:
-        sch.unroll(v_o)
+    for lp in inner:
+        sch.unroll(lp)
     split_init_and_vectorize(sch, block, k, wb, lanes if v_o is not None else None)
     for other in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get(other).name_hint not in (PANEL_BLOCK, sch.get(wb).name_hint) and \
@@ -90,33 +94,43 @@ def schedule_one_row(func: tirx.PrimFunc, feats: CPUFeatures, parallel: bool = T
     return sch.mod["main"]
 
 
-def _cut_rows(stmt: tirx.Stmt) -> tirx.Stmt | None:
-    """The root loop nest with its outermost loop (the padded rows) cut to one iteration."""
+def _cut_rows(stmt: tirx.Stmt, iterations: int = 1) -> tirx.Stmt | None:
+    """The root loop nest with its outermost loop (the row tiles) cut to ``iterations``."""
     if isinstance(stmt, tirx.For):
-        return tirx.For(stmt.loop_var, stmt.min, tirx.IntImm(str(stmt.extent.ty), 1), stmt.kind, stmt.body,
-                        stmt.thread_binding, stmt.annotations)
+        return tirx.For(stmt.loop_var, stmt.min, tirx.IntImm(str(stmt.extent.ty), iterations), stmt.kind,
+                        stmt.body, stmt.thread_binding, stmt.annotations)
     return None
 
 
-def with_one_row_path(func: tirx.PrimFunc, scheduled: tirx.PrimFunc, feats: CPUFeatures,
-                      parallel: bool = True) -> tirx.PrimFunc:
-    """``scheduled`` (``func`` scheduled for any row count) with a GEMV path taken at one row; returned
-    unchanged when ``func`` is not a packed matmul over a symbolic row count."""
+# Row counts served by a version of their own: (rows of its register tile, taken when m <= rows). One
+# row streams the weight through 8 panels at once (2.6x the 8-row tile's speed on gen:gpt2's logits
+# matmul, 1 thread); 2 to 4 rows through 2 panels (1.4-1.5x at 768x3072 and its transpose); more
+# rows keep the tiled nest, whose 8-row tile reads each weight vector once for 8 rows.
+ROW_VERSIONS = (1, 4)
+
+
+def with_few_row_paths(func: tirx.PrimFunc, scheduled: tirx.PrimFunc, feats: CPUFeatures,
+                       parallel: bool = True) -> tirx.PrimFunc:
+    """``scheduled`` (``func`` scheduled for any row count) versioned on the row count ``m``:
+    ``if m == 1: <1-row tile> elif m <= 4: <4-row tile> else: <scheduled>``; returned unchanged when
+    ``func`` is not a packed matmul over a symbolic row count."""
     m = row_count(func)
     if m is None:
         return scheduled
-    try:
-        one = schedule_one_row(func, feats, parallel)
-    except Exception as e:  # noqa: BLE001 - no one-row path; the tiled schedule serves every row count
-        log.debug("one-row schedule failed: %s", e)
-        return scheduled
-    if one is None:
-        return scheduled
-    groot, oroot = scheduled.body.block, one.body.block
-    cut = _cut_rows(oroot.body)
-    if cut is None:
-        return scheduled
-    body = tirx.IfThenElse(tirx.EQ(m, tirx.IntImm(str(m.ty), 1)), cut, groot.body)
-    root = s_tir.SBlock(groot.iter_vars, groot.reads, groot.writes, groot.name_hint, body, groot.init,
-                        [*groot.alloc_buffers, *oroot.alloc_buffers], groot.match_buffers, groot.annotations)
+    root = scheduled.body.block
+    body, allocs = root.body, list(root.alloc_buffers)
+    for rows in reversed(ROW_VERSIONS):
+        try:
+            version = schedule_rows(func, feats, rows, parallel)
+        except Exception as e:  # noqa: BLE001 - no such version; the next one serves these row counts
+            log.debug("%d-row schedule failed: %s", rows, e)
+            continue
+        cut = None if version is None else _cut_rows(version.body.block.body)
+        if cut is None:
+            continue
+        bound = tirx.IntImm(str(m.ty), rows)
+        body = tirx.IfThenElse(tirx.EQ(m, bound) if rows == 1 else tirx.LE(m, bound), cut, body)
+        allocs += list(version.body.block.alloc_buffers)
+    root = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init, allocs,
+                        root.match_buffers, root.annotations)
     return scheduled.with_body(s_tir.SBlockRealize(scheduled.body.iter_values, scheduled.body.predicate, root))

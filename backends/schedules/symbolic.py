@@ -301,9 +301,9 @@ def schedule_function(func: tirx.PrimFunc, feats: CPUFeatures, bounds: dict[str,
             schedule_block(sch, block, feats, parallel)
         except Exception as e:  # noqa: BLE001 - stays serial; still correct
             log.debug("block %s left unscheduled: %s", sch.get(block).name_hint, e)
-    from .gemv import with_one_row_path  # a packed matmul over symbolic rows: a GEMV path at one row (gemv.py)
+    from .gemv import with_few_row_paths  # a packed matmul over symbolic rows: GEMV paths for 1 to 4 rows
 
-    return with_one_row_path(func, sch.mod["main"], feats, parallel), rule if parallel else f"{rule} (serial)"
+    return with_few_row_paths(func, sch.mod["main"], feats, parallel), rule if parallel else f"{rule} (serial)"
 
 
 def schedule_symbolic(mod, target_spec, bounds: dict[str, int] | None = None, report: dict | None = None):

@@ -1,6 +1,6 @@
-"""The one-row (GEMV) path of packed matmuls over a symbolic row count (backends/schedules/gemv.py):
-which functions get it, and numerics at one row (the GEMV nest) and at other row counts (the tiled
-nest) against numpy and, through the whole compile pipeline, against ONNX Runtime."""
+"""The few-row (GEMV) paths of packed matmuls over a symbolic row count (backends/schedules/gemv.py):
+which functions get them, and numerics at one row (the 1-row nest), 2 to 4 rows (the 4-row nest) and
+more (the tiled nest) against numpy and, through the whole compile pipeline, against ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from graphopt.front import api
 
 SPEC = get_target("x86")
 FEATS = features_of(SPEC)
-ROWS = (1, 2, 7, 8, 9)  # one row: the GEMV nest; the rest: whole and partial 8-row tiles
+ROWS = (1, 2, 4, 5, 8, 9)  # the 1-row nest, the 4-row nest (2 and 4 rows), whole and partial 8-row tiles
 
 
 def _function(k: int, n: int, epilogue: str = "bias"):
@@ -38,9 +38,13 @@ def _function(k: int, n: int, epilogue: str = "bias"):
     return te.create_prim_func([x, wp, b, z]), lanes
 
 
-def _ifs(stmt) -> list:
-    """The IfThenElse statements directly in ``stmt`` (the versioned root body)."""
-    return [stmt] if isinstance(stmt, tirx.IfThenElse) else []
+def _conditions(stmt) -> list[str]:
+    """The conditions of the if/elif chain at the root of a versioned body."""
+    out = []
+    while isinstance(stmt, tirx.IfThenElse):
+        out.append(str(stmt.condition))
+        stmt = stmt.else_case
+    return out
 
 
 @pytest.mark.parametrize("k,n,epilogue", [
@@ -48,15 +52,11 @@ def _ifs(stmt) -> list:
     (720, 1000, "relu"),  # K an odd multiple of 48 (15 x 48) and of 16, N with a partial last panel
     (100, 77, "bias"),  # K no lane multiple, N prime
 ])
-def test_one_row_path_matches_numpy(k, n, epilogue):
+def test_few_row_paths_match_numpy(k, n, epilogue):
     func, lanes = _function(k, n, epilogue)
     assert str(gemv.row_count(func)) == "seq"
     scheduled, _ = schedule_function(func, FEATS, {"seq": 64})
-    root = scheduled.body.block.body
-    ifs = _ifs(root)
-    assert len(ifs) == 1, "expected one branch on the row count"
-    cond = ifs[0].condition
-    assert isinstance(cond, tirx.EQ) and str(cond.a) == "seq" and int(cond.b) == 1
+    assert _conditions(scheduled.body.block.body) == ["seq == T.int64(1)", "seq <= T.int64(4)"]
     lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=as_target(SPEC))
     rng = np.random.default_rng(k + n)
     w = rng.standard_normal((k, n)).astype(np.float32)
@@ -82,7 +82,7 @@ def test_functions_without_symbolic_rows_are_left_alone():
     plain = te.create_prim_func([a, te.compute(a.shape, lambda i, j: a[i, j] * 2, name="double")])
     assert gemv.row_count(plain) is None
     scheduled, _ = schedule_function(plain, FEATS, {"seq": 64})
-    assert not _ifs(scheduled.body.block.body)
+    assert not _conditions(scheduled.body.block.body)
 
 
 def _decoder_layer(k: int, n: int, rng) -> onnx.ModelProto:
@@ -109,20 +109,20 @@ def _decoder_layer(k: int, n: int, rng) -> onnx.ModelProto:
 
 
 def test_symbolic_bundle_matches_ort_at_one_row_and_more(tmp_path, monkeypatch):
-    """Through compile (packed weights, fusion, the symbolic schedules): seq 1 takes the GEMV nest,
-    seq 3 and 16 the tiled one; both give ORT's output."""
+    """Through compile (packed weights, fusion, the symbolic schedules): seq 1, 3 and 16 take the
+    1-row, 4-row and tiled nests; each gives ORT's output."""
     rng = np.random.default_rng(3)
     model = _decoder_layer(144, 400, rng)  # K 3 x 48; N 400: a partial last 48-column panel
     path = tmp_path / "ffn.onnx"
     onnx.save(model, path)
-    versioned, original = [], gemv.with_one_row_path
+    versioned, original = [], gemv.with_few_row_paths
 
     def spy(func, scheduled, *args):
         out = original(func, scheduled, *args)
         versioned.append(out is not scheduled)
         return out
 
-    monkeypatch.setattr(gemv, "with_one_row_path", spy)
+    monkeypatch.setattr(gemv, "with_few_row_paths", spy)
     compiled = api.compile(str(path), dim_bounds={"seq": 16})
     assert sum(versioned) == 2, versioned  # both matmuls, with their epilogues
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
