@@ -82,3 +82,27 @@ def test_scheduled_vit_head_matches_ort():
     assert any(r.startswith("conv2d") for r in built.report.values()), built.report
     assert "generic" not in built.report.values(), built.report
     np.testing.assert_allclose(built(feeds)[0], ort_run(model, feeds)[0], rtol=1e-3, atol=1e-4)
+
+
+def test_upsampling_head_with_a_one_channel_conv_runs_blocked():
+    """ViT-S's decoder: 4x4 stride-2 upsamplings, then a 64->1 conv on the largest map. The narrow conv
+    reads its input converted to NCHW; the upsampling convs stay in the blocked layout."""
+    import onnx_ir as ir
+
+    from graphopt.backends.compile import compile_model
+    from graphopt.backends.schedules import last_report
+
+    ws, b2 = _rand(32, 32, 4, 4, seed=1) * 0.1, _rand(1, 32, 1, 1, seed=2) * 0.1
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w1"], ["u1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["u1"], ["r1"]),
+        helper.make_node("ConvTranspose", ["r1", "w1"], ["u2"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["u2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w2"], ["y"]),
+    ]
+    model = make_model(nodes, [("x", F, [1, 32, 12, 12])], [("y", F, None)], {"w1": ws, "w2": b2}, opset=13)
+    x = _rand(1, 32, 12, 12, seed=3)
+    got = compile_model(ir.serde.deserialize_model(model))(x=x)["y"]
+    rules = last_report()
+    assert list(rules.values()).count("conv2d_blocked") == 2, rules
+    np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-3, atol=1e-4)
