@@ -31,6 +31,7 @@ from tvm import relax, s_tir, tirx
 from tvm.script import tirx as T
 
 from . import int8_dot
+from .amx_kernel import _drop_param
 from .features import features_of, int8_dot_kind
 from .int8_conv import SERIAL_MACS, _Bindings
 from .int8_layout import rewrite_block, shape_of
@@ -128,15 +129,11 @@ def qmatmul_func(dot: int8_dot.Dot, m: int, k: int, n: int, *, rows: bool, scale
                             acc[vt, vb, vi, vj, vn], zx, colsum, shift, rsum, scale, vt * qi + vi,
                             (vb * obi + vj) * lanes + vn)
 
-    unused = {name for name, used in (("shift", rows), ("scale", scales)) if not used}
-    func = _drop_params(qmm, unused)
+    func = qmm
+    for name, used in (("shift", rows), ("scale", scales)):
+        func = func if used else _drop_param(func, name)
     threads = threads if m * k * n >= SERIAL_MACS["dot"] else 1
     return _schedule(func, dot, threads, copy, rows)
-
-
-def _drop_params(func: tirx.PrimFunc, names: set) -> tirx.PrimFunc:
-    """``func`` without the (unused) buffer parameters named ``names``."""
-    return tirx.PrimFunc([p for p in func.params if p.name not in names], func.body, func.ret_type, func.attrs)
 
 
 def _schedule(func: tirx.PrimFunc, dot: int8_dot.Dot, threads: int, copy: bool, rows: bool) -> tirx.PrimFunc:
