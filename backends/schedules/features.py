@@ -13,6 +13,7 @@ class CPUFeatures:
     vector_bits: int = 256
     cores: int = 1
     target: object = None  # the tvm Target, for rules that need more
+    l2: int = 1 << 20  # bytes of L2 cache a core has (the target's ``l2`` feature when it gives one)
 
     def lanes(self, dtype_bits: int = 32) -> int:
         """Vector lanes for an element type of ``dtype_bits`` bits (at least 1)."""
@@ -104,7 +105,8 @@ def features_of(target_spec) -> CPUFeatures:
             from graphopt.backends.bundle.loader import physical_cores
 
             cores = int(os.environ.get("TVM_NUM_THREADS") or physical_cores())
-    return CPUFeatures(vector_bits=int(bits), cores=max(1, int(cores)), target=target)
+    l2 = int(given.get("l2") or CPUFeatures.l2)
+    return CPUFeatures(vector_bits=int(bits), cores=max(1, int(cores)), target=target, l2=l2)
 
 
 class Knobs:

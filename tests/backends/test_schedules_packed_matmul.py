@@ -138,3 +138,29 @@ def test_three_vector_panel_is_one_register_tile(tmp_path):
     text = func.script()
     assert "T.Buffer((T.int64(4), T.int64(96), T.int64(48))" in text  # 192 columns as 4 panels of 48
     assert "T.unroll(T.int64(8))" in text and "T.unroll(T.int64(3))" in text and "T.vectorized(T.int64(16))" in text
+
+
+@pytest.mark.parametrize("m,k,n", [(96, 512, 96), (40, 768, 48)])
+def test_rows_larger_than_l2_take_k_blocks(m, k, n):
+    """Rows x K over L2: the K loop in blocks outside the row tiles (k_block), numerics unchanged."""
+    from tvm import te
+
+    from graphopt.backends.schedules.features import CPUFeatures
+    from graphopt.backends.schedules.matmul import schedule_matmul
+    from graphopt.backends.schedules.features import RuleContext
+
+    width = packed_matmul.panel_lanes(n, 16)
+    x = te.placeholder((1, m, k), name="x")
+    wp = te.placeholder((-(-n // width), k, width), name="wp")
+    func = te.create_prim_func([x, wp, packed_matmul.packed_matmul_te(x, wp, n)])
+    feats = CPUFeatures(vector_bits=512, cores=2, l2=64 * 1024)  # rows of m x k floats: over 64 KB
+    sch = schedule_matmul(func, RuleContext(feats=feats))
+    text = sch.mod["main"].script()
+    assert "rk_0" in text and "rk_1" in text, text  # K split into blocks
+    rng = np.random.default_rng(5)
+    xa = rng.standard_normal((1, m, k)).astype(np.float32)
+    wa = rng.standard_normal((k, n)).astype(np.float32)
+    lib = tvm.compile(sch.mod, target="llvm")
+    out = tvm.runtime.tensor(np.zeros((1, m, n), np.float32))
+    lib(tvm.runtime.tensor(xa), tvm.runtime.tensor(packed_matmul.pack_weight(wa, width)), out)
+    np.testing.assert_allclose(out.numpy(), xa @ wa, rtol=1e-4, atol=1e-3)
