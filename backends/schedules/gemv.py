@@ -8,15 +8,15 @@ multiply-adds. A GEMV wants the opposite tile: one row and several panels, each 
 feeding ``panels x vectors`` independent accumulators, several panels streamed at once.
 
 ``with_few_row_paths(func, scheduled, feats)`` versions such a function on its row count ``m``: the
-body becomes ``if m == 1: <1-row nest> elif m <= 4: <4-row nest> else: <the tiled nest>``. Each
-version is a schedule of the same function (same buffers): the row tiles' loop outermost and cut to
-one iteration (the rows past ``m`` are clamped copies of row ``m - 1`` that the write-back skips),
-the panels split into register tiles of ``tiling.accumulator_tile`` panels (1 row: 8 panels x 3
-vectors = 24 accumulators on AVX-512; 4 rows: 2 panels) that run parallel, ``k`` inside, the row,
-panel and vector loops unrolled, the epilogue (bias, GELU, residual) inlined into the write-back, as
-the static rule does for one static row (``tiling.apply_contraction``: a one-row block's register
-axis is the panel axis). One library then reads a prompt in one call and runs each decode step at
-the one-row speed.
+body becomes ``if m == 1: <1-row nest> elif m <= 4: <4-row nest> elif m <= 8: <4-row tiles inside
+the panels> else: <the tiled nest>``. Each version is a schedule of the same function (same
+buffers): for 1 and 4 rows the row tiles' loop outermost and cut to one iteration (the rows past
+``m`` are clamped copies of row ``m - 1`` that the write-back skips), the panels split into
+register tiles of ``tiling.accumulator_tile`` panels (1 row: 8 panels x 3 vectors = 24 accumulators
+on AVX-512; 4 rows: 2 panels) that run parallel, ``k`` inside, the row, panel and vector loops
+unrolled, the epilogue (bias, GELU, residual) inlined into the write-back, as the static rule does
+for one static row (``tiling.apply_contraction``: a one-row block's register axis is the panel
+axis). One library then reads a prompt in one call and runs each decode step at the one-row speed.
 """
 
 from __future__ import annotations
@@ -49,11 +49,12 @@ def row_count(func: tirx.PrimFunc):
     return None
 
 
-def schedule_rows(func: tirx.PrimFunc, feats: CPUFeatures, rows: int = 1, parallel: bool = True
-                  ) -> tirx.PrimFunc | None:
+def schedule_rows(func: tirx.PrimFunc, feats: CPUFeatures, rows: int = 1, parallel: bool = True,
+                  tiles_inside: bool = False) -> tirx.PrimFunc | None:
     """``func`` (a packed matmul, rows padded) scheduled for tiles of ``rows`` rows (1, 2 or 4) times
     several panels: the row tiles' loop outermost, so that cutting it (``_cut_rows``) computes the first
-    ``rows`` rows only; None when the block is not the expected packed matmul."""
+    ``rows`` rows only, or (``tiles_inside``) inside the panel tiles' loop, every row tile over the
+    panels while they are in cache; None when the block is not the expected packed matmul."""
     from . import _inline_data_movement
     from .symbolic import schedule_block
 
@@ -77,9 +78,12 @@ def schedule_rows(func: tirx.PrimFunc, feats: CPUFeatures, rows: int = 1, parall
     p_o, p_i = sch.split(panels, [None, tile])
     v_o, v_i = sch.split(lanes_loop, [None, lanes]) if nvec > 1 else (None, lanes_loop)
     inner = [lp for lp in (r_i, p_i, v_o) if lp is not None]
-    sch.reorder(r_o, *lead, p_o, k, *inner, v_i)
+    if tiles_inside:
+        sch.reorder(*lead, p_o, r_o, k, *inner, v_i)
+    else:
+        sch.reorder(r_o, *lead, p_o, k, *inner, v_i)
     wb = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(wb, p_o, preserve_unit_loops=True)
+    sch.reverse_compute_at(wb, r_o if tiles_inside else p_o, preserve_unit_loops=True)
     _inline_epilogue(sch, wb)
     if parallel and int(nb) // tile > 1:
         sch.parallel(p_o)
@@ -94,42 +98,46 @@ def schedule_rows(func: tirx.PrimFunc, feats: CPUFeatures, rows: int = 1, parall
     return sch.mod["main"]
 
 
-def _cut_rows(stmt: tirx.Stmt, iterations: int = 1) -> tirx.Stmt | None:
-    """The root loop nest with its outermost loop (the row tiles) cut to ``iterations``."""
+def _cut_rows(stmt: tirx.Stmt) -> tirx.Stmt | None:
+    """The root loop nest with its outermost loop (the row tiles) cut to one iteration."""
     if isinstance(stmt, tirx.For):
-        return tirx.For(stmt.loop_var, stmt.min, tirx.IntImm(str(stmt.extent.ty), iterations), stmt.kind,
+        return tirx.For(stmt.loop_var, stmt.min, tirx.IntImm(str(stmt.extent.ty), 1), stmt.kind,
                         stmt.body, stmt.thread_binding, stmt.annotations)
     return None
 
 
-# Row counts served by a version of their own: (rows of its register tile, taken when m <= rows). One
-# row streams the weight through 8 panels at once (2.6x the 8-row tile's speed on gen:gpt2's logits
-# matmul, 1 thread); 2 to 4 rows through 2 panels (1.4-1.5x at 768x3072 and its transpose); more
-# rows keep the tiled nest, whose 8-row tile reads each weight vector once for 8 rows.
-ROW_VERSIONS = (1, 4)
+# Row counts served by a version of their own: (rows of its register tile, the largest m it serves,
+# whether its row tiles loop inside the panel tiles). One row streams the weight through 8 panels at
+# once (2.6x the 8-row tile's speed on gen:gpt2's logits matmul, 1 thread); 2 to 4 rows through 2
+# panels (1.4-1.5x at 768x3072 and its transpose); 5 to 8 rows in two 4-row tiles over the same 2
+# panels, the second reading them from cache (gen:gpt2 prefill of 5 and 8 tokens 10-25% faster).
+# More rows keep the tiled nest, whose 8-row tile reads each weight vector once for 8 rows.
+ROW_VERSIONS = ((1, 1, False), (4, 4, False), (4, 8, True))
 
 
 def with_few_row_paths(func: tirx.PrimFunc, scheduled: tirx.PrimFunc, feats: CPUFeatures,
                        parallel: bool = True) -> tirx.PrimFunc:
     """``scheduled`` (``func`` scheduled for any row count) versioned on the row count ``m``:
-    ``if m == 1: <1-row tile> elif m <= 4: <4-row tile> else: <scheduled>``; returned unchanged when
-    ``func`` is not a packed matmul over a symbolic row count."""
+    ``if m == 1: <1 row> elif m <= 4: <4 rows> elif m <= 8: <2 x 4 rows> else: <scheduled>``;
+    returned unchanged when ``func`` is not a packed matmul over a symbolic row count."""
     m = row_count(func)
     if m is None:
         return scheduled
     root = scheduled.body.block
     body, allocs = root.body, list(root.alloc_buffers)
-    for rows in reversed(ROW_VERSIONS):
+    for rows, largest, inside in reversed(ROW_VERSIONS):
         try:
-            version = schedule_rows(func, feats, rows, parallel)
+            version = schedule_rows(func, feats, rows, parallel, inside)
         except Exception as e:  # noqa: BLE001 - no such version; the next one serves these row counts
             log.debug("%d-row schedule failed: %s", rows, e)
             continue
-        cut = None if version is None else _cut_rows(version.body.block.body)
+        if version is None:
+            continue
+        cut = version.body.block.body if inside else _cut_rows(version.body.block.body)
         if cut is None:
             continue
-        bound = tirx.IntImm(str(m.ty), rows)
-        body = tirx.IfThenElse(tirx.EQ(m, bound) if rows == 1 else tirx.LE(m, bound), cut, body)
+        bound = tirx.IntImm(str(m.ty), largest)
+        body = tirx.IfThenElse(tirx.EQ(m, bound) if largest == 1 else tirx.LE(m, bound), cut, body)
         allocs += list(version.body.block.alloc_buffers)
     root = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init, allocs,
                         root.match_buffers, root.annotations)

@@ -1,6 +1,6 @@
 """The few-row (GEMV) paths of packed matmuls over a symbolic row count (backends/schedules/gemv.py):
-which functions get them, and numerics at one row (the 1-row nest), 2 to 4 rows (the 4-row nest) and
-more (the tiled nest) against numpy and, through the whole compile pipeline, against ONNX Runtime."""
+which functions get them, and numerics at one row (the 1-row nest), 2 to 4 rows (the 4-row nest), 5
+to 8 (two 4-row tiles) and more (the tiled nest) against numpy and, through the whole compile pipeline, against ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from graphopt.front import api
 
 SPEC = get_target("x86")
 FEATS = features_of(SPEC)
-ROWS = (1, 2, 4, 5, 8, 9)  # the 1-row nest, the 4-row nest (2 and 4 rows), whole and partial 8-row tiles
+ROWS = (1, 2, 4, 5, 8, 9, 17)  # the 1-row nest, the 4-row nest (2, 4), two 4-row tiles (5, 8), the tiled nest
 
 
 def _function(k: int, n: int, epilogue: str = "bias"):
@@ -56,7 +56,7 @@ def test_few_row_paths_match_numpy(k, n, epilogue):
     func, lanes = _function(k, n, epilogue)
     assert str(gemv.row_count(func)) == "seq"
     scheduled, _ = schedule_function(func, FEATS, {"seq": 64})
-    assert _conditions(scheduled.body.block.body) == ["seq == T.int64(1)", "seq <= T.int64(4)"]
+    assert _conditions(scheduled.body.block.body) == ["seq == T.int64(1)", "seq <= T.int64(4)", "seq <= T.int64(8)"]
     lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=as_target(SPEC))
     rng = np.random.default_rng(k + n)
     w = rng.standard_normal((k, n)).astype(np.float32)
@@ -109,8 +109,8 @@ def _decoder_layer(k: int, n: int, rng) -> onnx.ModelProto:
 
 
 def test_symbolic_bundle_matches_ort_at_one_row_and_more(tmp_path, monkeypatch):
-    """Through compile (packed weights, fusion, the symbolic schedules): seq 1, 3 and 16 take the
-    1-row, 4-row and tiled nests; each gives ORT's output."""
+    """Through compile (packed weights, fusion, the symbolic schedules): seq 1, 3, 6 and 16 take the
+    1-row, 4-row, two-4-row-tile and tiled nests; each gives ORT's output."""
     rng = np.random.default_rng(3)
     model = _decoder_layer(144, 400, rng)  # K 3 x 48; N 400: a partial last 48-column panel
     path = tmp_path / "ffn.onnx"
@@ -126,7 +126,7 @@ def test_symbolic_bundle_matches_ort_at_one_row_and_more(tmp_path, monkeypatch):
     compiled = api.compile(str(path), dim_bounds={"seq": 16})
     assert sum(versioned) == 2, versioned  # both matmuls, with their epilogues
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for rows in (1, 3, 16):
+    for rows in (1, 3, 6, 16):
         x = rng.standard_normal((1, rows, 144)).astype(np.float32)
         np.testing.assert_allclose(compiled(x=x)["y"], sess.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4,
                                    err_msg=f"seq={rows}")
