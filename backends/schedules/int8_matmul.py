@@ -30,15 +30,15 @@ import tvm
 from tvm import relax, s_tir, tirx
 from tvm.script import tirx as T
 
-from . import int8_dot
+from . import amx_matmul, int8_dot
 from .amx_kernel import _drop_param
 from .features import features_of, int8_dot_kind
 from .int8_conv import SERIAL_MACS, _Bindings
 from .int8_layout import rewrite_block, shape_of
+from .int8_match import match
 from .value_range import rewrite_value_range
 
-_OP = {name: tvm.ir.Op.get(f"relax.{name}") for name in ("matmul", "subtract", "astype", "multiply", "reshape")}
-_FLOAT32_EXACT = 1 << 24
+_MATMUL = tvm.ir.Op.get("relax.matmul")
 
 
 def tile(m: int, nb: int, dot: int8_dot.Dot) -> tuple[int, int]:
@@ -48,23 +48,50 @@ def tile(m: int, nb: int, dot: int8_dot.Dot) -> tuple[int, int]:
     return min(options, key=lambda t: (math.ceil(m / t[0]) * t[0] * math.ceil(nb / t[1]) * t[1], -t[0] * t[1], -t[1]))
 
 
+def split_weight(centered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[K, N]`` ``b - b_zp`` (int64) as ``(W, d)``: ``W`` int8, ``centered = W + d`` per column."""
+    lo, hi = centered.min(axis=0), centered.max(axis=0)
+    if int((hi - lo).max()) > 255:
+        raise ValueError("weight columns span more than 8 bits")
+    shift = np.where((lo >= -128) & (hi <= 127), 0, lo + 128).astype(np.int64)
+    return (centered - shift).astype(np.int8), shift
+
+
+def column_constants(w: np.ndarray, shift: np.ndarray, cols: int) -> dict:
+    """``colsum`` (``ΣW`` per column) and ``shift`` (``d``), int32, padded with zeros to ``cols``."""
+    colsum, d = np.zeros(cols, np.int32), np.zeros(cols, np.int32)
+    colsum[:w.shape[1]], d[:w.shape[1]] = w.astype(np.int32).sum(axis=0), shift
+    return {"colsum": colsum, "shift": d}
+
+
 def pack(dot: int8_dot.Dot, centered: np.ndarray, m: int) -> dict:
     """The constants of a ``[K, N]`` integer weight ``centered`` (``b - b_zp``, int64) for ``m`` rows:
     ``wp`` ``[blocks, K/4, lanes, 4]`` int8, ``colsum`` and ``shift`` (``d``) per padded column."""
+    w, shift = split_weight(centered)
     k, n = centered.shape
-    lo, hi = centered.min(axis=0, initial=0), centered.max(axis=0, initial=0)
-    if int((hi - lo).max(initial=0)) > 255:
-        raise ValueError("weight columns span more than 8 bits")
-    shift = np.where((lo >= -128) & (hi <= 127), 0, lo + 128).astype(np.int64)
-    w = (centered - shift).astype(np.int8)
-    qi, obi = tile(m, math.ceil(n / dot.lanes), dot)
+    _, obi = tile(m, math.ceil(n / dot.lanes), dot)
     cols = math.ceil(math.ceil(n / dot.lanes) / obi) * obi * dot.lanes
     full = np.zeros((k, cols), np.int8)
     full[:, :n] = w
     wp = dot.pack_weight(np.ascontiguousarray(full.T)[:, :, None, None])  # [blocks, 1, K/4, lanes, 4]
-    colsum, d = np.zeros(cols, np.int32), np.zeros(cols, np.int32)
-    colsum[:n], d[:n] = w.astype(np.int32).sum(axis=0), shift
-    return {"wp": wp.reshape(wp.shape[0], *wp.shape[2:]), "colsum": colsum, "shift": d}
+    return {"wp": wp.reshape(wp.shape[0], *wp.shape[2:]), **column_constants(w, shift, cols)}
+
+
+def epilogue(k: int, rows: bool, scales: int):
+    """The output element from the int32 product ``acc`` of row ``row``, column ``col``:
+    ``acc - zx·ΣW[col] (+ d[col]·(Σx[row] - k·zx))``, as float32 times the scale when ``scales``."""
+    ns = max(scales, 1)
+
+    def value(acc, zx, colsum, shift, rsum, scale, row, col):
+        z = T.Cast("int32", zx[0])
+        v = acc - z * colsum[col]
+        if rows:
+            v = v + shift[col] * (rsum[row] - k * z)
+        if not scales:
+            return v
+        return T.Cast("float32", v) * scale[T.min(col, ns - 1)]
+
+    return value
 
 
 def qmatmul_func(dot: int8_dot.Dot, m: int, k: int, n: int, *, rows: bool, scales: int, threads: int) -> tirx.PrimFunc:
@@ -80,15 +107,7 @@ def qmatmul_func(dot: int8_dot.Dot, m: int, k: int, n: int, *, rows: bool, scale
     copy = mp != m or kp != k
     out_dtype = "float32" if scales else "int32"
     ns = max(scales, 1)
-
-    def value(acc, zx, colsum, shift, rsum, scale, row, col):
-        z = T.Cast("int32", zx[0])
-        v = acc - z * colsum[col]
-        if rows:
-            v = v + shift[col] * (rsum[row] - k * z)
-        if not scales:
-            return v
-        return T.Cast("float32", v) * scale[T.min(col, ns - 1)]
+    value = epilogue(k, rows, scales)
 
     @T.prim_func(s_tir=True, private=True)
     def qmm(x: T.Buffer((m, k), "uint8"), zx: T.Buffer((1,), "uint8"), wp: T.Buffer((nbp, k4, lanes, 4), "int8"),
@@ -152,93 +171,28 @@ def _schedule(func: tirx.PrimFunc, dot: int8_dot.Dot, threads: int, copy: bool, 
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def _bound(b: _Bindings, expr, op: str):
-    """The call of ``op`` that var ``expr`` is bound to, else None."""
-    value = b.value.get(expr) if isinstance(expr, relax.Var) else None
-    return value if isinstance(value, relax.Call) and value.op.same_as(_OP[op]) else None
-
-
-def _numel(expr) -> int | None:
-    shape = shape_of(expr)
-    return None if shape is None else math.prod(shape)
-
-
-def _activation(b: _Bindings, expr, dtype: str):
-    """(x, zx) when ``expr`` is ``astype(x_u8, dtype) - astype(zx_u8, dtype)`` (or ``astype(x_u8)``), zx a
-    single value (None: 0), else None."""
-    sub = _bound(b, expr, "subtract")
-    x_cast = _bound(b, sub.args[0] if sub is not None else expr, "astype")
-    if x_cast is None or str(x_cast.attrs.dtype) != dtype or x_cast.args[0].ty.dtype != "uint8":
-        return None
-    if sub is None:
-        return x_cast.args[0], None
-    z_cast = _bound(b, sub.args[1], "astype")
-    if z_cast is None or z_cast.args[0].ty.dtype != "uint8" or _numel(z_cast.args[0]) != 1:
-        return None
-    return x_cast.args[0], z_cast.args[0]
-
-
-def _single_use(b: _Bindings, var, op: str):
-    """The one binding that uses ``var``, when it is a call of ``op``: (its var, its call), else None."""
-    if b.uses[var] != 1:
-        return None
-    for v, value in b.value.items():
-        if isinstance(value, relax.Call) and value.op.same_as(_OP[op]) and any(a.same_as(var) for a in value.args):
-            return v, value
-    return None
-
-
-def match(b: _Bindings, var, mm: relax.Call) -> dict | None:
-    """The MatMulInteger chain whose matmul ``mm`` is bound to ``var``: ``x`` ``[..., K]`` uint8, ``zx``,
-    ``weight`` (``[K, N]``, int64), ``scale`` (None: int32 out) and ``end`` (the var it replaces)."""
-    dtype = str(mm.attrs.out_dtype)
-    if dtype not in ("int32", "float32"):
-        return None
-    act = _activation(b, mm.args[0], dtype)
-    weight = b.constant(mm.args[1])
-    if act is None or weight is None or weight.ndim != 2 or shape_of(act[0]) is None:
-        return None
-    if shape_of(act[0])[-1] != weight.shape[0] or np.any(np.round(weight) != weight):
-        return None
-    weight = weight.astype(np.int64)
-    if weight.size == 0 or int(np.ptp(weight, axis=0).max()) > 255:
-        return None
-    end = var
-    if dtype == "float32":  # exact only below 2**24 (lowering/quant.py picks this form only then)
-        cast = _single_use(b, var, "astype")
-        if 255 * int(np.abs(weight).sum(axis=0).max(initial=0)) >= _FLOAT32_EXACT or cast is None \
-                or str(cast[1].attrs.dtype) != "int32":
-            return None
-        end = cast[0]
-    m = {"x": act[0], "zx": act[1], "weight": weight, "scale": None, "end": end}
-    to_float = _single_use(b, end, "astype")
-    if to_float is None or str(to_float[1].attrs.dtype) != "float32":
-        return m
-    scaled = _single_use(b, to_float[0], "multiply")
-    if scaled is None:
-        return m
-    args = scaled[1].args
-    scale = args[1] if args[0].same_as(to_float[0]) else args[0]
-    s_shape, n = shape_of(scale), weight.shape[1]
-    if scale.ty.dtype != "float32" or s_shape is None or len(s_shape) > len(shape_of(act[0])) \
-            or any(d != 1 for d in s_shape[:-1]) or (s_shape and s_shape[-1] not in (1, n)):
-        return m
-    return {**m, "scale": scale, "scales": math.prod(s_shape), "end": scaled[0]}
-
-
-def _caller(bb, dot: int8_dot.Dot, threads: int, block):
+def _caller(bb, dot: int8_dot.Dot, amx: bool, threads: int, block):
     """``rewrite_block``'s kernel call for the bindings of ``block``."""
     var = relax.DataflowVar if isinstance(block, relax.DataflowBlock) else relax.Var
-    return lambda m, x, _in_layout, _out_layout: _call(bb, dot, m, threads, x, var)
+    return lambda m, x, _in_layout, _out_layout: _call(bb, dot, amx, m, threads, x, var)
 
 
-def _call(bb, dot: int8_dot.Dot, m: dict, threads: int, x, var=relax.DataflowVar):
-    """(the kernel call of match ``m`` reading ``x``, bindings to put before it; new vars of type ``var``)."""
+def _call(bb, dot: int8_dot.Dot, amx: bool, m: dict, threads: int, x, var=relax.DataflowVar):
+    """(the kernel call of match ``m`` reading ``x``, bindings to put before it; new vars of type ``var``):
+    on AMX tiles (``amx_matmul.py``) where ``amx`` and there are enough rows, else on ``dot``."""
     shape = shape_of(m["x"])
     rows, (k, n) = math.prod(shape[:-1]), m["weight"].shape
-    consts = pack(dot, m["weight"], rows)
-    has_rows, scales = bool(consts["shift"].any()), m["scales"] if m["scale"] is not None else 0
-    func = qmatmul_func(dot, rows, k, n, rows=has_rows, scales=scales, threads=threads)
+    scales = m["scales"] if m["scale"] is not None else 0
+    if amx and rows >= amx_matmul.MIN_ROWS:
+        w, shift = split_weight(m["weight"])
+        consts = {"wp": amx_matmul.pack(w), **column_constants(w, shift, amx_matmul.columns(n))}
+        has_rows = bool(consts["shift"].any())
+        func = amx_matmul.qmatmul_func(rows, k, n, rows=has_rows, scales=scales, value=epilogue(k, has_rows, scales),
+                                       threads=threads if rows * k * n >= SERIAL_MACS["amx"] else 1)
+    else:
+        consts = pack(dot, m["weight"], rows)
+        has_rows = bool(consts["shift"].any())
+        func = qmatmul_func(dot, rows, k, n, rows=has_rows, scales=scales, threads=threads)
     flat = var("qmm_rows", relax.TensorType([rows, k], "uint8"))
     pre = [relax.VarBinding(flat, relax.op.reshape(x, [rows, k]))]
     zx = relax.const(np.zeros(1, np.uint8)) if m["zx"] is None else relax.op.reshape(m["zx"], [1])
@@ -248,7 +202,8 @@ def _call(bb, dot: int8_dot.Dot, m: dict, threads: int, x, var=relax.DataflowVar
     if scales:
         args.append(relax.op.reshape(m["scale"], [scales]))
     out = var("qmm_out", relax.TensorType([rows, n], "float32" if scales else "int32"))
-    pre.append(relax.VarBinding(out, relax.call_tir(bb.add_func(func, "vnni_qmatmul"), args, out.ty)))
+    name = "amx_qmatmul" if amx and rows >= amx_matmul.MIN_ROWS else f"{dot.kind}_qmatmul"
+    pre.append(relax.VarBinding(out, relax.call_tir(bb.add_func(func, name), args, out.ty)))
     return relax.op.reshape(out, [*shape[:-1], n]), pre
 
 
@@ -262,6 +217,7 @@ def rewrite_int8_matmul(mod: tvm.IRModule, spec) -> tvm.IRModule:
     if kind not in ("vnni", "avxvnni") or os.environ.get("GRAPHOPT_INT8_DOT", "1") == "0":
         return mod
     dot = int8_dot.DOTS[kind]
+    amx = bool(spec.features.get("amx")) and os.environ.get("GRAPHOPT_INT8_AMX", "1") != "0"
     bb = relax.BlockBuilder(tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs))
     total = 0
     for gv, func in list(mod.functions_items()):
@@ -270,7 +226,7 @@ def rewrite_int8_matmul(mod: tvm.IRModule, spec) -> tvm.IRModule:
         b = _Bindings(func)
         found = {}
         for var, value in b.value.items():
-            if isinstance(value, relax.Call) and value.op.same_as(_OP["matmul"]):
+            if isinstance(value, relax.Call) and value.op.same_as(_MATMUL):
                 m = match(b, var, value)
                 if m is not None:
                     found[m["end"]] = m
@@ -278,7 +234,7 @@ def rewrite_int8_matmul(mod: tvm.IRModule, spec) -> tvm.IRModule:
             continue
         total += len(found)
 
-        blocks = [type(block)(rewrite_block(block, found, set(), _caller(bb, dot, threads, block)))
+        blocks = [type(block)(rewrite_block(block, found, set(), _caller(bb, dot, amx, threads, block)))
                   for block in func.body.blocks]
         bb.update_func(gv, relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty,
                                           func.is_pure, func.attrs))

@@ -1,7 +1,8 @@
-"""MatMulInteger with a constant weight on VNNI (``schedules/int8_matmul.py``): exact against ONNX
-Runtime's MatMulInteger (and its Cast + Mul dequantization after DynamicQuantizeLinear) over random
-and adversarial ranges, and the products on ``vpdpbusd``. Needs a CPU with AVX-512 VNNI (this
-project's machines have it; skipped elsewhere)."""
+"""MatMulInteger with a constant weight on VNNI and AMX-INT8 (``schedules/int8_matmul.py``,
+``amx_matmul.py``): exact against ONNX Runtime's MatMulInteger (and its Cast + Mul dequantization
+after DynamicQuantizeLinear) over random and adversarial ranges, the products on ``vpdpbusd`` (fewer
+than 16 rows) and ``tdpbusd``. Needs a CPU with AVX-512 VNNI (AMX-INT8 for the AMX cases; this
+project's machines have both; skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -13,23 +14,23 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
-
 from graphopt.backends.bundle import loader
 from graphopt.backends.schedules import int8_matmul
 from graphopt.backends.schedules.int8_dot import DOTS
+from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conformance_util import make_model  # noqa: E402
-from test_int8_vnni import _count_per_function  # noqa: E402
+from conformance_util import make_model
+from test_int8_vnni import _count_per_function
 
 F, U8, I8, I32 = TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32
+HAS_AMX = "amx_int8" in loader.cpu_flags()
 needs_vnni = pytest.mark.skipif("avx512_vnni" not in loader.cpu_flags() or shutil.which("objdump") is None,
                                 reason="needs AVX-512 VNNI and objdump")
 
 
 def _net():
-    """Six MatMulIntegers, each a case of the kernel: (model, the integer products it holds)."""
+    """Six MatMulIntegers, each a case of the kernels: M = 1 and 4 rows on VNNI, 18 and 20 rows on AMX."""
     rng = np.random.default_rng(0)
     inits = {
         "w_m1": rng.integers(-128, 128, (13, 20)).astype(np.int8),  # M = 1, K = 13 (not a multiple of 4)
@@ -59,8 +60,8 @@ def _net():
         helper.make_node("Mul", ["xs", "s_dq2"], ["m_dq2"]),
         helper.make_node("Mul", ["m_dq2", "c_dq2"], ["y_dq2"]),
     ]
-    inputs = [("a_m1", U8, [1, 13]), ("a3", U8, [2, 5, 38]), ("a_far", U8, [4, 600]), ("az", U8, []),
-              ("x", F, [6, 64])]
+    inputs = [("a_m1", U8, [1, 13]), ("a3", U8, [2, 9, 38]), ("a_far", U8, [4, 600]), ("az", U8, []),
+              ("x", F, [20, 64])]
     outputs = [(n, I32, None) for n in ("y_m1", "y_u8", "y_i8", "y_far")] + [("y_dq", F, None), ("y_dq2", F, None)]
     return make_model(nodes, inputs, outputs, inits, opset=13)
 
@@ -69,8 +70,8 @@ def _feeds(rng, az: int, fill: int | None = None, x_scale: float = 3.0) -> dict:
     def a(shape):
         return np.full(shape, fill, np.uint8) if fill is not None else rng.integers(0, 256, shape).astype(np.uint8)
 
-    return {"a_m1": a((1, 13)), "a3": a((2, 5, 38)), "a_far": a((4, 600)), "az": np.array(az, np.uint8),
-            "x": (rng.standard_normal((6, 64)) * x_scale).astype(np.float32)}
+    return {"a_m1": a((1, 13)), "a3": a((2, 9, 38)), "a_far": a((4, 600)), "az": np.array(az, np.uint8),
+            "x": (rng.standard_normal((20, 64)) * x_scale).astype(np.float32)}
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +85,13 @@ def compiled(tmp_path_factory):
 
 @needs_vnni
 def test_every_matmul_integer_on_vpdpbusd(compiled):
-    """All six MatMulIntegers become kernel calls whose products are vpdpbusd; the range of the
-    dynamically quantized input is one vectorized kernel."""
+    """All six MatMulIntegers become kernel calls: products on vpdpbusd below 16 rows, on AMX tiles
+    from 16 rows where the CPU has AMX-INT8; the range of the dynamically quantized input is one
+    vectorized kernel."""
     _, _, bundle = compiled
-    products = _count_per_function(bundle / "lib.so", "vpdpbusd")
-    kernels = [n for n in products if n.startswith("vnni_qmatmul")]
-    assert len(kernels) == 6, products
+    vnni = [n for n in _count_per_function(bundle / "lib.so", "vpdpbusd") if n.startswith("vnni_qmatmul")]
+    amx = [n for n in _count_per_function(bundle / "lib.so", "tdpbusd") if n.startswith("amx_qmatmul")]
+    assert (len(vnni), len(amx)) == ((2, 4) if HAS_AMX else (6, 0)), (vnni, amx)
     # DynamicQuantizeLinear's minimum and maximum: one vector pass (value_range.py)
     assert [n for n in _count_per_function(bundle / "lib.so", "vmaxps") if n.startswith("value_range")]
 
@@ -114,13 +116,18 @@ def test_exactly_ort(compiled, az, fill):
 
 
 @needs_vnni
-@pytest.mark.parametrize("m,k,n,kind", [(1, 512, 384, "i8"), (9, 31, 70, "u8col"), (128, 64, 16, "i8zp")])
-def test_kernel_alone_exact(m, k, n, kind):
-    """The PrimFunc alone against numpy's int64 product: one row, K and rows off the tile, N off the
+@pytest.mark.parametrize("m,k,n,kind,amx", [
+    (1, 512, 384, "i8", False), (9, 31, 70, "u8col", False), (128, 64, 16, "i8zp", False),
+    (16, 512, 384, "i8", True), (37, 70, 33, "u8col", True), (64, 128, 64, "i8zp", True)])
+def test_kernel_alone_exact(m, k, n, kind, amx):
+    """Each kernel alone against numpy's int64 product: one row, K and rows off the tiles, N off the
     16-column blocks, the row-sum correction (uint8 weights, per-column zero points)."""
     import tvm
+    from graphopt.backends.schedules import amx_matmul
     from graphopt.backends.targets import get_target
 
+    if amx and not HAS_AMX:
+        pytest.skip("needs AMX-INT8")
     rng = np.random.default_rng(m)
     dot = DOTS["vnni"]
     x = rng.integers(0, 256, (m, k)).astype(np.uint8)
@@ -131,10 +138,18 @@ def test_kernel_alone_exact(m, k, n, kind):
     else:
         centered = rng.integers(-128, 128, (k, n)) - rng.integers(-128, 128, n)
     zx = np.array([rng.integers(0, 256)], np.uint8)
-    consts = int8_matmul.pack(dot, centered.astype(np.int64), m)
+    if amx:
+        w, shift = int8_matmul.split_weight(centered.astype(np.int64))
+        consts = {"wp": amx_matmul.pack(w), **int8_matmul.column_constants(w, shift, amx_matmul.columns(n))}
+    else:
+        consts = int8_matmul.pack(dot, centered.astype(np.int64), m)
     rows = bool(consts["shift"].any())
     assert rows == (kind != "i8")
-    func = int8_matmul.qmatmul_func(dot, m, k, n, rows=rows, scales=0, threads=2)
+    if amx:
+        func = amx_matmul.qmatmul_func(m, k, n, rows=rows, scales=0, threads=2,
+                                       value=int8_matmul.epilogue(k, rows, 0))
+    else:
+        func = int8_matmul.qmatmul_func(dot, m, k, n, rows=rows, scales=0, threads=2)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=get_target("x86").target)
     out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
     args = [x, zx, consts["wp"], consts["colsum"], *([consts["shift"]] if rows else [])]
