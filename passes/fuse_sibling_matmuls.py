@@ -92,24 +92,27 @@ class FuseSiblingMatMulsPass(ir.passes.InPlacePass):
         with_bias = any(add is not None for add, _ in biases)
         first = members[0]
         x = first.inputs[0]
+        base = "+".join(mm.name or "MatMul" for mm in members)  # the merged nodes name their parts
         # the merged nodes go where the first sibling was: x is defined there, every consumer comes later
         anchor = min(members, key=lambda mm: list(graph).index(mm))
         w = new_const(graph, np.concatenate(weights, axis=1), f"{first.name or 'matmul'}_merged_w", anchor)
-        mm = ir.node("MatMul", [x, w])
+        mm = ir.node("MatMul", [x, w], name=base)
         nodes = [mm]
         out = mm.outputs[0]
         if with_bias:
             bias = np.concatenate([b if b is not None else np.zeros(n, weights[0].dtype)
                                    for (_, b), n in zip(biases, widths)]).astype(weights[0].dtype)
-            add = ir.node("Add", [out, new_const(graph, bias, f"{first.name or 'matmul'}_merged_b", anchor)])
+            add = ir.node("Add", [out, new_const(graph, bias, f"{first.name or 'matmul'}_merged_b", anchor)],
+                          name=f"{base}_bias")
             nodes.append(add)
             out = add.outputs[0]
         sizes = np.asarray(widths, np.int64)
         if split_input:  # opset 13 on: the sizes are an input
             split = ir.node("Split", [out, new_const(graph, sizes, "split_sizes", anchor)], {"axis": -1},
-                            num_outputs=len(members))
+                            num_outputs=len(members), name=f"{base}_split")
         else:
-            split = ir.node("Split", [out], {"axis": -1, "split": widths}, num_outputs=len(members))
+            split = ir.node("Split", [out], {"axis": -1, "split": widths}, num_outputs=len(members),
+                            name=f"{base}_split")
         nodes.append(split)
         graph.insert_before(anchor, nodes)
         for member, (add, _), piece in zip(members, biases, split.outputs):

@@ -68,3 +68,20 @@ def test_graph_output_matmul_stays_out():
     p = FuseSiblingMatMulsPass()
     assert not p(model).modified
     assert any("graph output" in s for s in p.skipped), p.skipped
+
+
+def test_merged_nodes_name_their_parts():
+    model = model_from_text(
+        '''<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,16] x) => (float[2,8] a, float[2,4] b) {
+            ma = MatMul(x, w1)
+            mb = MatMul(x, w2)
+            a = Relu(ma)
+            b = Relu(mb)
+        }''', w1=_w(16, 8), w2=_w(16, 4))
+    for i, node in enumerate(model.graph):
+        node.name = node.name or f"n{i}"
+    result = FuseSiblingMatMulsPass()(model)
+    merged = next(n for n in result.model.graph if n.op_type == "MatMul")
+    assert merged.name == "n0+n1"
+    assert next(n for n in result.model.graph if n.op_type == "Split").name == "n0+n1_split"
