@@ -13,6 +13,9 @@ Exact: every output column is the same dot product over ``K`` as before. A sibli
 its weight is a constant float matrix with the group's ``K`` and dtype, and its bias (if any) is a
 constant ``[N_i]`` (or ``[1.., N_i]``) Add that is the MatMul's only consumer; siblings without a bias
 get zeros when others have one. ``_why_not`` says why a MatMul stayed out.
+
+It fires only for graphopt's own compiler (``target_runtime="graphopt"``, what ``compile`` runs): ONNX
+Runtime fuses attention itself from three separate projections, and a merged one would hide them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.passes.graphopt_ops import check_target_runtime
 from graphopt.passes.rewrite_utils import const_array, graphs_of, home, new_const, only_consumer, opset_version
 
 MIN_SIBLINGS = 2
@@ -54,8 +58,9 @@ def _why_not(matmul: ir.Node, k: int | None, dtype) -> str | None:
 class FuseSiblingMatMulsPass(ir.passes.InPlacePass):
     """Merge MatMuls that share their input and have constant weights (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, target_runtime: str = "onnx") -> None:
         super().__init__()
+        self.target_runtime = check_target_runtime(target_runtime, "pass 'fuse_sibling_matmuls'")
         self.skipped: list[str] = []
 
     def _groups(self, graph) -> list[list[ir.Node]]:
@@ -128,6 +133,8 @@ class FuseSiblingMatMulsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.skipped = []
+        if self.target_runtime != "graphopt":
+            return ir.passes.PassResult(model, modified=False)
         split_input = (opset_version(model) or 13) >= 13
         merged = 0
         for graph in list(graphs_of(model)):

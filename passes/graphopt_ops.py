@@ -33,7 +33,8 @@ from graphopt.passes.rewrite_utils import GRAPHOPT_DOMAIN, graphs_of, replace_va
 # (graphopt-domain ops where the model's opset has no standard one).
 TARGET_RUNTIMES = ("onnx", "ort", "graphopt")
 # the passes whose output depends on it (their ``target_runtime`` option)
-RUNTIME_AWARE_PASSES = ("fuse_activations", "fuse_layernorm", "fuse_attention", "fuse_conv_activation")
+RUNTIME_AWARE_PASSES = ("fuse_activations", "fuse_layernorm", "fuse_attention", "fuse_conv_activation",
+                        "fuse_sibling_matmuls")
 
 
 def with_target_runtime(options: dict | None, target_runtime: str) -> dict:

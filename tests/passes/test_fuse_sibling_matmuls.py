@@ -36,7 +36,7 @@ def _qkv(opset: int, biases: tuple[bool, bool, bool]):
 @pytest.mark.parametrize("opset", [11, 17])  # Split's sizes: an attribute before opset 13, an input since
 @pytest.mark.parametrize("biases", [(True, True, True), (False, False, False), (True, False, True)])
 def test_projections_merge_into_one_matmul(opset, biases):
-    result = apply_and_compare(FuseSiblingMatMulsPass(), _qkv(opset, biases), rtol=1e-6, atol=1e-6)
+    result = apply_and_compare(FuseSiblingMatMulsPass(target_runtime="graphopt"), _qkv(opset, biases), rtol=1e-6, atol=1e-6)
     assert result.modified
     counts = ops(result.model)
     assert counts["MatMul"] == 1 and counts["Split"] == 1
@@ -50,7 +50,7 @@ def test_one_matmul_or_a_computed_weight_stays():
             a = MatMul(x, w1)
             b = MatMul(x, w2)
         }''', w1=_w(16, 8))
-    p = FuseSiblingMatMulsPass()
+    p = FuseSiblingMatMulsPass(target_runtime="graphopt")
     result = p(model)
     assert not result.modified
     assert any("not a constant" in s for s in p.skipped), p.skipped
@@ -65,7 +65,7 @@ def test_graph_output_matmul_stays_out():
             b = MatMul(x, w2)
             r = Relu(b)
         }''', w1=_w(16, 8), w2=_w(16, 4))
-    p = FuseSiblingMatMulsPass()
+    p = FuseSiblingMatMulsPass(target_runtime="graphopt")
     assert not p(model).modified
     assert any("graph output" in s for s in p.skipped), p.skipped
 
@@ -81,7 +81,13 @@ def test_merged_nodes_name_their_parts():
         }''', w1=_w(16, 8), w2=_w(16, 4))
     for i, node in enumerate(model.graph):
         node.name = node.name or f"n{i}"
-    result = FuseSiblingMatMulsPass()(model)
+    result = FuseSiblingMatMulsPass(target_runtime="graphopt")(model)
     merged = next(n for n in result.model.graph if n.op_type == "MatMul")
     assert merged.name == "n0+n1"
     assert next(n for n in result.model.graph if n.op_type == "Split").name == "n0+n1_split"
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "ort"])
+def test_other_runtimes_keep_their_projections(runtime):
+    """ONNX Runtime fuses attention from three separate projections: only graphopt's compiler merges them."""
+    assert not FuseSiblingMatMulsPass(target_runtime=runtime)(_qkv(17, (True, True, True))).modified
