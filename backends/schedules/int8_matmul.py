@@ -1,17 +1,17 @@
-"""Integer matmuls with a constant weight on VNNI (``vpdpbusd``): ``MatMulInteger`` as ONNX Runtime's
-``quantize_dynamic`` writes it, a Relax rewrite and its kernel.
+"""Integer matmuls with a constant weight: ``MatMulInteger`` as ONNX Runtime's ``quantize_dynamic``
+writes it, a Relax rewrite and its kernels, VNNI (``vpdpbusd``) here and AMX-INT8 (``amx_matmul.py``).
 
-The lowering (``lowering/quant.py``) writes ``MatMulInteger(a_u8, b, a_zp, b_zp)`` with a constant
-``b`` as a matmul of ``a - a_zp`` by the constant ``B = b - b_zp`` (int32, or float32 where that is
-exact), cast back to int32; a dynamically quantized model follows it with ``Cast(float) -> Mul(scale)``.
-``rewrite_int8_matmul`` replaces each such chain by one ``call_tir`` of ``qmatmul_func``:
+``int8_match.match`` finds the chains (``lowering/quant.py`` writes ``MatMulInteger`` with a constant
+``b`` as a matmul by the constant ``B = b - b_zp``; a dynamically quantized model follows it with
+``Cast(float) -> Mul(scale)``); ``rewrite_int8_matmul`` replaces each by one ``call_tir``:
 
 * the weight, packed once at compile time: ``B = W + d`` per column, ``W`` int8 (``d = 0`` where the
   column fits int8, as for int8 weights with zero point 0; else ``min + 128``), packed by
-  ``int8_dot.Dot.pack_weight`` into blocks of ``lanes`` columns x 4 rows;
+  ``int8_dot.Dot.pack_weight`` into blocks of ``lanes`` columns x 4 rows (AMX: ``amx_int8.pack_weight``);
 * the products: ``qi`` rows x ``obi`` blocks of ``lanes`` columns a register tile, the ``lanes``x4
-  block tensorized with the dot-product intrinsic of ``int8_dot`` (uint8 activations x int8 weights);
-* the zero points folded in, exact in int32:
+  block tensorized with the dot-product intrinsic of ``int8_dot``; 16 rows and more on AMX tiles
+  where the target has AMX-INT8 (``GRAPHOPT_INT8_AMX=0``: VNNI only);
+* the zero points folded in, exact in int32 (``epilogue``):
   ``Σ(x - zx)·B = Σx·W - zx·ΣW[n] + d[n]·(Σx[m] - K·zx)`` (the row sums only when some ``d`` is not 0);
 * the dequantization on the way out, ``float32(acc) · scale`` (a scalar or one per column), the
   same float32 operations as the Cast and Mul it replaces: results are bit-identical.
@@ -208,9 +208,9 @@ def _call(bb, dot: int8_dot.Dot, amx: bool, m: dict, threads: int, x, var=relax.
 
 
 def rewrite_int8_matmul(mod: tvm.IRModule, spec) -> tvm.IRModule:
-    """Every MatMulInteger chain of ``mod`` (see ``match``) as a call of ``qmatmul_func``, on targets
-    with a uint8 x int8 dot product (VNNI, AVX-VNNI); on every CPU target, the range of a dynamically
-    quantized tensor in one pass (``value_range.py``)."""
+    """Every MatMulInteger chain of ``mod`` (``int8_match.match``) as a kernel call, on targets with a
+    uint8 x int8 dot product (VNNI, AVX-VNNI; AMX-INT8 from 16 rows); on every CPU target, the range
+    of a dynamically quantized tensor in one pass (``value_range.py``)."""
     threads = spec.features.get("cores", 1)
     mod = rewrite_value_range(mod, features_of(spec).lanes(32), threads)
     kind = int8_dot_kind(spec) if not getattr(spec, "is_gpu", False) else None
