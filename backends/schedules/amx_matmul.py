@@ -41,9 +41,13 @@ def columns(n: int) -> int:
     return amx_int8.padded_channels(64, n)[1]
 
 
-def qmatmul_func(m: int, k: int, n: int, *, rows: bool, scales: int, threads: int, value) -> tirx.PrimFunc:
+def qmatmul_func(m: int, k: int, n: int, *, rows: bool, scales: int, threads: int, value, lead: tuple = (),
+                 index=None) -> tirx.PrimFunc:
     """The PrimFunc ``(x, zx, wp, colsum[, shift][, scale], out)`` (``int8_matmul.qmatmul_func``'s
-    arguments); ``value(acc, zx, colsum, shift, rsum, scale, row, col)``: the output element."""
+    arguments, ``out`` ``[*lead, n]``); ``value(acc, zx, colsum, shift, rsum, scale, row, col)``: the
+    output element; ``index(row, col)``: its index in ``out`` (default: ``out`` is ``[m, n]``)."""
+    index = index or (lambda r, c: (r, c))
+    out_shape = (*(lead or (m,)), n)
     kp, cols = amx_int8.padded_channels(k, n)
     mp, kc_n, ob_pairs, row_pairs = math.ceil(m / 32) * 32, kp // 64, cols // 32, math.ceil(m / 32)
     copy = mp != m or kp != k
@@ -56,7 +60,7 @@ def qmatmul_func(m: int, k: int, n: int, *, rows: bool, scales: int, threads: in
     @T.prim_func(private=True, s_tir=True)
     def qmm(x: T.Buffer((m, k), "uint8"), zx: T.Buffer((1,), "uint8"), wp: T.Buffer((cols // 16, 1, kc_n, 16, 16, 4), "int8"),
             colsum: T.Buffer((cols,), "int32"), shift: T.Buffer((cols,), "int32"), scale: T.Buffer((ns,), "float32"),
-            out: T.Buffer((m, n), out_dtype)):
+            out: T.Buffer(out_shape, out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.flops": 2 * m * k * n})
         with T.sblock("root"):
             rsum = T.sblock_alloc_buffer((mp if rows else 1,), "int32")
@@ -106,13 +110,13 @@ def qmatmul_func(m: int, k: int, n: int, *, rows: bool, scales: int, threads: in
                         if item % row_pairs * 32 + i * 16 + rr < m:
                             if (item // row_pairs * 2 + jn) * 16 + 16 <= n:
                                 for c in T.vectorized(16):
-                                    out[item % row_pairs * 32 + i * 16 + rr, (item // row_pairs * 2 + jn) * 16 + c] = value(
+                                    out[index(item % row_pairs * 32 + i * 16 + rr, (item // row_pairs * 2 + jn) * 16 + c)] = value(
                                         acc[i * 2 + jn, rr, c], zx, colsum, shift, rsum, scale,
                                         item % row_pairs * 32 + i * 16 + rr, (item // row_pairs * 2 + jn) * 16 + c)
                             else:
                                 for c in range(16):
                                     if (item // row_pairs * 2 + jn) * 16 + c < n:
-                                        out[item % row_pairs * 32 + i * 16 + rr, (item // row_pairs * 2 + jn) * 16 + c] = value(
+                                        out[index(item % row_pairs * 32 + i * 16 + rr, (item // row_pairs * 2 + jn) * 16 + c)] = value(
                                             acc[i * 2 + jn, rr, c], zx, colsum, shift, rsum, scale,
                                             item % row_pairs * 32 + i * 16 + rr, (item // row_pairs * 2 + jn) * 16 + c)
                 T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))

@@ -77,6 +77,16 @@ def pack(dot: int8_dot.Dot, centered: np.ndarray, m: int) -> dict:
     return {"wp": wp.reshape(wp.shape[0], *wp.shape[2:]), **column_constants(w, shift, cols)}
 
 
+def out_index(lead: tuple, row, col) -> tuple:
+    """The index in an output of shape ``(*lead, n)`` of flattened row ``row`` (``< prod(lead)``), column ``col``."""
+    idx, total, stride = [], math.prod(lead), math.prod(lead)
+    for d in lead:
+        outer, stride = stride, stride // d
+        v = row if stride == 1 else row // stride
+        idx.append(0 if d == 1 else v if outer == total else v % d)
+    return (*idx, col)
+
+
 def epilogue(k: int, rows: bool, scales: int):
     """The output element from the int32 product ``acc`` of row ``row``, column ``col``:
     ``acc - zx·ΣW[col] (+ d[col]·(Σx[row] - k·zx))``, as float32 times the scale when ``scales``."""
@@ -94,10 +104,13 @@ def epilogue(k: int, rows: bool, scales: int):
     return value
 
 
-def qmatmul_func(dot: int8_dot.Dot, m: int, k: int, n: int, *, rows: bool, scales: int, threads: int) -> tirx.PrimFunc:
+def qmatmul_func(dot: int8_dot.Dot, m: int, k: int, n: int, *, rows: bool, scales: int, threads: int,
+                 lead: tuple = ()) -> tirx.PrimFunc:
     """The scheduled PrimFunc ``(x, zx, wp, colsum[, shift][, scale], out)``: ``x`` ``[m, k]`` uint8,
     ``zx`` ``[1]`` uint8, the constants of ``pack``; ``rows``: some ``shift`` is not 0 (takes ``shift``);
-    ``scales``: 0 for an int32 ``out``, else the scale's length (1 or ``n``) for a float32 one."""
+    ``scales``: 0 for an int32 ``out``, else the scale's length (1 or ``n``) for a float32 one; ``out``
+    ``[*lead, n]`` (``lead``: the rows' dims, ``(m,)`` by default; a model output is then no copy)."""
+    lead = tuple(lead) or (m,)
     int8_dot._intrinsics(dot)
     lanes = dot.lanes
     qi, obi = tile(m, math.ceil(n / lanes), dot)
@@ -112,7 +125,7 @@ def qmatmul_func(dot: int8_dot.Dot, m: int, k: int, n: int, *, rows: bool, scale
     @T.prim_func(s_tir=True, private=True)
     def qmm(x: T.Buffer((m, k), "uint8"), zx: T.Buffer((1,), "uint8"), wp: T.Buffer((nbp, k4, lanes, 4), "int8"),
             colsum: T.Buffer((cols,), "int32"), shift: T.Buffer((cols,), "int32"), scale: T.Buffer((ns,), "float32"),
-            out: T.Buffer((m, n), out_dtype)):
+            out: T.Buffer((*lead, n), out_dtype)):
         T.func_attr({"tirx.noalias": True, "graphopt.flops": 2 * m * k * n})
         with T.sblock("root"):
             acc = T.sblock_alloc_buffer((qt, obo, qi, obi, lanes), "int32")
@@ -144,7 +157,7 @@ def qmatmul_func(dot: int8_dot.Dot, m: int, k: int, n: int, *, rows: bool, scale
                     with T.sblock("epilogue"):
                         vb, vt, vi, vj, vn = T.axis.remap("SSSSS", [b, t, i, j, nn])
                         T.where(t * qi + i < m and (b * obi + j) * lanes + nn < n)
-                        out[vt * qi + vi, (vb * obi + vj) * lanes + vn] = value(
+                        out[out_index(lead, vt * qi + vi, (vb * obi + vj) * lanes + vn)] = value(
                             acc[vt, vb, vi, vj, vn], zx, colsum, shift, rsum, scale, vt * qi + vi,
                             (vb * obi + vj) * lanes + vn)
 
@@ -188,11 +201,12 @@ def _call(bb, dot: int8_dot.Dot, amx: bool, m: dict, threads: int, x, var=relax.
         consts = {"wp": amx_matmul.pack(w), **column_constants(w, shift, amx_matmul.columns(n))}
         has_rows = bool(consts["shift"].any())
         func = amx_matmul.qmatmul_func(rows, k, n, rows=has_rows, scales=scales, value=epilogue(k, has_rows, scales),
-                                       threads=threads if rows * k * n >= SERIAL_MACS["amx"] else 1)
+                                       threads=threads if rows * k * n >= SERIAL_MACS["amx"] else 1,
+                                       lead=tuple(shape[:-1]), index=lambda r, c: out_index(tuple(shape[:-1]), r, c))
     else:
         consts = pack(dot, m["weight"], rows)
         has_rows = bool(consts["shift"].any())
-        func = qmatmul_func(dot, rows, k, n, rows=has_rows, scales=scales, threads=threads)
+        func = qmatmul_func(dot, rows, k, n, rows=has_rows, scales=scales, threads=threads, lead=tuple(shape[:-1]))
     flat = var("qmm_rows", relax.TensorType([rows, k], "uint8"))
     pre = [relax.VarBinding(flat, relax.op.reshape(x, [rows, k]))]
     zx = relax.const(np.zeros(1, np.uint8)) if m["zx"] is None else relax.op.reshape(m["zx"], [1])
@@ -201,10 +215,9 @@ def _call(bb, dot: int8_dot.Dot, amx: bool, m: dict, threads: int, x, var=relax.
         args.append(relax.const(consts["shift"]))
     if scales:
         args.append(relax.op.reshape(m["scale"], [scales]))
-    out = var("qmm_out", relax.TensorType([rows, n], "float32" if scales else "int32"))
+    out = relax.TensorType([*shape[:-1], n], "float32" if scales else "int32")
     name = "amx_qmatmul" if amx and rows >= amx_matmul.MIN_ROWS else f"{dot.kind}_qmatmul"
-    pre.append(relax.VarBinding(out, relax.call_tir(bb.add_func(func, name), args, out.ty)))
-    return relax.op.reshape(out, [*shape[:-1], n]), pre
+    return relax.call_tir(bb.add_func(func, name), args, out), pre
 
 
 def rewrite_int8_matmul(mod: tvm.IRModule, spec) -> tvm.IRModule:

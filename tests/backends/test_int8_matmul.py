@@ -30,7 +30,7 @@ needs_vnni = pytest.mark.skipif("avx512_vnni" not in loader.cpu_flags() or shuti
 
 
 def _net():
-    """Six MatMulIntegers, each a case of the kernels: M = 1 and 4 rows on VNNI, 18 and 20 rows on AMX."""
+    """Seven MatMulIntegers, each a case of the kernels: 1, 4 and 2x5 rows on VNNI, 2x9 and 20 rows on AMX."""
     rng = np.random.default_rng(0)
     inits = {
         "w_m1": rng.integers(-128, 128, (13, 20)).astype(np.int8),  # M = 1, K = 13 (not a multiple of 4)
@@ -38,6 +38,7 @@ def _net():
         "z_u8": rng.integers(0, 256, 33).astype(np.uint8),
         "w_i8": rng.integers(-128, 128, (38, 17)).astype(np.int8),  # int8 weight, a zero point per column
         "z_i8": rng.integers(-128, 128, 17).astype(np.int8),
+        "w_3d": rng.integers(-128, 128, (24, 36)).astype(np.int8),  # [2, 5, 24] rows: a 3-d output on VNNI
         "w_far": np.full((600, 8), -128, np.int8),  # |sums| past 2**24: the int32 form of the lowering
         "w_dq": rng.integers(-128, 128, (64, 48)).astype(np.int8),  # dynamically quantized, per-column scale
         "z_dq": np.zeros(48, np.int8), "s_dq": rng.uniform(1e-3, 2e-2, 48).astype(np.float32),
@@ -50,6 +51,7 @@ def _net():
         helper.make_node(mm, ["a3", "w_u8", "az", "z_u8"], ["y_u8"]),
         helper.make_node(mm, ["a3", "w_i8", "az", "z_i8"], ["y_i8"]),
         helper.make_node(mm, ["a_far", "w_far", "az"], ["y_far"]),
+        helper.make_node(mm, ["a_3d", "w_3d", "az"], ["y_3d"]),
         helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
         helper.make_node(mm, ["xq", "w_dq", "xz", "z_dq"], ["p_dq"]),
         helper.make_node("Cast", ["p_dq"], ["c_dq"], to=F),
@@ -60,9 +62,10 @@ def _net():
         helper.make_node("Mul", ["xs", "s_dq2"], ["m_dq2"]),
         helper.make_node("Mul", ["m_dq2", "c_dq2"], ["y_dq2"]),
     ]
-    inputs = [("a_m1", U8, [1, 13]), ("a3", U8, [2, 9, 38]), ("a_far", U8, [4, 600]), ("az", U8, []),
+    inputs = [("a_m1", U8, [1, 13]), ("a3", U8, [2, 9, 38]), ("a_far", U8, [4, 600]), ("a_3d", U8, [2, 5, 24]),
+              ("az", U8, []),
               ("x", F, [20, 64])]
-    outputs = [(n, I32, None) for n in ("y_m1", "y_u8", "y_i8", "y_far")] + [("y_dq", F, None), ("y_dq2", F, None)]
+    outputs = [(n, I32, None) for n in ("y_m1", "y_u8", "y_i8", "y_far", "y_3d")] + [("y_dq", F, None), ("y_dq2", F, None)]
     return make_model(nodes, inputs, outputs, inits, opset=13)
 
 
@@ -70,7 +73,7 @@ def _feeds(rng, az: int, fill: int | None = None, x_scale: float = 3.0) -> dict:
     def a(shape):
         return np.full(shape, fill, np.uint8) if fill is not None else rng.integers(0, 256, shape).astype(np.uint8)
 
-    return {"a_m1": a((1, 13)), "a3": a((2, 9, 38)), "a_far": a((4, 600)), "az": np.array(az, np.uint8),
+    return {"a_m1": a((1, 13)), "a3": a((2, 9, 38)), "a_far": a((4, 600)), "a_3d": a((2, 5, 24)), "az": np.array(az, np.uint8),
             "x": (rng.standard_normal((20, 64)) * x_scale).astype(np.float32)}
 
 
@@ -84,14 +87,14 @@ def compiled(tmp_path_factory):
 
 
 @needs_vnni
-def test_every_matmul_integer_on_vpdpbusd(compiled):
-    """All six MatMulIntegers become kernel calls: products on vpdpbusd below 16 rows, on AMX tiles
+def test_every_matmul_integer_on_a_kernel(compiled):
+    """All seven MatMulIntegers become kernel calls: products on vpdpbusd below 16 rows, on AMX tiles
     from 16 rows where the CPU has AMX-INT8; the range of the dynamically quantized input is one
     vectorized kernel."""
     _, _, bundle = compiled
     vnni = [n for n in _count_per_function(bundle / "lib.so", "vpdpbusd") if n.startswith("vnni_qmatmul")]
     amx = [n for n in _count_per_function(bundle / "lib.so", "tdpbusd") if n.startswith("amx_qmatmul")]
-    assert (len(vnni), len(amx)) == ((2, 4) if HAS_AMX else (6, 0)), (vnni, amx)
+    assert (len(vnni), len(amx)) == ((3, 4) if HAS_AMX else (7, 0)), (vnni, amx)
     # DynamicQuantizeLinear's minimum and maximum: one vector pass (value_range.py)
     assert [n for n in _count_per_function(bundle / "lib.so", "vmaxps") if n.startswith("value_range")]
 
