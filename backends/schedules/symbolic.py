@@ -248,14 +248,60 @@ def _symbolic_reduction(sch: s_tir.Schedule, blocks) -> bool:
                for b in blocks for iv in sch.get(b).iter_vars)
 
 
+def work_expr(sch: s_tir.Schedule, bounds: dict[str, int]):
+    """Iterations of the block nest that is largest at the bounds, as an expression of the symbolic
+    dims (what ``work_at_bound`` weighs), or None when that nest is static."""
+    import tvm
+
+    ana = tvm.sym.Analyzer()
+    best, expr = -1, None
+    for b in root_blocks(sch):
+        n = tirx.const(1, "int64")
+        for iv in sch.get(b).iter_vars:
+            n = n * tirx.Cast("int64", iv.dom.extent) if iv.dom.extent.ty != "int64" else n * iv.dom.extent
+            for v in tirx.analysis.undefined_vars(iv.dom.extent, []):
+                ana.bind(v, tvm.ir.Range(1, bounds.get(v.name, 1) + 1))
+        value = int(ana.const_int_bound(n).max_value)
+        if value > best:
+            best, expr = value, n
+    expr = ana.simplify(expr) if expr is not None else None
+    return None if expr is None or isinstance(expr, tirx.IntImm) else expr
+
+
+def _with_serial_path(parallel: tirx.PrimFunc, serial: tirx.PrimFunc, work) -> tirx.PrimFunc:
+    """``if work >= PARALLEL_MIN: <parallel> else: <serial>``: a nest sized for parallel loops at the
+    bounds runs serial when it is small at run time (a decode step's bias and GELU after a quantized
+    matmul: a thread-pool launch each cost more than their work, 15 of 42 ms a gen:gpt2 int8 step)."""
+    root, other = parallel.body.block, serial.body.block
+    cond = tirx.GE(work, tirx.IntImm(str(work.ty), PARALLEL_MIN))
+    body = tirx.IfThenElse(cond, root.body, other.body)
+    block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init,
+                         list(root.alloc_buffers) + list(other.alloc_buffers), root.match_buffers,
+                         root.annotations)
+    return parallel.with_body(s_tir.SBlockRealize(parallel.body.iter_values, parallel.body.predicate, block))
+
+
 def schedule_function(func: tirx.PrimFunc, feats: CPUFeatures, bounds: dict[str, int] | None = None
                       ) -> tuple[tirx.PrimFunc, str]:
     """The scheduled function and the rule that took it (``dlight.cpu.Reduction``, ``contraction``,
-    ``generic``; ``serial`` appended when the nest is small at the bounds)."""
+    ``generic``; ``serial`` appended when the nest is small at the bounds). A nest large enough for
+    parallel loops at the bounds gets a serial version too, taken when it is small at run time."""
+    sch = s_tir.Schedule(func)
+    parallel = work_at_bound(sch, bounds or {}) >= PARALLEL_MIN
+    scheduled, rule = _schedule_function(func, feats, parallel)
+    if parallel and (work := work_expr(sch, bounds or {})) is not None:
+        try:
+            serial, _ = _schedule_function(func, feats, False)
+            scheduled = _with_serial_path(scheduled, serial, work)
+        except Exception as e:  # noqa: BLE001 - parallel at every size, as before
+            log.debug("no serial version: %s", e)
+    return scheduled, rule
+
+
+def _schedule_function(func: tirx.PrimFunc, feats: CPUFeatures, parallel: bool) -> tuple[tirx.PrimFunc, str]:
     from . import _inline_data_movement
 
     sch = s_tir.Schedule(func)
-    parallel = work_at_bound(sch, bounds or {}) >= PARALLEL_MIN
     reductions = [b for b in root_blocks(sch) if is_reduction_block(sch, b)]
     from .layer_norm import schedule_layer_norm
 

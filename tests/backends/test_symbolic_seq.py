@@ -156,3 +156,29 @@ def test_minilm_symbolic_matches_ort_on_real_sentences(tmp_path):
         cos = float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
         assert cos >= 0.9999, (ids.shape, cos)
     assert min(seen) <= 5 + 2 and max(seen) == minilm.MAX_SEQ and len(seen) == 7
+
+
+def test_large_at_the_bound_small_at_run_time_runs_serial():
+    """A nest that is parallel at the bound also gets a serial version, taken when the run-time work is
+    small (a thread-pool launch costs more than a decode step's bias or GELU)."""
+    from tvm import te, tirx
+
+    from graphopt.backends.schedules.features import CPUFeatures
+    from graphopt.backends.schedules.symbolic import PARALLEL_MIN, schedule_function
+
+    seq = tirx.Var("seq", "int64")
+    x = te.placeholder((1, seq, 3072), name="x")
+    y = te.compute(x.shape, lambda *i: te.max(x(*i), tirx.const(0.0, "float32")), name="relu")
+    func = te.create_prim_func([x, y])
+    scheduled, _ = schedule_function(func, CPUFeatures(vector_bits=512, cores=2), {"seq": 512})
+    body = scheduled.body.block.body
+    assert isinstance(body, tirx.IfThenElse) and f">= T.int64({PARALLEL_MIN})" in str(body.condition)
+    assert "T.parallel" in tvm_script(body.then_case) and "T.parallel" not in tvm_script(body.else_case)
+    small, _ = schedule_function(func, CPUFeatures(vector_bits=512, cores=2), {"seq": 8})  # small at the bound
+    assert not isinstance(small.body.block.body, tirx.IfThenElse)
+
+
+def tvm_script(stmt) -> str:
+    import tvm
+
+    return tvm.tirx.PrimFunc([], stmt).script()
