@@ -42,10 +42,10 @@ def columns(n: int) -> int:
 
 
 def qmatmul_func(m: int, k: int, n: int, *, rows: bool, scales: int, threads: int, value, lead: tuple = (),
-                 index=None) -> tirx.PrimFunc:
-    """The PrimFunc ``(x, zx, wp, colsum[, shift][, scale], out)`` (``int8_matmul.qmatmul_func``'s
-    arguments, ``out`` ``[*lead, n]``); ``value(acc, zx, colsum, shift, rsum, scale, row, col)``: the
-    output element; ``index(row, col)``: its index in ``out`` (default: ``out`` is ``[m, n]``)."""
+                 index=None, wscales: int = 0) -> tirx.PrimFunc:
+    """The PrimFunc ``(x, zx, wp, colsum[, shift][, scale[, wscale]], out)`` (``int8_matmul.qmatmul_func``'s
+    arguments, ``out`` ``[*lead, n]``); ``value(acc, zx, colsum, shift, rsum, scale, wscale, row, col)``:
+    the output element; ``index(row, col)``: its index in ``out`` (default: ``out`` is ``[m, n]``)."""
     index = index or (lambda r, c: (r, c))
     out_shape = (*(lead or (m,)), n)
     kp, cols = amx_int8.padded_channels(k, n)
@@ -55,11 +55,12 @@ def qmatmul_func(m: int, k: int, n: int, *, rows: bool, scales: int, threads: in
     chunk = math.ceil(work / threads)
     nthreads = math.ceil(work / chunk)
     out_dtype = "float32" if scales else "int32"
-    ns = max(scales, 1)
+    ns, nw = max(scales, 1), max(wscales, 1)
 
     @T.prim_func(private=True, s_tir=True)
     def qmm(x: T.Buffer((m, k), "uint8"), zx: T.Buffer((1,), "uint8"), wp: T.Buffer((cols // 16, 1, kc_n, 16, 16, 4), "int8"),
             colsum: T.Buffer((cols,), "int32"), shift: T.Buffer((cols,), "int32"), scale: T.Buffer((ns,), "float32"),
+            wscale: T.Buffer((nw,), "float32"),
             out: T.Buffer(out_shape, out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "graphopt.flops": 2 * m * k * n})
         with T.sblock("root"):
@@ -111,17 +112,17 @@ def qmatmul_func(m: int, k: int, n: int, *, rows: bool, scales: int, threads: in
                             if (item // row_pairs * 2 + jn) * 16 + 16 <= n:
                                 for c in T.vectorized(16):
                                     out[index(item % row_pairs * 32 + i * 16 + rr, (item // row_pairs * 2 + jn) * 16 + c)] = value(
-                                        acc[i * 2 + jn, rr, c], zx, colsum, shift, rsum, scale,
+                                        acc[i * 2 + jn, rr, c], zx, colsum, shift, rsum, scale, wscale,
                                         item % row_pairs * 32 + i * 16 + rr, (item // row_pairs * 2 + jn) * 16 + c)
                             else:
                                 for c in range(16):
                                     if (item // row_pairs * 2 + jn) * 16 + c < n:
                                         out[index(item % row_pairs * 32 + i * 16 + rr, (item // row_pairs * 2 + jn) * 16 + c)] = value(
-                                            acc[i * 2 + jn, rr, c], zx, colsum, shift, rsum, scale,
+                                            acc[i * 2 + jn, rr, c], zx, colsum, shift, rsum, scale, wscale,
                                             item % row_pairs * 32 + i * 16 + rr, (item // row_pairs * 2 + jn) * 16 + c)
                 T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
 
     func = qmm
-    for name, used in (("shift", rows), ("scale", scales)):
+    for name, used in (("shift", rows), ("scale", scales), ("wscale", wscales)):
         func = func if used else _drop_param(func, name)
     return func

@@ -89,4 +89,22 @@ def match(b: _Bindings, var, mm: relax.Call) -> dict | None:
     if scale.ty.dtype != "float32" or s_shape is None or len(s_shape) > len(shape_of(act[0])) \
             or any(d != 1 for d in s_shape[:-1]) or (s_shape and s_shape[-1] not in (1, n)):
         return m
-    return {**m, "scale": scale, "scales": math.prod(s_shape), "end": scaled[0]}
+    m = {**m, "scale": scale, "scales": math.prod(s_shape), "end": scaled[0]}
+    return {**m, **_weight_scale(b, scale, n)}
+
+
+def _weight_scale(b: _Bindings, scale, n: int) -> dict:
+    """``{"scale": the activation's scale, "scales": 1, "wscale": the weight's}`` when ``scale`` is
+    (used once) the product of a single runtime value and a constant of 1 or ``n`` values (one per
+    column), as ``quantize_dynamic`` writes it; else nothing to change."""
+    product = _bound(b, scale, "multiply")
+    if product is None or b.uses[scale] != 1:
+        return {}
+    for run, const in (product.args, product.args[::-1]):
+        value, run_shape = b.constant(const), shape_of(run)
+        if value is None or b.constant(run) is not None or run_shape is None or math.prod(run_shape) != 1 \
+                or run.ty.dtype != "float32" or value.dtype != np.float32:
+            continue
+        if value.size == 1 or (value.shape[-1] == n and value.size == n):
+            return {"scale": run, "scales": 1, "wscale": value.reshape(-1)}
+    return {}

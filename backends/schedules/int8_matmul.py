@@ -87,28 +87,32 @@ def out_index(lead: tuple, row, col) -> tuple:
     return (*idx, col)
 
 
-def epilogue(k: int, rows: bool, scales: int):
+def epilogue(k: int, rows: bool, scales: int, wscales: int = 0):
     """The output element from the int32 product ``acc`` of row ``row``, column ``col``:
-    ``acc - zx·ΣW[col] (+ d[col]·(Σx[row] - k·zx))``, as float32 times the scale when ``scales``."""
-    ns = max(scales, 1)
+    ``acc - zx·ΣW[col] (+ d[col]·(Σx[row] - k·zx))``, as float32 times the scale when ``scales``
+    (times ``scale · wscale`` when ``wscales``: the product of the activation's and the weight's
+    scales, computed as the graph computes it)."""
+    ns, nw = max(scales, 1), max(wscales, 1)
 
-    def value(acc, zx, colsum, shift, rsum, scale, row, col):
+    def value(acc, zx, colsum, shift, rsum, scale, wscale, row, col):
         z = T.Cast("int32", zx[0])
         v = acc - z * colsum[col]
         if rows:
             v = v + shift[col] * (rsum[row] - k * z)
         if not scales:
             return v
-        return T.Cast("float32", v) * scale[T.min(col, ns - 1)]
+        s = scale[T.min(col, ns - 1)]
+        return T.Cast("float32", v) * (s * wscale[T.min(col, nw - 1)] if wscales else s)
 
     return value
 
 
 def qmatmul_func(dot: int8_dot.Dot, m: int, k: int, n: int, *, rows: bool, scales: int, threads: int,
-                 lead: tuple = ()) -> tirx.PrimFunc:
-    """The scheduled PrimFunc ``(x, zx, wp, colsum[, shift][, scale], out)``: ``x`` ``[m, k]`` uint8,
-    ``zx`` ``[1]`` uint8, the constants of ``pack``; ``rows``: some ``shift`` is not 0 (takes ``shift``);
-    ``scales``: 0 for an int32 ``out``, else the scale's length (1 or ``n``) for a float32 one; ``out``
+                 lead: tuple = (), wscales: int = 0) -> tirx.PrimFunc:
+    """The scheduled PrimFunc ``(x, zx, wp, colsum[, shift][, scale[, wscale]], out)``: ``x`` ``[m, k]``
+    uint8, ``zx`` ``[1]`` uint8, the constants of ``pack``; ``rows``: some ``shift`` is not 0 (takes
+    ``shift``); ``scales``: 0 for an int32 ``out``, else the scale's length (1 or ``n``) for a float32
+    one; ``wscales``: the length of a weight scale it is multiplied by (0: none, see ``epilogue``); ``out``
     ``[*lead, n]`` (``lead``: the rows' dims, ``(m,)`` by default; a model output is then no copy)."""
     lead = tuple(lead) or (m,)
     int8_dot._intrinsics(dot)
@@ -119,12 +123,13 @@ def qmatmul_func(dot: int8_dot.Dot, m: int, k: int, n: int, *, rows: bool, scale
     cols, mp, kp = obo * obi * lanes, qt * qi, k4 * 4
     copy = mp != m or kp != k
     out_dtype = "float32" if scales else "int32"
-    ns = max(scales, 1)
-    value = epilogue(k, rows, scales)
+    ns, nw = max(scales, 1), max(wscales, 1)
+    value = epilogue(k, rows, scales, wscales)
 
     @T.prim_func(s_tir=True, private=True)
     def qmm(x: T.Buffer((m, k), "uint8"), zx: T.Buffer((1,), "uint8"), wp: T.Buffer((nbp, k4, lanes, 4), "int8"),
             colsum: T.Buffer((cols,), "int32"), shift: T.Buffer((cols,), "int32"), scale: T.Buffer((ns,), "float32"),
+            wscale: T.Buffer((nw,), "float32"),
             out: T.Buffer((*lead, n), out_dtype)):
         T.func_attr({"tirx.noalias": True, "graphopt.flops": 2 * m * k * n})
         with T.sblock("root"):
@@ -158,11 +163,11 @@ def qmatmul_func(dot: int8_dot.Dot, m: int, k: int, n: int, *, rows: bool, scale
                         vb, vt, vi, vj, vn = T.axis.remap("SSSSS", [b, t, i, j, nn])
                         T.where(t * qi + i < m and (b * obi + j) * lanes + nn < n)
                         out[out_index(lead, vt * qi + vi, (vb * obi + vj) * lanes + vn)] = value(
-                            acc[vt, vb, vi, vj, vn], zx, colsum, shift, rsum, scale, vt * qi + vi,
+                            acc[vt, vb, vi, vj, vn], zx, colsum, shift, rsum, scale, wscale, vt * qi + vi,
                             (vb * obi + vj) * lanes + vn)
 
     func = qmm
-    for name, used in (("shift", rows), ("scale", scales)):
+    for name, used in (("shift", rows), ("scale", scales), ("wscale", wscales)):
         func = func if used else _drop_param(func, name)
     threads = threads if m * k * n >= SERIAL_MACS["dot"] else 1
     return _schedule(func, dot, threads, copy, rows)
@@ -196,17 +201,20 @@ def _call(bb, dot: int8_dot.Dot, amx: bool, m: dict, threads: int, x, var=relax.
     shape = shape_of(m["x"])
     rows, (k, n) = math.prod(shape[:-1]), m["weight"].shape
     scales = m["scales"] if m["scale"] is not None else 0
+    wscales = m["wscale"].size if scales and m.get("wscale") is not None else 0
     if amx and rows >= amx_matmul.MIN_ROWS:
         w, shift = split_weight(m["weight"])
         consts = {"wp": amx_matmul.pack(w), **column_constants(w, shift, amx_matmul.columns(n))}
         has_rows = bool(consts["shift"].any())
-        func = amx_matmul.qmatmul_func(rows, k, n, rows=has_rows, scales=scales, value=epilogue(k, has_rows, scales),
+        func = amx_matmul.qmatmul_func(rows, k, n, rows=has_rows, scales=scales, wscales=wscales,
+                                       value=epilogue(k, has_rows, scales, wscales),
                                        threads=threads if rows * k * n >= SERIAL_MACS["amx"] else 1,
                                        lead=tuple(shape[:-1]), index=lambda r, c: out_index(tuple(shape[:-1]), r, c))
     else:
         consts = pack(dot, m["weight"], rows)
         has_rows = bool(consts["shift"].any())
-        func = qmatmul_func(dot, rows, k, n, rows=has_rows, scales=scales, threads=threads, lead=tuple(shape[:-1]))
+        func = qmatmul_func(dot, rows, k, n, rows=has_rows, scales=scales, threads=threads, lead=tuple(shape[:-1]),
+                            wscales=wscales)
     flat = var("qmm_rows", relax.TensorType([rows, k], "uint8"))
     pre = [relax.VarBinding(flat, relax.op.reshape(x, [rows, k]))]
     zx = relax.const(np.zeros(1, np.uint8)) if m["zx"] is None else relax.op.reshape(m["zx"], [1])
@@ -215,6 +223,8 @@ def _call(bb, dot: int8_dot.Dot, amx: bool, m: dict, threads: int, x, var=relax.
         args.append(relax.const(consts["shift"]))
     if scales:
         args.append(relax.op.reshape(m["scale"], [scales]))
+    if wscales:
+        args.append(relax.const(np.ascontiguousarray(m["wscale"], np.float32)))
     out = relax.TensorType([*shape[:-1], n], "float32" if scales else "int32")
     name = "amx_qmatmul" if amx and rows >= amx_matmul.MIN_ROWS else f"{dot.kind}_qmatmul"
     return relax.call_tir(bb.add_func(func, name), args, out), pre

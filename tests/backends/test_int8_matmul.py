@@ -100,6 +100,18 @@ def test_every_matmul_integer_on_a_kernel(compiled):
 
 
 @needs_vnni
+def test_dequantization_folded_into_the_kernels():
+    """The Cast and Mul after the two dynamically quantized MatMulIntegers, and the product of the
+    activation's and the weight's scales before them, are all inside the kernels: no multiply left."""
+    from graphopt.backends.compile import fused_module
+
+    mod = fused_module(ir.serde.deserialize_model(_net()), "x86")
+    names = [gv.name_hint for gv in mod.functions]
+    assert sum(n.startswith(("vnni_qmatmul", "amx_qmatmul")) for n in names) == 7
+    assert not [n for n in names if "multiply" in n], names
+
+
+@needs_vnni
 @pytest.mark.parametrize("az,fill", [(0, None), (128, None), (255, None), (0, 255), (255, 0), (128, 255)],
                          ids=["zp0", "zp128", "zp255", "all255-zp0", "all0-zp255", "all255-zp128"])
 def test_exactly_ort(compiled, az, fill):
