@@ -61,8 +61,10 @@ def match(b: _Bindings, var, mm: relax.Call) -> dict | None:
     if dtype not in ("int32", "float32"):
         return None
     act = _activation(b, mm.args[0], dtype)
+    if act is None or shape_of(act[0]) is None:  # (before the weight is read: float matmuls stop here)
+        return None
     weight = b.constant(mm.args[1])
-    if act is None or weight is None or weight.ndim != 2 or shape_of(act[0]) is None:
+    if weight is None or weight.ndim != 2:
         return None
     if shape_of(act[0])[-1] != weight.shape[0] or np.any(np.round(weight) != weight):
         return None
