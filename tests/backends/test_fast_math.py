@@ -81,7 +81,8 @@ def test_erf_matches_ort_and_float64(tmp_path):
 
 
 def test_legalize_map_switch(monkeypatch):
-    assert set(fast_math.legalize_map()) == {"relax.exp", "relax.erf", "relax.sigmoid", "relax.nn.softmax"}
+    assert set(fast_math.legalize_map()) == {"relax.exp", "relax.erf", "relax.sigmoid", "relax.nn.softmax",
+                                             "relax.tanh", "relax.power"}
     monkeypatch.setenv("GRAPHOPT_FAST_MATH", "0")
     assert fast_math.legalize_map() == {}
 
@@ -121,3 +122,33 @@ def test_softmax_with_fused_neighbours(tmp_path):
     got, want = run_both(tmp_path, model, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got, 3 * reference("Softmax", 0.5 * x), rtol=3e-6)
+
+
+def test_tanh_matches_ort_and_float64(tmp_path):
+    """tanh through fast_tanh: within 2e-6 of tanh in float64, saturated past +-9, NaN kept."""
+    x = np.concatenate([np.linspace(-10, 10, 4093), [0.0, -0.0, 1e-30, 8.999, 9.001, 1e4, -1e4]])
+    x = x.astype(np.float32).reshape(1, -1)
+    got, want = run_both(tmp_path, unary_model("Tanh", x.shape), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    assert np.abs(got - np.tanh(x.astype(np.float64))).max() < 2e-6
+    nan, _ = run_both(tmp_path, unary_model("Tanh", (1, 2)), np.array([[np.nan, 1.0]], np.float32))
+    assert np.isnan(nan[0, 0])
+
+
+@pytest.mark.parametrize("exponent", [2.0, 3.0, 2.5])
+def test_small_powers_are_products(tmp_path, exponent):
+    """x ** 2 and x ** 3 (tanh-GELU's cube) as products, as ONNX Runtime computes them; other
+    exponents keep TVM's pow."""
+    from onnx import numpy_helper
+
+    shape = (4, 1000)
+    graph = helper.make_graph([helper.make_node("Pow", ["x", "e"], ["y"])], "pow",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+                              [numpy_helper.from_array(np.array(exponent, np.float32), "e")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32) * 5
+    if exponent == 2.5:
+        x = np.abs(x)
+    got, want = run_both(tmp_path, model, x)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
