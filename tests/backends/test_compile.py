@@ -127,7 +127,7 @@ def test_layout_ops_on_constants_fold_without_kernels():
     import tvm
     from tvm import relax
 
-    from graphopt.backends.compile import fold_layout_of_constants
+    from graphopt.backends.constants import fold_layout_of_constants
 
     w = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     x = relax.Var("x", relax.TensorType((4, 3, 2), "float32"))
