@@ -58,3 +58,18 @@ def test_partial_sums_are_vectorized():
         assert sch is not None, name
         text = sch.mod["main"].script()
         assert "_rf" in text and "T.vectorized" in text, name
+
+
+def test_mean_over_everything_then_subtract_is_not_recomputed_per_element():
+    """Moonshine's GroupNorm (one group): a mean over all of a [1, 1, N] tensor, then a subtract. The
+    row rule would put the mean under the subtract's loops (computed again for every element, a run
+    of minutes at Moonshine's N); it is left to the other rules."""
+    shape = (1, 1, 40000)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1]), helper.make_node("Sub", ["x", "m"], ["y"])]
+    graph = helper.make_graph(nodes, "centre", [helper.make_tensor_value_info("x", F, list(shape))],
+                              [helper.make_tensor_value_info("y", F, list(shape))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    built = build(model, {"x": shape})
+    assert "normalization" not in built.report.values(), built.report
+    np.testing.assert_allclose(built(feeds := {"x": x})[0], ort_run(model, feeds)[0], rtol=1e-4, atol=1e-4)
