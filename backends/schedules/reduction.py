@@ -46,17 +46,14 @@ def schedule_normalization(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
 
 
 def _recomputed(sch: s_tir.Schedule, block) -> bool:
-    """Whether the parallel loops around ``block`` are not its rows: a reduction the rule put under the
-    loops of an epilogue that is not row by row (Moonshine's mean over all 519,584
-    values of a [1, 1, 519584] tensor, then a subtract: computed again for every element)."""
-    rows, runs = 1, 1
-    for iv in sch.get(block).iter_vars:
-        if iv.iter_type == tirx.IterVar.DataPar:
-            rows *= int(iv.dom.extent) if isinstance(iv.dom.extent, tirx.IntImm) else 0
+    """Whether the loops around ``block`` run it at least twice as often as it has iterations (a split
+    of its reduction with a tail runs it less than twice): a reduction the rule put under the loops of
+    an epilogue that is not row by row (Moonshine's mean over all 519,584 values of a [1, 1, 519584]
+    tensor, then a subtract: computed again for every element)."""
+    runs = 1
     for lp in sch.get_loops(block):
-        if sch.get(lp).kind == tirx.ForKind.PARALLEL:
-            runs *= int_extent(sch, lp) or 0
-    return runs != rows
+        runs *= int_extent(sch, lp) or 0
+    return runs >= 2 * work(sch, block)
 
 
 def _row_reduction(sch: s_tir.Schedule, block) -> bool:
