@@ -5,7 +5,9 @@ norm written out, ``mean -> subtract`` and ``mean of squares -> divide by sqrt``
 ``Reduction`` rule: all blocks under one parallel loop over rows, inner loops vectorized. Its row
 reductions stay one serial chain of adds (4 cycles each); ``_vector_lanes`` turns each into 16
 partial sums, vectorized, then one sum over the lanes (ViT-S's written-out layer norm, 257 x 384, 1
-thread: ``mean -> subtract`` 58 -> 14 us, ``mean -> sqrt -> divide -> scale`` 71 -> 33 us). A lone
+thread: ``mean -> subtract`` 58 -> 10 us, ``mean -> sqrt -> divide -> scale`` 71 -> 22 us; the partial
+sums of a row in one cache line, under the row loop; the epilogue's full-size elementwise blocks
+computed in their readers). A lone
 reduction block gets its spatial loops fused and parallel, with the reduction loops innermost and serial.
 """
 
@@ -42,7 +44,23 @@ def schedule_normalization(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
         return None
     for name in names:
         _vector_lanes(new, name)
+    _inline_full_size(new, sch)
     return new
+
+
+def _inline_full_size(new: s_tir.Schedule, sch: s_tir.Schedule) -> None:
+    """Elementwise blocks as large as the output computed in their readers (dlight writes each to a
+    tensor of its own: a divide, then a multiply, then the add of a layer norm's scale and bias)."""
+    blocks = root_blocks(sch)
+    out_shape = [int(d) for d in sch.get(blocks[-1]).writes[0].source.shape]
+    for b in blocks[:-1]:
+        stmt = sch.get(b)
+        if is_reduction_block(sch, b) or [int(d) for d in stmt.writes[0].source.shape] != out_shape:
+            continue
+        try:
+            new.compute_inline(new.get_sblock(stmt.name_hint))
+        except Exception:  # noqa: BLE001 - a block that cannot be inlined stays
+            continue
 
 
 def _recomputed(sch: s_tir.Schedule, block) -> bool:
@@ -75,12 +93,18 @@ def _vector_lanes(sch: s_tir.Schedule, name: str) -> None:
     try:
         block = sch.get_sblock(name)
         loops = sch.get_loops(block)
-        if int_extent(sch, loops[-1]) not in (4, 8, 16):
+        lanes = int_extent(sch, loops[-1])
+        extent = [iv.dom.extent for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+        if lanes not in (4, 8, 16) or len(extent) != 1 or int(extent[0]) % lanes:  # no tail (its predicate)
             return
-        partial = sch.rfactor(loops[-1], 0)
-        inner = sch.get_loops(partial)
-        sch.vectorize(inner[-1])  # while the block still has its init, as softmax.py does
-        init = sch.decompose_reduction(partial, inner[-2])
+        # the lanes innermost (each row's 16 partial sums in one cache line, not 16 rows apart: threads
+        # on neighbouring rows wrote the same lines), computed under the reduction's row loop
+        partial = sch.rfactor(loops[-1], len(sch.get(block).writes[0].source.shape))
+        sch.compute_at(partial, sch.get_loops(block)[0])
+        *_, lane, k = sch.get_loops(partial)  # compute_at leaves the lanes outside the reduction
+        sch.reorder(k, lane)
+        sch.vectorize(lane)  # while the block still has its init, as softmax.py does
+        init = sch.decompose_reduction(partial, k)
         sch.vectorize(sch.get_loops(init)[-1])
     except Exception:  # noqa: BLE001 - the serial chain stays
         return
