@@ -7,8 +7,8 @@ reductions stay one serial chain of adds (4 cycles each); ``_vector_lanes`` turn
 partial sums, vectorized, then one sum over the lanes (ViT-S's written-out layer norm, 257 x 384, 1
 thread: ``mean -> subtract`` 58 -> 10 us, ``mean -> sqrt -> divide -> scale`` 71 -> 22 us; the partial
 sums of a row in one cache line, under the row loop; the epilogue's full-size elementwise blocks
-computed in their readers). A lone
-reduction block gets its spatial loops fused and parallel, with the reduction loops innermost and serial.
+computed in their readers). A lone reduction block gets its spatial loops fused and parallel, with the
+reduction loops innermost and serial.
 """
 
 from __future__ import annotations
