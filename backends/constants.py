@@ -85,6 +85,48 @@ def fold_layout_of_constants(mod):
     return rewrite_relax_functions(mod, _Fold(mod))
 
 
+# astype and the arithmetic of an affine dequantization, on constants, in numpy (exact: the same
+# IEEE float32 operations TVM's kernels do); results above this size stay computed at run time
+ELEMENTWISE_MAX_BYTES = 256 << 20
+_ELEMENTWISE = {"relax.multiply": np.multiply, "relax.add": np.add, "relax.subtract": np.subtract}
+
+
+def fold_elementwise_of_constants(mod, max_bytes: int = ELEMENTWISE_MAX_BYTES):
+    """astype / multiply / add / subtract whose operands are all constants, done once in numpy.
+
+    Relax's FoldConstant folds only after legalization, after the packed-matmul rewrite has looked for
+    constant weights: a weight an int8 model dequantizes as ``Cast(q) * scale + zero`` (Moonshine's
+    416x1664 FFN weights, over the ONNX folding's 1 MiB bound) stayed an unpacked matmul reading a
+    weight recomputed every call. Run it after the quantized-weight matmul rewrite has taken the
+    dequantizations it serves.
+    """
+    import tvm
+    from tvm import relax
+
+    ops = {tvm.ir.Op.get(name): fn for name, fn in _ELEMENTWISE.items()}
+    astype = tvm.ir.Op.get("relax.astype")
+
+    @relax.expr_functor.mutator
+    class _Fold(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or not (call.op.same_as(astype) or call.op in ops):
+                return call
+            args = [self.lookup_binding(a) if isinstance(a, relax.Var) else a for a in call.args]
+            if not all(isinstance(a, tvm.ir.expr.Constant) for a in args):
+                return call
+            dtype = str(getattr(self.builder_.normalize(call).ty, "dtype", ""))
+            if not dtype or dtype == "void":
+                return call
+            values = [a.value.numpy() for a in args]
+            out = values[0].astype(dtype) if call.op.same_as(astype) else ops[call.op](*values)
+            if out.nbytes > max_bytes or str(out.dtype) != dtype:
+                return call
+            return relax.const(np.ascontiguousarray(out), dtype)
+
+    return rewrite_relax_functions(mod, _Fold(mod))
+
+
 def relayout_numpy(index_map, value: np.ndarray) -> np.ndarray | None:
     """``value`` moved by a layout_transform's ``index_map`` (each index an affine expression with
     floordiv / floormod by constants, as layout strings give), or None for any other map.

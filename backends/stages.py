@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 
-from graphopt.backends.constants import (
-    fold_layout_of_constants,
-    replace_empty_constants,
-)
+from graphopt.backends.constants import (fold_elementwise_of_constants, fold_layout_of_constants,
+                                         replace_empty_constants)
+from graphopt.backends.lowering.control import bind_constant_arguments
 from graphopt.backends.targets import TargetSpec
 
 
@@ -61,6 +60,9 @@ def relax_passes(mod, spec: TargetSpec, winograd: bool = False, precision: str =
         from graphopt.backends.schedules.dequant_matmul import rewrite_dequant_matmul
 
         mod = rewrite_dequant_matmul(mod, lanes)  # weight-only int8/int4 matmuls read the quantized weight
+        # weights computed from constants (an affine int8 dequantization; a transposed embedding in an
+        # If branch, which receives it as a parameter) are constants before the packed rewrite looks
+        mod = fold_layout_of_constants(bind_constant_arguments(fold_elementwise_of_constants(mod)))
         mod = rewrite_packed_matmul(mod, lanes)
         from graphopt.backends.schedules.padded_matmul import rewrite_padded_matmul
 

@@ -78,3 +78,41 @@ def test_branches_match_ort(c, c2):
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = graphopt.compile(ir.serde.deserialize_model(model), target="x86")(**feeds)["y"]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_affine_dequantized_weight_is_packed_in_a_branch(tmp_path):
+    """A weight dequantized as Cast(q) * scale + zero (over the ONNX folding's 1 MiB bound) and read
+    inside an If branch is folded in numpy and bound into the branch before the packed-matmul rewrite:
+    the branch's matmul reads a packed constant, and the output matches ONNX Runtime."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphopt.backends import schedules
+    from graphopt.backends.compile import compile_model
+    from graphopt.backends.schedules.testing import ort_run
+    from graphopt.front import api
+
+    rng = np.random.default_rng(0)
+    k, n = 256, 1280  # 1.3 MB of float32
+    q = numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "q")
+    scale = numpy_helper.from_array(np.array(0.01, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(0.003, np.float32), "z")
+    branch = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y_then"])], "then", [],
+                               [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [1, 4, n])])
+    other = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]),
+                               helper.make_node("Neg", ["m"], ["y_else"])], "else", [],
+                              [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [1, 4, n])])
+    nodes = [helper.make_node("Cast", ["q"], ["qf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["qf", "s"], ["ws"]),
+             helper.make_node("Add", ["ws", "z"], ["w"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, k]),
+                                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, n])], [q, scale, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx")
+    compiled = compile_model(api.load(tmp_path / "m.onnx"), target="x86")
+    assert sum("packed_matmul" in f for f in schedules.last_report()) >= 2, schedules.last_report()
+    x = rng.standard_normal((1, 4, k)).astype(np.float32)
+    for c in (True, False):
+        feeds = {"x": x, "c": np.array(c)}
+        np.testing.assert_allclose(compiled(**feeds)["y"], ort_run(model, feeds)[0], rtol=1e-4, atol=1e-4)
