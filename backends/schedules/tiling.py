@@ -204,7 +204,10 @@ def k_block(stmt, axes: list[Axis], plan: TilePlan, feats: CPUFeatures, reg_oute
     if not reg_outer or plan.reg_axis is None or len(reds) != 1:
         return None
     k = int(reds[0].extent)
-    rows = sum(nbytes(r) for r in stmt.reads if buffer_uses(r, axes[plan.reg_axis].var))
+    reg, vec = axes[plan.reg_axis].var, axes[plan.vec_axis].var
+    # the activation rows: read with the register axis, not with the vector axis (a one-row GEMV's
+    # register axis is the panels: its weight moves with both, and its row is no reason to block K)
+    rows = sum(nbytes(r) for r in stmt.reads if buffer_uses(r, reg) and not buffer_uses(r, vec))
     if rows <= feats.l2:
         return None
     limit = (3 * feats.l2 // 4) // max(1, rows // k)

@@ -164,3 +164,21 @@ def test_rows_larger_than_l2_take_k_blocks(m, k, n):
     out = tvm.runtime.tensor(np.zeros((1, m, n), np.float32))
     lib(tvm.runtime.tensor(xa), tvm.runtime.tensor(packed_matmul.pack_weight(wa, width)), out)
     np.testing.assert_allclose(out.numpy(), xa @ wa, rtol=1e-4, atol=1e-3)
+
+
+def test_one_row_with_a_large_weight_stays_parallel_and_unblocked():
+    """A GEMV's register axis is the panels, and its weight (larger than L2) moves with it: that is no
+    reason to block K, and blocking K left the GEMV serial (gen:gpt2's decode step 21 -> 33 ms)."""
+    from tvm import te
+
+    from graphopt.backends.schedules.features import CPUFeatures, RuleContext
+    from graphopt.backends.schedules.matmul import schedule_matmul
+
+    k, n = 768, 3072
+    width = packed_matmul.panel_lanes(n, 16)
+    x = te.placeholder((1, 1, k), name="x")
+    wp = te.placeholder((n // width, k, width), name="wp")
+    func = te.create_prim_func([x, wp, packed_matmul.packed_matmul_te(x, wp, n)])
+    sch = schedule_matmul(func, RuleContext(feats=CPUFeatures(vector_bits=512, cores=2, l2=1 << 20)))
+    text = sch.mod["main"].script()
+    assert "T.parallel" in text and "rk_0" not in text, text
