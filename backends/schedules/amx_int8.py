@@ -30,8 +30,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .amx_kernel import _int8, _load, _store, _zero, geometry
-from graphopt.backends.bundle.loader import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA
+from .amx_kernel import _int8, _load, _store, _zero, geometry, tile_config
 
 TILE = 16
 K_TILE = 64  # input channels per tile row (64 bytes)
@@ -154,15 +153,7 @@ def qconv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int, *,
         for th in T.parallel(nthreads):
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             acc = T.alloc_buffer((4, 16, 16), "int32", scope="local")
-            T.evaluate(T.call_extern("int64", "syscall", T.int64(SYS_ARCH_PRCTL), T.int64(ARCH_REQ_XCOMP_PERM),
-                                     T.int64(XFEATURE_XTILEDATA)))
-            for i in range(64):
-                cfg[i] = T.uint8(0)
-            cfg[0] = T.uint8(1)
-            for t in range(8):
-                cfg[16 + t * 2] = T.uint8(64)
-                cfg[48 + t] = T.uint8(16)
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+            tile_config(cfg)
             for item in range(th * chunk, T.min(work, th * chunk + chunk)):
                 for qp in range(T.min(qpairs, tq - item // ob_pairs * qpairs)):
                     T.evaluate(_zero(0))

@@ -291,18 +291,6 @@ def amx_conv_func(c: int, h: int, w: int, o: int, k: int, stride: int, pad: int,
                             obp * 2 + jn, (q0 + i * 16 + rr) // gw, (q0 + i * 16 + rr) % gw, l)
 
     @T.macro
-    def tile_config(cfg):
-        T.evaluate(T.call_extern("int64", "syscall", T.int64(SYS_ARCH_PRCTL), T.int64(ARCH_REQ_XCOMP_PERM),
-                                 T.int64(XFEATURE_XTILEDATA)))
-        for i in range(64):
-            cfg[i] = T.uint8(0)
-        cfg[0] = T.uint8(1)
-        for t in range(8):
-            cfg[16 + t * 2] = T.uint8(64)
-            cfg[48 + t] = T.uint8(16)
-        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
-
-    @T.macro
     def run_item(x, sp, wp, ec, res, out, part, acc, item):
         """Item ``item``: a band (split, then every output block over it) or an (output block pair,
         range of tile pairs) over the shared split."""
@@ -378,6 +366,20 @@ def use_bands(qt: int, threads: int) -> bool:
     """Banded when every thread gets at least four tile pairs: a small grid (14x14 and less) divides
     better by output channels over one shared split (measured: banded 1.03-1.14x as long there)."""
     return qt // 2 >= 4 * threads
+
+
+@T.macro
+def tile_config(cfg):
+    """This thread's AMX tile state: the kernel's permission for it, then 8 tiles of 16 rows x 64 bytes."""
+    T.evaluate(T.call_extern("int64", "syscall", T.int64(SYS_ARCH_PRCTL), T.int64(ARCH_REQ_XCOMP_PERM),
+                             T.int64(XFEATURE_XTILEDATA)))
+    for i in range(64):
+        cfg[i] = T.uint8(0)
+    cfg[0] = T.uint8(1)
+    for t in range(8):
+        cfg[16 + t * 2] = T.uint8(64)
+        cfg[48 + t] = T.uint8(16)
+    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
 
 
 def _int8(v):

@@ -17,16 +17,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from graphopt.backends.bundle.loader import (
-    ARCH_REQ_XCOMP_PERM,
-    SYS_ARCH_PRCTL,
-    XFEATURE_XTILEDATA,
-)
 from tvm import tirx
 from tvm.script import tirx as T
 
 from . import amx_int8
-from .amx_kernel import _drop_param, _load, _store, _zero
+from .amx_kernel import _drop_param, _load, _store, _zero, tile_config
 
 MIN_ROWS = 16  # below this a tile of 16 rows is mostly padding: the VNNI kernel serves
 
@@ -80,15 +75,7 @@ def qmatmul_func(m: int, k: int, n: int, *, rows: bool, scales: int, threads: in
             for th in T.parallel(nthreads):
                 cfg = T.decl_buffer((64,), "uint8", scope="local")
                 acc = T.decl_buffer((4, 16, 16), "int32", scope="local")
-                T.evaluate(T.call_extern("int64", "syscall", T.int64(SYS_ARCH_PRCTL), T.int64(ARCH_REQ_XCOMP_PERM),
-                                         T.int64(XFEATURE_XTILEDATA)))
-                for i in range(64):
-                    cfg[i] = T.uint8(0)
-                cfg[0] = T.uint8(1)
-                for t in range(8):
-                    cfg[16 + t * 2] = T.uint8(64)
-                    cfg[48 + t] = T.uint8(16)
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+                tile_config(cfg)
                 for item in range(th * chunk, T.min(work, th * chunk + chunk)):
                     T.evaluate(_zero(0))
                     T.evaluate(_zero(1))
