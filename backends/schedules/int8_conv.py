@@ -277,31 +277,46 @@ def rewrite_int8_conv(mod: tvm.IRModule, spec) -> tvm.IRModule:
     if kernel is None:
         return mod
     threads = spec.features.get("cores", 1)
-    bb = relax.BlockBuilder(tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs))
-    total = 0
-    for gv, func in list(mod.functions_items()):
-        if not isinstance(func, relax.Function):
-            continue
-        b = _Bindings(func)
+
+    def find(b: _Bindings) -> dict:
         kernels = {}
         for var, value in b.value.items():
             if isinstance(value, relax.Call):
                 m = _match(b, value)
                 if m is not None:
                     kernels[var] = m
-        if not kernels:
-            continue
-        total += len(kernels)
+        return kernels
+
+    def blocks_of(bb, func, b: _Bindings, kernels: dict) -> list:
         nhwc = int8_layout.plan_nhwc(b.value, kernels) if os.environ.get("GRAPHOPT_INT8_NHWC", "1") != "0" else set()
         log.debug("%d of %d int8 tensors in NHWC", len(nhwc), len(b.value))
 
         def call(m, x, in_layout, out_layout):
             return _kernel_call(bb, kernel, m, threads, x, in_layout, out_layout)
 
-        blocks = [type(block)(int8_layout.rewrite_block(block, kernels, nhwc, call)) for block in func.body.blocks]
-        body = relax.SeqExpr(blocks, func.body.body)
-        bb.update_func(gv, relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
+        return [type(block)(int8_layout.rewrite_block(block, kernels, nhwc, call)) for block in func.body.blocks]
+
+    mod, total = rewrite_matches(mod, find, blocks_of)
     log.debug("%d int8 convs on %s", total, kernel.name)
+    return mod
+
+
+def rewrite_matches(mod: tvm.IRModule, find: Callable, blocks_of: Callable) -> tuple[tvm.IRModule, int]:
+    """``(mod, matches)`` with every Relax function where ``find(bindings)`` finds matches (a dict)
+    rebuilt from ``blocks_of(builder, function, bindings, matches)`` (its new binding blocks), then dead
+    code removed; ``mod`` itself when nothing matched. The integer conv and matmul rewrites share it."""
+    bb = relax.BlockBuilder(tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs))
+    total = 0
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, relax.Function):
+            continue
+        b = _Bindings(func)
+        found = find(b)
+        if not found:
+            continue
+        total += len(found)
+        body = relax.SeqExpr(blocks_of(bb, func, b, found), func.body.body)
+        bb.update_func(gv, relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs))
     if not total:
-        return mod
-    return relax.transform.DeadCodeElimination()(relax.transform.Normalize()(bb.get()))
+        return mod, 0
+    return relax.transform.DeadCodeElimination()(relax.transform.Normalize()(bb.get())), total

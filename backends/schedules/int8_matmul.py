@@ -33,7 +33,7 @@ from tvm.script import tirx as T
 from . import amx_matmul, int8_dot
 from .amx_kernel import _drop_param
 from .features import features_of, int8_dot_kind
-from .int8_conv import SERIAL_MACS, _Bindings
+from .int8_conv import SERIAL_MACS, rewrite_matches
 from .int8_layout import rewrite_block, shape_of
 from .int8_match import match
 from .value_range import rewrite_value_range
@@ -241,26 +241,18 @@ def rewrite_int8_matmul(mod: tvm.IRModule, spec) -> tvm.IRModule:
         return mod
     dot = int8_dot.DOTS[kind]
     amx = bool(spec.features.get("amx")) and os.environ.get("GRAPHOPT_INT8_AMX", "1") != "0"
-    bb = relax.BlockBuilder(tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs))
-    total = 0
-    for gv, func in list(mod.functions_items()):
-        if not isinstance(func, relax.Function):
-            continue
-        b = _Bindings(func)
+
+    def find(b) -> dict:
         found = {}
         for var, value in b.value.items():
             if isinstance(value, relax.Call) and value.op.same_as(_MATMUL):
                 m = match(b, var, value)
                 if m is not None:
                     found[m["end"]] = m
-        if not found:
-            continue
-        total += len(found)
+        return found
 
-        blocks = [type(block)(rewrite_block(block, found, set(), _caller(bb, dot, amx, threads, block)))
-                  for block in func.body.blocks]
-        bb.update_func(gv, relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty,
-                                          func.is_pure, func.attrs))
-    if not total:
-        return mod
-    return relax.transform.DeadCodeElimination()(relax.transform.Normalize()(bb.get()))
+    def blocks_of(bb, func, b, found: dict) -> list:
+        return [type(block)(rewrite_block(block, found, set(), _caller(bb, dot, amx, threads, block)))
+                for block in func.body.blocks]
+
+    return rewrite_matches(mod, find, blocks_of)[0]
