@@ -156,7 +156,7 @@ def apply_contraction(sch: s_tir.Schedule, block, feats: CPUFeatures, plan: Tile
     if plan.vec_tile > 2 * lanes and plan.vec_tile % lanes == 0:  # a 3-vector panel: 3 vectors unrolled
         v_o, v_i = sch.split(v_i, [None, lanes])
     inner = ([u_i] if plan.reg_axis is not None else []) + ([v_o] if v_o is not None else []) + [v_i]
-    panel = v_o is not None or panel_vectors(sch.get(block), plan.vec_tile, lanes) > 0
+    panel = panel_vectors(sch.get(block), plan.vec_tile, lanes) > 0
     # a packed weight's panels outermost: a panel stays in cache across the row tiles, and rows that
     # do not fit L2 are taken in K blocks that do (``k_block``)
     if plan.reg_axis is not None and knobs.pick(
