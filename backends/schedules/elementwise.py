@@ -112,21 +112,44 @@ def fold_into_consumers(sch: s_tir.Schedule, block) -> bool:
     return True
 
 
-def vector_split(exts: list[int], lanes: int, fuse: bool = True) -> tuple[int, int]:
+def reads_in_order(stmt, k: int) -> bool:
+    """Whether fusing the block's last ``k`` iterators keeps every read a contiguous run: each read
+    indexes its last ``k`` dims by exactly those iterators, in order, or uses none of them (a
+    broadcast). A transpose (``A[s, h, d] -> B[h, s, d]``) or a reshape folded into the read
+    (``A[(h * 52 + d) % 416]``) fails: fused, its vector lanes are a gather with a division each."""
+    trailing = [iv.var for iv in stmt.iter_vars[-k:]]
+
+    def uses(expr, var) -> bool:
+        return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
+
+    for region in stmt.reads:
+        mins = [r.min for r in region.region]
+        for pos, index in enumerate(mins):
+            aligned = pos - (len(mins) - k)
+            for j, var in enumerate(trailing):
+                if not uses(index, var):
+                    continue
+                if j != aligned or not index.same_as(var):
+                    return False
+    return True
+
+
+def vector_split(exts: list[int], lanes: int, max_fuse: int | None = None) -> tuple[int, int]:
     """(trailing loops to fuse, vector width) for a nest with extents ``exts``.
 
     The innermost loop alone when it has a power-of-2 divisor of at least half the lanes (at most one
     vector, or exactly two: odd widths like 19 lanes legalize into slow pieces; a predicated tail
-    measured 2x slower than scalar code); else the fewest trailing loops whose product the lanes
-    divide (unless not ``fuse``: a pad's bounds test over fused rows measured slower than short
-    vectors); else (1, the best divisor).
+    measured 2x slower than scalar code); else the fewest trailing loops (at most ``max_fuse``, all by
+    default) whose product the lanes divide (a pad's bounds test over fused rows measured slower than
+    short vectors: its caller passes 1); else (1, the best divisor).
     """
     inner = exts[-1]
     vt = 2 * lanes if inner % (2 * lanes) == 0 else max(d for d in _powers_of_two(lanes) if inner % d == 0)
-    if vt >= max(2, lanes // 2) or not fuse:
+    limit = len(exts) if max_fuse is None else max_fuse
+    if vt >= max(2, lanes // 2) or limit < 2:
         return 1, vt
     n = inner
-    for k in range(2, len(exts) + 1):
+    for k in range(2, limit + 1):
         n *= exts[-k]
         if n % lanes == 0:
             return k, 2 * lanes if n % (2 * lanes) == 0 else lanes

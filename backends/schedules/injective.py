@@ -5,7 +5,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from .analysis import int_extent, is_spatial_block
-from .elementwise import fold_into_consumers, has_branch, vector_split, widest_bits
+from .elementwise import fold_into_consumers, has_branch, reads_in_order, vector_split, widest_bits
 from .features import CPUFeatures
 from .tiling import parallelize_outer
 
@@ -27,12 +27,18 @@ def schedule_injective(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
         return True  # no elements (a zero-length state): nothing to run, and a 0-lane vector fails to build
     if fold_into_consumers(sch, block):  # a link of an elementwise chain: computed in its consumer
         return True
-    lanes = feats.lanes(widest_bits(sch.get(block)))
-    k, vt = vector_split(exts, lanes, not has_branch(sch.get(block)))  # elementwise.py: tail-free vectors
+    stmt = sch.get(block)
+    lanes = feats.lanes(widest_bits(stmt))
+    # a layout change (transpose, a reshape folded into the read) keeps its loops: fused, its vectors
+    # would be gathers with a division a lane; short vectors of its innermost dim are copies
+    branch = has_branch(stmt)
+    fusable = 1 if branch else max(k for k in range(1, len(exts) + 1) if k == 1 or reads_in_order(stmt, k))
+    in_order = branch or fusable == len(exts)
+    k, vt = vector_split(exts, lanes, fusable)  # elementwise.py: tail-free vectors
     if k > 1:
         loops = [*loops[:-k], sch.fuse(*loops[-k:])]
     outer = list(loops)
-    if vt >= max(2, lanes // 2) and vt & (vt - 1) == 0:
+    if vt >= (4 if not in_order else max(2, lanes // 2)) and vt & (vt - 1) == 0:
         if vt < int_extent(sch, loops[-1]):
             o, v = sch.split(loops[-1], [None, vt])
             outer = [*loops[:-1], o]
