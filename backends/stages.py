@@ -71,6 +71,9 @@ def relax_passes(mod, spec: TargetSpec, winograd: bool = False, precision: str =
         from graphopt.backends.schedules.layer_norm import legalize_layer_norm
 
         legalize["relax.nn.layer_norm"] = legalize_layer_norm(lanes)  # vector-wide partial sums
+    from graphopt.backends.split_slices import split_to_slices
+
+    mod = split_to_slices(mod)  # before FuseOps: each piece's slice fuses into its consumer's copy
     seq = [
         *relax.pipeline.library_dispatch_passes(spec.target),
         relax.transform.LegalizeOps(customize_legalize_map=legalize),
