@@ -16,6 +16,8 @@ from tvm.script import tirx as T
 
 PANEL_ROWS = 4  # packed, more than one row: rows a register tile accumulates over a dequantized block
 WIDE_COLUMNS = 1024  # a weight read as stored: columns a task streams per row (accumulators in L1)
+STREAMS = 2  # one row: independent accumulator sets (alternate rows of a block; 8 FMA chains with AVX-512)
+PREFETCH_BYTES = 2048  # one row: how far ahead in its panel a task prefetches the codes
 
 
 @functools.lru_cache(maxsize=64)  # one per weight shape: parsing a kernel takes 0.3 s, GPT-2 has 73 matmuls
@@ -30,7 +32,6 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
     f32, i32 = "float32", "int32"
     TL, R, B = tile, rows, block
     RM = PANEL_ROWS
-    R1 = 1
     KB, NT, NF = k // block, -(-n // tile), n // tile
     # unpacked: tiles of WIDE columns, then one of W2 (whole vectors) + W3 (the last partial vector)
     WIDE = max(TL, min(WIDE_COLUMNS, n // TL * TL))
@@ -45,51 +46,78 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
     qstore = "int32" if nibbles else qdtype
     sshape = (NT, KB, TL) if packed else (KB, n)
 
+    # one row: STREAMS sets of accumulators (alternate rows of a block), each row's codes prefetched
+    # PREFETCH_BYTES ahead; 4-bit codes on AVX-512 (16 float lanes) looked up in a table (vpermps)
+    RB = TL * 4 if nibbles else TL  # bytes a panel row holds (4-bit codes: a row of 32-bit words)
+    KR = k // 8 if nibbles else k  # rows of a panel
+    PF = max(1, PREFETCH_BYTES // RB)
+    LINES, PER_LINE = max(1, RB // 64), 64 // (4 if nibbles else 1)
+    lut = nibbles and TL == 64
+    LUT = tirx.Cast("float32x16", tirx.Ramp(tirx.const(-OFF, i32), tirx.const(1, i32), 16))
+
     @T.macro
-    def tile_rows(nt, i0, m, tail, X, Q, S, Z, Y, acc, blk, xs):
+    def prefetch(Q, nt, row):
+        for ln in T.unroll(LINES):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                Q[nt, T.min(row + PF, KR - 1), ln * PER_LINE]), 0, 3, 1))
+
+    @T.macro
+    def tile_rows(nt, i0, tail, X, Q, S, Z, Y, acc, blk, xs):
         # packed, one row (a decode step's GEMV): one panel of TL columns, accumulators in registers. Offsets (zero point, the
-        # 4-bit codes' +8) are taken off once a block: sum x * (c - o) = sum x * c - o * sum x
-        for r, j in T.grid(R1, TL):
-            acc[r, j] = T.float32(0)
+        # 4-bit codes' +8 where no table takes it off) are taken off once a block: sum x * (c - o) = sum x * c - o * sum x
+        for j in T.vectorized(TL):
+            acc[j] = T.float32(0)
         for kb in range(KB):
-            for r, j in T.grid(R1, TL):
-                blk[r, j] = T.float32(0)
-            if shifted:
-                for r in range(R1):
-                    xs[r] = T.float32(0)
-                    for kk in range(B):
-                        xs[r] = xs[r] + X[T.min(i0 + r, m - 1), kb * B + kk]
-            if nibbles:  # eight 4-bit codes a 32-bit word, k = 8i + t in bits 4t..4t+3 (32-bit shifts)
-                for kk in range(B // 8):
-                    for r in T.unroll(R1):
+            for h, j in T.grid(STREAMS, TL):
+                blk[h, j] = T.float32(0)
+            if has_zp or (shifted and not lut):
+                xs[0] = T.float32(0)
+                for kk in range(B):
+                    xs[0] = xs[0] + X[i0, kb * B + kk]
+            if lut:  # eight 4-bit codes a 32-bit word, k = 8i + t in bits 4t..4t+3; vpermps reads bits 0..3
+                for kk in range(B // 8 // STREAMS):
+                    for h in T.unroll(STREAMS):
+                        prefetch(Q, nt, kb * (B // 8) + kk * STREAMS + h)
+                        for v in T.unroll(TL // 16):
+                            for t in T.unroll(8):
+                                blk[h, T.ramp(v * 16, 1, 16)] = blk[h, T.ramp(v * 16, 1, 16)] + T.Broadcast(
+                                    X[i0, kb * B + 8 * (kk * STREAMS + h) + t], 16) * T.call_llvm_pure_intrin(
+                                    "float32x16", "llvm.x86.avx512.permvar.sf.512", LUT, T.shift_right(
+                                        Q[nt, kb * (B // 8) + kk * STREAMS + h, T.ramp(v * 16, 1, 16)],
+                                        T.Broadcast(T.int32(4 * t), 16)))
+            elif nibbles:
+                for kk in range(B // 8 // STREAMS):
+                    for h in T.unroll(STREAMS):
+                        prefetch(Q, nt, kb * (B // 8) + kk * STREAMS + h)
                         for t in T.unroll(8):
                             for j in T.vectorized(TL):
-                                blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + 8 * kk + t] * T.Cast(
-                                    f32, T.bitwise_and(T.shift_right(Q[nt, kb * (B // 8) + kk, j], 4 * t), 15))
+                                blk[h, j] = blk[h, j] + X[i0, kb * B + 8 * (kk * STREAMS + h) + t] * T.Cast(
+                                    f32, T.bitwise_and(T.shift_right(Q[nt, kb * (B // 8) + kk * STREAMS + h, j], 4 * t), 15))
             else:
-                for kk in range(B):
-                    for r in T.unroll(R1):
+                for kk in range(B // STREAMS):
+                    for h in T.unroll(STREAMS):
+                        prefetch(Q, nt, kb * B + kk * STREAMS + h)
                         for j in T.vectorized(TL):
-                            blk[r, j] = blk[r, j] + X[T.min(i0 + r, m - 1), kb * B + kk] * T.Cast(
-                                f32, Q[nt, kb * B + kk, j])
-            for r in T.unroll(R1):
+                            blk[h, j] = blk[h, j] + X[i0, kb * B + kk * STREAMS + h] * T.Cast(
+                                f32, Q[nt, kb * B + kk * STREAMS + h, j])
+            for h in T.unroll(1, STREAMS):
                 for j in T.vectorized(TL):
-                    if has_zp:
-                        acc[r, j] = acc[r, j] + (blk[r, j] - (T.Cast(f32, Z[nt, kb, j]) + T.float32(OFF)) * xs[r]) * T.Cast(
-                            f32, S[nt, kb, j])
-                    elif shifted:
-                        acc[r, j] = acc[r, j] + (blk[r, j] - T.float32(OFF) * xs[r]) * T.Cast(f32, S[nt, kb, j])
-                    else:
-                        acc[r, j] = acc[r, j] + blk[r, j] * T.Cast(f32, S[nt, kb, j])
-        for r in range(R1):
-            if i0 + r < m:
-                if tail:
-                    for j in range(TL):
-                        if nt * TL + j < n:
-                            Y[i0 + r, nt * TL + j] = acc[r, j]
+                    blk[0, j] = blk[0, j] + blk[h, j]
+            for j in T.vectorized(TL):
+                if has_zp:
+                    acc[j] = acc[j] + (blk[0, j] - (T.Cast(f32, Z[nt, kb, j]) + T.float32(0 if lut else OFF)) * xs[0]) * T.Cast(
+                        f32, S[nt, kb, j])
+                elif shifted and not lut:
+                    acc[j] = acc[j] + (blk[0, j] - T.float32(OFF) * xs[0]) * T.Cast(f32, S[nt, kb, j])
                 else:
-                    for j in T.vectorized(TL):
-                        Y[i0 + r, nt * TL + j] = acc[r, j]
+                    acc[j] = acc[j] + blk[0, j] * T.Cast(f32, S[nt, kb, j])
+        if tail:
+            for j in range(TL):
+                if nt * TL + j < n:
+                    Y[i0, nt * TL + j] = acc[j]
+        else:
+            for j in T.vectorized(TL):
+                Y[i0, nt * TL + j] = acc[j]
 
     @T.macro
     def wide_tile(n0, nv, vw, clamp, i0, m, X, Q, S, Z, Y, acc, blk):
@@ -195,14 +223,14 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
                     else:
                         panel_rows(nt, m, True, X, Q, S, Z, Y, deq, accm)
                 else:
-                    acc = T.decl_buffer((R1, TL), f32, scope="local")
-                    blk = T.decl_buffer((R1, TL), f32, scope="local")
-                    xs = T.decl_buffer((R1,), f32, scope="local")
+                    acc = T.decl_buffer((TL,), f32, scope="local")
+                    blk = T.decl_buffer((STREAMS, TL), f32, scope="local")
+                    xs = T.decl_buffer((1,), f32, scope="local")
                     for i in range(m):
                         if nt < NF:
-                            tile_rows(nt, i, m, False, X, Q, S, Z, Y, acc, blk, xs)
+                            tile_rows(nt, i, False, X, Q, S, Z, Y, acc, blk, xs)
                         else:
-                            tile_rows(nt, i, m, True, X, Q, S, Z, Y, acc, blk, xs)
+                            tile_rows(nt, i, True, X, Q, S, Z, Y, acc, blk, xs)
         else:
             for t in T.parallel(WF + WR):
                 acc = T.decl_buffer((R, WIDE), f32, scope="local")
