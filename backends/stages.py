@@ -71,9 +71,15 @@ def relax_passes(mod, spec: TargetSpec, winograd: bool = False, precision: str =
         from graphopt.backends.schedules.layer_norm import legalize_layer_norm
 
         legalize["relax.nn.layer_norm"] = legalize_layer_norm(lanes)  # vector-wide partial sums
+        from graphopt.backends.schedules.concat import legalize_concat
+
+        tvm_concat = legalize.get("relax.concat") or tvm.ir.Op.get("relax.concat").get_attr("FLegalize")
+        legalize["relax.concat"] = legalize_concat(lanes, tvm_concat)  # a KV cache's rows: contiguous copies
     from graphopt.backends.split_slices import split_to_slices
 
-    mod = split_to_slices(mod)  # before FuseOps: each piece's slice fuses into its consumer's copy
+    # before FuseOps: each piece's slice fuses into its consumer's copy; repeated layout ops (the same
+    # transpose of a key for a model output and for attention) computed once, so each fuses too
+    mod = split_to_slices(relax.transform.EliminateCommonSubexpr()(mod))
     seq = [
         *relax.pipeline.library_dispatch_passes(spec.target),
         relax.transform.LegalizeOps(customize_legalize_map=legalize),

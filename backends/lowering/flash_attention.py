@@ -12,14 +12,20 @@ rows of one (batch, head) (tasks run in parallel over batch x heads x row blocks
   plus the mask; then the online softmax (running max ``m`` and sum ``l`` per row; the accumulator
   rescaled by ``exp(m_old - m_new)``) and ``acc += p·V`` vectorized over the value dim;
 * a last, partial key block (``skv`` not a multiple of ``KEYS``) gives the keys past the end a score
-  of -inf; with a static ``skv`` it is as wide as the vectors it needs (K and V padded to whole
+  of -inf; with a static ``skv`` it is as wide as the vectors it needs (Kt padded to whole
   vectors), with a symbolic one it clamps its key index; full blocks carry no bounds check;
 * the output row is ``acc / l``.
+
+Head dims are not padded: loops over them go by whole 16-lane vectors and a tail (52 = 3 x 16 + 4),
+so Q, V and the output are read and written as the model has them, and V keeps its own key count.
 
 Only a ``ROWS x KEYS`` tile of the scores exists at any time. A static key count up to
 ``TWO_PASS_KEYS`` takes ``two_pass_kernel`` instead: a task's ``ROWS`` rows of scores are kept whole (in
 L1), so each row has one max and one sum, not a running max and a rescale per key block (ViT-S's heads,
-6x197x197x64, 1 thread: 0.82 -> 0.61 ms; ONNX Runtime's MatMul/Softmax/MatMul 0.55). ``exp`` is the
+6x197x197x64, 1 thread: 0.82 -> 0.61 ms; ONNX Runtime's MatMul/Softmax/MatMul 0.55). With a static
+query count of at most ``ROWS`` (a decoder's step) it reads K as ``[B, H, S, D]`` and transposes each
+key block into a local tile itself (by gathers), so the K a model outputs is read in place: Moonshine's
+decoder made a transposed, padded copy of K and a padded copy of V per layer. ``exp`` is the
 Cephes-style polynomial of ``fast_math`` (vector instructions; LLVM's ``exp`` is a library call per
 element). The kernels carry ``tirx.is_scheduled``: graphopt's schedule rules leave them as written.
 """
@@ -35,8 +41,9 @@ from tvm.script import tirx as T
 
 ROWS = 6  # query rows per task: the score tile is ROWS x KEYS, the accumulator ROWS x Dv (24 of 32 vector registers)
 KEYS = 64  # keys per block: four 16-lane vectors
-VECTOR = 16  # head dims are padded to a multiple of this many lanes
+VECTOR = 16  # lanes of a vector: head dims go by whole vectors and a tail, the key axis of Kt by whole vectors
 TWO_PASS_KEYS = 1024  # static key counts up to this: a task's scores stay in L1 (6 x 1024 x 4 bytes)
+KEY_ROWS_MAX_BLOCKS = 1  # up to this many row blocks a head, the two-pass kernel reads K untransposed
 LOWEST = -3.4028234663852886e38  # the running max starts at float32's lowest, so exp(m_old - m_new) is 0
 
 # The kernel is CPU code (parallel loops, no thread binding): compile turns it off for GPU targets.
@@ -72,26 +79,73 @@ def fast_exp(x):
     return p * two_n
 
 
+def pieces(n: int) -> tuple[int, int]:
+    """A loop of ``n`` lanes as whole vectors and a tail: (number of ``VECTOR``-lane vectors, tail lanes).
+    Head dims are not padded: a 52-wide vector loop ran 10x slower than a 64-wide one (LLVM splits an
+    odd-sized vector into pieces); three 16-lane vectors and a 4-lane one do not."""
+    return n // VECTOR, n % VECTOR
+
+
+def _row_macros(d: int, dv: int, scale: float):
+    """Macros over one row of a head dim, by whole vectors and a tail (``pieces``): ``load_q`` (a query row
+    times ``scale`` to the local tile), ``add_v`` (``acc[r] += w · V[key]``), ``store`` (``acc[r] / l``)."""
+    nd, td = pieces(d)
+    nv, tv = pieces(dv)
+    W = VECTOR
+    sc = float(scale)
+
+    @T.macro
+    def load_q(qs, r, Q, b, h, row):
+        for c in T.unroll(nd):
+            for e in T.vectorized(W):
+                qs[r, c * W + e] = Q[b, h, row, c * W + e] * T.float32(sc)
+        if td > 0:
+            for e in T.vectorized(td):
+                qs[r, nd * W + e] = Q[b, h, row, nd * W + e] * T.float32(sc)
+
+    @T.macro
+    def add_v(acc, r, w, V, b, h, key):
+        for c in T.unroll(nv):
+            for e in T.vectorized(W):
+                acc[r, c * W + e] = acc[r, c * W + e] + w * V[b, h, key, c * W + e]
+        if tv > 0:
+            for e in T.vectorized(tv):
+                acc[r, nv * W + e] = acc[r, nv * W + e] + w * V[b, h, key, nv * W + e]
+
+    @T.macro
+    def store(O, acc, r, l, b, h, row):
+        for c in T.unroll(nv):
+            for e in T.vectorized(W):
+                O[b, h, row, c * W + e] = acc[r, c * W + e] / l
+        if tv > 0:
+            for e in T.vectorized(tv):
+                O[b, h, row, nv * W + e] = acc[r, nv * W + e] / l
+
+    return load_q, add_v, store
+
+
 def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, bool, bool, bool],
                      scale: float, valid: int | None = None) -> tvm.tirx.PrimFunc:
     """The kernel over ``Q [batch, heads, sq, d]``, ``Kt [batch, heads, d, skv]``, ``V [batch, heads,
     skv, dv]`` and the additive mask ``M`` (``mask``: for each of its 4 dims, True = full, False =
     broadcast, size 1; no mask is a [1, 1, 1, 1] zero); output ``O [batch, heads, sq, dv]``, all float32.
-    ``valid``: a static key count, the key axis of Kt, V (and of a mask over keys) padded to whole
+    ``valid``: a static key count, the key axis of Kt (and of a mask over keys) padded to whole
     vectors: the last block spans only the vectors it needs and reads contiguously, without the clamped
-    index (a gather per vector, the tail block cost ~2.5 full ones)."""
+    index (a gather per vector, the tail block cost ~2.5 full ones); V keeps its ``valid`` keys."""
     R, KB = ROWS, KEYS  # read at call time
     f32 = "float32"
-    scale_c = float(scale)
     mb, mh, mq, mk = mask
     mbi, mhi, mqi, mki = (int(x) for x in mask)  # index factors: 0 for a broadcast dim
     padded = valid is not None
     tail_width = -(-(valid % KB) // VECTOR) * VECTOR if padded else KB  # the last block's whole vectors
+    dvp = dv + -dv % VECTOR  # the accumulator's row: whole vectors
+    load_q, add_v, store = _row_macros(d, dv, scale)
 
     @T.macro
-    def key_block(k0, width, tail, pred, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0, sq, skv, limit):
+    def key_block(k0, width, vwidth, tail, pred, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0, sq,
+                  skv, limit):
         # s = q · Kt[:, k0:k0+width] (+ mask), the keys from ``limit`` on at -inf (``pred``); ``tail``: the
-        # key index clamped (a symbolic length: the buffers end at skv)
+        # key index clamped (a symbolic length: the buffers end at skv); ``vwidth`` rows of V are read
         for r, j in T.grid(R, width):
             s[r, j] = T.float32(0)
         for dd in range(d):
@@ -145,15 +199,14 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
             for lane in T.vectorized(1):
                 red[lane] = red[lane] + red[lane + 1]
             lsum[r] = lsum[r] * alpha[0] + red[0]
-            for e in T.vectorized(dv):
+            for e in T.vectorized(dvp):
                 acc[r, e] = acc[r, e] * alpha[0]
-        for j in range(width):
+        for j in range(vwidth):
             for r in T.unroll(R):
-                for e in T.vectorized(dv):
-                    if tail:
-                        acc[r, e] = acc[r, e] + s[r, j] * V[b, h, T.min(k0 + j, skv - 1), e]
-                    else:
-                        acc[r, e] = acc[r, e] + s[r, j] * V[b, h, k0 + j, e]
+                if tail:
+                    add_v(acc, r, s[r, j], V, b, h, T.min(k0 + j, skv - 1))
+                else:
+                    add_v(acc, r, s[r, j], V, b, h, k0 + j)
 
     @T.prim_func(private=True)
     def kernel(q: T.handle, kt: T.handle, v: T.handle, m: T.handle, o: T.handle):
@@ -162,14 +215,14 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
         skv = T.int64()
         Q = T.match_buffer(q, (batch, heads, sq, d), f32)
         KT = T.match_buffer(kt, (batch, heads, d, skv), f32)
-        V = T.match_buffer(v, (batch, heads, skv, dv), f32)
+        V = T.match_buffer(v, (batch, heads, valid if padded else skv, dv), f32)
         M = T.match_buffer(m, (batch if mb else 1, heads if mh else 1, sq if mq else 1, skv if mk else 1), f32)
         O = T.match_buffer(o, (batch, heads, sq, dv), f32)
         nq = (sq + R - 1) // R
         for task in T.parallel(batch * heads * nq):
             qs = T.decl_buffer((R, d), f32, scope="local")
             s = T.decl_buffer((R, KB), f32, scope="local")
-            acc = T.decl_buffer((R, dv), f32, scope="local")
+            acc = T.decl_buffer((R, dvp), f32, scope="local")
             mx = T.decl_buffer((R,), f32, scope="local")
             lsum = T.decl_buffer((R,), f32, scope="local")
             red = T.decl_buffer((16,), f32, scope="local")
@@ -179,56 +232,72 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
             h = task // nq % heads
             i0 = task % nq * R
             for r in range(R):
-                for dd in T.vectorized(d):
-                    qs[r, dd] = Q[b, h, T.min(i0 + r, sq - 1), dd] * T.float32(scale_c)
+                load_q(qs, r, Q, b, h, T.min(i0 + r, sq - 1))
                 mx[r] = T.float32(LOWEST)
                 lsum[r] = T.float32(0)
-                for e in T.vectorized(dv):
+                for e in T.vectorized(dvp):
                     acc[r, e] = T.float32(0)
-            if padded:  # a static length: K, V (and a mask over keys) padded to whole blocks
+            if padded:  # a static length: Kt (and a mask over keys) padded to whole vectors
                 for kb in range(valid // KB):
-                    key_block(kb * KB, KB, False, False, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0,
-                              sq, skv, skv)
+                    key_block(kb * KB, KB, KB, False, False, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h,
+                              i0, sq, skv, skv)
                 if valid % KB > 0:
-                    key_block(valid // KB * KB, tail_width, False, True, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b,
-                              h, i0, sq, skv, valid)
+                    key_block(valid // KB * KB, tail_width, valid % KB, False, True, KT, V, M, s, qs, acc, mx, lsum,
+                              red, m_new, alpha, b, h, i0, sq, skv, valid)
             else:
                 for kb in range(skv // KB):
-                    key_block(kb * KB, KB, False, False, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h, i0,
-                              sq, skv, skv)
-                if skv % KB > 0:
-                    key_block(skv // KB * KB, KB, True, True, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h,
+                    key_block(kb * KB, KB, KB, False, False, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha, b, h,
                               i0, sq, skv, skv)
+                if skv % KB > 0:
+                    key_block(skv // KB * KB, KB, KB, True, True, KT, V, M, s, qs, acc, mx, lsum, red, m_new, alpha,
+                              b, h, i0, sq, skv, skv)
             for r in range(R):
                 if i0 + r < sq:
-                    for e in T.vectorized(dv):
-                        O[b, h, i0 + r, e] = acc[r, e] / lsum[r]
+                    store(O, acc, r, lsum[r], b, h, i0 + r)
 
     return kernel
 
 
 def two_pass_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, bool, bool, bool],
-                    scale: float, keys: int, valid: int) -> tvm.tirx.PrimFunc:
+                    scale: float, keys: int, valid: int, key_rows: bool = False) -> tvm.tirx.PrimFunc:
     """``attention_kernel`` for a static key axis of ``keys`` (a multiple of ``VECTOR``, at most
     ``TWO_PASS_KEYS``; the first ``valid`` real): a task's ``ROWS`` x ``keys`` scores stay in L1, so the
     softmax is exact, one max and one sum a row, with no running max, no rescaled accumulator and no
-    ``exp(m_old - m_new)`` per key block. Scores are computed ``KEYS`` at a time in a register tile."""
+    ``exp(m_old - m_new)`` per key block. Scores are computed ``KEYS`` at a time in a register tile.
+    V holds the ``valid`` keys. ``key_rows``: K comes as ``[batch, heads, valid, d]`` (the layout
+    attention's callers have: no transposed, padded copy of it) and each task transposes a block of
+    keys at a time into a local tile; for few row blocks per head (a decoder's queries), where the
+    copy a separate transpose makes costs more than the tasks' own."""
     R, KB = ROWS, KEYS
     f32 = "float32"
-    scale_c = float(scale)
     mb, mh, mq, mk = mask
     mbi, mhi, mqi, mki = (int(x) for x in mask)
     full, tail = keys // KB, keys % KB  # the tail: whole vectors (keys is a multiple of VECTOR)
     chunks = keys // 16
+    dvp = dv + -dv % VECTOR
+    load_q, add_v, store = _row_macros(d, dv, scale)
+    k_shape = (batch, heads, valid, d) if key_rows else (batch, heads, d, keys)
 
     @T.macro
-    def score_block(k0, width, KT, M, t, s, qs, b, h, i0, sq):
+    def score_block(k0, width, KT, M, t, kl, s, qs, b, h, i0, sq):
+        if key_rows:  # this block's keys to the local tile, transposed by gathers (past the end: the last key)
+            if k0 + width > valid:
+                for dd in range(d):
+                    for j in T.vectorized(width):
+                        kl[dd, j] = KT[b, h, T.min(k0 + j, valid - 1), dd]
+            else:
+                for dd in range(d):
+                    for j in T.vectorized(width):
+                        kl[dd, j] = KT[b, h, k0 + j, dd]
         for r, j in T.grid(R, width):
             t[r, j] = T.float32(0)
         for dd in range(d):
             for r in T.unroll(R):
                 for j in T.vectorized(width):
-                    t[r, j] = t[r, j] + qs[r, dd] * KT[b, h, dd, k0 + j]
+                    if key_rows:
+                        t[r, j] = t[r, j] + qs[r, dd] * kl[dd, j]
+                    else:
+                        t[r, j] = t[r, j] + qs[r, dd] * KT[b, h, dd, k0 + j]
         for r in T.unroll(R):
             for j in T.vectorized(width):
                 s[r, k0 + j] = T.Select(k0 + j < valid, t[r, j] + M[b * mbi, h * mhi, T.min(i0 + r, sq - 1) * mqi,
@@ -250,28 +319,28 @@ def two_pass_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, b
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         sq = T.int64()
         Q = T.match_buffer(q, (batch, heads, sq, d), f32)
-        KT = T.match_buffer(kt, (batch, heads, d, keys), f32)
-        V = T.match_buffer(v, (batch, heads, keys, dv), f32)
+        KT = T.match_buffer(kt, k_shape, f32)
+        V = T.match_buffer(v, (batch, heads, valid, dv), f32)
         M = T.match_buffer(m, (batch if mb else 1, heads if mh else 1, sq if mq else 1, keys if mk else 1), f32)
         O = T.match_buffer(o, (batch, heads, sq, dv), f32)
         nq = (sq + R - 1) // R
         for task in T.parallel(batch * heads * nq):
             qs = T.decl_buffer((R, d), f32, scope="local")
             t = T.decl_buffer((R, KB), f32, scope="local")
+            kl = T.decl_buffer((d if key_rows else 1, KB), f32, scope="local")
             s = T.decl_buffer((R, keys), f32, scope="local")
-            acc = T.decl_buffer((R, dv), f32, scope="local")
+            acc = T.decl_buffer((R, dvp), f32, scope="local")
             lsum = T.decl_buffer((R,), f32, scope="local")
             red = T.decl_buffer((16,), f32, scope="local")
             b = task // (heads * nq)
             h = task // nq % heads
             i0 = task % nq * R
             for r in range(R):
-                for dd in T.vectorized(d):
-                    qs[r, dd] = Q[b, h, T.min(i0 + r, sq - 1), dd] * T.float32(scale_c)
+                load_q(qs, r, Q, b, h, T.min(i0 + r, sq - 1))
             for kb in range(full):
-                score_block(kb * KB, KB, KT, M, t, s, qs, b, h, i0, sq)
+                score_block(kb * KB, KB, KT, M, t, kl, s, qs, b, h, i0, sq)
             if tail > 0:
-                score_block(full * KB, tail, KT, M, t, s, qs, b, h, i0, sq)
+                score_block(full * KB, tail, KT, M, t, kl, s, qs, b, h, i0, sq)
             for r in range(R):
                 for lane in T.vectorized(16):
                     red[lane] = s[r, lane]
@@ -289,16 +358,14 @@ def two_pass_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, b
                         red[lane] = red[lane] + s[r, c * 16 + lane]
                 halve(red, False)
                 lsum[r] = red[0]
-            for r, e in T.grid(R, dv):
+            for r, e in T.grid(R, dvp):
                 acc[r, e] = T.float32(0)
-            for j in range(keys):
+            for j in range(valid):
                 for r in T.unroll(R):
-                    for e in T.vectorized(dv):
-                        acc[r, e] = acc[r, e] + s[r, j] * V[b, h, j, e]
+                    add_v(acc, r, s[r, j], V, b, h, j)
             for r in range(R):
                 if i0 + r < sq:
-                    for e in T.vectorized(dv):
-                        O[b, h, i0 + r, e] = acc[r, e] / lsum[r]
+                    store(O, acc, r, lsum[r], b, h, i0 + r)
 
     return kernel
 
@@ -370,27 +437,24 @@ def lower_fused_attention(ctx, q, k, v, mask, scale: float):
         if flags is None:
             return None
         m = mask if helpers.rank_of(mask) == 4 else ctx.emit(op.reshape(mask, mdims))
-    # head dims padded with zeros to whole vectors (a 52-wide vector loop ran 10x slower than a 64-wide
-    # one: LLVM splits it into pieces); zero columns change no score and give zero output columns
-    d_pad, dv_pad = -int(d) % VECTOR, -int(dv) % VECTOR
-    if d_pad:
-        q, k = (ctx.emit(op.nn.pad(x, [0, 0] * 3 + [0, d_pad])) for x in (q, k))
-    if dv_pad:
-        v = ctx.emit(op.nn.pad(v, [0, 0] * 3 + [0, dv_pad]))
+    # head dims stay as they are (the kernels go by whole vectors and a tail); a static key count takes
+    # whole key vectors in Kt (no clamped reads), V keeps its keys
     valid = int(skv) if isinstance(skv, tvm.tirx.IntImm) else None
-    if valid is not None and valid % VECTOR:  # whole key vectors: no clamped reads
-        pad = -valid % VECTOR
-        k, v = (ctx.emit(op.nn.pad(x, [0, 0] * 2 + [0, pad, 0, 0])) for x in (k, v))
+    keys = valid + -valid % VECTOR if valid is not None else None
+    # few row blocks a head (a decoder's queries): the kernel reads K as it is, no transposed copy
+    key_rows = (valid is not None and valid <= TWO_PASS_KEYS and isinstance(sq, tvm.tirx.IntImm)
+                and -(-int(sq) // ROWS) <= KEY_ROWS_MAX_BLOCKS)
+    if keys is not None and keys != valid:
+        if not key_rows:
+            k = ctx.emit(op.nn.pad(k, [0, 0] * 2 + [0, keys - valid, 0, 0]))
         if flags[3]:
-            m = ctx.emit(op.nn.pad(m, [0, 0] * 3 + [0, pad]))
-    kt = ctx.emit(op.permute_dims(k, [0, 1, 3, 2]))
-    dims = (int(b), int(h), int(d) + d_pad, int(dv) + dv_pad, flags, scale)
+            m = ctx.emit(op.nn.pad(m, [0, 0] * 3 + [0, keys - valid]))
+    kt = k if key_rows else ctx.emit(op.permute_dims(k, [0, 1, 3, 2]))
+    dims = (int(b), int(h), int(d), int(dv), flags, scale)
     if valid is not None and valid <= TWO_PASS_KEYS:
-        kernel = two_pass_kernel(*dims, valid + -valid % VECTOR, valid)
+        kernel = two_pass_kernel(*dims, keys, valid, key_rows)
     else:
         kernel = attention_kernel(*dims, valid if valid is not None and valid % KEYS else None)
     gv = ctx.bb.add_func(kernel, "flash_attention")
-    out = ctx.emit(relax.call_tir(gv, [q, kt, v, m], relax.TensorType([b, h, sq, int(dv) + dv_pad], "float32")))
-    if dv_pad:
-        out = ctx.emit(op.strided_slice(out, axes=[3], begin=[0], end=[int(dv)]))
+    out = ctx.emit(relax.call_tir(gv, [q, kt, v, m], relax.TensorType([b, h, sq, int(dv)], "float32")))
     return ctx.emit(op.squeeze(out, [0])) if three else out
