@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from .analysis import is_kept, is_spatial_block
+from .analysis import is_kept, is_spatial_block, uses
 
 MAX_RECOMPUTE = 2  # consumers an elementwise block may be folded into (each computes it again)
 
@@ -118,9 +118,6 @@ def reads_in_order(stmt, k: int) -> bool:
     broadcast). A transpose (``A[s, h, d] -> B[h, s, d]``) or a reshape folded into the read
     (``A[(h * 52 + d) % 416]``) fails: fused, its vector lanes are a gather with a division each."""
     trailing = [iv.var for iv in stmt.iter_vars[-k:]]
-
-    def uses(expr, var) -> bool:
-        return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
 
     for region in stmt.reads:
         mins = [r.min for r in region.region]

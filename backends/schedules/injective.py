@@ -8,6 +8,7 @@ from .analysis import int_extent, is_spatial_block
 from .elementwise import fold_into_consumers, has_branch, reads_in_order, vector_split, widest_bits
 from .features import CPUFeatures
 from .tiling import parallelize_outer
+from .transpose import schedule_transpose
 
 
 def schedule_injective(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
@@ -33,6 +34,8 @@ def schedule_injective(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
     # would be gathers with a division a lane; short vectors of its innermost dim are copies
     branch = has_branch(stmt)
     fusable = 1 if branch else max(k for k in range(1, len(exts) + 1) if k == 1 or reads_in_order(stmt, k))
+    if not branch and not reads_in_order(stmt, 1) and schedule_transpose(sch, block, feats, loops, exts):
+        return True  # the innermost dim moves: square tiles transposed in L1
     in_order = branch or fusable == len(exts)
     k, vt = vector_split(exts, lanes, fusable)  # elementwise.py: tail-free vectors
     if k > 1:

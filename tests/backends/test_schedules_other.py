@@ -160,3 +160,12 @@ def test_transposes_match_ort(shape, perm):
     feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
     built = build(model, {"x": shape})
     np.testing.assert_array_equal(built(feeds)[0], ort_run(model, feeds)[0])
+
+
+def test_key_transpose_goes_through_square_tiles():
+    # [1, 128, 12, 64] -> [1, 12, 64, 128] (a key transposed for attention): the output's rows walk the
+    # input with a stride of 768; 16 x 16 tiles read by input rows into a local buffer, written by output rows
+    script = _scheduled_transpose((1, 128, 12, 64), [0, 2, 3, 1])
+    assert 'scope="local"' in script and script.count("T.vectorized(16)") == 2
+    # a transpose of whole rows (the innermost dim stays innermost) is no such tile
+    assert 'scope="local"' not in _scheduled_transpose((1, 128, 12, 64), [0, 2, 1, 3])
