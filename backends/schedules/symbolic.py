@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 
+import tvm
 from tvm import s_tir, tirx
 
 from .analysis import (buffer_uses, coefficient, is_reduction_block, is_scheduled, is_spatial_block, root_blocks,
@@ -278,7 +279,10 @@ def _with_serial_path(parallel: tirx.PrimFunc, serial: tirx.PrimFunc, work) -> t
     block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init,
                          list(root.alloc_buffers) + list(other.alloc_buffers), root.match_buffers,
                          root.annotations)
-    return parallel.with_body(s_tir.SBlockRealize(parallel.body.iter_values, parallel.body.predicate, block))
+    merged = parallel.with_body(s_tir.SBlockRealize(parallel.body.iter_values, parallel.body.predicate, block))
+    # both versions come from one function and share its loop variables: each loop gets its own, or
+    # the simplifier binds one variable to two ranges and fails (GPT-2 at --max past=520)
+    return tvm.get_global_func("s_tir.RenewDefs")(merged)
 
 
 def schedule_function(func: tirx.PrimFunc, feats: CPUFeatures, bounds: dict[str, int] | None = None

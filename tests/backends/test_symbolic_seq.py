@@ -182,3 +182,21 @@ def tvm_script(stmt) -> str:
     import tvm
 
     return tvm.tirx.PrimFunc([], stmt).script()
+
+
+def test_serial_and_parallel_versions_of_one_nest_build(tmp_path):
+    # a reshape and a transpose over a cache dim bounded at 2048: large at the bound (a parallel version)
+    # and small at run time (a serial one), both in one function; they shared the loop variables of the
+    # function they were scheduled from, and the simplifier failed binding one variable to two ranges
+    nodes = [helper.make_node("Reshape", ["a", "shape"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("Relu", ["t"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", F, [1, 4, "past", 64])],
+                              [helper.make_tensor_value_info("y", F, [4, 64, "past"])],
+                              [numpy_helper.from_array(np.array([4, -1, 64], np.int64), "shape")])
+    path = tmp_path / "cache_transpose.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    compiled = api.compile(str(path), input_shapes=["a:1,4,past,64"], dim_bounds={"past": 2048})
+    rng = np.random.default_rng(0)
+    for n in (3, 2000):
+        a = rng.standard_normal((1, 4, n, 64)).astype(np.float32)
+        np.testing.assert_array_equal(compiled(a=a)["y"], np.maximum(a.reshape(4, n, 64).transpose(0, 2, 1), 0))
