@@ -49,6 +49,8 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
     # one row: STREAMS sets of accumulators (alternate rows of a block), each row's codes prefetched
     # PREFETCH_BYTES ahead; 4-bit codes on AVX-512 (16 float lanes) looked up in a table (vpermps)
     RB = TL * 4 if nibbles else TL  # bytes a panel row holds (4-bit codes: a row of 32-bit words)
+    BR = B // 8 if nibbles else B  # panel rows a block spans
+    SS = STREAMS if BR % STREAMS == 0 else 1
     KR = k // 8 if nibbles else k  # rows of a panel
     PF = max(1, PREFETCH_BYTES // RB)
     LINES, PER_LINE = max(1, RB // 64), 64 // (4 if nibbles else 1)
@@ -68,39 +70,39 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
         for j in T.vectorized(TL):
             acc[j] = T.float32(0)
         for kb in range(KB):
-            for h, j in T.grid(STREAMS, TL):
+            for h, j in T.grid(SS, TL):
                 blk[h, j] = T.float32(0)
             if has_zp or (shifted and not lut):
                 xs[0] = T.float32(0)
                 for kk in range(B):
                     xs[0] = xs[0] + X[i0, kb * B + kk]
             if lut:  # eight 4-bit codes a 32-bit word, k = 8i + t in bits 4t..4t+3; vpermps reads bits 0..3
-                for kk in range(B // 8 // STREAMS):
-                    for h in T.unroll(STREAMS):
-                        prefetch(Q, nt, kb * (B // 8) + kk * STREAMS + h)
+                for kk in range(BR // SS):
+                    for h in T.unroll(SS):
+                        prefetch(Q, nt, kb * (B // 8) + kk * SS + h)
                         for v in T.unroll(TL // 16):
                             for t in T.unroll(8):
                                 blk[h, T.ramp(v * 16, 1, 16)] = blk[h, T.ramp(v * 16, 1, 16)] + T.Broadcast(
-                                    X[i0, kb * B + 8 * (kk * STREAMS + h) + t], 16) * T.call_llvm_pure_intrin(
+                                    X[i0, kb * B + 8 * (kk * SS + h) + t], 16) * T.call_llvm_pure_intrin(
                                     "float32x16", "llvm.x86.avx512.permvar.sf.512", LUT, T.shift_right(
-                                        Q[nt, kb * (B // 8) + kk * STREAMS + h, T.ramp(v * 16, 1, 16)],
+                                        Q[nt, kb * (B // 8) + kk * SS + h, T.ramp(v * 16, 1, 16)],
                                         T.Broadcast(T.int32(4 * t), 16)))
             elif nibbles:
-                for kk in range(B // 8 // STREAMS):
-                    for h in T.unroll(STREAMS):
-                        prefetch(Q, nt, kb * (B // 8) + kk * STREAMS + h)
+                for kk in range(BR // SS):
+                    for h in T.unroll(SS):
+                        prefetch(Q, nt, kb * (B // 8) + kk * SS + h)
                         for t in T.unroll(8):
                             for j in T.vectorized(TL):
-                                blk[h, j] = blk[h, j] + X[i0, kb * B + 8 * (kk * STREAMS + h) + t] * T.Cast(
-                                    f32, T.bitwise_and(T.shift_right(Q[nt, kb * (B // 8) + kk * STREAMS + h, j], 4 * t), 15))
+                                blk[h, j] = blk[h, j] + X[i0, kb * B + 8 * (kk * SS + h) + t] * T.Cast(
+                                    f32, T.bitwise_and(T.shift_right(Q[nt, kb * (B // 8) + kk * SS + h, j], 4 * t), 15))
             else:
-                for kk in range(B // STREAMS):
-                    for h in T.unroll(STREAMS):
-                        prefetch(Q, nt, kb * B + kk * STREAMS + h)
+                for kk in range(B // SS):
+                    for h in T.unroll(SS):
+                        prefetch(Q, nt, kb * B + kk * SS + h)
                         for j in T.vectorized(TL):
-                            blk[h, j] = blk[h, j] + X[i0, kb * B + kk * STREAMS + h] * T.Cast(
-                                f32, Q[nt, kb * B + kk * STREAMS + h, j])
-            for h in T.unroll(1, STREAMS):
+                            blk[h, j] = blk[h, j] + X[i0, kb * B + kk * SS + h] * T.Cast(
+                                f32, Q[nt, kb * B + kk * SS + h, j])
+            for h in T.unroll(1, SS):
                 for j in T.vectorized(TL):
                     blk[0, j] = blk[0, j] + blk[h, j]
             for j in T.vectorized(TL):
@@ -224,7 +226,7 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
                         panel_rows(nt, m, True, X, Q, S, Z, Y, deq, accm)
                 else:
                     acc = T.decl_buffer((TL,), f32, scope="local")
-                    blk = T.decl_buffer((STREAMS, TL), f32, scope="local")
+                    blk = T.decl_buffer((SS, TL), f32, scope="local")
                     xs = T.decl_buffer((1,), f32, scope="local")
                     for i in range(m):
                         if nt < NF:
@@ -269,9 +271,10 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
     return kernel
 
 
-def nibble_offset(q: np.ndarray) -> int | None:
-    """8 for int8 codes within int4's range, 0 for uint8 codes within uint4's (K a multiple of 8), else None."""
-    if q.size == 0 or q.shape[-2] % 8:
+def nibble_offset(q: np.ndarray, block: int) -> int | None:
+    """8 for int8 codes within int4's range, 0 for uint8 codes within uint4's (blocks of ``block`` rows of
+    ``q [K, N]``, a multiple of 8: a 32-bit word holds 8 rows of one block), else None."""
+    if q.size == 0 or q.shape[-2] % 8 or block % 8:
         return None
     lo, hi = int(q.min()), int(q.max())
     if q.dtype == np.int8 and lo >= -8 and hi <= 7:

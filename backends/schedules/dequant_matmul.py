@@ -222,7 +222,7 @@ class _Rewriter(PyExprMutator):
             arrays = [leaf.value.numpy() for leaf in leaves]
             if m.transposed:
                 arrays = [a.T for a in arrays]
-            offset = nibble_offset(arrays[0])
+            offset = nibble_offset(arrays[0], m.block)
             leaves = [relax.const(pack_columns(a, self.tile)) for a in arrays]
             if offset is not None:
                 leaves[0] = relax.const(pack_nibbles(leaves[0].value.numpy(), offset))
@@ -230,7 +230,7 @@ class _Rewriter(PyExprMutator):
             packed = True  # arguments packed like constants, lazily (pack_dequant_params)
             done = [o for old, _, o, _ in self.packed if old.same_as(m.q)]
             q = self._argument(m.q)
-            offset = done[0] if done else nibble_offset(q.T if m.transposed else q)
+            offset = done[0] if done else nibble_offset(q.T if m.transposed else q, m.block)
             leaves = self._pack_arguments(leaves, offset, m.transposed)
         lead = list(x.ty.shape)[:-1]
         rows1 = all(isinstance(d, tirx.IntImm) and int(d) == 1 for d in lead)

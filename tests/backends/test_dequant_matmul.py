@@ -121,3 +121,64 @@ def test_turned_off_keeps_the_float_chain(tmp_path, monkeypatch):
     compiled = compile_model(model, target="x86", embed_params=False)
     assert _kernels(compiled) == 0
     _check(compiled, model, tmp_path, [1])
+
+
+@pytest.mark.parametrize("bits,symmetric,block", [(8, True, 16), (4, True, 8), (4, False, 16), (4, True, 4), (8, True, 1)])
+def test_one_row_blocks_of_other_sizes(tmp_path, bits, symmetric, block):
+    """Blocks of one word of 4-bit codes (one accumulator stream), of two, and of 4 rows (not a whole
+    word: codes kept a byte each); int8 blocks of 16 rows and of one (one accumulator stream)."""
+    model = _requantized(bits, symmetric, block)
+    compiled = compile_model(model, target="x86", embed_params=False)
+    assert _kernels(compiled) == 1
+    q = np.asarray(compiled.params["q"])
+    assert q.dtype == (np.int32 if bits == 4 and block % 8 == 0 else np.int8 if symmetric else np.uint8)
+    _check(compiled, model, tmp_path, [1])
+
+
+def _requantized(bits, symmetric, block):
+    """``_model``'s one-row MatMul with a DequantizeLinear of any block size (the quantize pass writes
+    powers of two >= 16; other exporters write others), codes in the int4/uint4 range for 4 bits."""
+    rng = np.random.default_rng(block)
+    w = (0.05 * rng.standard_t(5, (K, N))).astype(np.float32)
+    blocks = w.reshape(K // block, block, N)
+    hi = 2 ** (bits - 1) - 1
+    if symmetric:
+        s = np.abs(blocks).max(1) / hi
+        q, z = np.clip(np.round(blocks / s[:, None]), -hi - 1, hi).astype(np.int8), None
+    else:
+        lo_, hi_ = blocks.min(1), blocks.max(1)
+        s = (hi_ - lo_) / (2 * hi + 1)
+        z = np.clip(np.round(-lo_ / s), 0, 2 * hi + 1).astype(np.uint8)
+        q = np.clip(np.round(blocks / s[:, None]) + z[:, None], 0, 2 * hi + 1).astype(np.uint8)
+    inits = [numpy_helper.from_array(q.reshape(K, N), "q"), numpy_helper.from_array(s.astype(np.float32), "s")]
+    inits += [] if z is None else [numpy_helper.from_array(z, "z")]
+    nodes = [helper.make_node("DequantizeLinear", [i.name for i in inits], ["w"], axis=0, block_size=block),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, N])], inits)
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+
+
+def _one_row_asm(bits: int) -> str:
+    import tvm
+
+    from graphopt.backends.schedules.dequant_kernel import dequant_matmul_func
+    from graphopt.backends.schedules.features import as_target
+    from graphopt.backends.targets import get_target
+
+    func = dequant_matmul_func(K, N, 32, "int8", "float32", False, True, 64, 1, 8 if bits == 4 else None)
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=as_target(get_target("x86")))
+    return ex.mod.inspect_source("asm")
+
+
+def test_one_row_kernel_code_on_avx512():
+    """The decode step's GEMV (one row, AVX-512): the codes prefetched ahead of their loads, two sets of
+    4 accumulators (8 FMA chains), and 4-bit codes looked up by a 16-entry permute, never converted."""
+    ops = {}
+    for bits in (8, 4):
+        lines = [line.split()[0] for line in _one_row_asm(bits).splitlines() if line.startswith("\t")]
+        ops[bits] = {op: lines.count(op) for op in set(lines)}
+    assert ops[8].get("prefetcht0", 0) >= 1 and ops[4].get("prefetcht0", 0) >= 1
+    assert ops[8].get("vpmovsxbd", 0) >= 8 and ops[8].get("vcvtdq2ps", 0) >= 8
+    assert ops[4].get("vpermps", 0) + ops[4].get("vpermd", 0) >= 16
+    assert ops[4].get("vcvtdq2ps", 0) == 0 and ops[4].get("vpandd", 0) == 0
