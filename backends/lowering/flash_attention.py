@@ -22,10 +22,9 @@ so Q, V and the output are read and written as the model has them, and V keeps i
 Only a ``ROWS x KEYS`` tile of the scores exists at any time. A static key count up to
 ``TWO_PASS_KEYS`` takes ``two_pass_kernel`` instead: a task's ``ROWS`` rows of scores are kept whole (in
 L1), so each row has one max and one sum, not a running max and a rescale per key block (ViT-S's heads,
-6x197x197x64, 1 thread: 0.82 -> 0.61 ms; ONNX Runtime's MatMul/Softmax/MatMul 0.55). With a static
-query count of at most ``ROWS`` (a decoder's step) it reads K as ``[B, H, S, D]`` and transposes each
-key block into a local tile itself (by gathers), so the K a model outputs is read in place: Moonshine's
-decoder made a transposed, padded copy of K and a padded copy of V per layer. ``exp`` is the
+6x197x197x64, 1 thread: 0.82 -> 0.61 ms; ONNX Runtime's MatMul/Softmax/MatMul 0.55). A static
+query count under ``ROWS`` (a decoder's step) makes the row tile that short: no rows computed for
+nothing. ``exp`` is the
 Cephes-style polynomial of ``fast_math`` (vector instructions; LLVM's ``exp`` is a library call per
 element). The kernels carry ``tirx.is_scheduled``: graphopt's schedule rules leave them as written.
 """
@@ -43,7 +42,6 @@ ROWS = 6  # query rows per task: the score tile is ROWS x KEYS, the accumulator 
 KEYS = 64  # keys per block: four 16-lane vectors
 VECTOR = 16  # lanes of a vector: head dims go by whole vectors and a tail, the key axis of Kt by whole vectors
 TWO_PASS_KEYS = 1024  # static key counts up to this: a task's scores stay in L1 (6 x 1024 x 4 bytes)
-KEY_ROWS_MAX_BLOCKS = 1  # up to this many row blocks a head, the two-pass kernel reads K untransposed
 LOWEST = -3.4028234663852886e38  # the running max starts at float32's lowest, so exp(m_old - m_new) is 0
 
 # The kernel is CPU code (parallel loops, no thread binding): compile turns it off for GPU targets.
@@ -125,14 +123,15 @@ def _row_macros(d: int, dv: int, scale: float):
 
 
 def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, bool, bool, bool],
-                     scale: float, valid: int | None = None) -> tvm.tirx.PrimFunc:
+                     scale: float, valid: int | None = None, rows: int | None = None) -> tvm.tirx.PrimFunc:
     """The kernel over ``Q [batch, heads, sq, d]``, ``Kt [batch, heads, d, skv]``, ``V [batch, heads,
     skv, dv]`` and the additive mask ``M`` (``mask``: for each of its 4 dims, True = full, False =
     broadcast, size 1; no mask is a [1, 1, 1, 1] zero); output ``O [batch, heads, sq, dv]``, all float32.
     ``valid``: a static key count, the key axis of Kt (and of a mask over keys) padded to whole
     vectors: the last block spans only the vectors it needs and reads contiguously, without the clamped
-    index (a gather per vector, the tail block cost ~2.5 full ones); V keeps its ``valid`` keys."""
-    R, KB = ROWS, KEYS  # read at call time
+    index (a gather per vector, the tail block cost ~2.5 full ones); V keeps its ``valid`` keys.
+    ``rows``: query rows a task (default ``ROWS``; fewer for a static query count under it)."""
+    R, KB = rows or ROWS, KEYS  # read at call time
     f32 = "float32"
     mb, mh, mq, mk = mask
     mbi, mhi, mqi, mki = (int(x) for x in mask)  # index factors: 0 for a broadcast dim
@@ -259,16 +258,13 @@ def attention_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, 
 
 
 def two_pass_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, bool, bool, bool],
-                    scale: float, keys: int, valid: int, key_rows: bool = False) -> tvm.tirx.PrimFunc:
+                    scale: float, keys: int, valid: int, rows: int | None = None) -> tvm.tirx.PrimFunc:
     """``attention_kernel`` for a static key axis of ``keys`` (a multiple of ``VECTOR``, at most
     ``TWO_PASS_KEYS``; the first ``valid`` real): a task's ``ROWS`` x ``keys`` scores stay in L1, so the
     softmax is exact, one max and one sum a row, with no running max, no rescaled accumulator and no
     ``exp(m_old - m_new)`` per key block. Scores are computed ``KEYS`` at a time in a register tile.
-    V holds the ``valid`` keys. ``key_rows``: K comes as ``[batch, heads, valid, d]`` (the layout
-    attention's callers have: no transposed, padded copy of it) and each task transposes a block of
-    keys at a time into a local tile; for few row blocks per head (a decoder's queries), where the
-    copy a separate transpose makes costs more than the tasks' own."""
-    R, KB = ROWS, KEYS
+    V holds the ``valid`` keys."""
+    R, KB = rows or ROWS, KEYS
     f32 = "float32"
     mb, mh, mq, mk = mask
     mbi, mhi, mqi, mki = (int(x) for x in mask)
@@ -276,32 +272,6 @@ def two_pass_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, b
     chunks = keys // 16
     dvp = dv + -dv % VECTOR
     load_q, add_v, store = _row_macros(d, dv, scale)
-    k_shape = (batch, heads, valid, d) if key_rows else (batch, heads, d, keys)
-
-    @T.macro
-    def score_block(k0, width, KT, M, t, kl, s, qs, b, h, i0, sq):
-        if key_rows:  # this block's keys to the local tile, transposed by gathers (past the end: the last key)
-            if k0 + width > valid:
-                for dd in range(d):
-                    for j in T.vectorized(width):
-                        kl[dd, j] = KT[b, h, T.min(k0 + j, valid - 1), dd]
-            else:
-                for dd in range(d):
-                    for j in T.vectorized(width):
-                        kl[dd, j] = KT[b, h, k0 + j, dd]
-        for r, j in T.grid(R, width):
-            t[r, j] = T.float32(0)
-        for dd in range(d):
-            for r in T.unroll(R):
-                for j in T.vectorized(width):
-                    if key_rows:
-                        t[r, j] = t[r, j] + qs[r, dd] * kl[dd, j]
-                    else:
-                        t[r, j] = t[r, j] + qs[r, dd] * KT[b, h, dd, k0 + j]
-        for r in T.unroll(R):
-            for j in T.vectorized(width):
-                s[r, k0 + j] = T.Select(k0 + j < valid, t[r, j] + M[b * mbi, h * mhi, T.min(i0 + r, sq - 1) * mqi,
-                                                               (k0 + j) * mki], T.float32(-float("inf")))
 
     @T.macro
     def halve(red, is_max):
@@ -314,12 +284,25 @@ def two_pass_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, b
         for lane in T.vectorized(1):
             red[lane] = T.max(red[lane], red[lane + 1]) if is_max else red[lane] + red[lane + 1]
 
+    @T.macro
+    def score_block(k0, width, KT, M, t, s, qs, b, h, i0, sq):
+        for r, j in T.grid(R, width):
+            t[r, j] = T.float32(0)
+        for dd in range(d):
+            for r in T.unroll(R):
+                for j in T.vectorized(width):
+                    t[r, j] = t[r, j] + qs[r, dd] * KT[b, h, dd, k0 + j]
+        for r in T.unroll(R):
+            for j in T.vectorized(width):
+                s[r, k0 + j] = T.Select(k0 + j < valid, t[r, j] + M[b * mbi, h * mhi, T.min(i0 + r, sq - 1) * mqi,
+                                                               (k0 + j) * mki], T.float32(-float("inf")))
+
     @T.prim_func(private=True)
     def kernel(q: T.handle, kt: T.handle, v: T.handle, m: T.handle, o: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         sq = T.int64()
         Q = T.match_buffer(q, (batch, heads, sq, d), f32)
-        KT = T.match_buffer(kt, k_shape, f32)
+        KT = T.match_buffer(kt, (batch, heads, d, keys), f32)
         V = T.match_buffer(v, (batch, heads, valid, dv), f32)
         M = T.match_buffer(m, (batch if mb else 1, heads if mh else 1, sq if mq else 1, keys if mk else 1), f32)
         O = T.match_buffer(o, (batch, heads, sq, dv), f32)
@@ -327,7 +310,6 @@ def two_pass_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, b
         for task in T.parallel(batch * heads * nq):
             qs = T.decl_buffer((R, d), f32, scope="local")
             t = T.decl_buffer((R, KB), f32, scope="local")
-            kl = T.decl_buffer((d if key_rows else 1, KB), f32, scope="local")
             s = T.decl_buffer((R, keys), f32, scope="local")
             acc = T.decl_buffer((R, dvp), f32, scope="local")
             lsum = T.decl_buffer((R,), f32, scope="local")
@@ -338,9 +320,9 @@ def two_pass_kernel(batch: int, heads: int, d: int, dv: int, mask: tuple[bool, b
             for r in range(R):
                 load_q(qs, r, Q, b, h, T.min(i0 + r, sq - 1))
             for kb in range(full):
-                score_block(kb * KB, KB, KT, M, t, kl, s, qs, b, h, i0, sq)
+                score_block(kb * KB, KB, KT, M, t, s, qs, b, h, i0, sq)
             if tail > 0:
-                score_block(full * KB, tail, KT, M, t, kl, s, qs, b, h, i0, sq)
+                score_block(full * KB, tail, KT, M, t, s, qs, b, h, i0, sq)
             for r in range(R):
                 for lane in T.vectorized(16):
                     red[lane] = s[r, lane]
@@ -441,20 +423,17 @@ def lower_fused_attention(ctx, q, k, v, mask, scale: float):
     # whole key vectors in Kt (no clamped reads), V keeps its keys
     valid = int(skv) if isinstance(skv, tvm.tirx.IntImm) else None
     keys = valid + -valid % VECTOR if valid is not None else None
-    # few row blocks a head (a decoder's queries): the kernel reads K as it is, no transposed copy
-    key_rows = (valid is not None and valid <= TWO_PASS_KEYS and isinstance(sq, tvm.tirx.IntImm)
-                and -(-int(sq) // ROWS) <= KEY_ROWS_MAX_BLOCKS)
     if keys is not None and keys != valid:
-        if not key_rows:
-            k = ctx.emit(op.nn.pad(k, [0, 0] * 2 + [0, keys - valid, 0, 0]))
+        k = ctx.emit(op.nn.pad(k, [0, 0] * 2 + [0, keys - valid, 0, 0]))
         if flags[3]:
             m = ctx.emit(op.nn.pad(m, [0, 0] * 3 + [0, keys - valid]))
-    kt = k if key_rows else ctx.emit(op.permute_dims(k, [0, 1, 3, 2]))
+    kt = ctx.emit(op.permute_dims(k, [0, 1, 3, 2]))
     dims = (int(b), int(h), int(d), int(dv), flags, scale)
+    rows = min(ROWS, int(sq)) if isinstance(sq, tvm.tirx.IntImm) else None  # fewer queries: a shorter tile
     if valid is not None and valid <= TWO_PASS_KEYS:
-        kernel = two_pass_kernel(*dims, keys, valid, key_rows)
+        kernel = two_pass_kernel(*dims, keys, valid, rows)
     else:
-        kernel = attention_kernel(*dims, valid if valid is not None and valid % KEYS else None)
+        kernel = attention_kernel(*dims, valid if valid is not None and valid % KEYS else None, rows)
     gv = ctx.bb.add_func(kernel, "flash_attention")
     out = ctx.emit(relax.call_tir(gv, [q, kt, v, m], relax.TensorType([b, h, sq, int(dv)], "float32")))
     return ctx.emit(op.squeeze(out, [0])) if three else out
