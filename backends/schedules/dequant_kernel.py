@@ -18,6 +18,7 @@ PANEL_ROWS = 4  # packed, more than one row: rows a register tile accumulates ov
 WIDE_COLUMNS = 1024  # a weight read as stored: columns a task streams per row (accumulators in L1)
 STREAMS = 2  # one row: independent accumulator sets (alternate rows of a block; 8 FMA chains with AVX-512)
 PREFETCH_BYTES = 2048  # one row: how far ahead in its panel a task prefetches the codes
+PREFETCH_GROUP = 512  # one row: bytes of codes prefetched at a time (then computed on)
 
 
 @functools.lru_cache(maxsize=64)  # one per weight shape: parsing a kernel takes 0.3 s, GPT-2 has 73 matmuls
@@ -46,11 +47,14 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
     qstore = "int32" if nibbles else qdtype
     sshape = (NT, KB, TL) if packed else (KB, n)
 
-    # one row: STREAMS sets of accumulators (alternate rows of a block), each row's codes prefetched
-    # PREFETCH_BYTES ahead; 4-bit codes on AVX-512 (16 float lanes) looked up in a table (vpermps)
+    # one row: STREAMS sets of accumulators (alternate rows of a block); the codes prefetched PREFETCH_BYTES
+    # ahead, a group of PG rows (PREFETCH_GROUP bytes) at a time between loops (a call inside the loop
+    # over a group's rows would keep blk in memory; a whole block's prefetches at once ran slower);
+    # 4-bit codes on AVX-512 (16 float lanes: x86, features.llvm_vector_bits) looked up in a table (vpermps)
     RB = TL * 4 if nibbles else TL  # bytes a panel row holds (4-bit codes: a row of 32-bit words)
     BR = B // 8 if nibbles else B  # panel rows a block spans
     SS = STREAMS if BR % STREAMS == 0 else 1
+    PG = max(g for g in range(SS, BR + 1, SS) if BR % g == 0 and (g == SS or g * RB <= PREFETCH_GROUP))
     KR = k // 8 if nibbles else k  # rows of a panel
     PF = max(1, PREFETCH_BYTES // RB)
     LINES, PER_LINE = max(1, RB // 64), 64 // (4 if nibbles else 1)
@@ -58,10 +62,11 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
     LUT = tirx.Cast("float32x16", tirx.Ramp(tirx.const(-OFF, i32), tirx.const(1, i32), 16))
 
     @T.macro
-    def prefetch(Q, nt, row):
-        for ln in T.unroll(LINES):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                Q[nt, T.min(row + PF, KR - 1), ln * PER_LINE]), 0, 3, 1))
+    def prefetch_group(Q, nt, row):  # rows row..row+PG-1, PF ahead (clamped to the panel's last row)
+        for r in T.unroll(PG):
+            for ln in T.unroll(LINES):
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                    Q[nt, T.min(row + r + PF, KR - 1), ln * PER_LINE]), 0, 3, 1))
 
     @T.macro
     def tile_rows(nt, i0, tail, X, Q, S, Z, Y, acc, blk, xs):
@@ -76,32 +81,27 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
                 xs[0] = T.float32(0)
                 for kk in range(B):
                     xs[0] = xs[0] + X[i0, kb * B + kk]
-            if lut:  # eight 4-bit codes a 32-bit word, k = 8i + t in bits 4t..4t+3; vpermps reads bits 0..3
-                for kk in range(BR // SS):
+            for g in range(BR // PG):
+                prefetch_group(Q, nt, kb * BR + g * PG)
+                for kk in range(PG // SS):
                     for h in T.unroll(SS):
-                        prefetch(Q, nt, kb * (B // 8) + kk * SS + h)
-                        for v in T.unroll(TL // 16):
+                        if lut:  # eight 4-bit codes a 32-bit word, k = 8i + t in bits 4t..4t+3; vpermps reads bits 0..3
+                            for v in T.unroll(TL // 16):
+                                for t in T.unroll(8):
+                                    blk[h, T.ramp(v * 16, 1, 16)] = blk[h, T.ramp(v * 16, 1, 16)] + T.Broadcast(
+                                        X[i0, 8 * (kb * BR + g * PG + kk * SS + h) + t], 16) * T.call_llvm_pure_intrin(
+                                        "float32x16", "llvm.x86.avx512.permvar.sf.512", LUT, T.shift_right(
+                                            Q[nt, kb * BR + g * PG + kk * SS + h, T.ramp(v * 16, 1, 16)],
+                                            T.Broadcast(T.int32(4 * t), 16)))
+                        elif nibbles:
                             for t in T.unroll(8):
-                                blk[h, T.ramp(v * 16, 1, 16)] = blk[h, T.ramp(v * 16, 1, 16)] + T.Broadcast(
-                                    X[i0, kb * B + 8 * (kk * SS + h) + t], 16) * T.call_llvm_pure_intrin(
-                                    "float32x16", "llvm.x86.avx512.permvar.sf.512", LUT, T.shift_right(
-                                        Q[nt, kb * (B // 8) + kk * SS + h, T.ramp(v * 16, 1, 16)],
-                                        T.Broadcast(T.int32(4 * t), 16)))
-            elif nibbles:
-                for kk in range(BR // SS):
-                    for h in T.unroll(SS):
-                        prefetch(Q, nt, kb * (B // 8) + kk * SS + h)
-                        for t in T.unroll(8):
+                                for j in T.vectorized(TL):
+                                    blk[h, j] = blk[h, j] + X[i0, 8 * (kb * BR + g * PG + kk * SS + h) + t] * T.Cast(
+                                        f32, T.bitwise_and(T.shift_right(Q[nt, kb * BR + g * PG + kk * SS + h, j], 4 * t), 15))
+                        else:
                             for j in T.vectorized(TL):
-                                blk[h, j] = blk[h, j] + X[i0, kb * B + 8 * (kk * SS + h) + t] * T.Cast(
-                                    f32, T.bitwise_and(T.shift_right(Q[nt, kb * (B // 8) + kk * SS + h, j], 4 * t), 15))
-            else:
-                for kk in range(B // SS):
-                    for h in T.unroll(SS):
-                        prefetch(Q, nt, kb * B + kk * SS + h)
-                        for j in T.vectorized(TL):
-                            blk[h, j] = blk[h, j] + X[i0, kb * B + kk * SS + h] * T.Cast(
-                                f32, Q[nt, kb * B + kk * SS + h, j])
+                                blk[h, j] = blk[h, j] + X[i0, kb * BR + g * PG + kk * SS + h] * T.Cast(
+                                    f32, Q[nt, kb * BR + g * PG + kk * SS + h, j])
             for h in T.unroll(1, SS):
                 for j in T.vectorized(TL):
                     blk[0, j] = blk[0, j] + blk[h, j]
