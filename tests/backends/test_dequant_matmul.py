@@ -182,3 +182,29 @@ def test_one_row_kernel_code_on_avx512():
     assert ops[8].get("vpmovsxbd", 0) >= 8 and ops[8].get("vcvtdq2ps", 0) >= 8
     assert ops[4].get("vpermps", 0) + ops[4].get("vpermd", 0) >= 16
     assert ops[4].get("vcvtdq2ps", 0) == 0 and ops[4].get("vpandd", 0) == 0
+
+
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (4, True), (4, False)])
+def test_one_row_kernel_of_narrower_vectors(tmp_path, bits, symmetric):
+    """The one-row kernel for AVX2 (tiles of 32 columns) and 128-bit vectors (16): 4-bit codes shifted,
+    masked and converted (no permute table), built for an AVX2 CPU and run here against ORT."""
+    import tvm
+    from graphopt.backends.schedules.dequant_kernel import dequant_matmul_func, nibble_offset, pack_columns, pack_nibbles
+
+    model = _requantized(bits, symmetric, 32)
+    inits = {i.name: i.const_value.numpy() for i in model.graph.initializers.values()}
+    x = np.random.default_rng(1).normal(size=(1, 1, K)).astype(np.float32)
+    want = _ort(model, tmp_path / "q.onnx", {"x": x})[0]
+    q, s, z = inits["q"], inits["s"], inits.get("z")
+    offset = nibble_offset(q, 32) if bits == 4 else None
+    assert (offset is not None) == (bits == 4)
+    for tile in (32, 16):
+        func = dequant_matmul_func(K, N, 32, str(q.dtype), "float32", z is not None, True, tile, 1, offset)
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                          target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+        packed = pack_columns(q, tile)
+        args = [x[0], pack_nibbles(packed, offset) if offset is not None else packed, pack_columns(s, tile)]
+        args += [] if z is None else [pack_columns(z, tile)]
+        out = tvm.runtime.tensor(np.zeros((1, N), np.float32))
+        lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
