@@ -11,8 +11,11 @@ the matmul after it loses its packed kernel. ``rewrite_dequant_matmul`` (a Relax
 LegalizeOps, CPU targets only) replaces each such matmul by one ``call_tir`` to ``dequant_matmul_func``:
 
 * parallel over tiles of ``4 x lanes`` output columns; one row (a decode step's GEMV) accumulates
-  ``x[k] * float(q[k, n])`` over one quantization block in registers, then adds the block's sum, less
-  the zero point times the block's sum of ``x``, times its scale; more rows dequantize each block of
+  ``x[k] * float(q[k, n])`` over one quantization block in registers (two sets of accumulators, alternate
+  rows; the panel's codes prefetched 2 KB ahead; 4-bit codes on AVX-512 turned into floats by a 16-entry
+  permute), then adds the block's sum, less the zero point times the block's sum of ``x``, times its
+  scale: bound by memory bandwidth for int8 (one byte a weight), by its vector ops for 4-bit codes
+  (shift, permute, FMA per 16 weights, against int8's sign-extend, convert, FMA); more rows dequantize each block of
   the tile once into L1 (scale folded in) and run 4 rows a register tile over it; the codes are read as
   bytes (int8/uint8), or eight a 32-bit word when they fit 4 bits (int4/uint4, which the lowering
   holds one a byte), and converted in registers;
