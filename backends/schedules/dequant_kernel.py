@@ -62,11 +62,12 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
     LUT = tirx.Cast("float32x16", tirx.Ramp(tirx.const(-OFF, i32), tirx.const(1, i32), 16))
 
     @T.macro
-    def prefetch_group(Q, nt, row):  # rows row..row+PG-1, PF ahead (clamped to the panel's last row)
-        for r in T.unroll(PG):
-            for ln in T.unroll(LINES):
-                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                    Q[nt, T.min(row + r + PF, KR - 1), ln * PER_LINE]), 0, 3, 1))
+    def prefetch_group(Q, nt, row):  # rows row..row+PG-1, PF ahead (none past the panel's end)
+        if row + PF + PG <= KR:
+            for r in T.unroll(PG):
+                for ln in T.unroll(LINES):
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                        Q[nt, row + r + PF, ln * PER_LINE]), 0, 3, 1))
 
     @T.macro
     def tile_rows(nt, i0, tail, X, Q, S, Z, Y, acc, blk, xs):
