@@ -9,6 +9,7 @@ stored (a task streams each weight row over ``WIDE_COLUMNS`` columns, accumulato
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 from tvm import tirx
@@ -58,16 +59,17 @@ def dequant_matmul_func(k: int, n: int, block: int, qdtype: str, sdtype: str, ha
     KR = k // 8 if nibbles else k  # rows of a panel
     PF = max(1, PREFETCH_BYTES // RB)
     LINES, PER_LINE = max(1, RB // 64), 64 // (4 if nibbles else 1)
+    STEP = math.gcd(PG, max(1, 64 // RB))  # rows a prefetched line holds (rows under 64 bytes)
     lut = nibbles and TL == 64
     LUT = tirx.Cast("float32x16", tirx.Ramp(tirx.const(-OFF, i32), tirx.const(1, i32), 16))
 
     @T.macro
     def prefetch_group(Q, nt, row):  # rows row..row+PG-1, PF ahead (none past the panel's end)
         if row + PF + PG <= KR:
-            for r in T.unroll(PG):
+            for r in T.unroll(PG // STEP):
                 for ln in T.unroll(LINES):
                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        Q[nt, row + r + PF, ln * PER_LINE]), 0, 3, 1))
+                        Q[nt, row + r * STEP + PF, ln * PER_LINE]), 0, 3, 1))
 
     @T.macro
     def tile_rows(nt, i0, tail, X, Q, S, Z, Y, acc, blk, xs):
