@@ -26,6 +26,24 @@ def schedule_matmul(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | N
     block = main_reduction(sch)
     if block is None or not is_matmul(sch, block):
         return None
+    few = _few_static_rows(sch, block)
+    if few:  # a static GEMV of 2 to 4 rows: the symbolic path's 4-row nest (2 panels, prefetched)
+        from .gemv import schedule_rows
+
+        scheduled = schedule_rows(func, feats, few)
+        if scheduled is not None:
+            return s_tir.Schedule(scheduled)
     if apply_contraction(sch, block, feats, knobs=ctx.knobs) is None:
         return None
     return sch
+
+
+def _few_static_rows(sch: s_tir.Schedule, block) -> int:
+    """The row count of a packed matmul over 2 to 4 static rows, else 0."""
+    from .tiling import PANEL_BLOCK
+
+    stmt = sch.get(block)
+    if stmt.name_hint != PANEL_BLOCK or len(stmt.iter_vars) < 4:
+        return 0
+    rows = stmt.iter_vars[-4].dom.extent
+    return int(rows) if isinstance(rows, tirx.IntImm) and 2 <= int(rows) <= 4 else 0

@@ -135,3 +135,31 @@ def test_symbolic_bundle_matches_ort_at_one_row_and_more(tmp_path, monkeypatch):
         x = rng.standard_normal((1, rows, 144)).astype(np.float32)
         np.testing.assert_allclose(compiled(x=x)["y"], sess.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4,
                                    err_msg=f"seq={rows}")
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_static_few_rows_take_the_prefetched_panel_tiles(rows):
+    """A packed matmul over 2 to 4 static rows (a decoder's first step over its prompt) takes the 4-row
+    nest, several panels a tile, with the weight prefetched ``PREFETCH_ROWS`` k steps ahead (one
+    ``llvm.prefetch`` per vector of each panel), and matches ONNX Runtime."""
+    k, n = 416, 1248
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, n])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    import onnx_ir as ir
+
+    from graphopt.backends.compile import fused_module
+    from graphopt.backends.stages import apply_schedules
+
+    mod = apply_schedules(fused_module(ir.serde.deserialize_model(model), SPEC), SPEC, True)
+    text = mod["packed_matmul"].script()
+    nvec = packed_matmul.panel_lanes(n, FEATS.lanes(32)) // FEATS.lanes(32)
+    assert text.count("llvm.prefetch") >= 2 * nvec, text  # at least 2 panels x their vectors
+    x = rng.standard_normal((1, rows, k)).astype(np.float32)
+    got = api.compile(ir.serde.deserialize_model(model), target="x86").runner()(x=x)["y"]
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
