@@ -10,9 +10,11 @@ cores (MiniLM's 384-column projections: 0.18 ms each on 2 cores, 0.34 ms for the
         ->  Split(Add(MatMul(x, [W_1 .. W_n]), [b_1 .. b_n]), axis=-1, split=[N_1 .. N_n])
 
 Exact: every output column is the same dot product over ``K`` as before. A sibling takes part when
-its weight is a constant float matrix with the group's ``K`` and dtype, and its bias (if any) is a
-constant ``[N_i]`` (or ``[1.., N_i]``) Add that is the MatMul's only consumer; siblings without a bias
-get zeros when others have one. ``_why_not`` says why a MatMul stayed out.
+its weight is a constant float matrix with the group's ``K`` and dtype, or a constant weight-only
+quantized one (``DequantizeLinear`` of int8/int4 codes per output column or per block of ``K``: codes,
+scales and zero points go side by side too, the merged weight quantized exactly as its parts), and
+its bias (if any) is a constant ``[N_i]`` (or ``[1.., N_i]``) Add that is the MatMul's only consumer;
+siblings without a bias get zeros when others have one. ``_why_not`` says why a MatMul stayed out.
 
 It fires only for graphopt's own compiler (``target_runtime="graphopt"``, what ``compile`` runs): ONNX
 Runtime fuses attention itself from three separate projections, and a merged one would hide them.
@@ -24,7 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.graphopt_ops import check_target_runtime
-from graphopt.passes.rewrite_utils import const_array, graphs_of, home, new_const, only_consumer, opset_version
+from graphopt.passes.rewrite_utils import (const_array, graphs_of, home, new_const, only_consumer, opset_version,
+                                           producer_op)
 
 MIN_SIBLINGS = 2
 MAX_COLUMNS = 1 << 16  # a merged weight wider than this gains nothing over its parts
@@ -42,14 +45,46 @@ def _bias(matmul: ir.Node, n: int) -> tuple[ir.Node | None, np.ndarray | None]:
     return add, b.reshape(n)
 
 
-def _why_not(matmul: ir.Node, k: int | None, dtype) -> str | None:
+def _quantized(matmul: ir.Node):
+    """``(DequantizeLinear, [codes, scales, zero points or None], its column axis)`` when the MatMul's weight
+    is a constant ``[K, N]`` dequantized per column (``axis`` 1, scales ``[N]``) or per block of K
+    (``axis`` 0, ``block_size``, scales ``[K / block, N]``) and read by this MatMul only; else None."""
+    dq = producer_op(matmul.inputs[1], "DequantizeLinear")
+    if dq is None or only_consumer(dq.outputs[0]) is not matmul:
+        return None
+    inputs = list(dq.inputs) + [None] * (3 - len(dq.inputs))
+    q, scale, zp = (const_array(v) if v is not None else None for v in inputs)
+    if q is None or scale is None or (inputs[2] is not None and zp is None) or q.ndim != 2:
+        return None
+    axis = dq.attributes.get_int("axis", 1) % 2
+    block = dq.attributes.get_int("block_size", 0)
+    per_column = axis == 1 and scale.shape == (q.shape[1],) and not block
+    per_block = axis == 0 and block > 0 and scale.shape == (q.shape[0] // block, q.shape[1])
+    if not (per_column or per_block) or (zp is not None and zp.shape != scale.shape):
+        return None
+    return dq, [q, scale, zp], scale.ndim - 1
+
+
+def _kind(matmul: ir.Node):
+    """What the MatMul's weight is, as siblings must share it, with its K: a float matrix's dtype, or a
+    quantized one's codes/scale/zero-point dtypes and attributes; None when it is neither."""
     w = const_array(matmul.inputs[1])
-    if w is None:
-        return "the weight is not a constant"
-    if w.ndim != 2 or w.dtype.kind != "f":
-        return f"the weight is {w.ndim}-D {w.dtype}, not a float matrix"
-    if k is not None and (w.shape[0] != k or w.dtype != dtype):
-        return f"weight {w.shape} {w.dtype} does not match the group's K={k} {dtype}"
+    if w is not None:
+        return (("float", w.dtype), w.shape[0]) if w.ndim == 2 and w.dtype.kind == "f" else None
+    quantized = _quantized(matmul)
+    if quantized is None:
+        return None
+    dq, (q, scale, zp), _ = quantized
+    attrs = tuple(sorted((k, str(v.value)) for k, v in dq.attributes.items()))
+    return ("quantized", q.dtype, scale.dtype, None if zp is None else zp.dtype, attrs), q.shape[0]
+
+
+def _why_not(matmul: ir.Node, k: int | None, kind) -> str | None:
+    got = _kind(matmul)
+    if got is None:
+        return "the weight is not a constant float matrix or a constant dequantized one"
+    if k is not None and got != (kind, k):
+        return f"weight {got[0][0]} K={got[1]} does not match the group's {kind[0]} K={k}"
     if matmul.outputs[0].is_graph_output():
         return "its output is a graph output"
     return None
@@ -71,42 +106,55 @@ class FuseSiblingMatMulsPass(ir.passes.InPlacePass):
                 continue
             x = node.inputs[0]
             seen.add(id(x))
-            members, k, dtype = [], None, None
+            members, k, kind = [], None, None
             for use in x.uses():
                 mm = use.node
                 if mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx") or use.idx != 0 or mm.graph is not home(graph):
                     continue
-                why = _why_not(mm, k, dtype)
+                why = _why_not(mm, k, kind)
                 if why is not None:
                     self.skipped.append(f"MatMul {mm.name}: {why}")
                     continue
-                w = const_array(mm.inputs[1])
-                k, dtype = w.shape[0], w.dtype
+                kind, k = _kind(mm)
                 members.append(mm)
             if len(members) >= MIN_SIBLINGS:
                 groups.append(members)
         return groups
 
-    def _merge(self, graph, members: list[ir.Node], split_input: bool) -> bool:
+    def _merged_weight(self, graph, members: list[ir.Node], anchor: ir.Node, name: str) -> tuple[ir.Value, list]:
+        """The merged weight (a constant, or a DequantizeLinear of merged constants) and the nodes it needs."""
         weights = [const_array(mm.inputs[1]) for mm in members]
-        widths = [int(w.shape[1]) for w in weights]
+        if all(w is not None for w in weights):
+            return new_const(graph, np.concatenate(weights, axis=1), f"{name}_merged_w", anchor), []
+        parts = [_quantized(mm) for mm in members]
+        dq, _, scale_axis = parts[0]
+        arrays = [np.concatenate([p[1][i] for p in parts], axis=1 if i == 0 else scale_axis)
+                  for i in range(3) if parts[0][1][i] is not None]
+        inputs = [new_const(graph, a, f"{name}_merged_{what}", anchor) for a, what in zip(arrays, ("q", "scale", "zp"))]
+        merged = ir.node("DequantizeLinear", inputs, {k: v.value for k, v in dq.attributes.items()}, name=f"{name}_merged_dq")
+        return merged.outputs[0], [merged]
+
+    def _merge(self, graph, members: list[ir.Node], split_input: bool) -> bool:
+        quantized = [_quantized(mm) for mm in members]
+        widths = [int((const_array(mm.inputs[1]) if q is None else q[1][0]).shape[1]) for mm, q in zip(members, quantized)]
         if sum(widths) > MAX_COLUMNS:
             self.skipped.append(f"MatMul {members[0].name}: {sum(widths)} merged columns")
             return False
         biases = [_bias(mm, n) for mm, n in zip(members, widths)]
         with_bias = any(add is not None for add, _ in biases)
+        dtype = next((b.dtype for _, b in biases if b is not None), np.float32)
         first = members[0]
         x = first.inputs[0]
         base = "+".join(mm.name or "MatMul" for mm in members)  # the merged nodes name their parts
         # the merged nodes go where the first sibling was: x is defined there, every consumer comes later
         anchor = min(members, key=lambda mm: list(graph).index(mm))
-        w = new_const(graph, np.concatenate(weights, axis=1), f"{first.name or 'matmul'}_merged_w", anchor)
+        w, nodes = self._merged_weight(graph, members, anchor, first.name or "matmul")
         mm = ir.node("MatMul", [x, w], name=base)
-        nodes = [mm]
+        nodes.append(mm)
         out = mm.outputs[0]
         if with_bias:
-            bias = np.concatenate([b if b is not None else np.zeros(n, weights[0].dtype)
-                                   for (_, b), n in zip(biases, widths)]).astype(weights[0].dtype)
+            bias = np.concatenate([b if b is not None else np.zeros(n, dtype)
+                                   for (_, b), n in zip(biases, widths)]).astype(dtype)
             add = ir.node("Add", [out, new_const(graph, bias, f"{first.name or 'matmul'}_merged_b", anchor)],
                           name=f"{base}_bias")
             nodes.append(add)
@@ -120,13 +168,13 @@ class FuseSiblingMatMulsPass(ir.passes.InPlacePass):
                             name=f"{base}_split")
         nodes.append(split)
         graph.insert_before(anchor, nodes)
-        for member, (add, _), piece in zip(members, biases, split.outputs):
+        for member, (add, _), piece, q in zip(members, biases, split.outputs, quantized):
             old = (add if add is not None else member).outputs[0]
             name = old.name
             old.name = None
             piece.name, piece.shape, piece.type = name, old.shape, old.type
             ir.convenience.replace_all_uses_with(old, piece, replace_graph_outputs=True)
-            for dead in (add, member):
+            for dead in (add, member, None if q is None else q[0]):
                 if dead is not None:
                     graph.remove(dead, safe=True)
         return True

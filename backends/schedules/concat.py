@@ -22,7 +22,7 @@ import math
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-PARALLEL_MIN_ELEMENTS = 1 << 18  # smaller copies stay serial: waking the thread pool costs more
+PARALLEL_MIN_ELEMENTS = 1 << 14  # smaller copies stay serial: waking the thread pool costs more
 
 
 @functools.lru_cache(maxsize=64)

@@ -91,3 +91,50 @@ def test_merged_nodes_name_their_parts():
 def test_other_runtimes_keep_their_projections(runtime):
     """ONNX Runtime fuses attention from three separate projections: only graphopt's compiler merges them."""
     assert not FuseSiblingMatMulsPass(target_runtime=runtime)(_qkv(17, (True, True, True))).modified
+
+
+def _quantized_qkv(per_block: bool, zero_points: bool):
+    """Three projections of x [2, 5, 64] whose weights are int8 codes dequantized per block of 32 rows of
+    K (axis 0) or per output column (axis 1), as ``graphopt optimize --quantize int8-weights`` writes them."""
+    lines, inits = [], {}
+    for i, name in enumerate("qkv"):
+        n = 8 + 8 * i
+        inits[f"c{name}"] = RNG.integers(-127, 128, (64, n)).astype(np.int8)
+        inits[f"s{name}"] = (RNG.random((2, n) if per_block else (n,)) * 0.02 + 0.01).astype(np.float32)
+        inputs = f"c{name}, s{name}"
+        if zero_points:
+            inits[f"z{name}"] = RNG.integers(-3, 4, inits[f"s{name}"].shape).astype(np.int8)
+            inputs += f", z{name}"
+        attrs = "<axis = 0, block_size = 32>" if per_block else "<axis = 1>"
+        lines.append(f"w{name} = DequantizeLinear {attrs} ({inputs})\nm{name} = MatMul(x, w{name})\ny{name} = Relu(m{name})")
+    body = "\n".join(lines)
+    text = f'''<ir_version: 10, opset_import: ["" : 21]>
+        g (float[2,5,64] x) => (float[2,5,8] yq, float[2,5,16] yk, float[2,5,24] yv) {{
+            {body}
+        }}'''
+    return model_from_text(text, **inits)
+
+
+@pytest.mark.parametrize("per_block", [True, False])
+@pytest.mark.parametrize("zero_points", [False, True])
+def test_dequantized_projections_merge_with_their_codes_and_scales(per_block, zero_points):
+    result = apply_and_compare(FuseSiblingMatMulsPass(target_runtime="graphopt"), _quantized_qkv(per_block, zero_points),
+                               rtol=1e-6, atol=1e-6)
+    assert result.modified
+    counts = ops(result.model)
+    assert counts["MatMul"] == 1 and counts["DequantizeLinear"] == 1 and counts["Split"] == 1
+
+
+def test_dequantized_and_float_weights_stay_apart():
+    model = model_from_text(
+        '''<ir_version: 10, opset_import: ["" : 21]>
+        g (float[2,64] x) => (float[2,8] a, float[2,8] b) {
+            w1 = DequantizeLinear <axis = 1> (c1, s1)
+            ma = MatMul(x, w1)
+            mb = MatMul(x, w2)
+            a = Relu(ma)
+            b = Relu(mb)
+        }''', c1=RNG.integers(-127, 128, (64, 8)).astype(np.int8), s1=np.full(8, 0.01, np.float32), w2=_w(64, 8))
+    p = FuseSiblingMatMulsPass(target_runtime="graphopt")
+    assert not p(model).modified
+    assert any("does not match the group's" in s for s in p.skipped), p.skipped
