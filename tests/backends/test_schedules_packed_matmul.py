@@ -182,3 +182,22 @@ def test_one_row_with_a_large_weight_stays_parallel_and_unblocked():
     sch = schedule_matmul(func, RuleContext(feats=CPUFeatures(vector_bits=512, cores=2, l2=1 << 20)))
     text = sch.mod["main"].script()
     assert "T.parallel" in text and "rk_0" not in text, text
+
+
+def test_rows_and_a_panel_over_l2_take_k_blocks():
+    """BERT-base's second FFN matmul: 128 rows of K 3072 (1.5 MB) fit a 2 MB L2 but not with a 48-column
+    panel (0.6 MB) beside them: K in blocks of 1536; with K 768 (0.4 + 0.15 MB) it stays whole."""
+    from tvm import te
+
+    from graphopt.backends.schedules.features import CPUFeatures, RuleContext
+    from graphopt.backends.schedules.matmul import schedule_matmul
+
+    feats = CPUFeatures(vector_bits=512, cores=2, l2=2 * 1024 * 1024)
+    texts = {}
+    for k in (3072, 768):
+        x = te.placeholder((1, 128, k), name="x")
+        wp = te.placeholder((16, k, 48), name="wp")
+        func = te.create_prim_func([x, wp, packed_matmul.packed_matmul_te(x, wp, 768)])
+        texts[k] = schedule_matmul(func, RuleContext(feats=feats)).mod["main"].script()
+    assert "for rk_0, i1_0, rk_1 in T.grid(2, 16, 1536)" in texts[3072], texts[3072]
+    assert "rk_0" not in texts[768]
