@@ -103,33 +103,40 @@ def schedule_rows(func: tirx.PrimFunc, feats: CPUFeatures, rows: int = 1, parall
             schedule_block(sch, other, feats, parallel)
     weight = [r.source for r in sch.get(block).reads if len(r.source.shape) == 3
               and [int(d) for d in r.source.shape[::2]] == [int(nb), int(width)]]  # the packed [NB, K, L]
-    func = sch.mod["main"]
-    if len(weight) == 1 and rows > 1 and not tiles_inside:  # one row streams 8 panels: enough in flight
-        func = prefetch_panels(func, sch.get(k).loop_var, weight[0], sch.get(p_o).loop_var, tile, nvec, lanes)
-    return func
+    depth = int(sch.get(k).extent) if isinstance(sch.get(k).extent, tirx.IntImm) else 0
+    if len(weight) == 1 and rows > 1 and not tiles_inside and depth % PREFETCH_GROUP == 0:
+        # one row streams 8 panels: enough in flight without; the prefetches go in a loop over groups
+        # of k steps, outside the one that updates the accumulators (a call in that loop made LLVM
+        # store every accumulator after every multiply-add)
+        k_o, _ = sch.split(k, [None, PREFETCH_GROUP])
+        return prefetch_panels(sch.mod["main"], sch.get(k_o).loop_var, weight[0], sch.get(p_o).loop_var, tile, nvec,
+                               lanes)
+    return sch.mod["main"]
 
 
 PREFETCH_ROWS = 32  # k steps ahead (a 3-vector panel: 6 KB) that a few-row tile prefetches each panel's weight
+PREFETCH_GROUP = 8  # k steps whose panel rows are prefetched at once, between the accumulating loops
 
 
-def prefetch_panels(func: tirx.PrimFunc, k_var, weight, panel_var, tile: int, nvec: int, lanes: int) -> tirx.PrimFunc:
-    """``func`` with the packed weight ``PREFETCH_ROWS`` k steps ahead prefetched at the top of the k loop:
-    one ``llvm.prefetch`` per vector (a cache line) of each of the register tile's ``tile`` panels. With a
-    few rows' multiply-adds per cache line the hardware prefetcher alone keeps too few lines in flight
-    (4 rows x 1 panel: 7 GB/s, where the one-row tile's 8 panels stream 11-12 GB/s)."""
-    kmax = tirx.IntImm("int64", int(weight.shape[1]) - 1)
-    ahead = tirx.min(k_var + tirx.IntImm("int64", PREFETCH_ROWS), kmax)
+def prefetch_panels(func: tirx.PrimFunc, group_var, weight, panel_var, tile: int, nvec: int, lanes: int) -> tirx.PrimFunc:
+    """``func`` with the packed weight ``PREFETCH_ROWS`` k steps ahead prefetched at the top of the loop
+    over groups of ``PREFETCH_GROUP`` k steps (``group_var``): one ``llvm.prefetch`` per cache line (a
+    vector) of the group's rows of each of the register tile's ``tile`` panels. With a few rows'
+    multiply-adds per cache line the hardware prefetcher alone keeps too few lines in flight (4 rows x
+    1 panel: 7 GB/s, where the one-row tile's 8 panels stream 11-12 GB/s)."""
     i64 = "int64"
+    last = tirx.IntImm(i64, int(weight.shape[1]) - PREFETCH_GROUP)
+    first = tirx.min(group_var * tirx.IntImm(i64, PREFETCH_GROUP) + tirx.IntImm(i64, PREFETCH_ROWS), last)
     calls = [tirx.Evaluate(tirx.call_llvm_intrin(
         "void", "llvm.prefetch.p0",
-        tirx.address_of(tirx.BufferLoad(weight, [panel_var * tirx.IntImm(i64, tile) + tirx.IntImm(i64, p), ahead,
-                                                 tirx.IntImm(i64, v * lanes)])),
+        tirx.address_of(tirx.BufferLoad(weight, [panel_var * tirx.IntImm(i64, tile) + tirx.IntImm(i64, p),
+                                                 first + tirx.IntImm(i64, r), tirx.IntImm(i64, v * lanes)])),
         tirx.IntImm("int32", 0), tirx.IntImm("int32", 3), tirx.IntImm("int32", 1)))
-        for p in range(tile) for v in range(nvec)]
+        for p in range(tile) for r in range(PREFETCH_GROUP) for v in range(nvec)]
 
     def visit(stmt):
         if isinstance(stmt, tirx.For):
-            if stmt.loop_var.same_as(k_var):
+            if stmt.loop_var.same_as(group_var):
                 body = tirx.SeqStmt([*calls, stmt.body])
             else:
                 body = visit(stmt.body)
