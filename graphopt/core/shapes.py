@@ -31,6 +31,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt.core.analysis import captured_values, subgraphs_of
+from graphopt.core.contrib_shapes import same_shape_outputs
 from graphopt.core.errors import ShapeError
 from graphopt.core.shape_eval import MAX_ELEMENTS, evaluate, known_constant
 
@@ -463,8 +464,9 @@ class _GapFiller:
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         version = self.opsets.get(domain)
         schema = _schema(node.op_type, domain, version) if version is not None else None
-        if schema is None:
-            return {}
+        if schema is None:  # ONNX knows no com.microsoft op; some keep their input's shape
+            same = [i for i in same_shape_outputs(domain, node.op_type) if i < len(node.outputs) and node.outputs[i]]
+            return {node.outputs[i]: self.types.get(node.inputs[0]) for i in same} if node.inputs and node.inputs[0] else {}
         input_types, input_data = {}, {}
         for v in (*node.inputs, *captured_values(node)):
             if v is None:
