@@ -14,13 +14,13 @@ need the unpacked weight as well: two copies in the bundle).
 
 from __future__ import annotations
 
+import mmap
 
 import numpy as np
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from graphopt.backends.schedules import packed_matmul
-from graphopt.core.io import drop_mapped_pages
 
 _MATMUL = packed_matmul._MATMUL
 ALIGN = 64  # TVM takes an array without a copy only at this alignment
@@ -50,7 +50,14 @@ class PackedWeight:
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
-_drop_pages = drop_mapped_pages
+def _drop_pages(arr) -> None:
+    base, dontneed = arr, getattr(mmap, "MADV_DONTNEED", None)
+    while base is not None and dontneed is not None:
+        if isinstance(base, mmap.mmap):
+            if not base.closed:
+                base.madvise(dontneed)
+            return
+        base = getattr(base, "base", None)
 
 
 @mutator

@@ -230,7 +230,7 @@ class Runner:
         self.load_seconds: float | None = None  # set by load(), with the part spent hashing the files
         self.hash_seconds: float | None = None
         self._home, self._lock, self._calls = threading.current_thread(), threading.Lock(), _CallThread()
-        self._symbolic_calls = 0
+        self._calls_since_release = 0
         weakref.finalize(self, self._calls.stop)
 
     @property
@@ -278,6 +278,16 @@ class Runner:
         if first[1] != n:
             raise InputError(f"input '{name}': dim {axis} ({dim}) is {n}, but input '{first[0]}' has {dim}={first[1]}")
 
+    def note_call(self) -> None:
+        """Count a call of the library (``_run``, or a caller driving ``vm`` itself); every ``RELEASE_EVERY``
+        calls of a library with symbolic dims, free TVM's pooled buffers that are not in use."""
+        if not self.bounds:
+            return
+        self._calls_since_release += 1
+        if self._calls_since_release >= RELEASE_EVERY:
+            self._calls_since_release = 0
+            _release_pooled_buffers()
+
     def __call__(self, *args, **kwargs) -> dict:
         arrays = self.check_inputs(args, kwargs)
         if threading.current_thread() is self._home:
@@ -295,9 +305,7 @@ class Runner:
             raise BundleError(f"the library failed on inputs of the shapes and dtypes its manifest declares "
                               f"({_first_line(e)}); the manifest does not describe this library") from None
         values = [result] if hasattr(result, "numpy") else list(result)
-        self._symbolic_calls += 1 if self.bounds else 0
-        if self._symbolic_calls % RELEASE_EVERY == RELEASE_EVERY - 1:
-            _release_pooled_buffers()
+        self.note_call()
         if len(values) != len(self.outputs):
             raise BundleError(f"the library returned {len(values)} outputs, the manifest lists "
                               f"{len(self.outputs)}; the manifest does not describe this library")

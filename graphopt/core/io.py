@@ -240,21 +240,6 @@ def weight_bytes(model: ir.Model) -> int:
     return total
 
 
-def drop_mapped_pages(arr) -> None:
-    """Drop from this process the pages of the file map ``arr`` views, if any (``MADV_DONTNEED``: clean
-    file pages, read again on use). A pass that has copied an external weight (to merge or repack it)
-    calls this so the bytes it read do not stay resident beside the copy."""
-    import mmap
-
-    base, dontneed = arr, getattr(mmap, "MADV_DONTNEED", None)  # Linux and macOS
-    while base is not None and dontneed is not None:
-        if isinstance(base, mmap.mmap):
-            if not base.closed:
-                base.madvise(dontneed)
-            return
-        base = getattr(base, "base", None)
-
-
 def has_external_data(model: ir.Model) -> bool:
     return any(
         isinstance(v.const_value, ir.ExternalTensor)

@@ -308,8 +308,7 @@ def generate(
     import tvm
 
     runner = module.runner if hasattr(module.runner, "vm") else module.runner()  # a bundle's, or compiled
-    release = tvm.get_global_func("vm.builtin.memory_manager.clear")  # pooled buffers of sizes past
-    steps = {"graphopt": (gen.device_step(runner, lambda a: tvm.runtime.tensor(a, runner.device), release), layout)}
+    steps = {"graphopt": (gen.device_step(runner, lambda a: tvm.runtime.tensor(a, runner.device)), layout)}
     if against == "ort":
         if source is None:
             raise UsageError(f"{model}: --against ort needs the bundle's source ONNX, which is missing or changed")
