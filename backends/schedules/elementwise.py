@@ -118,7 +118,6 @@ def reads_in_order(stmt, k: int) -> bool:
     broadcast). A transpose (``A[s, h, d] -> B[h, s, d]``) or a reshape folded into the read
     (``A[(h * 52 + d) % 416]``) fails: fused, its vector lanes are a gather with a division each."""
     trailing = [iv.var for iv in stmt.iter_vars[-k:]]
-
     for region in stmt.reads:
         mins = [r.min for r in region.region]
         for pos, index in enumerate(mins):

@@ -33,11 +33,11 @@ def schedule_injective(sch: s_tir.Schedule, block, feats: CPUFeatures) -> bool:
     # a layout change (transpose, a reshape folded into the read) keeps its loops: fused, its vectors
     # would be gathers with a division a lane; short vectors of its innermost dim are copies
     branch = has_branch(stmt)
-    fusable = 1 if branch else max(k for k in range(1, len(exts) + 1) if k == 1 or reads_in_order(stmt, k))
-    if not branch and not reads_in_order(stmt, 1) and schedule_transpose(sch, block, feats, loops, exts):
+    fusable = 0 if branch else max((k for k in range(1, len(exts) + 1) if reads_in_order(stmt, k)), default=0)
+    if not branch and not fusable and schedule_transpose(sch, block, feats, loops, exts):
         return True  # the innermost dim moves: square tiles transposed in L1
     in_order = branch or fusable == len(exts)
-    k, vt = vector_split(exts, lanes, fusable)  # elementwise.py: tail-free vectors
+    k, vt = vector_split(exts, lanes, max(fusable, 1))  # elementwise.py: tail-free vectors
     if k > 1:
         loops = [*loops[:-k], sch.fuse(*loops[-k:])]
     outer = list(loops)

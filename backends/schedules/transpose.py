@@ -11,6 +11,8 @@ injective schedule.
 
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir
 
 from .analysis import coefficient, uses
@@ -49,8 +51,5 @@ def schedule_transpose(sch: s_tir.Schedule, block, feats: CPUFeatures, loops: li
     sch.compute_at(local, s_o)
     sch.vectorize(sch.get_loops(local)[-1])  # the input's contiguous dim: whole vectors
     sch.vectorize(s_i)  # the output's: whole vectors of the tile's columns
-    total = 1
-    for e in exts:
-        total *= e
-    parallelize_outer(sch, [*others, d_o, s_o], total, feats)
+    parallelize_outer(sch, [*others, d_o, s_o], math.prod(exts), feats)
     return True
