@@ -33,6 +33,16 @@ def with_functions(mod, updates: dict):
         mod.update_func(gv, func)
     return mod
 
+def with_root_body(func: tirx.PrimFunc, body: tirx.Stmt, alloc_buffers=None) -> tirx.PrimFunc:
+    """``func`` with its root block's body (and, when given, its allocations) replaced: a loop nest
+    rewritten or versioned (``if m == 1: ... else: ...``) outside the schedule API."""
+    root = func.body.block
+    allocs = root.alloc_buffers if alloc_buffers is None else alloc_buffers
+    block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init, allocs,
+                         root.match_buffers, root.annotations)
+    return func.with_body(s_tir.SBlockRealize(func.body.iter_values, func.body.predicate, block))
+
+
 def int_extent(sch: s_tir.Schedule, loop) -> int | None:
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None

@@ -31,6 +31,7 @@ import logging
 
 from tvm import s_tir, tirx
 
+from .analysis import with_root_body
 from .features import CPUFeatures
 from .tiling import PANEL_BLOCK, _inline_epilogue, accumulator_tile, panel_vectors, split_init_and_vectorize
 
@@ -146,10 +147,7 @@ def prefetch_panels(func: tirx.PrimFunc, group_var, weight, panel_var, tile: int
             return tirx.SeqStmt([visit(x) for x in stmt.seq])
         return stmt
 
-    root = func.body.block
-    block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, visit(root.body), root.init,
-                         root.alloc_buffers, root.match_buffers, root.annotations)
-    return func.with_body(s_tir.SBlockRealize(func.body.iter_values, func.body.predicate, block))
+    return with_root_body(func, visit(func.body.block.body))
 
 
 def _cut_rows(stmt: tirx.Stmt) -> tirx.Stmt | None:
@@ -193,6 +191,4 @@ def with_few_row_paths(func: tirx.PrimFunc, scheduled: tirx.PrimFunc, feats: CPU
         bound = tirx.IntImm(str(m.ty), largest)
         body = tirx.IfThenElse(tirx.EQ(m, bound) if largest == 1 else tirx.LE(m, bound), cut, body)
         allocs += list(version.body.block.alloc_buffers)
-    root = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init, allocs,
-                        root.match_buffers, root.annotations)
-    return scheduled.with_body(s_tir.SBlockRealize(scheduled.body.iter_values, scheduled.body.predicate, root))
+    return with_root_body(scheduled, body, allocs)

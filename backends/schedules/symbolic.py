@@ -28,7 +28,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from .analysis import (buffer_uses, coefficient, is_reduction_block, is_scheduled, is_spatial_block, root_blocks,
-                       with_functions)
+                       with_functions, with_root_body)
 from .features import CPUFeatures, features_of
 
 log = logging.getLogger(__name__)
@@ -276,10 +276,7 @@ def _with_serial_path(parallel: tirx.PrimFunc, serial: tirx.PrimFunc, work) -> t
     root, other = parallel.body.block, serial.body.block
     cond = tirx.GE(work, tirx.IntImm(str(work.ty), PARALLEL_MIN))
     body = tirx.IfThenElse(cond, root.body, other.body)
-    block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init,
-                         list(root.alloc_buffers) + list(other.alloc_buffers), root.match_buffers,
-                         root.annotations)
-    merged = parallel.with_body(s_tir.SBlockRealize(parallel.body.iter_values, parallel.body.predicate, block))
+    merged = with_root_body(parallel, body, list(root.alloc_buffers) + list(other.alloc_buffers))
     # both versions come from one function and share its loop variables: each loop gets its own, or
     # the simplifier binds one variable to two ranges and fails (GPT-2 at --max past=520)
     return tvm.get_global_func("s_tir.RenewDefs")(merged)
