@@ -132,22 +132,25 @@ class FuseSiblingMatMulsPass(ir.passes.InPlacePass):
                 groups.append(members)
         return groups
 
-    def _merged_weight(self, graph, members: list[ir.Node], anchor: ir.Node, name: str) -> tuple[ir.Value, list]:
-        """The merged weight (a constant, or a DequantizeLinear of merged constants) and the nodes it needs."""
-        weights = [const_array(mm.inputs[1]) for mm in members]
-        if all(w is not None for w in weights):
+    @staticmethod
+    def _merged_weight(graph, weights: list, quantized: list, anchor: ir.Node, name: str) -> tuple[ir.Value, list]:
+        """The merged weight and the nodes it needs: a constant of the float ``weights`` side by side, or
+        (``quantized``, as ``_quantized`` gives them) a DequantizeLinear of the codes, scales and zero
+        points side by side."""
+        if quantized[0] is None:
             return new_const(graph, np.concatenate(weights, axis=1), f"{name}_merged_w", anchor), []
-        parts = [_quantized(mm) for mm in members]
-        dq, _, scale_axis = parts[0]
-        arrays = [np.concatenate([p[1][i] for p in parts], axis=1 if i == 0 else scale_axis)
-                  for i in range(3) if parts[0][1][i] is not None]
+        dq, _, scale_axis = quantized[0]
+        arrays = [np.concatenate([q[1][i] for q in quantized], axis=1 if i == 0 else scale_axis)
+                  for i in range(3) if quantized[0][1][i] is not None]
         inputs = [new_const(graph, a, f"{name}_merged_{what}", anchor) for a, what in zip(arrays, ("q", "scale", "zp"))]
         merged = ir.node("DequantizeLinear", inputs, {k: v.value for k, v in dq.attributes.items()}, name=f"{name}_merged_dq")
         return merged.outputs[0], [merged]
 
     def _merge(self, graph, members: list[ir.Node], split_input: bool) -> bool:
-        quantized = [_quantized(mm) for mm in members]
-        widths = [int((const_array(mm.inputs[1]) if q is None else q[1][0]).shape[1]) for mm, q in zip(members, quantized)]
+        # a group is all float or all quantized (``_kind``): the weights, or the codes, scales and zero points
+        weights = [const_array(mm.inputs[1]) for mm in members]
+        quantized = [None] * len(members) if weights[0] is not None else [_quantized(mm) for mm in members]
+        widths = [int((w if q is None else q[1][0]).shape[1]) for w, q in zip(weights, quantized)]
         if sum(widths) > MAX_COLUMNS:
             self.skipped.append(f"MatMul {members[0].name}: {sum(widths)} merged columns")
             return False
@@ -159,7 +162,7 @@ class FuseSiblingMatMulsPass(ir.passes.InPlacePass):
         base = "+".join(mm.name or "MatMul" for mm in members)  # the merged nodes name their parts
         # the merged nodes go where the first sibling was: x is defined there, every consumer comes later
         anchor = min(members, key=lambda mm: list(graph).index(mm))
-        w, nodes = self._merged_weight(graph, members, anchor, first.name or "matmul")
+        w, nodes = self._merged_weight(graph, weights, quantized, anchor, first.name or "matmul")
         mm = ir.node("MatMul", [x, w], name=base)
         nodes.append(mm)
         out = mm.outputs[0]
