@@ -465,8 +465,11 @@ class _GapFiller:
         version = self.opsets.get(domain)
         schema = _schema(node.op_type, domain, version) if version is not None else None
         if schema is None:  # ONNX knows no com.microsoft op; some keep their input's shape
-            same = [i for i in same_shape_outputs(domain, node.op_type) if i < len(node.outputs) and node.outputs[i]]
-            return {node.outputs[i]: self.types.get(node.inputs[0]) for i in same} if node.inputs and node.inputs[0] else {}
+            if not node.inputs or node.inputs[0] is None:
+                return {}
+            same = self.types.get(node.inputs[0])
+            return {node.outputs[i]: same for i in same_shape_outputs(domain, node.op_type)
+                    if i < len(node.outputs) and node.outputs[i] is not None}
         input_types, input_data = {}, {}
         for v in (*node.inputs, *captured_values(node)):
             if v is None:
